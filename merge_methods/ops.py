@@ -1,0 +1,69 @@
+"""Tensor helpers shared by several methods: exact top-k masks, sign consensus, norm rescaling."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly ``k`` largest entries of ``x`` (any shape; ties broken by index).
+
+    Uses ``kthvalue`` (linear time, no 16M-element limit as ``torch.quantile`` has) plus a cumsum
+    over the tied entries, so the count is exact without any host synchronisation.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    thr = torch.kthvalue(flat, n - k + 1).values
+    above = flat > thr
+    tied = flat == thr
+    need = k - above.sum()
+    keep_tied = tied & (torch.cumsum(tied, 0) <= need)
+    return (above | keep_tied).view(x.shape)
+
+
+def bottomk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly ``k`` smallest entries of ``x`` (ties broken by index)."""
+    return topk_mask(-x, k)
+
+
+def sign_consensus(weighted: torch.Tensor, mode: str) -> torch.Tensor:
+    """TIES sign election over dim 0 of stacked weighted deltas.
+
+    ``sum``: the sign of the summed values; ``count``: the sign of the summed signs.  Ties go to +1.
+    Returns a boolean mask, True where an entry's sign agrees with the elected one (zeros never agree).
+    """
+    if mode == "sum":
+        total = weighted.sum(dim=0)
+    elif mode == "count":
+        total = torch.sign(weighted).sum(dim=0)
+    else:
+        raise ValueError(f"unknown consensus {mode!r}")
+    elected = torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
+    return torch.sign(weighted) == elected
+
+
+def rescale_to_norm(original: torch.Tensor, masked: torch.Tensor, norm: str = "l1", eps: float = 1e-7,
+                    dim: Optional[int] = None) -> torch.Tensor:
+    """Scale ``masked`` so its norm matches ``original``'s (mergekit's rescale), per slice over ``dim``."""
+    dims = tuple(range(1, original.dim())) if dim is None else (dim,)
+    if original.dim() == 0:
+        return masked
+    if norm == "l1":
+        a = original.abs().sum(dim=dims, keepdim=True)
+        b = masked.abs().sum(dim=dims, keepdim=True)
+    elif norm == "l2":
+        a = original.square().sum(dim=dims, keepdim=True).sqrt()
+        b = masked.square().sum(dim=dims, keepdim=True).sqrt()
+    elif norm == "linf":
+        a = original.abs().amax(dim=dims, keepdim=True)
+        b = masked.abs().amax(dim=dims, keepdim=True)
+    else:
+        raise ValueError(f"unknown norm {norm!r}")
+    ok = (a >= eps) & (b >= eps)
+    scale = torch.where(ok, a / torch.where(ok, b, torch.ones_like(b)), torch.ones_like(a))
+    return masked * scale

@@ -1,0 +1,341 @@
+"""Parameter specs, the method registry and the immutable MergeMethod object.
+
+A merge method is declared once, with :func:`merge_method`: a small function plus a tuple of
+:class:`Param`.  Validation, node widgets, tooltips and the README's method table are all derived
+from that declaration; nothing else describes a method.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import MergeError
+from .context import MergeContext
+
+FLOAT, INT, BOOL, CHOICE = "float", "int", "bool", "choice"
+BASE_REQUIRED, BASE_OPTIONAL, BASE_NONE = "required", "optional", "none"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method.
+
+    ``per_model`` parameters take one value per input model (a list aligned with ``models``; a
+    scalar means the same value for all).  ``scalable`` marks per-model numeric parameters that
+    block weights may scale (weight, density, t, ...).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+    step: Optional[float] = None
+    choices: Tuple[str, ...] = ()
+    per_model: bool = False
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Convert ``value`` to this parameter's type and check its range; raise MergeError."""
+        if self.kind == BOOL:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise MergeError(f"{where}: parameter '{self.name}' must be true or false, got {value!r}")
+            if isinstance(value, (bool, int, float)) and not isinstance(value, torch.Tensor):
+                return bool(value)
+            raise MergeError(f"{where}: parameter '{self.name}' must be a boolean, got {value!r}")
+        if self.kind == CHOICE:
+            if value not in self.choices:
+                raise MergeError(
+                    f"{where}: parameter '{self.name}' must be one of {list(self.choices)}, got {value!r}")
+            return value
+        try:
+            num = float(value)
+        except (TypeError, ValueError):
+            raise MergeError(f"{where}: parameter '{self.name}' must be a number, got {value!r}") from None
+        if not math.isfinite(num):
+            raise MergeError(f"{where}: parameter '{self.name}' must be finite, got {value!r}")
+        if self.kind == INT:
+            if num != int(num):
+                raise MergeError(f"{where}: parameter '{self.name}' must be an integer, got {value!r}")
+            num = int(num)
+        lo_bad = self.min is not None and (num <= self.min if self.min_exclusive else num < self.min)
+        hi_bad = self.max is not None and (num >= self.max if self.max_exclusive else num > self.max)
+        if lo_bad or hi_bad:
+            raise MergeError(f"{where}: parameter '{self.name}' = {value!r} is outside its range {self.range_text()}")
+        return num
+
+    def range_text(self) -> str:
+        lo = "-inf" if self.min is None else f"{self.min:g}"
+        hi = "inf" if self.max is None else f"{self.max:g}"
+        return f"{'(' if self.min_exclusive else '['}{lo}, {hi}{')' if self.max_exclusive else ']'}"
+
+    def describe(self) -> Dict[str, Any]:
+        """A plain-JSON description (used for docs, tooltips and the frontend)."""
+        d = {"name": self.name, "type": self.kind, "default": self.default, "per_model": self.per_model,
+             "help": self.help}
+        if self.kind in (FLOAT, INT):
+            d.update(min=self.min, max=self.max, step=self.step)
+        if self.kind == CHOICE:
+            d["choices"] = list(self.choices)
+        return d
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything known about one method: its function, parameters and structural needs."""
+
+    name: str
+    fn: Callable[..., torch.Tensor] = field(compare=False)
+    params: Tuple[Param, ...]
+    base: str
+    min_models: int
+    max_models: Optional[int]
+    help: str
+    source: str
+    randomized: bool = False
+    check: Optional[Callable[[Mapping[str, Any], Mapping[str, List[Any]]], Optional[str]]] = field(
+        default=None, compare=False)
+
+    @property
+    def global_params(self) -> Tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+    @property
+    def per_model_params(self) -> Tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise MergeError(f"merge method '{self.name}' has no parameter '{name}' "
+                         f"(its parameters: {', '.join(p.name for p in self.params) or 'none'})")
+
+    def models_text(self) -> str:
+        if self.max_models is None:
+            return f"{self.min_models}+"
+        if self.max_models == self.min_models:
+            return str(self.min_models)
+        return f"{self.min_models}-{self.max_models}"
+
+    def describe(self) -> Dict[str, Any]:
+        return {"name": self.name, "help": self.help, "source": self.source, "base": self.base,
+                "models": self.models_text(), "randomized": self.randomized,
+                "params": [p.describe() for p in self.params]}
+
+
+_REGISTRY: Dict[str, MethodSpec] = {}
+
+
+def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_REQUIRED, min_models: int = 1,
+                 max_models: Optional[int] = None, help: str, source: str, randomized: bool = False,
+                 check: Optional[Callable] = None):
+    """Register ``fn(base, models, ctx, **params)`` as a merge method.
+
+    ``models`` reaches ``fn`` as one fp32 tensor stacked over models (shape ``(N, *shape)``),
+    ``base`` as an fp32 tensor or None, each per-model parameter as an fp32 tensor of shape ``(N,)``
+    (bools and choices as tuples), each global one as a Python scalar.  ``fn`` returns an fp32
+    tensor of the input shape; dtype and device of the result are handled by :class:`MergeMethod`.
+    ``check(global_values, per_model_values)`` returns an error text for cross-parameter rules.
+    """
+    if base not in (BASE_REQUIRED, BASE_OPTIONAL, BASE_NONE):
+        raise ValueError(f"bad base requirement {base!r}")
+
+    def register(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} registered twice")
+        names = [p.name for p in params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"merge method {name!r} declares a parameter twice")
+        _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=tuple(params), base=base, min_models=min_models,
+                                     max_models=max_models, help=help, source=source, randomized=randomized,
+                                     check=check)
+        return fn
+
+    return register
+
+
+def get_spec(name: str) -> MethodSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MergeError(f"unknown merge method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def all_specs() -> List[MethodSpec]:
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """An immutable, hashable merge method with its global parameter values.
+
+    Build with :func:`merge_methods.create`; apply with :meth:`merge`.  Per-model parameters may
+    also be given here, as defaults that ``merge`` keyword arguments override.
+    """
+
+    name: str
+    params: Tuple[Tuple[str, Any], ...]
+
+    @property
+    def spec(self) -> MethodSpec:
+        return get_spec(self.name)
+
+    def get(self, name: str) -> Any:
+        for k, v in self.params:
+            if k == name:
+                return v
+        return self.spec.param(name).default
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"method": self.name,
+                "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.params}}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params)
+        return f"MergeMethod({self.name}{', ' if args else ''}{args})"
+
+    # -- merging ---------------------------------------------------------------------------
+    def per_model_values(self, n_models: int, overrides: Mapping[str, Any], where: str = "") -> Dict[str, List[Any]]:
+        """Resolve every per-model parameter to a validated list of ``n_models`` values."""
+        spec = self.spec
+        where = where or f"merge method '{self.name}'"
+        unknown = [k for k in overrides if not spec.param(k).per_model]
+        if unknown:
+            raise MergeError(f"{where}: '{unknown[0]}' is a global parameter; set it in create(), not merge()")
+        out: Dict[str, List[Any]] = {}
+        for p in spec.per_model_params:
+            raw = overrides[p.name] if p.name in overrides else self.get(p.name)
+            if isinstance(raw, torch.Tensor):
+                raw = raw.tolist()
+            if isinstance(raw, (list, tuple)):
+                if len(raw) != n_models:
+                    raise MergeError(f"{where}: per-model parameter '{p.name}' has {len(raw)} values "
+                                     f"for {n_models} models")
+                vals = [p.coerce(v, where) for v in raw]
+            else:
+                vals = [p.coerce(raw, where)] * n_models
+            out[p.name] = vals
+        return out
+
+    def merge(self, base: Optional[torch.Tensor], models: Sequence[torch.Tensor], *, key: str = "",
+              seed: int = 0, check_finite: bool = True, **per_model_params: Any) -> torch.Tensor:
+        """Merge one tensor.  Returns a tensor with base's dtype and device (models[0]'s without base)."""
+        spec = self.spec
+        where = f"merge method '{self.name}'" + (f", key '{key}'" if key else "")
+        if isinstance(models, torch.Tensor):
+            raise MergeError(f"{where}: 'models' must be a list of tensors, not one tensor")
+        models = list(models)
+        n = len(models)
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            raise MergeError(f"{where}: takes {spec.models_text()} model(s) besides the base, got {n}")
+        if spec.base == BASE_REQUIRED and base is None:
+            raise MergeError(f"{where}: needs a base model")
+        if spec.base == BASE_NONE and base is not None:
+            raise MergeError(f"{where}: takes no base model; pass base=None")
+        ref = base if base is not None else models[0]
+        for i, m in enumerate(models):
+            if not isinstance(m, torch.Tensor):
+                raise MergeError(f"{where}: model {i} is not a tensor ({type(m).__name__})")
+            if m.shape != ref.shape:
+                raise MergeError(f"{where}: shape mismatch: model {i} has shape {tuple(m.shape)}, "
+                                 f"{'base' if base is not None else 'model 0'} has {tuple(ref.shape)}")
+        pm = self.per_model_values(n, per_model_params, where)
+        glob = {p.name: self.get(p.name) for p in spec.global_params}
+        if spec.check is not None:
+            problem = spec.check(glob, pm)
+            if problem:
+                raise MergeError(f"{where}: {problem}")
+
+        device = ref.device
+        work_device = device
+        stacked = torch.empty((n,) + tuple(ref.shape), dtype=torch.float32, device=work_device)
+        for i, m in enumerate(models):
+            stacked[i].copy_(m)
+        b32 = None
+        if base is not None:
+            b32 = base.to(device=work_device, dtype=torch.float32)
+        if check_finite:
+            _check_finite(where, b32, stacked)
+        pm_args: Dict[str, Any] = {}
+        for p in spec.per_model_params:
+            if p.kind in (FLOAT, INT):
+                pm_args[p.name] = torch.tensor(pm[p.name], dtype=torch.float32, device=work_device)
+            else:
+                pm_args[p.name] = tuple(pm[p.name])
+        ctx = MergeContext(key=key, seed=int(seed), device=work_device, host=pm)
+        out = spec.fn(b32, stacked, ctx, **glob, **pm_args)
+        if out.shape != ref.shape:
+            raise AssertionError(f"{where}: method returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
+        return out.to(device=device, dtype=ref.dtype)
+
+
+def _check_finite(where: str, base: Optional[torch.Tensor], stacked: torch.Tensor) -> None:
+    bad_models = ~torch.isfinite(stacked.view(stacked.shape[0], -1)).all(dim=1) if stacked.numel() else None
+    bad_base = base is not None and base.numel() > 0 and not bool(torch.isfinite(base).all())
+    if bad_base:
+        raise MergeError(f"{where}: the base tensor contains NaN or Inf")
+    if bad_models is not None and bool(bad_models.any()):
+        idx = [i for i, b in enumerate(bad_models.tolist()) if b]
+        raise MergeError(f"{where}: model(s) {idx} contain NaN or Inf")
+
+
+def create(name: str, **params: Any) -> MergeMethod:
+    """Create a MergeMethod, validating every given parameter against the spec."""
+    spec = get_spec(name)
+    where = f"merge method '{name}'"
+    values = []
+    # every global parameter is stored (defaults filled in), so equal settings compare and hash equal
+    params = {**{p.name: p.default for p in spec.global_params}, **params}
+    for k in sorted(params):
+        p = spec.param(k)
+        v = params[k]
+        if p.per_model and isinstance(v, (list, tuple)):
+            v = tuple(p.coerce(x, where) for x in v)
+        else:
+            v = p.coerce(v, where)
+        values.append((k, _freeze(v)))
+    method = MergeMethod(name=name, params=tuple(values))
+    if spec.check is not None:
+        glob = {p.name: method.get(p.name) for p in spec.global_params}
+        # per-model values as given (a scalar default stands for every model)
+        pm = {p.name: (list(method.get(p.name)) if isinstance(method.get(p.name), tuple) else [method.get(p.name)])
+              for p in spec.per_model_params}
+        problem = spec.check(glob, pm)
+        if problem:
+            raise MergeError(f"{where}: {problem}")
+    return method
+
+
+def from_dict(d: Mapping[str, Any]) -> MergeMethod:
+    """Inverse of :meth:`MergeMethod.to_dict`."""
+    if not isinstance(d, Mapping) or "method" not in d:
+        raise MergeError(f"not a merge-method dict: {d!r}")
+    params = d.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise MergeError(f"merge-method dict has bad 'params': {params!r}")
+    return create(d["method"], **dict(params))
+
+
+def names() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def iter_specs() -> Iterable[MethodSpec]:
+    return iter(all_specs())
