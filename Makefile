@@ -1,0 +1,17 @@
+# MergeLab developer commands.  `make test` sets up everything it needs on a fresh machine.
+PYTHON ?= python3
+VENV_PY := .venv/bin/python
+
+.PHONY: test setup unit demo bench clean-env
+
+setup:
+	$(PYTHON) -m mergelab.setup_env
+
+test: setup
+	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+unit: setup
+	$(VENV_PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+clean-env:
+	rm -rf .venv .cache

@@ -1,0 +1,209 @@
+"""A headless ComfyUI for tests, the runner and the demo.
+
+It boots the real ComfyUI runtime with ``--cpu`` and temporary models/output/input folders, loads this
+pack with ComfyUI's own custom-node loader (from ``<base>/custom_nodes/MergeLab``, a link to the
+repository, as a user's install would have it), and runs API-format prompts through ComfyUI's real
+``validate_prompt`` and ``PromptExecutor``.  One ComfyUI per process: ComfyUI keeps global state.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from . import REPO_ROOT, comfy_env
+
+PACK_DIR_NAME = "MergeLab"
+
+
+@dataclass
+class RunResult:
+    """What one prompt run produced."""
+
+    success: bool
+    prompt_id: str
+    outputs: Dict[str, Dict[str, Any]] = field(default_factory=dict)   # node id -> its UI output
+    error: Optional[Dict[str, Any]] = None                              # validation or execution error
+    node_errors: Dict[str, Any] = field(default_factory=dict)
+    messages: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)
+    captured: Dict[str, Any] = field(default_factory=dict)             # values of Capture nodes, by name
+
+    def error_text(self) -> str:
+        if self.success:
+            return ""
+        parts = []
+        if self.error:
+            parts.append(f"{self.error.get('type', '')}: {self.error.get('message', '')} {self.error.get('details', '')}")
+        for nid, ne in (self.node_errors or {}).items():
+            for e in ne.get("errors", []):
+                parts.append(f"node {nid} ({ne.get('class_type')}): {e.get('message')} {e.get('details', '')}")
+        for event, data in self.messages:
+            if event == "execution_error":
+                parts.append(f"node {data.get('node_id')} ({data.get('node_type')}): "
+                             f"{data.get('exception_type')}: {data.get('exception_message')}")
+            if event == "execution_interrupted":
+                parts.append(f"interrupted at node {data.get('node_id')}")
+        return "\n".join(p.strip() for p in parts) or "failed"
+
+
+class _Server:
+    """The few members of PromptServer that the executor and progress handlers use."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata: Dict[str, Any] = {}
+        self.events: List[Tuple[str, Any]] = []
+        self.listeners: List[Callable[[str, Any], None]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.events.append((event, data))
+        for fn in self.listeners:
+            fn(event, data)
+
+    def queue_updated(self):
+        pass
+
+
+_CAPTURED: Dict[str, Any] = {}
+
+
+class CaptureNode:
+    """Harness-only output node: keeps the value it receives so tests can inspect real objects."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("*", {}), "name": ("STRING", {"default": "value"})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, input_types):
+        return True
+
+    RETURN_TYPES = ()
+    FUNCTION = "capture"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def capture(self, value, name):
+        _CAPTURED[name] = value
+        return {}
+
+
+class Harness:
+    """Boot ComfyUI once, load the pack, run prompts.
+
+    ``base_dir``: folder for models/, output/, input/, temp/, user/ and custom_nodes/ (a temporary one
+    when None).  ``extra_args``: more ComfyUI flags.  ``load_pack``: load MergeLab through ComfyUI's loader.
+    """
+
+    def __init__(self, base_dir: Optional[str] = None, extra_args: Optional[List[str]] = None,
+                 load_pack: bool = True, pack_source: str = REPO_ROOT):
+        self._own_dir = base_dir is None
+        self.base_dir = base_dir or tempfile.mkdtemp(prefix="mergelab-comfy-")
+        self.comfy_root = comfy_env.boot(extra_args=extra_args, base_dir=self.base_dir)
+        import nodes  # ComfyUI's
+        self.nodes = nodes
+        self.server = _Server()
+        nodes.NODE_CLASS_MAPPINGS.setdefault("MergeLabTest_Capture", CaptureNode)
+        self.pack_module_name: Optional[str] = None
+        self.pack_path: Optional[str] = None
+        if load_pack:
+            self.load_pack(pack_source)
+
+    # -- folders ------------------------------------------------------------------------------
+    @property
+    def output_dir(self) -> str:
+        import folder_paths
+        return folder_paths.get_output_directory()
+
+    def models_dir(self, kind: str) -> str:
+        import folder_paths
+        return folder_paths.get_folder_paths(kind)[0]
+
+    def add_model_file(self, kind: str, src: str, name: Optional[str] = None, link: bool = True) -> str:
+        """Make ``src`` visible as a model of ``kind`` (checkpoints, loras, ...); returns its name."""
+        import folder_paths
+        name = name or os.path.basename(src)
+        dst = os.path.join(self.models_dir(kind), name)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.lexists(dst):
+            os.remove(dst)
+        if link:
+            os.symlink(os.path.abspath(src), dst)
+        else:
+            shutil.copyfile(src, dst)
+        if hasattr(folder_paths, "filename_list_cache"):
+            folder_paths.filename_list_cache.clear()
+        return name
+
+    # -- the pack ----------------------------------------------------------------------------
+    def load_pack(self, source: str = REPO_ROOT) -> str:
+        """Load the pack with ComfyUI's own loader from ``custom_nodes/MergeLab``; return its module name."""
+        custom = os.path.join(self.base_dir, "custom_nodes")
+        os.makedirs(custom, exist_ok=True)
+        link = os.path.join(custom, PACK_DIR_NAME)
+        if not os.path.lexists(link):
+            os.symlink(os.path.abspath(source), link)
+        before = set(self.nodes.NODE_CLASS_MAPPINGS)
+        ok = self.nodes.load_custom_node(link, ignore=set(before))
+        if inspect.iscoroutine(ok):
+            ok = asyncio.run(ok)
+        if not ok:
+            raise RuntimeError(f"ComfyUI's loader failed to load the pack from {link}; see the log above")
+        self.pack_path = link
+        self.pack_module_name = link.replace(".", "_x_")
+        self.pack_node_ids = sorted(set(self.nodes.NODE_CLASS_MAPPINGS) - before)
+        return self.pack_module_name
+
+    def register_test_node(self, node_id: str, cls) -> None:
+        self.nodes.NODE_CLASS_MAPPINGS[node_id] = cls
+
+    # -- running -----------------------------------------------------------------------------
+    def _executor(self):
+        import execution
+        params = inspect.signature(execution.PromptExecutor.__init__).parameters
+        kwargs: Dict[str, Any] = {}
+        if "cache_args" in params:          # 0.3.7x: cache_args, with a "ram" entry
+            kwargs["cache_args"] = {"lru": 0, "ram": 0}
+        elif "cache_size" in params:        # 0.3.64 and older
+            kwargs["cache_size"] = None
+        return execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC, **kwargs)
+
+    def run(self, prompt: Dict[str, Any], *, extra_data: Optional[Dict[str, Any]] = None,
+            listener: Optional[Callable[[str, Any], None]] = None) -> RunResult:
+        """Validate and execute an API-format prompt; never raises for graph errors."""
+        import execution
+        prompt_id = str(uuid.uuid4())
+        _CAPTURED.clear()
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        ok, error, outputs_to_run, node_errors = valid[0], valid[1], valid[2], valid[3]
+        if not ok:
+            return RunResult(False, prompt_id, error=error, node_errors=node_errors or {})
+        executor = self._executor()
+        if listener:
+            self.server.listeners.append(listener)
+        try:
+            executor.execute(prompt, prompt_id, dict(extra_data or {}), outputs_to_run)
+        finally:
+            if listener:
+                self.server.listeners.remove(listener)
+        history = getattr(executor, "history_result", None) or {}
+        return RunResult(bool(executor.success), prompt_id, outputs=history.get("outputs", {}),
+                         messages=list(executor.status_messages), captured=dict(_CAPTURED))
+
+    def run_ok(self, prompt: Dict[str, Any], **kw) -> RunResult:
+        """Like :meth:`run` but raises AssertionError with ComfyUI's own messages on failure."""
+        res = self.run(prompt, **kw)
+        if not res.success:
+            raise AssertionError("ComfyUI run failed:\n" + res.error_text())
+        return res
+
+    def close(self) -> None:
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)

@@ -1,0 +1,67 @@
+"""The pack loads through ComfyUI's own custom-node loader and registers real nodes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mergelab import REPO_ROOT, comfy_env
+
+
+def test_loader_registers_pack_nodes(harness):
+    import nodes  # ComfyUI's
+
+    ids = harness.pack_node_ids
+    assert ids, "ComfyUI's loader registered no node of the pack"
+    assert all(i.startswith("MergeLab") for i in ids), ids
+    assert "MergeLab_Method_ties" in ids and "MergeLab_Method_linear" in ids
+    # registered through the V3 entrypoint: the classes are io.ComfyNode subclasses with our categories
+    from comfy_api.latest import io
+    for i in ids:
+        cls = nodes.NODE_CLASS_MAPPINGS[i]
+        assert issubclass(cls, io.ComfyNode), i
+        info = cls.GET_SCHEMA() if hasattr(cls, "GET_SCHEMA") else cls.define_schema()
+        assert info.category.startswith("MergeLab/"), (i, info.category)
+    # the frontend folder is registered exactly once
+    js_dirs = [d for d in nodes.EXTENSION_WEB_DIRS.values() if os.path.realpath(d) == os.path.join(REPO_ROOT, "js")]
+    assert len(js_dirs) == 1
+
+
+def test_method_node_runs_in_executor(harness):
+    res = harness.run_ok({
+        "1": {"class_type": "MergeLab_Method_ties", "inputs": {"lambda": 0.5}},
+        "2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "m"}},
+    })
+    m = res.captured["m"]
+    assert m.name == "ties" and m.get("lambda") == 0.5
+    assert json.loads(json.dumps(m.to_dict()))["method"] == "ties"
+
+
+def test_bad_widget_value_is_rejected_by_validation(harness):
+    res = harness.run({
+        "1": {"class_type": "MergeLab_Method_ties", "inputs": {"lambda": 1e12}},
+        "2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "m"}},
+    })
+    assert not res.success
+    assert "lambda" in res.error_text()
+
+
+def test_comfyui_path_not_comfyui_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "README.md").write_text("not comfy")
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path))
+    with pytest.raises(comfy_env.ComfyUINotFound) as e:
+        comfy_env.comfyui_root()
+    assert "is not a ComfyUI folder" in str(e.value) and "main.py" in str(e.value)
+    # the set-up command says so too, and fails
+    env = dict(os.environ, COMFYUI_PATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "mergelab.setup_env"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "is not a ComfyUI folder" in proc.stderr
+
+
+def test_comfyui_path_missing_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "nope"))
+    with pytest.raises(comfy_env.ComfyUINotFound, match="does not exist"):
+        comfy_env.comfyui_root()
