@@ -3,5 +3,6 @@
 
 def all_nodes():
     from .method_nodes import METHOD_NODES
+    from .merger_nodes import MERGER_NODES
 
-    return [*METHOD_NODES]
+    return [*MERGER_NODES, *METHOD_NODES]

@@ -1,0 +1,222 @@
+"""The key-by-key merge of ComfyUI models.
+
+For every key: read each input's effective weight (its LoRAs applied, fp8 dequantized) onto the
+compute device in fp32, resolve the per-key parameters (block weights scale them), run the merge
+method, apply the mask, cast to the base's dtype on the offload device and keep it as a ``set`` patch
+on a clone of the base.  Inputs are never modified; nothing is left on the GPU.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..merge_methods import MergeError, MergeMethod, create
+from .weights import KeySource, is_clip, model_family, patcher_of, storage_dtype
+
+log = logging.getLogger("MergeLab")
+
+
+@dataclass
+class MergeInput:
+    """One model to merge (a MODEL patcher or a CLIP) with its per-model parameter values."""
+
+    model: Any
+    params: Dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+
+@dataclass
+class MergeOptions:
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | gpu
+    compute_dtype: str = "fp32"     # fp32 | fp64
+    on_mismatch: str = "error"      # error | skip: keys missing or with other shapes
+    block_weights: Any = None       # engine.blocks.BlockWeights or None
+    mask: Any = None                # a MODEL_MASK or None
+    stats: Any = None               # an engine.report.MergeStats collector or None
+    progress: Optional[Callable[[int, int], None]] = None
+
+
+def compute_device(choice: str) -> torch.device:
+    import comfy.model_management as mm
+
+    if choice == "cpu":
+        return torch.device("cpu")
+    dev = mm.get_torch_device()
+    if choice == "gpu" and dev.type == "cpu":
+        raise MergeError("compute device 'gpu' was chosen but ComfyUI has no GPU here (it runs on the CPU); "
+                         "choose 'auto' or 'cpu'")
+    return dev
+
+
+def check_architectures(objs: Sequence[Any], names: Sequence[str]) -> None:
+    fams = [model_family(o).split(":")[0] for o in objs]
+    if len(set(fams)) > 1:
+        desc = ", ".join(f"{n}: {f}" for n, f in zip(names, fams))
+        raise MergeError(f"cannot merge models of different architectures ({desc})")
+
+
+def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[str], on_mismatch: str) -> List[str]:
+    """The keys to merge, in the reference model's order; errors or warns about mismatches up front."""
+    ref = base if base is not None else sources[0]
+    ref_name = names[0]
+    all_sources = ([base] if base is not None else []) + list(sources)
+    keys = ref.keys()
+    missing: Dict[str, List[str]] = {}
+    shape_bad: Dict[str, List[str]] = {}
+    for src, name in zip(all_sources, names):
+        if src is ref:
+            continue
+        have = src.entries
+        for k in keys:
+            if k not in have:
+                missing.setdefault(name, []).append(k)
+            elif src.shape(k) != ref.shape(k):
+                shape_bad.setdefault(name, []).append(f"{k} {tuple(src.shape(k))} vs {tuple(ref.shape(k))}")
+    extra = {name: [k for k in src.keys() if k not in ref.entries]
+             for src, name in zip(all_sources, names) if src is not ref}
+    extra = {n: ks for n, ks in extra.items() if ks}
+    if not (missing or shape_bad or extra):
+        return keys
+    parts = []
+    for name, ks in missing.items():
+        parts.append(f"{len(ks)} key(s) of {ref_name} missing in {name}: {_preview(ks)}")
+    for name, ks in shape_bad.items():
+        parts.append(f"{len(ks)} key(s) with other shapes in {name}: {_preview(ks)}")
+    for name, ks in extra.items():
+        parts.append(f"{len(ks)} key(s) of {name} not in {ref_name}: {_preview(ks)}")
+    if on_mismatch != "skip":
+        raise MergeError("the models do not have the same keys and shapes:\n  " + "\n  ".join(parts) +
+                         "\nSet on_mismatch to 'skip' to merge only the keys they share (the rest keep the base).")
+    bad = {k for ks in missing.values() for k in ks} | {s.split(" ")[0] for ks in shape_bad.values() for s in ks}
+    n_skip = len(bad) + sum(len(v) for v in extra.values())
+    log.warning("MergeLab: skipping %d mismatched key(s) (%d missing, %d other shape, %d extra); they keep %s",
+                n_skip, sum(map(len, missing.values())), sum(map(len, shape_bad.values())),
+                sum(map(len, extra.values())), ref_name)
+    return [k for k in keys if k not in bad]
+
+
+def _preview(items: List[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+@lru_cache(maxsize=4096)
+def _with_globals(method: MergeMethod, changes: tuple) -> MergeMethod:
+    d = method.to_dict()
+    d["params"] = {**d["params"], **dict(changes)}
+    return create(d["method"], **d["params"])
+
+
+def resolve_params(method: MergeMethod, inputs: List[MergeInput], factors: Dict[str, List[float]]):
+    """Per-key method and per-model parameter lists with block-weight factors applied."""
+    spec = method.spec
+    per_model = {}
+    for p in spec.per_model_params:
+        vals = [inp.params.get(p.name, method.get(p.name)) for inp in inputs]
+        if isinstance(vals[0], tuple):     # a per-model default list given to create()
+            vals = [v[i] if isinstance(v, tuple) else v for i, v in enumerate(vals)]
+        f = factors.get(p.name)
+        if f is not None:
+            vals = [v * fi for v, fi in zip(vals, f)]
+        per_model[p.name] = vals
+    changes = []
+    for p in spec.global_params:
+        f = factors.get(p.name)
+        if f is not None and f[0] != 1.0:
+            changes.append((p.name, method.get(p.name) * f[0]))
+    m = _with_globals(method, tuple(changes)) if changes else method
+    return m, per_model
+
+
+@torch.no_grad()
+def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, options: MergeOptions):
+    """Merge ``inputs`` (and ``base``) with ``method``; returns a patched clone of the base (or of
+    the first input when no base is given).  Works for MODEL patchers and CLIP objects alike."""
+    spec = method.spec
+    if len(inputs) < spec.min_models or (spec.max_models is not None and len(inputs) > spec.max_models):
+        raise MergeError(f"merge method '{method.name}' takes {spec.models_text()} model(s) besides the base, "
+                         f"got {len(inputs)}")
+    if spec.base == "required" and base is None:
+        raise MergeError(f"merge method '{method.name}' needs a base model: connect 'base'")
+    if spec.base == "none" and base is not None:
+        base_for_method = None
+    else:
+        base_for_method = base
+    objs = ([base] if base is not None else []) + [i.model for i in inputs]
+    names = (["base"] if base is not None else []) + [i.name or f"model {n + 1}" for n, i in enumerate(inputs)]
+    if len({is_clip(o) for o in objs}) > 1:
+        raise MergeError("cannot merge a CLIP with a MODEL")
+    check_architectures(objs, names)
+
+    base_src = KeySource.of(base) if base is not None else None
+    sources = [KeySource.of(i.model) for i in inputs]
+    keys = plan_keys(base_src, sources, names, options.on_mismatch)
+    ref_src = base_src if base_src is not None else sources[0]
+    ref_obj = base if base is not None else inputs[0].model
+
+    bw = options.block_weights
+    if bw is not None:
+        _check_block_params(bw, method)
+        bw.check(ref_obj, keys)
+    device = compute_device(options.device)
+    work_dtype = torch.float64 if options.compute_dtype == "fp64" else torch.float32
+    offload = patcher_of(ref_obj).offload_device
+
+    import comfy.model_management as mm
+    import comfy.utils
+
+    if device.type != "cpu":
+        biggest = max((ref_src.raw(k).numel() for k in keys), default=0)
+        mm.free_memory(biggest * 4 * (len(inputs) + 4), device)
+    pbar = comfy.utils.ProgressBar(len(keys))
+    merged: Dict[str, torch.Tensor] = {}
+    try:
+        for i, key in enumerate(keys):
+            mm.throw_exception_if_processing_interrupted()
+            factors = bw.factors(key, len(inputs)) if bw is not None else {}
+            m, per_model = resolve_params(method, inputs, factors)
+            b = base_src.read(key, device, work_dtype) if base_src is not None else None
+            xs = [s.read(key, device, work_dtype) for s in sources]
+            out = m.merge(b if base_for_method is not None else None, xs, key=key, seed=options.seed,
+                          **per_model)
+            if options.mask is not None:
+                keep = b if b is not None else xs[0]
+                sel = options.mask.selection(key, out.shape, device)
+                if sel is not None:
+                    out = torch.where(sel, out, keep)
+            if options.stats is not None:
+                options.stats.add(key, out, b, xs)
+            merged[key] = out.to(device=offload, dtype=storage_dtype(ref_src.dtype(key)))
+            del out, b, xs
+            pbar.update(1)
+            if options.progress:
+                options.progress(i + 1, len(keys))
+    finally:
+        if device.type != "cpu":
+            mm.soft_empty_cache()
+    return _patched_clone(ref_obj, merged)
+
+
+def _check_block_params(bw, method: MergeMethod) -> None:
+    names = {p.name for p in method.spec.params if p.kind in ("float", "int")}
+    for param in bw.params():
+        if param not in names:
+            raise MergeError(f"block weights scale '{param}', but merge method '{method.name}' has no numeric "
+                             f"parameter of that name (its numeric parameters: {', '.join(sorted(names)) or 'none'})")
+
+
+def _patched_clone(obj, merged: Dict[str, torch.Tensor]):
+    """A clone of ``obj`` whose merged keys are replaced (``set`` patches, earlier patches dropped: the
+    merged values already include them)."""
+    import uuid
+
+    clone = obj.clone()
+    mp = patcher_of(clone)
+    for key, t in merged.items():
+        mp.patches[key] = [(1.0, ("set", (t,)), 1.0, None, None)]
+    mp.patches_uuid = uuid.uuid4()
+    return clone

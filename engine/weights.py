@@ -1,0 +1,108 @@
+"""Reading the effective weights of ComfyUI models (MODEL patchers and CLIP objects) key by key.
+
+"Effective" means with the model's own patches (LoRAs, earlier merges) applied and fp8 / quantized
+storage dequantized, exactly as ComfyUI would compute the weight before sampling — but one key at a
+time, on the device we choose, in fp32, without touching the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+CLIP_SKIP_SUFFIXES = (".position_ids", ".logit_scale")   # ComfyUI's CLIP merge nodes skip these too
+UNET_PREFIX = "diffusion_model."
+
+
+def patcher_of(obj):
+    """The ModelPatcher behind a MODEL (itself) or a CLIP (``.patcher``)."""
+    return obj.patcher if hasattr(obj, "patcher") and hasattr(obj, "cond_stage_model") else obj
+
+
+def is_clip(obj) -> bool:
+    return hasattr(obj, "cond_stage_model") and hasattr(obj, "patcher")
+
+
+def _identity(t, **kwargs):
+    return t
+
+
+@dataclass
+class KeySource:
+    """Lazy access to one model's weights: references only, nothing is copied until :meth:`read`."""
+
+    entries: Dict[str, list]
+
+    @classmethod
+    def of(cls, obj) -> "KeySource":
+        mp = patcher_of(obj)
+        prefix = None if is_clip(obj) else UNET_PREFIX
+        return cls(mp.get_key_patches(prefix))
+
+    def keys(self) -> List[str]:
+        return [k for k, e in self.entries.items() if _mergeable(k, _raw(e))]
+
+    def raw(self, key: str) -> torch.Tensor:
+        return _raw(self.entries[key])
+
+    def shape(self, key: str) -> torch.Size:
+        return self.raw(key).shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.raw(key).dtype
+
+    def has_patches(self, key: str) -> bool:
+        return len(self.entries[key]) > 1
+
+    def read(self, key: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The effective weight of ``key`` as a fresh tensor on ``device`` in ``dtype``."""
+        import comfy.lora
+        import comfy.model_management as mm
+
+        entry = self.entries[key]
+        first = entry[0]
+        weight, convert = (first if isinstance(first, tuple) else (first, _identity))
+        convert = convert or _identity
+        if weight.device.type == "meta":
+            raise RuntimeError(f"weight '{key}' is not materialized (meta device); load the model first")
+        t = mm.cast_to_device(weight, device, torch.float32, copy=True)
+        t = convert(t, inplace=True)
+        if len(entry) > 1:
+            t = comfy.lora.calculate_weight(entry[1:], t, key, intermediate_dtype=torch.float32)
+        if dtype != torch.float32:
+            t = t.to(dtype)
+        return t
+
+
+def _raw(entry) -> torch.Tensor:
+    first = entry[0]
+    return first[0] if isinstance(first, tuple) else first
+
+
+def _mergeable(key: str, t: torch.Tensor) -> bool:
+    if key.endswith(CLIP_SKIP_SUFFIXES):
+        return False
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or _is_quantized(t))
+
+
+def _is_quantized(t) -> bool:
+    return type(t).__name__ == "QuantizedTensor"
+
+
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype merged results are kept in: the base's, except fp8, kept as bf16 (ComfyUI re-quantizes
+    them through the layer's own set function when it patches the weight)."""
+    if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return dtype
+    return torch.bfloat16
+
+
+def model_family(obj) -> str:
+    """Class names that identify an architecture: the model_base class and the config class."""
+    if is_clip(obj):
+        cls = type(obj.cond_stage_model)
+        return f"CLIP:{cls.__module__}.{cls.__name__}"
+    m = patcher_of(obj).model
+    cfg = getattr(m, "model_config", None)
+    return f"{type(m).__name__}:{type(cfg).__name__ if cfg is not None else '?'}"

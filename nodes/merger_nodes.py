@@ -1,0 +1,144 @@
+"""Model and CLIP mergers.
+
+Models are given as a ``MERGE_MODELS`` list built by chaining **Merge Input** nodes (one per model,
+each with its per-model parameters: weight, density, ...), so a merger takes any number of models
+and works the same in the editor and in API-format graphs.  The per-model widgets are the union of
+the per-model parameters that the methods declare, derived from their specs.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from .. import merge_methods
+from ..engine.merge import MergeInput, MergeOptions, merge_models
+from ..merge_methods import MergeError
+from .comfy_api_compat import io
+from .types import BlockWeightsType, MergeMethodType, ModelListType, ModelMaskType
+from .widgets import widget_input
+
+CATEGORY = "MergeLab/merge"
+MAX_MODELS = 64
+
+
+def per_model_params():
+    """The per-model parameters of all methods, one entry per name (the specs must agree)."""
+    seen: Dict[str, Any] = {}
+    for spec in merge_methods.all_specs():
+        for p in spec.per_model_params:
+            if p.name not in seen:
+                seen[p.name] = p
+    return list(seen.values())
+
+
+class MergeModelList(tuple):
+    """An immutable list of (model, clip, params, name) entries: the value of a MERGE_MODELS socket."""
+
+
+class MergeInputNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        pm = per_model_params()
+        return io.Schema(
+            node_id="MergeLab_MergeInput",
+            display_name="Merge Input (model + its parameters)",
+            category=CATEGORY,
+            description="One model to merge, with its per-model parameters. Chain several: connect the "
+                        "'models' output to the next Merge Input's 'models' input, and the last one to a merger. "
+                        "Parameters a method does not declare are ignored by it.",
+            inputs=[io.Model.Input("model", optional=True, tooltip="The diffusion model (MODEL) to merge."),
+                    io.Clip.Input("clip", optional=True, tooltip="Its text encoder (CLIP), for the CLIP merger."),
+                    ModelListType.Input("models", optional=True, tooltip="Models given before this one.")]
+                   + [widget_input(p) for p in pm],
+            outputs=[ModelListType.Output(display_name="models", tooltip="The models so far, for a merger.")],
+        )
+
+    @classmethod
+    def execute(cls, model=None, clip=None, models=None, **params):
+        if model is None and clip is None:
+            raise ValueError("Merge Input: connect a model, a clip, or both")
+        prev = tuple(models or ())
+        if len(prev) >= MAX_MODELS:
+            raise ValueError(f"Merge Input: at most {MAX_MODELS} models")
+        name = f"model {len(prev) + 1}"
+        return io.NodeOutput(MergeModelList(prev + ((model, clip, dict(params), name),)))
+
+
+def _common_inputs(kind: str) -> List[Any]:
+    return [
+        MergeMethodType.Input("method", tooltip="A merge method from a MergeLab method node."),
+        ModelListType.Input("models", tooltip="The models to merge, from a chain of Merge Input nodes."),
+        io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                     tooltip="Seed of the random methods (DARE, DELLA, ...); masks are seeded per key."),
+        io.Combo.Input("device", options=["auto", "cpu", "gpu"], default="auto",
+                       tooltip="Where the math runs: auto = ComfyUI's device (the GPU when there is one)."),
+        io.Combo.Input("compute_dtype", options=["fp32", "fp64"], default="fp32",
+                       tooltip="Precision of the math; results are stored in the base's dtype."),
+        io.Combo.Input("on_mismatch", options=["error", "skip"], default="error",
+                       tooltip="Keys missing from a model or with another shape: stop with a list of them, or "
+                               "skip them (they keep the base) with one warning."),
+        BlockWeightsType.Input("block_weights", optional=True,
+                               tooltip="Per-block factors on a parameter (weight, density, t, ...)."),
+        ModelMaskType.Input("mask", optional=True,
+                            tooltip="Only selected parameters change; the rest keep the base (or model 1)."),
+    ]
+
+
+def run_merge(kind: str, base, method, models, seed, device, compute_dtype, on_mismatch,
+              block_weights=None, mask=None):
+    index = 0 if kind == "model" else 1
+    inputs = [MergeInput(entry[index], entry[2], entry[3]) for entry in models if entry[index] is not None]
+    skipped = [entry[3] for entry in models if entry[index] is None]
+    if skipped:
+        raise ValueError(f"{kind} merger: no {kind} connected on {', '.join(skipped)}")
+    opts = MergeOptions(seed=seed, device=device, compute_dtype=compute_dtype, on_mismatch=on_mismatch,
+                        block_weights=block_weights, mask=mask)
+    try:
+        return merge_models(base, inputs, method, opts)
+    except MergeError as e:
+        raise ValueError(str(e)) from None
+
+
+class ModelMergerNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MergeLab_ModelMerger",
+            display_name="Model Merger",
+            category=CATEGORY,
+            description="Merge any number of models with a merge method, key by key. The result is a copy of "
+                        "the base with the merged weights; the inputs are never modified.",
+            inputs=[io.Model.Input("base", optional=True,
+                                   tooltip="The base model (task vectors are taken relative to it). Optional for "
+                                           "methods that need none; the result then copies model 1's settings.")]
+                   + _common_inputs("model"),
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, method, models, seed, device, compute_dtype, on_mismatch, base=None, block_weights=None,
+                mask=None):
+        out = run_merge("model", base, method, models, seed, device, compute_dtype, on_mismatch, block_weights, mask)
+        return io.NodeOutput(out)
+
+
+class CLIPMergerNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MergeLab_CLIPMerger",
+            display_name="CLIP Merger",
+            category=CATEGORY,
+            description="Merge the text encoders (CLIP) of the Merge Inputs with a merge method, key by key.",
+            inputs=[io.Clip.Input("base", optional=True, tooltip="The base text encoder.")]
+                   + _common_inputs("clip"),
+            outputs=[io.Clip.Output(display_name="CLIP")],
+        )
+
+    @classmethod
+    def execute(cls, method, models, seed, device, compute_dtype, on_mismatch, base=None, block_weights=None,
+                mask=None):
+        out = run_merge("clip", base, method, models, seed, device, compute_dtype, on_mismatch, block_weights, mask)
+        return io.NodeOutput(out)
+
+
+MERGER_NODES = [MergeInputNode, ModelMergerNode, CLIPMergerNode]
