@@ -59,12 +59,14 @@ def comfyui_version(root: Optional[str] = None) -> str:
 _booted: Optional[str] = None
 
 
-def boot(extra_args: Optional[List[str]] = None, base_dir: Optional[str] = None) -> str:
+def boot(extra_args: Optional[List[str]] = None, base_dir: Optional[str] = None,
+         models_dir: Optional[str] = None, output_dir: Optional[str] = None) -> str:
     """Import ComfyUI in this process (once) and load its built-in nodes. Returns the ComfyUI root.
 
     ``extra_args`` are ComfyUI command-line flags (``--cpu`` is added unless ``--gpu`` is given, which
-    is ours and only means "do not force the CPU").  ``base_dir`` holds models/, output/, input/, temp/
-    and user/ folders that replace ComfyUI's own.
+    is ours and only means "do not force the CPU").  ``base_dir`` holds input/, temp/, user/ and, unless
+    ``models_dir`` / ``output_dir`` say otherwise, models/ and output/ folders that replace ComfyUI's own.
+    Without ``base_dir`` ComfyUI's own folders are used, except where ``models_dir``/``output_dir`` are given.
     """
     global _booted
     root = comfyui_root()
@@ -78,12 +80,17 @@ def boot(extra_args: Optional[List[str]] = None, base_dir: Optional[str] = None)
     elif "--cpu" not in args:
         args.append("--cpu")
     if base_dir:
-        for sub in ("output", "input", "temp", "user", "models"):
+        output_dir = output_dir or os.path.join(base_dir, "output")
+        models_dir = models_dir or os.path.join(base_dir, "models")
+        for sub in ("input", "temp", "user"):
             os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
-        args += ["--output-directory", os.path.join(base_dir, "output"),
-                 "--input-directory", os.path.join(base_dir, "input"),
+        args += ["--input-directory", os.path.join(base_dir, "input"),
                  "--temp-directory", os.path.join(base_dir, "temp"),
                  "--user-directory", os.path.join(base_dir, "user")]
+    if output_dir:
+        output_dir = os.path.abspath(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        args += ["--output-directory", output_dir]
     sys.argv = [os.path.join(root, "main.py")] + args
     if root not in sys.path:
         sys.path.insert(0, root)
@@ -95,9 +102,11 @@ def boot(extra_args: Optional[List[str]] = None, base_dir: Optional[str] = None)
     comfy.options.enable_args_parsing()
     import comfy.cli_args  # noqa: F401  (parses sys.argv now)
     import folder_paths
+    if models_dir and os.path.abspath(models_dir) != os.path.abspath(folder_paths.models_dir):
+        _redirect_models(folder_paths, os.path.abspath(models_dir))
+    if output_dir:
+        folder_paths.set_output_directory(output_dir)
     if base_dir:
-        _redirect_models(folder_paths, os.path.join(base_dir, "models"))
-        folder_paths.set_output_directory(os.path.join(base_dir, "output"))
         folder_paths.set_input_directory(os.path.join(base_dir, "input"))
         folder_paths.set_temp_directory(os.path.join(base_dir, "temp"))
         if hasattr(folder_paths, "set_user_directory"):

@@ -99,14 +99,17 @@ class Harness:
     """Boot ComfyUI once, load the pack, run prompts.
 
     ``base_dir``: folder for models/, output/, input/, temp/, user/ and custom_nodes/ (a temporary one
-    when None).  ``extra_args``: more ComfyUI flags.  ``load_pack``: load MergeLab through ComfyUI's loader.
+    when None); ``models_dir`` / ``output_dir`` replace its models/ and output/.  ``extra_args``: more
+    ComfyUI flags.  ``load_pack``: load MergeLab through ComfyUI's loader.
     """
 
     def __init__(self, base_dir: Optional[str] = None, extra_args: Optional[List[str]] = None,
-                 load_pack: bool = True, pack_source: str = REPO_ROOT):
+                 load_pack: bool = True, pack_source: str = REPO_ROOT, models_dir: Optional[str] = None,
+                 output_dir: Optional[str] = None):
         self._own_dir = base_dir is None
         self.base_dir = base_dir or tempfile.mkdtemp(prefix="mergelab-comfy-")
-        self.comfy_root = comfy_env.boot(extra_args=extra_args, base_dir=self.base_dir)
+        self.comfy_root = comfy_env.boot(extra_args=extra_args, base_dir=self.base_dir, models_dir=models_dir,
+                                         output_dir=output_dir)
         import nodes  # ComfyUI's
         self.nodes = nodes
         self.server = _Server()

@@ -1,0 +1,117 @@
+"""The merge report: per block, how far the merged model moved from the base and from each input.
+
+Statistics are accumulated key by key on the compute device (sums of squares and dot products, no
+host sync per key) and summarised once at the end as text and as a chart image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class BlockStats:
+    """Sums over the keys of one block (fp64 on the compute device until :meth:`MergeStats.summary`)."""
+
+    n_keys: int = 0
+    n_params: int = 0
+    sums: Optional[torch.Tensor] = None
+
+
+class MergeStats:
+    """Collects, per block: ‖m−b‖², ‖b‖², ⟨m,b⟩, ‖m‖², and for each input i: ‖m−xᵢ‖², ‖xᵢ‖², ⟨m,xᵢ⟩."""
+
+    def __init__(self, block_of: Callable[[str], str], input_names: Sequence[str], has_base: bool):
+        self.block_of = block_of
+        self.input_names = list(input_names)
+        self.has_base = has_base
+        self.blocks: Dict[str, BlockStats] = {}
+
+    def add(self, key: str, merged: torch.Tensor, base: Optional[torch.Tensor], inputs: List[torch.Tensor]) -> None:
+        m = merged.float().reshape(-1)
+        vals = [m.dot(m)]
+        if base is not None:
+            b = base.float().reshape(-1)
+            d = m - b
+            vals += [d.dot(d), b.dot(b), m.dot(b)]
+        else:
+            vals += [m.new_zeros(())] * 3
+        for x in inputs:
+            x = x.float().reshape(-1)
+            d = m - x
+            vals += [d.dot(d), x.dot(x), m.dot(x)]
+        row = torch.stack(vals).double()
+        blk = self.blocks.setdefault(self.block_of(key), BlockStats())
+        blk.n_keys += 1
+        blk.n_params += merged.numel()
+        blk.sums = row if blk.sums is None else blk.sums + row
+
+    def summary(self) -> List[dict]:
+        """One dict per block: relative change and cosine vs the base and vs each input."""
+        out = []
+        for name, blk in self.blocks.items():
+            s = blk.sums.cpu().tolist() if blk.sums is not None else []
+            mm = s[0]
+            row = {"block": name, "keys": blk.n_keys, "params": blk.n_params}
+            if self.has_base:
+                dd, bb, mb = s[1:4]
+                row["rel_change_base"] = (dd ** 0.5) / (bb ** 0.5) if bb > 0 else 0.0
+                row["cos_base"] = mb / ((mm * bb) ** 0.5) if mm > 0 and bb > 0 else 1.0
+            for i, nm in enumerate(self.input_names):
+                dd, xx, mx = s[4 + 3 * i: 7 + 3 * i]
+                row[f"rel_change[{nm}]"] = (dd ** 0.5) / (xx ** 0.5) if xx > 0 else 0.0
+                row[f"cos[{nm}]"] = mx / ((mm * xx) ** 0.5) if mm > 0 and xx > 0 else 1.0
+            out.append(row)
+        return out
+
+    def text(self, title: str = "") -> str:
+        rows = self.summary()
+        lines = [title] if title else []
+        cols = ["block", "keys"]
+        if self.has_base:
+            cols += ["Δ vs base", "cos base"]
+        for nm in self.input_names:
+            cols += [f"Δ vs {nm}", f"cos {nm}"]
+        lines.append(" | ".join(cols))
+        for r in rows:
+            cells = [r["block"], str(r["keys"])]
+            if self.has_base:
+                cells += [f"{r['rel_change_base']:.4f}", f"{r['cos_base']:.5f}"]
+            for nm in self.input_names:
+                cells += [f"{r[f'rel_change[{nm}]']:.4f}", f"{r[f'cos[{nm}]']:.5f}"]
+            lines.append(" | ".join(cells))
+        lines.append("Δ = ‖merged − other‖ / ‖other‖ over the block; cos = cosine similarity of the block's weights.")
+        return "\n".join(lines)
+
+    def image(self) -> torch.Tensor:
+        """A bar chart (IMAGE tensor [1, H, W, 3] in 0..1): per block, the relative change vs the base
+        (or vs model 1 without a base)."""
+        rows = self.summary()
+        key = "rel_change_base" if self.has_base else (f"rel_change[{self.input_names[0]}]" if self.input_names else None)
+        values = [r.get(key, 0.0) if key else 0.0 for r in rows]
+        labels = [r["block"] for r in rows]
+        return bar_chart(labels, values, title=("relative change vs base" if self.has_base else
+                                                f"relative change vs {self.input_names[0] if self.input_names else ''}"))
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], title: str = "", fmt: str = "{:.4f}") -> torch.Tensor:
+    """Horizontal bars, one row per label, as a ComfyUI IMAGE tensor."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    row_h, left, width, pad = 16, 190, 420, 8
+    h = pad * 3 + row_h * (len(labels) + 1)
+    img = Image.new("RGB", (left + width + 90, max(h, 40)), (24, 24, 28))
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, pad), title, fill=(230, 230, 230))
+    vmax = max([abs(v) for v in values] + [1e-12])
+    for i, (lab, v) in enumerate(zip(labels, values)):
+        y = pad * 2 + row_h * (i + 1)
+        draw.text((pad, y), str(lab)[:28], fill=(200, 200, 200))
+        w = int(width * abs(v) / vmax)
+        draw.rectangle([left, y + 2, left + max(w, 1), y + row_h - 3], fill=(90, 160, 240) if v >= 0 else (240, 120, 90))
+        draw.text((left + w + 4, y), fmt.format(v), fill=(200, 200, 200))
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    return arr.unsqueeze(0)

@@ -1,0 +1,143 @@
+"""Headless runner: execute a workflow (editor or API format) in the real ComfyUI runtime.
+
+    python -m mergelab.run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--models DIR] [--output DIR] [--cpu]
+
+Prints a text progress bar while nodes run and, at the end, the files the workflow wrote.
+Exits non-zero with a clear message for a missing file, invalid JSON, an unknown node type, a
+missing model or any failure during execution.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+from .workflow import WorkflowError, apply_overrides, load_json, to_api
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mergelab.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("workflow", help="workflow JSON (saved from the editor, or API format)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                   help="override an input; NODE is a node id, title or unique type; VALUE is JSON or text")
+    p.add_argument("--models", help="models folder (with checkpoints/, loras/, ...); default: ComfyUI's own")
+    p.add_argument("--output", help="output folder; default: ComfyUI's own output folder")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+class TextProgress:
+    """Draws one line: the node running and its progress bar."""
+
+    def __init__(self, prompt, stream=sys.stderr, quiet=False):
+        self.prompt, self.stream, self.quiet = prompt, stream, quiet
+        self.node = None
+        self.t0 = time.time()
+
+    def _label(self, nid) -> str:
+        n = self.prompt.get(str(nid), {})
+        title = (n.get("_meta") or {}).get("title") or n.get("class_type", "?")
+        return f"#{nid} {title}"
+
+    def event(self, event, data) -> None:
+        if self.quiet or not isinstance(data, dict):
+            return
+        if event == "executing" and data.get("node") is not None:
+            self.node = data["node"]
+            self._line(f"{self._label(self.node)}")
+        elif event == "progress":
+            value, total = data.get("value", 0), max(data.get("max", 1), 1)
+            width = 30
+            done = int(width * value / total)
+            self._line(f"{self._label(data.get('node') or self.node)} [{'#' * done}{'.' * (width - done)}] "
+                       f"{value}/{total}")
+
+    def _line(self, text: str) -> None:
+        self.stream.write(f"\r\x1b[K[{time.time() - self.t0:6.1f}s] {text}")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if not self.quiet:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _snapshot(folder: str) -> dict:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            out[p] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def run_workflow(path: str, overrides: List[str], harness, quiet: bool = False, out=sys.stdout) -> int:
+    """Convert, validate and execute; print outputs. Returns the process exit code."""
+    import nodes as comfy_nodes  # ComfyUI's
+
+    try:
+        data = load_json(path)
+        prompt = to_api(data, comfy_nodes.NODE_CLASS_MAPPINGS)
+        apply_overrides(prompt, overrides)
+    except WorkflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    before = _snapshot(harness.output_dir)
+    progress = TextProgress(prompt, quiet=quiet)
+    import comfy.utils
+
+    def hook(value, total, preview, node_id=None):
+        progress.event("progress", {"value": value, "max": total, "node": node_id})
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    t0 = time.time()
+    try:
+        res = harness.run(prompt, listener=progress.event)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        progress.done()
+    if not res.success:
+        print("error: the workflow failed:\n" + res.error_text(), file=sys.stderr)
+        return 1
+    after = _snapshot(harness.output_dir)
+    written = sorted(p for p, sig in after.items() if before.get(p) != sig)
+    print(f"done in {time.time() - t0:.1f} s", file=out)
+    for p in written:
+        print(f"wrote {p}", file=out)
+    for nid, ui in res.outputs.items():
+        text = (ui or {}).get("text")
+        if text:
+            print(f"#{nid}: " + "\n".join(str(t) for t in text), file=out)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if not os.path.isfile(args.workflow):
+        print(f"error: workflow file not found: {args.workflow}", file=sys.stderr)
+        return 2
+    from .comfy_env import ComfyUINotFound
+    from .harness import Harness
+
+    from .comfy_env import comfyui_root
+
+    extra = ["--cpu"] if args.cpu else ["--gpu"]
+    try:
+        root = comfyui_root()
+        harness = Harness(extra_args=extra, models_dir=args.models or os.path.join(root, "models"),
+                          output_dir=args.output or os.path.join(root, "output"))
+    except ComfyUINotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_workflow(args.workflow, args.overrides, harness, quiet=args.quiet)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
