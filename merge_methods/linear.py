@@ -17,9 +17,8 @@ WEIGHT = Param("weight", FLOAT, 1.0, "Weight of this model in the sum.", min=-10
             Param("normalize", BOOL, True, "Divide by the sum of the weights.")),
 )
 def linear(base, models, ctx, *, weight, normalize):
-    w = weight.view(-1, *([1] * (models.dim() - 1)))
-    out = (models * w).sum(dim=0)
+    out = torch.tensordot(weight, models, dims=1)  # Σ wᵢ·Mᵢ without an (N, ...) temporary
     if normalize:
         total = weight.sum()
-        out = out / torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
+        out.div_(torch.where(total.abs() < 1e-8, torch.ones_like(total), total))
     return out

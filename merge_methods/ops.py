@@ -53,6 +53,10 @@ def rescale_to_norm(original: torch.Tensor, masked: torch.Tensor, norm: str = "l
     dims = tuple(range(1, original.dim())) if dim is None else (dim,)
     if original.dim() == 0:
         return masked
+    if not dims:
+        # a stack of 0-d slices: each slice is its own norm (``sum(dim=())`` would reduce everything)
+        original, masked_v = original.unsqueeze(-1), masked.unsqueeze(-1)
+        return rescale_to_norm(original, masked_v, norm, eps, dim=-1).squeeze(-1)
     if norm == "l1":
         a = original.abs().sum(dim=dims, keepdim=True)
         b = masked.abs().sum(dim=dims, keepdim=True)

@@ -1,1 +1,325 @@
-"""(to be written)"""
+"""mergekit's generalized task arithmetic family and the sparsifiers it uses.
+
+task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear.
+Each model contributes its task vector δᵢ = Mᵢ − B:
+
+1. (sparsifying methods) δᵢ is pruned per model: by magnitude (TIES), magnitude with the top outliers
+   removed (breadcrumbs), at random (DARE) or at random with magnitude-ranked keep probabilities
+   (DELLA), then optionally rescaled (``rescale``).
+2. The pruned deltas are weighted: wᵢ·δᵢ.
+3. (TIES-style methods) a sign is elected per entry (``consensus`` sum or count) and only the weighted
+   deltas agreeing with it are summed; ``normalize`` divides by the summed weights of the agreeing
+   models.  Without consensus, ``normalize`` divides by Σ wᵢ.
+4. The result is B + λ·mixed.
+
+Semantics follow mergekit (``generalized_task_arithmetic.py`` / ``sparsify.py``) with these
+documented differences: magnitude pruning keeps exactly int(density·n) entries (mergekit 0.1.5 keeps
+at least one, older versions asserted); breadcrumbs with gamma·n < 1 removes no outliers instead of
+zeroing the whole delta (old mergekit); DELLA gives a row of length 1 (and 0-d/1-element tensors)
+keep probability = density instead of NaN and accepts density ± epsilon touching 0 or 1;
+``rescale`` is a choice (l1 = mergekit's rescale=true, inverse_density = the DARE/DELLA papers'
+1/p, none = rescale=false); mergekit's ``int8_mask`` (a memory switch) is not exposed.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .ops import sign_consensus, topk_mask
+from .spec import BOOL, CHOICE, FLOAT, Param, merge_method
+
+# -- parameters (shared by every method of the family) ---------------------------------------------
+
+WEIGHT = Param("weight", FLOAT, 1.0, "Weight of this model's task vector (model − base).", min=-10.0, max=10.0,
+               step=0.01, per_model=True)
+DENSITY = Param("density", FLOAT, 1.0, "Fraction of this model's task-vector entries kept (1 = no pruning).",
+                min=0.0, max=1.0, step=0.01, per_model=True)
+GAMMA = Param("gamma", FLOAT, 0.01, "Fraction of the largest-magnitude entries removed as outliers "
+              "(ignored when density is 1).", min=0.0, max=1.0, step=0.001, per_model=True)
+EPSILON = Param("epsilon", FLOAT, 0.15, "Spread of the keep probability: density − epsilon for the smallest "
+                "entry of a row up to density + epsilon for the largest. density ± epsilon must stay in [0, 1].",
+                min=0.0, max=0.5, step=0.01, per_model=True)
+LAMBDA = Param("lambda", FLOAT, 1.0, "Scale of the merged task vector before it is added to the base.",
+               min=-10.0, max=10.0, step=0.01)
+
+RESCALE_CHOICES = ("l1", "inverse_density", "none")
+_RESCALE_HELP = ("Rescale each pruned task vector: l1 = match its L1 norm before pruning (mergekit's rescale); "
+                 "inverse_density = divide kept entries by their keep probability (the DARE/DELLA papers' 1/p; "
+                 "1/density for magnitude pruning); none.")
+
+
+def _normalize(default: bool, consensus: bool) -> Param:
+    what = "the summed weights of the models agreeing with the elected sign" if consensus else "Σ weights"
+    return Param("normalize", BOOL, default, f"Divide the merged task vector by {what} (left undivided where "
+                 "that sum is 0).")
+
+
+def _rescale(default: str) -> Param:
+    return Param("rescale", CHOICE, default, _RESCALE_HELP, choices=RESCALE_CHOICES)
+
+
+def _consensus(with_off: bool) -> Param:
+    choices = ("sum", "count", "off") if with_off else ("sum", "count")
+    text = ("Sign election: sum = sign of Σ wᵢδᵢ (TIES paper), count = majority of the signs"
+            + (", off = no election (plain sum, as dare_linear)." if with_off else "."))
+    return Param("consensus", CHOICE, "sum", text, choices=choices)
+
+
+# -- sparsifiers (one model's tensor at a time) ----------------------------------------------------
+
+def magnitude_mask(x: torch.Tensor, density: float) -> Optional[torch.Tensor]:
+    """Keep exactly ``int(density·n)`` entries of largest ``|x|`` (ties by index); None = keep all."""
+    if density >= 1:
+        return None
+    return topk_mask(x.abs(), int(density * x.numel()))
+
+
+def outlier_mask(x: torch.Tensor, density: float, gamma: float) -> Optional[torch.Tensor]:
+    """Model Breadcrumbs: drop the ``int(gamma·n)`` largest ``|x|``, keep the next ``int(density·n)``.
+
+    The outlier count shrinks when both would not fit (so exactly ``int(density·n)`` entries stay);
+    ``gamma·n < 1`` removes no outliers.  None = keep all (density >= 1; gamma is then ignored, as in
+    mergekit).
+    """
+    if density >= 1:
+        return None
+    n = x.numel()
+    keep = int(density * n)
+    top = min(int(gamma * n), n - keep)
+    mag = x.abs()
+    mask = topk_mask(mag, keep + top)
+    if top > 0:
+        mask &= ~topk_mask(mag, top)
+    return mask
+
+
+def della_keep_prob(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's (MagPrune) keep probabilities: linear in the magnitude rank of each entry.
+
+    Ranks of ``|x|`` run along dim 1 for tensors with >= 2 dims (as mergekit; for conv weights that
+    is the input-channel axis) and over the whole tensor for 0-d/1-d ones.  An entry of rank r
+    (0 = smallest, ties by index) in a row of length m gets ``density − ε + 2ε·r/(m − 1)``; a row of
+    length 1 gets ``density`` (mergekit divides 0 by 0 there).
+    """
+    rows = x.reshape(1, -1) if x.dim() < 2 else x
+    m = rows.shape[1]
+    if m <= 1 or rows.numel() == 0:
+        return torch.full_like(x, float(density))
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    view = [1] * rows.dim()
+    view[1] = m
+    rank = torch.arange(m, dtype=x.dtype, device=x.device).view(view).expand_as(rows)
+    prob = torch.empty_like(rows).scatter_(1, order, rank)
+    del order
+    prob.mul_(2.0 * epsilon / (m - 1)).add_(density - epsilon)
+    return prob.view(x.shape)
+
+
+def _host(ctx, name: str, values: torch.Tensor) -> List[float]:
+    """The Python values of a per-model parameter (no device sync when the context has them)."""
+    host = ctx.host.get(name) if ctx is not None and ctx.host else None
+    if host is None:
+        host = values.tolist()
+    return [float(v) for v in host]
+
+
+def sparsify_(deltas: torch.Tensor, ctx, method: str, density: Sequence[float], rescale: str,
+              gamma: Optional[Sequence[float]] = None, epsilon: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Prune the stacked task vectors ``deltas`` (N, ...) in place, model by model; returns ``deltas``.
+
+    ``method``: magnitude | outliers | random | della.  Random methods always draw one uniform number
+    per entry for every model, in model order, so a model's mask depends only on (seed, key, its
+    index) and grows monotonically with its density.  A model with density >= 1 is left unchanged
+    (not rescaled); density <= 0 zeroes it.
+    """
+    randomized = method in ("random", "della")
+    for i in range(deltas.shape[0]):
+        x = deltas[i]
+        u = ctx.uniform(x.shape) if randomized else None
+        d = float(density[i])
+        if d >= 1:
+            continue
+        if d <= 0:
+            x.zero_()
+            continue
+        before = x.abs().sum() if rescale == "l1" else None
+        prob = None
+        if method == "magnitude":
+            keep = magnitude_mask(x, d)
+        elif method == "outliers":
+            keep = outlier_mask(x, d, float(gamma[i]))
+        elif method == "random":
+            keep = u < d
+        elif method == "della":
+            prob = della_keep_prob(x, d, float(epsilon[i]))
+            keep = u < prob
+        else:
+            raise ValueError(f"unknown sparsification {method!r}")
+        del u
+        x.mul_(keep)
+        del keep
+        if rescale == "l1":
+            after = x.abs().sum()
+            ok = (before >= 1e-7) & (after >= 1e-7)
+            x.mul_(torch.where(ok, before / torch.where(ok, after, torch.ones_like(after)), torch.ones_like(after)))
+        elif rescale == "inverse_density":
+            if prob is None:
+                x.mul_(1.0 / d)
+            else:
+                # kept entries had u < prob, so prob > 0 there; pruned entries are 0 already
+                x.div_(prob.clamp_(min=torch.finfo(prob.dtype).tiny))
+        elif rescale != "none":
+            raise ValueError(f"unknown rescale {rescale!r}")
+    return deltas
+
+
+def combine(base: torch.Tensor, deltas: torch.Tensor, weight: torch.Tensor, weight_host: Sequence[float], *,
+            consensus: Optional[str], normalize: bool, lam: float) -> torch.Tensor:
+    """Steps 2-4: weight, elect signs (consensus sum/count; None/'off' = none), normalize, add λ·mixed."""
+    if consensus in (None, "off"):
+        mixed = torch.tensordot(weight, deltas, dims=1)
+        if normalize:
+            total = sum(weight_host)
+            if abs(total) >= 1e-8:
+                mixed.div_(total)
+    else:
+        deltas.mul_(weight.view((-1,) + (1,) * (deltas.dim() - 1)))
+        agree = sign_consensus(deltas, consensus)
+        deltas.mul_(agree)
+        mixed = deltas.sum(dim=0)
+        if normalize:
+            divisor = torch.zeros_like(mixed)
+            for i, w in enumerate(weight_host):
+                divisor.add_(agree[i], alpha=w)
+            divisor.masked_fill_(divisor == 0, 1.0)
+            mixed.div_(divisor)
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed.add_(base)
+
+
+def _gta(base, models, ctx, *, weight, consensus, normalize, lam, method=None, density=None, rescale="none",
+         gamma=None, epsilon=None):
+    deltas = models - base
+    if method is not None:
+        sparsify_(deltas, ctx, method, _host(ctx, "density", density), rescale,
+                  gamma=None if gamma is None else _host(ctx, "gamma", gamma),
+                  epsilon=None if epsilon is None else _host(ctx, "epsilon", epsilon))
+    return combine(base, deltas, weight, _host(ctx, "weight", weight), consensus=consensus, normalize=normalize,
+                   lam=lam)
+
+
+def _della_check(glob, pm) -> Optional[str]:
+    dens, eps = pm.get("density", [1.0]), pm.get("epsilon", [0.15])
+    n = max(len(dens), len(eps))
+    for i in range(n):
+        d = float(dens[i if len(dens) > 1 else 0])
+        e = float(eps[i if len(eps) > 1 else 0])
+        if 0 < d < 1 and (d - e < 0 or d + e > 1):
+            return (f"density ± epsilon must lie in [0, 1] (model {i}: density {d:g}, epsilon {e:g}); "
+                    f"lower epsilon or move density away from 0 and 1")
+    return None
+
+
+_MK = " Differences from mergekit: "
+_EXACT = "magnitude pruning keeps exactly int(density·n) entries (mergekit 0.1.5 keeps at least 1)"
+
+
+# -- the methods -----------------------------------------------------------------------------------
+
+@merge_method(
+    "task_arithmetic", min_models=1, source="mergekit",
+    help="Task arithmetic: B + λ·Σ wᵢ(Mᵢ − B), divided by Σ wᵢ when normalize is on.",
+    params=(WEIGHT, _normalize(False, False), LAMBDA),
+)
+def task_arithmetic(base, models, ctx, *, weight, normalize, **kw):
+    return _gta(base, models, ctx, weight=weight, consensus=None, normalize=normalize, lam=kw["lambda"])
+
+
+@merge_method(
+    "ties", min_models=1, source="mergekit",
+    help="TIES: keep the top density fraction of each task vector by magnitude, elect a sign per entry, "
+         "and sum (normalize: average by weight) the weighted deltas that agree with it." + _MK + _EXACT + ".",
+    params=(WEIGHT, DENSITY, _normalize(True, True), _rescale("none"), _consensus(False), LAMBDA),
+)
+def ties(base, models, ctx, *, weight, density, normalize, rescale, consensus, **kw):
+    return _gta(base, models, ctx, weight=weight, consensus=consensus, normalize=normalize, lam=kw["lambda"],
+                method="magnitude", density=density, rescale=rescale)
+
+
+@merge_method(
+    "dare_linear", min_models=1, source="mergekit", randomized=True,
+    help="DARE + task arithmetic: drop each task-vector entry with probability 1 − density, rescale, then "
+         "B + λ·Σ wᵢδᵢ. rescale l1 (default) is mergekit's norm matching; inverse_density is the DARE "
+         "paper's 1/density.",
+    params=(WEIGHT, DENSITY, _normalize(False, False), _rescale("l1"), LAMBDA),
+)
+def dare_linear(base, models, ctx, *, weight, density, normalize, rescale, **kw):
+    return _gta(base, models, ctx, weight=weight, consensus=None, normalize=normalize, lam=kw["lambda"],
+                method="random", density=density, rescale=rescale)
+
+
+@merge_method(
+    "dare_ties", min_models=1, source="mergekit", randomized=True,
+    help="DARE + TIES: drop each task-vector entry with probability 1 − density, rescale, then merge with "
+         "TIES sign election. rescale l1 (default) is mergekit's norm matching; inverse_density is the DARE "
+         "paper's 1/density.",
+    params=(WEIGHT, DENSITY, _normalize(False, True), _rescale("l1"), _consensus(True), LAMBDA),
+)
+def dare_ties(base, models, ctx, *, weight, density, normalize, rescale, consensus, **kw):
+    return _gta(base, models, ctx, weight=weight, consensus=consensus, normalize=normalize, lam=kw["lambda"],
+                method="random", density=density, rescale=rescale)
+
+
+_BREADCRUMBS_MK = (_MK + "gamma·n < 1 (or gamma 0) removes no outliers, where old mergekit zeroed the whole "
+                   "task vector.")
+
+
+@merge_method(
+    "breadcrumbs", min_models=1, source="mergekit",
+    help="Model Breadcrumbs: drop the gamma fraction of largest-magnitude outliers and keep the next density "
+         "fraction of each task vector, then B + λ·Σ wᵢδᵢ." + _BREADCRUMBS_MK,
+    params=(WEIGHT, DENSITY, GAMMA, _normalize(False, False), _rescale("none"), LAMBDA),
+)
+def breadcrumbs(base, models, ctx, *, weight, density, gamma, normalize, rescale, **kw):
+    return _gta(base, models, ctx, weight=weight, consensus=None, normalize=normalize, lam=kw["lambda"],
+                method="outliers", density=density, gamma=gamma, rescale=rescale)
+
+
+@merge_method(
+    "breadcrumbs_ties", min_models=1, source="mergekit",
+    help="Model Breadcrumbs pruning (drop gamma outliers, keep the next density fraction) followed by TIES "
+         "sign election." + _BREADCRUMBS_MK,
+    params=(WEIGHT, DENSITY, GAMMA, _normalize(False, True), _rescale("none"), _consensus(False), LAMBDA),
+)
+def breadcrumbs_ties(base, models, ctx, *, weight, density, gamma, normalize, rescale, consensus, **kw):
+    return _gta(base, models, ctx, weight=weight, consensus=consensus, normalize=normalize, lam=kw["lambda"],
+                method="outliers", density=density, gamma=gamma, rescale=rescale)
+
+
+_DELLA_MK = (" Magnitude ranks run along dim 1 (input channels of conv/linear weights) as in mergekit." + _MK
+             + "rows of length 1 keep with probability density (mergekit: NaN); density ± epsilon may touch 0 "
+               "or 1; inverse_density divides each kept entry by its own keep probability.")
+
+
+@merge_method(
+    "della", min_models=1, source="mergekit", randomized=True, check=_della_check,
+    help="DELLA: drop task-vector entries at random with keep probability rising with magnitude rank "
+         "(density ± epsilon), rescale, then TIES sign election." + _DELLA_MK,
+    params=(WEIGHT, DENSITY, EPSILON, _normalize(True, True), _rescale("l1"), _consensus(False), LAMBDA),
+)
+def della(base, models, ctx, *, weight, density, epsilon, normalize, rescale, consensus, **kw):
+    return _gta(base, models, ctx, weight=weight, consensus=consensus, normalize=normalize, lam=kw["lambda"],
+                method="della", density=density, epsilon=epsilon, rescale=rescale)
+
+
+@merge_method(
+    "della_linear", min_models=1, source="mergekit", randomized=True, check=_della_check,
+    help="DELLA pruning (keep probability density ± epsilon by magnitude rank), rescale, then "
+         "B + λ·Σ wᵢδᵢ without sign election." + _DELLA_MK,
+    params=(WEIGHT, DENSITY, EPSILON, _normalize(False, False), _rescale("l1"), LAMBDA),
+)
+def della_linear(base, models, ctx, *, weight, density, epsilon, normalize, rescale, **kw):
+    return _gta(base, models, ctx, weight=weight, consensus=None, normalize=normalize, lam=kw["lambda"],
+                method="della", density=density, epsilon=epsilon, rescale=rescale)

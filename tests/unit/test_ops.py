@@ -1,0 +1,101 @@
+"""merge_methods.ops: exact top-k masks, sign consensus, norm rescaling."""
+import pytest
+import torch
+
+from merge_methods import ops
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 17, 99, 100, 150, -3])
+def test_topk_mask_exact_count_and_order(k):
+    x = torch.randn(10, 10, generator=torch.Generator().manual_seed(0))
+    m = ops.topk_mask(x, k)
+    assert m.shape == x.shape and m.dtype == torch.bool
+    want = min(max(k, 0), x.numel())
+    assert int(m.sum()) == want
+    if 0 < want < x.numel():
+        assert x[m].min() > x[~m].max()
+        ref = torch.zeros(100, dtype=torch.bool)
+        ref[torch.argsort(x.flatten(), descending=True)[:want]] = True
+        assert torch.equal(m.flatten(), ref)
+
+
+def test_topk_mask_ties_broken_by_index():
+    x = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0])
+    # 3, 3 then the first two of the three 2s
+    assert ops.topk_mask(x, 4).tolist() == [False, True, True, True, True, False, False]
+    assert ops.topk_mask(torch.zeros(6), 2).tolist() == [True, True, False, False, False, False]
+    # bottomk: smallest (0, 1), then the first of the 2s by index
+    assert ops.bottomk_mask(x, 3).tolist() == [True, False, True, False, False, False, True]
+
+
+def test_topk_mask_is_nested():
+    x = torch.randint(0, 4, (200,), generator=torch.Generator().manual_seed(1)).float()
+    prev = ops.topk_mask(x, 0)
+    for k in range(1, 201, 7):
+        cur = ops.topk_mask(x, k)
+        assert bool((cur | ~prev).all()) and int(cur.sum()) == k
+        prev = cur
+
+
+def test_topk_mask_0d_and_beyond_quantile_limit():
+    assert ops.topk_mask(torch.tensor(2.0), 1).item() is True
+    assert ops.topk_mask(torch.tensor(2.0), 0).item() is False
+    # torch.quantile refuses more than 16M elements; top-k must stay exact there
+    n = (1 << 24) + 5
+    x = torch.arange(n, dtype=torch.float32).remainder_(1000.0)
+    k = 123_457
+    m = ops.topk_mask(x, k)
+    assert int(m.sum()) == k
+    # n = 16777·1000 + 221: values 999..993 occur 16777 times each (117439 entries), so the
+    # remaining 6018 come from the 992s, the lowest indices first (992, 1992, ...)
+    assert bool(m[x >= 993].all()) and not bool(m[x < 992].any())
+    tied = torch.nonzero(x == 992).flatten()
+    assert bool(m[tied[:6018]].all()) and not bool(m[tied[6018:]].any())
+
+
+def test_sign_consensus_modes():
+    w = torch.tensor([[1.0, 1.0, 2.0, 0.0, 0.0],
+                      [1.0, 1.0, -2.0, 0.0, 3.0],
+                      [-5.0, -1.0, 0.0, 0.0, 0.0]])
+    # sum: column sums -3, 1, 0, 0, 3 -> -, +, + (tie), + (tie), +
+    s = ops.sign_consensus(w, "sum")
+    assert s.tolist() == [[False, True, True, False, False],
+                          [False, True, False, False, True],
+                          [True, False, False, False, False]]
+    # count: sign sums 1, 1, 0, 0, 1 -> all +
+    c = ops.sign_consensus(w, "count")
+    assert c.tolist() == [[True, True, True, False, False],
+                          [True, True, False, False, True],
+                          [False, False, False, False, False]]
+    with pytest.raises(ValueError):
+        ops.sign_consensus(w, "median")
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
+def test_rescale_to_norm(norm):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 40, generator=g)
+    masked = x * (torch.rand(3, 40, generator=g) < 0.3)
+    masked[2] = 0  # a slice whose masked norm is 0 stays unscaled (zero)
+    out = ops.rescale_to_norm(x, masked, norm)
+    f = {"l1": lambda t: t.abs().sum(-1), "l2": lambda t: t.norm(dim=-1), "linf": lambda t: t.abs().amax(-1)}[norm]
+    torch.testing.assert_close(f(out[:2]), f(x[:2]))
+    assert torch.equal(out[2], torch.zeros(40))
+    # only a rescale of the kept entries
+    torch.testing.assert_close(out[:2] / f(out[:2]).unsqueeze(-1), masked[:2] / f(masked[:2]).unsqueeze(-1))
+    with pytest.raises(ValueError):
+        ops.rescale_to_norm(x, masked, "l3")
+
+
+def test_rescale_to_norm_dim_and_stacked_scalars():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    m = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    # along dim 0: column norms 4 and 6 matched by 1 and 4
+    torch.testing.assert_close(ops.rescale_to_norm(x, m, "l1", dim=0), torch.tensor([[4.0, 0.0], [0.0, 6.0]]))
+    # a stack of 0-d tensors (N,) is N separate slices: a kept scalar keeps its value
+    s = torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(ops.rescale_to_norm(s, s * torch.tensor([1.0, 0.0, 1.0])), torch.tensor([1.0, 0, 3]))
+    # small norms (< eps) are left unscaled
+    tiny = torch.full((1, 4), 1e-9)
+    assert torch.equal(ops.rescale_to_norm(tiny, tiny * torch.tensor([1.0, 0, 0, 0])),
+                       tiny * torch.tensor([1.0, 0, 0, 0]))
