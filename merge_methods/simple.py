@@ -1,1 +1,96 @@
-"""(to be written)"""
+"""Two-model methods: mergekit's ``nearswap``, ``arcee_fusion`` and ``passthrough``; ComfyUI's
+``weighted_sum`` (ModelMergeSimple) and the classic ``add_difference``."""
+from __future__ import annotations
+
+import torch
+
+from .spec import BASE_NONE, BASE_REQUIRED, BOOL, FLOAT, Param, merge_method
+
+_FUSION_EPS = 1e-8      # mergekit arcee_fusion: added to both softmaxes before the KL divergence
+
+
+@merge_method(
+    "nearswap", base=BASE_REQUIRED, min_models=1, max_models=1, source="mergekit",
+    help="Takes the model's value where it is close to the base: per element w = clamp(t/|model − base|, "
+         "0, 1) and out = base + w·(model − base). Differences ≤ t are swapped in fully, larger ones "
+         "only partly; t = 0 returns the base.",
+    params=(Param("t", FLOAT, 0.0001, "Distance scale: elements closer than t are taken from the model.",
+                  min=0.0, max=100.0, step=0.0001, per_model=True),),
+)
+def nearswap(base, models, ctx, *, t):
+    model = models[0]
+    w = (t[0] / (model - base).abs_().clamp_(min=1e-6)).clamp_(0.0, 1.0)
+    return torch.lerp(base, model, w)
+
+
+def _kth_smallest(flat: torch.Tensor, index: int) -> torch.Tensor:
+    """The value at 0-based position ``index`` of the ascending sort of ``flat`` (exact, any size)."""
+    return torch.kthvalue(flat, index + 1).values
+
+
+@merge_method(
+    "arcee_fusion", base=BASE_REQUIRED, min_models=1, max_models=1, source="mergekit",
+    help="Keeps the model's values only where they matter most: importance = |model − base| × "
+         "KL(softmax(model) ‖ softmax(base)) along the last dim; elements with importance ≥ median + "
+         "1.5·IQR take the model's value, the rest keep the base. Quantiles are exact for any tensor "
+         "size (mergekit estimates them from a random 1e6-element sample above 1e6 elements, so its "
+         "result is not reproducible there); up to 1e6 elements both agree exactly.",
+)
+def arcee_fusion(base, models, ctx):
+    model = models[0]
+    shape = model.shape
+    if model.numel() == 0:
+        return base.clone()
+    a = base.reshape(1) if base.dim() == 0 else base
+    b = model.reshape(1) if model.dim() == 0 else model
+    p = torch.softmax(b, dim=-1).add_(_FUSION_EPS)
+    q = torch.softmax(a, dim=-1).add_(_FUSION_EPS)
+    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    del p, q
+    importance = (b - a).abs_().mul_(kl)
+    flat = importance.reshape(-1)
+    n = flat.numel()
+    # mergekit's quantile convention: the element at sorted position floor(q·(n − 1))
+    idx = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
+    q1, med, q3 = (_kth_smallest(flat, i) for i in idx)
+    threshold = med + 1.5 * (q3 - q1)
+    return torch.where(importance >= threshold, b, a).reshape(shape)
+
+
+@merge_method(
+    "passthrough", base=BASE_NONE, min_models=1, max_models=1, source="mergekit",
+    help="Copies the one input model, multiplied by its scale.",
+    params=(Param("scale", FLOAT, 1.0, "Factor applied to the model.", min=-10.0, max=10.0, step=0.01,
+                  per_model=True),),
+)
+def passthrough(base, models, ctx, *, scale):
+    return models[0] * scale[0]
+
+
+@merge_method(
+    "weighted_sum", base=BASE_NONE, min_models=2, max_models=2, source="ComfyUI",
+    help="ComfyUI's ModelMergeSimple: ratio·model₁ + (1 − ratio)·model₂. The ratio is the weight of the "
+         "FIRST model (ratio 1 returns model₁), the opposite of supermerger/sd-mecha's alpha.",
+    params=(Param("ratio", FLOAT, 1.0, "Weight of the first model; the second gets 1 − ratio.",
+                  min=0.0, max=1.0, step=0.01),),
+)
+def weighted_sum(base, models, ctx, *, ratio):
+    # lerp(start=model₂, end=model₁, ratio) returns the exact inputs at ratio 0 and 1
+    return torch.lerp(models[1], models[0], float(ratio))
+
+
+@merge_method(
+    "add_difference", base=BASE_REQUIRED, min_models=2, max_models=2, source="supermerger / sd-mecha",
+    help="A + alpha·(B − C), with the models as A (first) and B (second) and the base as C, the model B "
+         "was trained from (e.g. A = an inpainting model, B = a fine-tune, C = SD1.5). clamp_to_ab "
+         "limits each element to the range spanned by A and B, as sd-mecha's option does.",
+    params=(Param("alpha", FLOAT, 1.0, "Strength of the added difference (B − C).",
+                  min=-10.0, max=10.0, step=0.01),
+            Param("clamp_to_ab", BOOL, False, "Clamp each result element between A's and B's values.")),
+)
+def add_difference(base, models, ctx, *, alpha, clamp_to_ab):
+    a, b = models[0], models[1]
+    out = torch.add(a, b - base, alpha=float(alpha))
+    if clamp_to_ab:
+        out = torch.maximum(torch.minimum(out, torch.maximum(a, b)), torch.minimum(a, b))
+    return out
