@@ -18,6 +18,8 @@ from .spec import FLOAT, Param, merge_method
                   "variance across models that are kept; 1 = all.", min=0.0, max=1.0, step=0.01),),
 )
 def sce(base, models, ctx, *, select_topk):
+    if base.numel() == 0:
+        return base.clone()
     tv = models - base
     n = tv.shape[0]
     if select_topk < 1:

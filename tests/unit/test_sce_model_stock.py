@@ -85,6 +85,9 @@ def test_sce_edge_cases():
     close(sce(base, [model], select_topk=0.5), base)  # one model has zero variance everywhere
     close(sce(base, [base.clone(), base.clone()]), base)  # all-zero task vectors
     close(sce(base, [model, model + 1], select_topk=0.0), base)
+    empty = torch.zeros(0, 3)
+    for topk in (1.0, 0.5):
+        assert sce(empty, [empty, empty], select_topk=topk).shape == (0, 3)
     for dtype in (torch.float16, torch.bfloat16):
         out = sce(base.to(dtype), [model.to(dtype), (model * 2).to(dtype)])
         assert out.dtype == dtype
@@ -184,6 +187,9 @@ def test_model_stock_edge_cases():
     out = stock(b0, [torch.tensor(2.0), torch.tensor(3.0)])  # 0-d: cos 1, t 1 -> mean
     close(out, torch.tensor(2.5))
     close(stock(b0, [torch.tensor(2.0), torch.tensor(3.0)], filter_wise=True), torch.tensor(2.5))
+    empty = torch.zeros(0, 3)
+    for fw in (False, True):
+        assert stock(empty, [empty, empty], filter_wise=fw).shape == (0, 3)
     for dtype in (torch.float16, torch.bfloat16):
         out = stock(base.to(dtype), [m.to(dtype) for m in models])
         assert out.dtype == dtype

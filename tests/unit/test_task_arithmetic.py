@@ -415,7 +415,7 @@ def test_density_zero_gives_base(name):
 
 
 @pytest.mark.parametrize("name", GTA)
-@pytest.mark.parametrize("shape", [(), (5,), (4, 3, 3, 3)])
+@pytest.mark.parametrize("shape", [(), (5,), (4, 3, 3, 3), (0, 3)])
 def test_shapes_all_zero_deltas_and_one_model(name, shape):
     g = torch.Generator().manual_seed(14)
     base = torch.randn(shape, generator=g)
