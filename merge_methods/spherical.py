@@ -185,13 +185,13 @@ def _check_multislerp(glob, per_model) -> Optional[str]:
 
 @merge_method(
     "multislerp", base=BASE_OPTIONAL, min_models=1, source="mergekit",
-    help="Barycentric slerp of any number of models: the direction is the normalized weighted mean of "
-         "the unit tensors, the norm the weighted mean of the norms. With a base, task vectors are used. "
-         "Where the weighted unit mean cancels out (< eps, or < 1e-6·Σ|w| where fp32 rounding decides "
-         "its direction) it falls back to the weighted linear sum for "
-         "any model count (mergekit falls back for 2 models and raises for more, e.g. on all-zero "
-         "deltas). mergekit's tangent-space step is exactly zero at the weighted mean and is skipped. "
-         "Normalizing weights that sum to 0 is an error (mergekit divides by zero).",
+    help="mergekit's barycentric slerp of any number of models: direction = normalized weighted mean of "
+         "the unit tensors, norm = weighted mean of the norms (mergekit's tangent-space step is exactly "
+         "zero there, so this is what it computes; for 2 models it equals slerp only at equal weights). "
+         "With a base, task vectors are used. Where the unit mean cancels out (< eps, or < 1e-6·Σ|w| "
+         "where fp32 rounding decides its direction) it falls back to the weighted linear sum for any "
+         "model count (mergekit raises for more than 2, e.g. on all-zero deltas). Normalizing weights "
+         "that sum to 0 is an error (mergekit divides by zero).",
     params=(Param("weight", FLOAT, 1.0, "Weight of this model.", min=-10.0, max=10.0, step=0.01,
                   per_model=True),
             Param("normalize_weights", BOOL, True, "Divide the weights by their sum."),
