@@ -6,11 +6,43 @@ from typing import Optional
 import torch
 
 
+_SAMPLE = 1 << 16        # sample size used to bracket the k-th value
+
+
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest value of a 1-D tensor (1 <= k <= n), as a 0-d tensor.
+
+    ``torch.kthvalue`` is exact but slow on big tensors (0.6 s for 15M elements on 2 cores).  We
+    bracket the answer with a deterministic strided sample, count the entries above the bracket,
+    and run ``kthvalue`` only on the few entries inside it.  The bracket is verified by counting, so
+    the result is always exact; a bracket that misses (adversarial layouts) falls back to the full
+    ``kthvalue``.
+    """
+    n = flat.numel()
+    if n <= 4 * _SAMPLE:
+        return torch.kthvalue(flat, n - k + 1).values
+    stride = n // _SAMPLE
+    sample = torch.sort(flat[::stride].contiguous()).values
+    m = sample.numel()
+    q = 1.0 - k / n                                  # fraction of entries below the answer
+    j = q * (m - 1)
+    margin = 6.0 * (m * q * (1.0 - q)) ** 0.5 + 64
+    lo = sample[max(int(j - margin), 0)]
+    hi = sample[min(int(j + margin) + 1, m - 1)]
+    n_above = int(torch.count_nonzero(flat > hi))
+    n_inside_or_above = int(torch.count_nonzero(flat >= lo))
+    if not (n_above < k <= n_inside_or_above):
+        return torch.kthvalue(flat, n - k + 1).values
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    r = k - n_above                                   # rank of the answer among the inside entries
+    return torch.kthvalue(inside, inside.numel() - r + 1).values
+
+
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly ``k`` largest entries of ``x`` (any shape; ties broken by index).
 
-    Uses ``kthvalue`` (linear time, no 16M-element limit as ``torch.quantile`` has) plus a cumsum
-    over the tied entries, so the count is exact without any host synchronisation.
+    No ``torch.quantile`` (it refuses more than 16M elements): the threshold comes from
+    :func:`kth_largest`, and entries equal to it are kept in index order until the count is exact.
     """
     flat = x.reshape(-1)
     n = flat.numel()
@@ -18,10 +50,13 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(x, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(x, dtype=torch.bool)
-    thr = torch.kthvalue(flat, n - k + 1).values
+    thr = kth_largest(flat, k)
     above = flat > thr
     tied = flat == thr
-    need = k - above.sum()
+    need = k - torch.count_nonzero(above)
+    n_tied = torch.count_nonzero(tied)
+    if bool(n_tied == need):                          # the usual case: no tie to break
+        return (above | tied).view(x.shape)
     keep_tied = tied & (torch.cumsum(tied, 0) <= need)
     return (above | keep_tied).view(x.shape)
 

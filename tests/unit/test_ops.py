@@ -99,3 +99,20 @@ def test_rescale_to_norm_dim_and_stacked_scalars():
     tiny = torch.full((1, 4), 1e-9)
     assert torch.equal(ops.rescale_to_norm(tiny, tiny * torch.tensor([1.0, 0, 0, 0])),
                        tiny * torch.tensor([1.0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("kind", ["randn", "sorted", "reversed", "constant", "few_values", "mostly_zero"])
+def test_kth_largest_exact_on_large_and_adversarial_inputs(kind):
+    """The sample-bracketed selection equals torch.kthvalue on tensors big enough to take that path."""
+    from merge_methods.ops import kth_largest
+    g = torch.Generator().manual_seed(3)
+    n = 600_000
+    x = {"randn": lambda: torch.randn(n, generator=g).abs(),
+         "sorted": lambda: torch.sort(torch.randn(n, generator=g)).values,
+         "reversed": lambda: torch.sort(torch.randn(n, generator=g), descending=True).values,
+         "constant": lambda: torch.full((n,), 0.5),
+         "few_values": lambda: torch.randint(0, 4, (n,), generator=g).float(),
+         "mostly_zero": lambda: torch.cat([torch.zeros(n - 1000), torch.randn(1000, generator=g)]).abs()}[kind]()
+    for k in (1, 7, n // 1000, n // 5, n // 2, n - 3, n):
+        assert kth_largest(x, k) == torch.kthvalue(x, n - k + 1).values, (kind, k)
+        assert int(ops.topk_mask(x, k).sum()) == k
