@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import merge_methods
+from ..engine.blocks import block_of
 from ..engine.merge import MergeInput, MergeOptions, merge_models
+from ..engine.report import MergeStats
 from ..merge_methods import MergeError
 from .comfy_api_compat import io
 from .types import BlockWeightsType, MergeMethodType, ModelListType, ModelMaskType
@@ -90,12 +92,20 @@ def run_merge(kind: str, base, method, models, seed, device, compute_dtype, on_m
     skipped = [entry[3] for entry in models if entry[index] is None]
     if skipped:
         raise ValueError(f"{kind} merger: no {kind} connected on {', '.join(skipped)}")
+    stats = MergeStats(block_of, [i.name for i in inputs], has_base=base is not None)
     opts = MergeOptions(seed=seed, device=device, compute_dtype=compute_dtype, on_mismatch=on_mismatch,
-                        block_weights=block_weights, mask=mask)
+                        block_weights=block_weights, mask=mask, stats=stats)
     try:
-        return merge_models(base, inputs, method, opts)
+        merged = merge_models(base, inputs, method, opts)
     except MergeError as e:
         raise ValueError(str(e)) from None
+    title = f"{kind} merge: {method!r}, seed {seed}, {len(inputs)} model(s){' + base' if base is not None else ''}"
+    return merged, stats.text(title), stats.image()
+
+
+REPORT_OUTPUTS = [io.String.Output(display_name="report", tooltip="Per block: relative change (‖merged − x‖/‖x‖) "
+                                                                  "and cosine similarity vs the base and each input."),
+                  io.Image.Output(display_name="report_image", tooltip="The per-block change as a bar chart.")]
 
 
 class ModelMergerNode(io.ComfyNode):
@@ -111,14 +121,14 @@ class ModelMergerNode(io.ComfyNode):
                                    tooltip="The base model (task vectors are taken relative to it). Optional for "
                                            "methods that need none; the result then copies model 1's settings.")]
                    + _common_inputs("model"),
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[io.Model.Output(display_name="MODEL"), *REPORT_OUTPUTS],
         )
 
     @classmethod
     def execute(cls, method, models, seed, device, compute_dtype, on_mismatch, base=None, block_weights=None,
                 mask=None):
-        out = run_merge("model", base, method, models, seed, device, compute_dtype, on_mismatch, block_weights, mask)
-        return io.NodeOutput(out)
+        return io.NodeOutput(*run_merge("model", base, method, models, seed, device, compute_dtype, on_mismatch,
+                                        block_weights, mask))
 
 
 class CLIPMergerNode(io.ComfyNode):
@@ -131,14 +141,14 @@ class CLIPMergerNode(io.ComfyNode):
             description="Merge the text encoders (CLIP) of the Merge Inputs with a merge method, key by key.",
             inputs=[io.Clip.Input("base", optional=True, tooltip="The base text encoder.")]
                    + _common_inputs("clip"),
-            outputs=[io.Clip.Output(display_name="CLIP")],
+            outputs=[io.Clip.Output(display_name="CLIP"), *REPORT_OUTPUTS],
         )
 
     @classmethod
     def execute(cls, method, models, seed, device, compute_dtype, on_mismatch, base=None, block_weights=None,
                 mask=None):
-        out = run_merge("clip", base, method, models, seed, device, compute_dtype, on_mismatch, block_weights, mask)
-        return io.NodeOutput(out)
+        return io.NodeOutput(*run_merge("clip", base, method, models, seed, device, compute_dtype, on_mismatch,
+                                        block_weights, mask))
 
 
 MERGER_NODES = [MergeInputNode, ModelMergerNode, CLIPMergerNode]

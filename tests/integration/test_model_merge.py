@@ -1,0 +1,242 @@
+"""Model and CLIP merging through ComfyUI's executor, checked against merge_methods applied directly."""
+import importlib
+
+import pytest
+import torch
+
+from mergelab import fixtures
+
+ARCHS = ("SD15", "SDXL", "Flux")
+DELTA = 0.02
+
+
+def pack(harness, sub):
+    return importlib.import_module(f"{harness.pack_module_name}.{sub}")
+
+
+def loader(nid, arch, delta_seed=0, dtype="fp32"):
+    return {nid: {"class_type": "MergeLabTest_SmallModel",
+                  "inputs": {"arch": arch, "seed": 0, "delta_seed": delta_seed,
+                             "delta_scale": DELTA if delta_seed else 0.0, "dtype": dtype}}}
+
+
+def merge_graph(arch, method_node, method_inputs, n_models, with_base, per_model=None, extra=None, dtype="fp32",
+                clip=False):
+    """Loaders for the base (seed 0) and n tuned models, a Merge Input chain, a method and a merger."""
+    g = {}
+    g.update(loader("base", arch, dtype=dtype))
+    prev = None
+    for i in range(n_models):
+        g.update(loader(f"m{i}", arch, delta_seed=i + 1, dtype=dtype))
+        inputs = {"model": [f"m{i}", 0], "clip": [f"m{i}", 1], **(per_model[i] if per_model else {})}
+        if prev:
+            inputs["models"] = [prev, 0]
+        g[f"in{i}"] = {"class_type": "MergeLab_MergeInput", "inputs": inputs}
+        prev = f"in{i}"
+    g["method"] = {"class_type": method_node, "inputs": dict(method_inputs)}
+    merger = {"method": ["method", 0], "models": [prev, 0], "seed": 7, "device": "auto", "compute_dtype": "fp32",
+              "on_mismatch": "error", **(extra or {})}
+    if with_base:
+        merger["base"] = ["base", 1 if clip else 0]
+    g["merge"] = {"class_type": "MergeLab_CLIPMerger" if clip else "MergeLab_ModelMerger", "inputs": merger}
+    g["cap"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 0], "name": "out"}}
+    g["cap_report"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 1], "name": "report"}}
+    return g
+
+
+def model_count(spec):
+    if spec.max_models is not None and spec.max_models < 3:
+        return spec.max_models
+    return max(3, spec.min_models)
+
+
+def sample_keys(keys, n=12):
+    step = max(1, len(keys) // n)
+    return keys[::step]
+
+
+def effective(obj, key, harness):
+    return pack(harness, "engine.weights").KeySource.of(obj).read(key, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_method_node_through_the_executor(harness, arch):
+    mm = pack(harness, "merge_methods")
+    base = fixtures.small_model(arch)
+    failures = []
+    for spec in mm.all_specs():
+        n = model_count(spec)
+        with_base = spec.base != "none"
+        res = harness.run(merge_graph(arch, f"MergeLab_Method_{spec.name}", {}, n, with_base))
+        if not res.success:
+            failures.append(f"{spec.name}: {res.error_text()}")
+            continue
+        out = res.captured["out"]
+        models = [fixtures.small_model(arch, delta_seed=i + 1, delta_scale=DELTA) for i in range(n)]
+        keys = [k for k in base.model.state_dict() if k.startswith("diffusion_model.")]
+        method = mm.create(spec.name)
+        for key in sample_keys(keys):
+            b = base.model.state_dict()[key].float() if with_base else None
+            xs = [m.model.state_dict()[key].float() for m in models]
+            want = method.merge(b, xs, key=key, seed=7)
+            got = effective(out, key, harness)
+            if not torch.equal(got, want):
+                failures.append(f"{spec.name} {key}: max diff {(got - want).abs().max().item():.3g}")
+                break
+        assert "Δ vs" in res.captured["report"]
+    assert not failures, "\n".join(failures)
+
+
+def test_per_model_parameters_and_inputs_untouched(harness):
+    mm = pack(harness, "merge_methods")
+    arch = "SD15"
+    per_model = [{"weight": 1.0, "density": 0.3}, {"weight": 0.5, "density": 0.6}]
+    res = harness.run_ok(merge_graph(arch, "MergeLab_Method_dare_ties", {"lambda": 0.8}, 2, True, per_model))
+    out = res.captured["out"]
+    base = fixtures.small_model(arch)
+    models = [fixtures.small_model(arch, delta_seed=i + 1, delta_scale=DELTA) for i in range(2)]
+    method = mm.create("dare_ties", **{"lambda": 0.8})
+    keys = [k for k in base.model.state_dict() if k.startswith("diffusion_model.")]
+    for key in sample_keys(keys, 20):
+        want = method.merge(base.model.state_dict()[key], [m.model.state_dict()[key] for m in models], key=key,
+                            seed=7, weight=[1.0, 0.5], density=[0.3, 0.6])
+        assert torch.equal(effective(out, key, harness), want), key
+    # the inputs keep their weights: fresh fixtures equal the ones the graph used
+    fresh = fixtures._build_small_model(arch, 0, None, None, 0.0)
+    for key in sample_keys(keys, 20):
+        assert torch.equal(fresh.model.state_dict()[key], base.model.state_dict()[key])
+    # the base patcher got no patches; the merged clone carries set patches
+    assert not base.patches
+    assert out.patches and all(p[0][1][0] == "set" for p in out.patches.values())
+
+
+def test_same_seed_is_bit_identical_and_seed_matters(harness):
+    g = merge_graph("SD15", "MergeLab_Method_dare_linear", {}, 2, True, [{"density": 0.5}, {"density": 0.5}])
+    a = harness.run_ok(g).captured["out"]
+    b = harness.run_ok(g).captured["out"]
+    g["merge"]["inputs"]["seed"] = 8
+    c = harness.run_ok(g).captured["out"]
+    key = "diffusion_model.input_blocks.1.1.proj_in.weight"
+    assert torch.equal(effective(a, key, harness), effective(b, key, harness))
+    assert not torch.equal(effective(a, key, harness), effective(c, key, harness))
+
+
+def test_weighted_sum_equals_modelmergesimple(harness):
+    """Our weighted_sum reproduces ComfyUI's ModelMergeSimple (ratio = weight of model 1), fp16 models."""
+    g = merge_graph("SD15", "MergeLab_Method_weighted_sum", {"ratio": 0.3}, 2, False, dtype="fp16")
+    g["core"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["m0", 0], "model2": ["m1", 0], "ratio": 0.3}}
+    g["cap_core"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["core", 0], "name": "core"}}
+    res = harness.run_ok(g)
+    ours, core = res.captured["out"], res.captured["core"]
+    keys = [k for k in ours.model.state_dict() if k.startswith("diffusion_model.")]
+    for key in keys:
+        a = effective(ours, key, harness)
+        b = effective(core, key, harness)
+        assert a.dtype == b.dtype == torch.float32
+        # ours is rounded to the base's fp16; ComfyUI's is computed in fp32 from the fp16 inputs
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=key)
+        assert torch.equal(a.half().float(), a)
+
+
+def test_block_weights_equal_modelmergesd1(harness):
+    """weighted_sum scaled by per-block factors == ComfyUI's ModelMergeSD1 with the same block ratios."""
+    import nodes as comfy_nodes
+
+    values = {"time_embed.": 0.1, "input_blocks.0.": 0.9, "input_blocks.1.": 0.2, "input_blocks.10.": 0.7,
+              "middle_block.1.": 0.4, "output_blocks.11.": 0.6, "out.": 0.3}
+    sd1_inputs = {n: values.get(n, 1.0) for n in comfy_nodes.NODE_CLASS_MAPPINGS["ModelMergeSD1"].INPUT_TYPES()
+                  ["required"] if n not in ("model1", "model2")}
+    g = merge_graph("SD15", "MergeLab_Method_weighted_sum", {"ratio": 1.0}, 2, False,
+                    extra={"block_weights": ["bw", 0]})
+    bw_cls = next(i for i in harness.pack_node_ids if i.startswith("MergeLab_BlockWeights") and "SD1" in i)
+    bw_inputs = {}
+    for name in comfy_nodes.NODE_CLASS_MAPPINGS[bw_cls].INPUT_TYPES()["required"]:
+        bw_inputs[name] = values.get(name, 1.0)
+    g["bw"] = {"class_type": bw_cls, "inputs": {**bw_inputs, "param": "ratio", "models": "all"}}
+    g["core"] = {"class_type": "ModelMergeSD1", "inputs": {"model1": ["m0", 0], "model2": ["m1", 0], **sd1_inputs}}
+    g["cap_core"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["core", 0], "name": "core"}}
+    res = harness.run_ok(g)
+    ours, core = res.captured["out"], res.captured["core"]
+    keys = [k for k in ours.model.state_dict() if k.startswith("diffusion_model.")]
+    for key in keys:
+        torch.testing.assert_close(effective(ours, key, harness), effective(core, key, harness), rtol=1e-6,
+                                   atol=1e-7, msg=key)
+
+
+def test_different_architectures_fail_before_merging(harness):
+    g = merge_graph("SD15", "MergeLab_Method_linear", {}, 2, False)
+    g.update(loader("other", "SDXL", delta_seed=5))
+    g["in1"]["inputs"]["model"] = ["other", 0]
+    res = harness.run(g)
+    assert not res.success
+    assert "different architectures" in res.error_text()
+
+
+def test_lora_on_an_input_is_part_of_the_merge(harness):
+    """Patches already on an input model (a LoRA) are merged, not its raw weights."""
+    eng = pack(harness, "engine.merge")
+    mm = pack(harness, "merge_methods")
+    base = fixtures.small_model("SD15")
+    other = fixtures.small_model("SD15", delta_seed=1, delta_scale=DELTA)
+    key = "diffusion_model.input_blocks.1.1.proj_in.weight"
+    w = other.model.state_dict()[key]
+    patched = other.clone()
+    bump = torch.full_like(w, 0.5)
+    assert patched.add_patches({key: ("diff", (bump,))}, 1.0) == [key]
+    out = eng.merge_models(base, [eng.MergeInput(patched, {})], mm.create("task_arithmetic"), eng.MergeOptions())
+    want = base.model.state_dict()[key] + (w + 0.5 - base.model.state_dict()[key])
+    torch.testing.assert_close(effective(out, key, harness), want)
+    assert not other.patches
+
+
+def test_mismatched_keys_error_or_skip(harness):
+    eng = pack(harness, "engine.merge")
+    mm = pack(harness, "merge_methods")
+    base = fixtures.small_model("SD15")
+    odd = fixtures._build_small_model("SD15", 0, None, 1, DELTA)
+    odd.model.diffusion_model.out[2].bias = None          # one key fewer
+    with pytest.raises(mm.MergeError, match="missing in model 1"):
+        eng.merge_models(base, [eng.MergeInput(odd, {})], mm.create("task_arithmetic"), eng.MergeOptions())
+    out = eng.merge_models(base, [eng.MergeInput(odd, {})], mm.create("task_arithmetic"),
+                           eng.MergeOptions(on_mismatch="skip"))
+    assert "diffusion_model.out.2.bias" not in out.patches
+    assert "diffusion_model.out.2.weight" in out.patches
+
+
+def test_cancel_stops_the_merge(harness):
+    import comfy.model_management as cmm
+    import comfy.utils
+
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append(value)
+        if value == 5:
+            cmm.interrupt_current_processing(True)
+        cmm.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        res = harness.run(merge_graph("SD15", "MergeLab_Method_linear", {}, 2, False))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        cmm.interrupt_current_processing(False)
+    assert not res.success
+    assert any(e == "execution_interrupted" for e, _ in res.messages)
+    assert max(calls) < 50
+
+
+def test_clip_merger(harness):
+    mm = pack(harness, "merge_methods")
+    res = harness.run_ok(merge_graph("SDXL", "MergeLab_Method_ties", {}, 2, True, clip=True))
+    out = res.captured["out"]
+    base = fixtures.small_clip("SDXL")
+    models = [fixtures.small_clip("SDXL", delta_seed=i + 1, delta_scale=DELTA) for i in range(2)]
+    sd = base.get_sd()
+    keys = [k for k in sd if ".position_ids" not in k and ".logit_scale" not in k and sd[k].is_floating_point()]
+    assert any(k.startswith("clip_g.") for k in keys) and any(k.startswith("clip_l.") for k in keys)
+    method = mm.create("ties")
+    src = pack(harness, "engine.weights").KeySource.of(out)
+    for key in sample_keys(keys, 20):
+        want = method.merge(sd[key], [m.get_sd()[key] for m in models], key=key, seed=7)
+        assert torch.equal(src.read(key, torch.device("cpu")), want), key
