@@ -1,0 +1,309 @@
+"""Block weights in a real ComfyUI: block resolution over the full-size key lists of real architectures,
+the generated table and docs, arch detection, the nodes through ComfyUI's validator and executor, and a
+block-weighted merge."""
+import json
+import os
+import re
+
+import pytest
+
+from engine import blocks as B
+from mergelab import REPO_ROOT, fixtures
+
+P = "diffusion_model."
+# (fixture arch, block-table arch, expected block groups {stack: count})
+FULL_SIZE = [
+    ("SD15", "SD1", {"input_blocks": 12, "middle_block": 3, "output_blocks": 12}),
+    ("SDXL", "SDXL", {"input_blocks": 9, "middle_block": 3, "output_blocks": 9}),
+    ("SD3", "SD3", {"joint_blocks": 24}),
+    ("SD35_Large", "SD3", {"joint_blocks": 38}),
+    ("Flux", "Flux", {"double_blocks": 19, "single_blocks": 38}),
+    ("FluxSchnell", "Flux", {"double_blocks": 19, "single_blocks": 38}),
+    ("WAN21_T2V", "Wan", {"blocks": 40}),
+    ("WAN21_T2V_1_3B", "Wan", {"blocks": 30}),
+    ("WAN21_I2V", "Wan", {"blocks": 40}),
+]
+
+
+def _prefix_hits(stripped_key, block_ids):
+    return [b for b in block_ids if stripped_key == b or (b.endswith(".") and stripped_key.startswith(b))]
+
+
+@pytest.mark.parametrize("fixture_arch, arch, stacks", FULL_SIZE, ids=[f[0] for f in FULL_SIZE])
+def test_every_full_size_key_lands_in_exactly_one_block(fixture_arch, arch, stacks):
+    keys = list(fixtures.meta_unet_shapes(fixture_arch))
+    assert keys and all(k.startswith(P) for k in keys)
+    table_blocks = B.block_list(arch)
+    counts = B.block_counts(keys)
+    assert sum(counts.values()) == len(keys)
+    for k in keys:
+        s = k[len(P):]
+        hits = _prefix_hits(s, table_blocks)
+        # exact prefix matching: exactly one block of the architecture's table claims the key,
+        # and it is the block the generic rule derives (input_blocks.1. never takes input_blocks.10.x)
+        assert hits == [B.block_of(k)], (k, hits)
+    got = {}
+    for b in counts:
+        st = B.stack_of(b)
+        if st:
+            got[st[0]] = got.get(st[0], 0) + 1
+    assert got == stacks
+    # the table the nodes use has this variant's blocks, in this order
+    assert [b for b in table_blocks if b in counts] == list(counts)
+
+
+def test_sd15_exact_prefixes_and_mbw():
+    keys = list(fixtures.meta_unet_shapes("SD15"))
+    k1 = [k for k in keys if k.startswith(P + "input_blocks.1.")]
+    k10 = [k for k in keys if k.startswith(P + "input_blocks.10.")]
+    assert k1 and k10 and not set(k1) & set(k10)
+    bw = B.BlockWeights.from_mbw("SD1", "IN01:0, IN10:0.5, M00:2")
+    assert {bw.factors(k, 1)["weight"][0] for k in k1} == {0.0}
+    assert {bw.factors(k, 1)["weight"][0] for k in k10} == {0.5}
+    mids = [k for k in keys if k.startswith(P + "middle_block.")]
+    assert {bw.factors(k, 1)["weight"][0] for k in mids} == {2.0}
+    # time_embed -> IN00 (supermerger), out. -> OUT11
+    names = B.mbw_name_of_block("SD1")
+    assert {names[B.block_of(k)] for k in keys if ".time_embed." in k} == {"IN00"}
+    assert {names[B.block_of(k)] for k in keys if k.startswith(P + "out.")} == {"OUT11"}
+    # every SD15 key has an MBW name
+    assert all(B.block_of(k) in names for k in keys)
+
+
+@pytest.mark.parametrize("fixture_arch, arch, n", [("SD15", "SD1", 26), ("SDXL", "SDXL", 20), ("Flux", "Flux", 61)])
+def test_mbw_counts_cover_the_real_keys(fixture_arch, arch, n):
+    names = B.mbw_names(arch)
+    assert len(names) == n
+    keys = list(fixtures.meta_unet_shapes(fixture_arch))
+    by_block = B.mbw_name_of_block(arch)
+    used = {by_block[B.block_of(k)] for k in keys}
+    te = {name for name, _ in B.TEXT_ENCODER_NAMES[arch]}
+    assert used == set(names) - te          # every non-text-encoder name has keys, every key has a name
+    vals = B.parse_mbw(",".join(f"{i}" for i in range(n)), arch)
+    bw = B.BlockWeights.from_mbw(arch, ",".join(f"{i}" for i in range(n)))
+    for k in keys[::7]:
+        assert bw.factors(k, 1)["weight"] == [vals[by_block[B.block_of(k)]]]
+
+
+def test_table_matches_live_keys_of_every_variant():
+    """The committed block table equals what the live meta models give (quick form of --check)."""
+    table = B.block_tables()
+    for arch, info in table["archs"].items():
+        for v in info["variants"]:
+            if v["name"] not in fixtures.ARCHITECTURES:
+                continue
+            live = B.derive_blocks(fixtures.meta_unet_shapes(v["name"]))
+            assert [b for b in info["blocks"] if b not in v["missing"]] == live, (arch, v["name"])
+            assert len(fixtures.meta_unet_shapes(v["name"])) == v["n_keys"]
+
+
+def test_generated_files_are_up_to_date():
+    from mergelab import gen_block_docs
+    assert gen_block_docs.main(["--check"]) == 0, "run: python -m mergelab.gen_block_docs"
+    with open(os.path.join(REPO_ROOT, "docs", "blocks.md"), encoding="utf-8") as f:
+        md = f.read()
+    assert "| `double_blocks.0.` … `double_blocks.18.` | D00 … D18 | 24 each |" in md
+    assert "| `time_embed.` | IN00 | 4 |" in md
+
+
+def test_rebuild_under_another_comfyui_version(tmp_path, monkeypatch, harness):
+    """Under another ComfyUI version the table is rebuilt from the reference configs (meta device) and
+    cached in the user directory; a second start reads the cache."""
+    committed = B._read_json(B.TABLE_PATH)
+    subset = dict(committed, archs={a: committed["archs"][a] for a in ("SD1", "Flux", "Wan")})
+    table_path = tmp_path / "block_tables.json"
+    table_path.write_text(json.dumps(subset))
+    monkeypatch.setattr(B, "TABLE_PATH", str(table_path))
+    monkeypatch.setattr(B, "_running_comfyui_version", lambda: "9.9.9-test")
+    cache = B._user_cache_path("9.9.9-test")
+    if os.path.exists(cache):
+        os.remove(cache)
+    B.reset_tables()
+    try:
+        rebuilt = B.block_tables()
+        assert rebuilt["comfyui_version"] == "9.9.9-test"
+        # config classes that need checkpoint tensors to build (Stable Zero123's cc_projection) keep theirs
+        assert set(rebuilt["kept_from_source"]) <= {"Stable_Zero123"}
+        for a in ("SD1", "Flux", "Wan"):
+            assert rebuilt["archs"][a]["blocks"] == committed["archs"][a]["blocks"]
+            assert rebuilt["archs"][a]["keys"] == committed["archs"][a]["keys"]
+        assert os.path.exists(cache)
+        B.reset_tables()
+        monkeypatch.setattr(B, "rebuild_tables", lambda *a: pytest.fail("the cache was not used"))
+        assert B.block_tables()["archs"]["Flux"]["blocks"] == committed["archs"]["Flux"]["blocks"]
+    finally:
+        B.reset_tables()
+        if os.path.exists(cache):
+            os.remove(cache)
+
+
+# -- arch detection and checks on real ComfyUI objects ------------------------------------------------
+@pytest.mark.parametrize("fixture_arch, arch", [("SD15", "SD1"), ("SDXL", "SDXL"), ("Flux", "Flux"),
+                                                ("FluxSchnell", "Flux")])
+def test_arch_of_real_models_and_clips(fixture_arch, arch):
+    assert B.arch_of(fixtures.small_model(fixture_arch)) == arch
+    assert B.arch_of(fixtures.small_clip(fixture_arch)) == arch
+
+
+def test_arch_of_meta_models_of_every_config_class():
+    for name in ("SD20", "SD21UnclipL", "SD3", "SD35_Large", "WAN21_I2V", "WAN22_T2V", "QwenImage", "LTXV"):
+        class Patcher:      # arch_of reads model.model.model_config, as on a ModelPatcher
+            model = fixtures.meta_model(name)
+        assert B.arch_of(Patcher()) == B.arch_of_config(fixtures.arch_spec(name).config_class) in B.ARCHITECTURES
+
+
+def test_check_against_real_model():
+    m = fixtures.small_model("SD15")
+    keys = list(m.get_key_patches(P))
+    B.BlockWeights.from_mbw("SD1", preset="GRAD_V").check(m, keys)
+    with pytest.raises(ValueError, match=r"made for SDXL, but the model is SD 1.x \(SD1\)"):
+        B.BlockWeights.from_mbw("SDXL", preset="GRAD_V").check(m, keys)
+    clip = fixtures.small_clip("SDXL")
+    ckeys = list(clip.patcher.get_key_patches())
+    bw = B.BlockWeights.from_mbw("SDXL", "BASE:0.5")
+    assert bw.check(clip, ckeys) == []
+    assert {bw.factors(k, 1)["weight"][0] for k in ckeys} == {0.5}        # clip_l. and clip_g. are BASE
+
+
+# -- nodes in ComfyUI ---------------------------------------------------------------------------------
+def _defaults(class_type):
+    import nodes
+    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
+    out = {}
+    for name, (typ, opts) in cls.INPUT_TYPES()["required"].items():
+        if typ == "COMBO" or isinstance(typ, list):
+            out[name] = opts.get("default", (opts.get("options") if typ == "COMBO" else typ)[0])
+        elif "default" in opts:
+            out[name] = opts["default"]
+    return out
+
+
+def _capture(node_id, **inputs):
+    return {"1": {"class_type": node_id, "inputs": {**_defaults(node_id), **inputs}},
+            "2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "bw"}}}
+
+
+def test_block_nodes_registered_with_tooltips(harness):
+    import nodes
+    ids = harness.pack_node_ids
+    for arch in B.architectures():
+        assert f"MergeLab_BlockWeights_{arch}" in ids
+    extras = ("MergeLab_BlockWeightsMBW", "MergeLab_BlockRules", "MergeLab_CombineBlockWeights")
+    for extra in extras:
+        assert extra in ids
+    for i in ids:
+        if not (i.startswith("MergeLab_BlockWeights_") or i in extras):
+            continue
+        cls = nodes.NODE_CLASS_MAPPINGS[i]
+        schema = cls.GET_SCHEMA()
+        assert schema.category == "MergeLab/block weights"
+        for inp in schema.inputs:
+            assert inp.tooltip, (i, inp.id)
+    sd1 = nodes.NODE_CLASS_MAPPINGS["MergeLab_BlockWeights_SD1"].INPUT_TYPES()["required"]
+    assert [k for k in sd1 if k not in ("param", "models")] == B.block_list("SD1")
+    opts = sd1["input_blocks.4."][1]
+    assert opts["default"] == 1.0 and opts["min"] == -10.0 and opts["max"] == 10.0
+    params = sd1["param"][1]["options"] if sd1["param"][0] == "COMBO" else sd1["param"][0]
+    assert params[0] == "weight" and "density" in params and "t" in params
+
+
+def test_arch_node_graph(harness):
+    res = harness.run_ok(_capture("MergeLab_BlockWeights_SD1", **{"input_blocks.4.": 0.5, "out.": -2.0,
+                                                                    "param": "density", "models": "2"}))
+    bw = res.captured["bw"]
+    blocks = {b: 1.0 for b in B.block_list("SD1")}
+    blocks.update({"input_blocks.4.": 0.5, "out.": -2.0})
+    assert bw.to_dict() == {"format": "mergelab.block_weights", "version": 1, "entries": [
+        {"arch": "SD1", "param": "density", "models": [2], "blocks": blocks, "rules": [], "label": "SD1 blocks"}]}
+    assert bw.factors(P + "input_blocks.4.1.proj_in.weight", 2) == {"density": [1.0, 0.5]}
+    assert B.BlockWeights.from_dict(bw.to_dict()).to_dict() == bw.to_dict()
+
+
+def test_flux_node_graph(harness):
+    res = harness.run_ok(_capture("MergeLab_BlockWeights_Flux", **{"double_blocks.3.": 0.0,
+                                                                     "single_blocks.37.": 3.0}))
+    bw = res.captured["bw"]
+    assert bw.factors(P + "double_blocks.3.img_attn.qkv.weight", 1) == {"weight": [0.0]}
+    assert bw.factors(P + "single_blocks.37.linear1.weight", 1) == {"weight": [3.0]}
+    assert bw.factors(P + "double_blocks.13.img_attn.qkv.weight", 1) == {"weight": [1.0]}
+
+
+def test_mbw_node_graph_and_chaining(harness):
+    prompt = _capture("MergeLab_BlockWeightsMBW", arch="SDXL", preset="GRAD_V", mbw="M00:0.5")
+    prompt["0"] = {"class_type": "MergeLab_BlockRules",
+                   "inputs": {**_defaults("MergeLab_BlockRules"), "rules": "re:attn2=0\n", "param": "t"}}
+    prompt["1"]["inputs"]["combine_with"] = ["0", 0]
+    bw = harness.run_ok(prompt).captured["bw"]
+    expected = B.combine(B.BlockWeights.from_rules("re:attn2=0\n", param="t"),
+                         B.BlockWeights.from_mbw("SDXL", "M00:0.5", preset="GRAD_V"))
+    assert bw.to_dict() == expected.to_dict()
+    k = P + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    assert bw.factors(k, 1) == {"t": [0.0], "weight": [pytest.approx(B.PRESETS["GRAD_V"][5])]}
+
+
+def test_combine_node_graph(harness):
+    prompt = {
+        "a": {"class_type": "MergeLab_BlockWeightsMBW",
+              "inputs": {**_defaults("MergeLab_BlockWeightsMBW"), "arch": "Flux", "mbw": "D00-D18:0.5"}},
+        "b": {"class_type": "MergeLab_BlockWeightsMBW",
+              "inputs": {**_defaults("MergeLab_BlockWeightsMBW"), "arch": "Flux", "mbw": "D05:4"}},
+        "c": {"class_type": "MergeLab_CombineBlockWeights", "inputs": {"a": ["a", 0], "b": ["b", 0]}},
+        "2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["c", 0], "name": "bw"}},
+    }
+    bw = harness.run_ok(prompt).captured["bw"]
+    assert len(bw.entries) == 2
+    assert bw.factors(P + "double_blocks.5.txt_mlp.0.weight", 1) == {"weight": [2.0]}
+    assert bw.factors(P + "double_blocks.6.txt_mlp.0.weight", 1) == {"weight": [0.5]}
+
+
+@pytest.mark.parametrize("node, inputs, message", [
+    ("MergeLab_BlockWeightsMBW", {"arch": "SDXL", "mbw": ",".join(["1"] * 26)}, "needs 20 values"),
+    ("MergeLab_BlockWeightsMBW", {"arch": "Flux", "mbw": "IN00:1"}, "unknown block name 'IN00'"),
+    ("MergeLab_BlockWeightsMBW", {"models": "0"}, "model numbers start at 1"),
+    ("MergeLab_BlockRules", {"rules": "re:(oops=1"}, "bad regular expression"),
+])
+def test_bad_inputs_are_rejected_by_validation(harness, node, inputs, message):
+    res = harness.run(_capture(node, **inputs))
+    assert not res.success
+    assert message in res.error_text()
+
+
+def test_block_weighted_merge_end_to_end(harness):
+    """task_arithmetic of a tuned SD15 onto its base with IN04 weighted 0: exactly the base there."""
+    import torch
+    prompt = {
+        "base": {"class_type": "MergeLabTest_SmallModel", "inputs": {"arch": "SD15", "seed": 0, "delta_seed": 0,
+                                                                      "delta_scale": 0.0, "dtype": "fp32"}},
+        "tuned": {"class_type": "MergeLabTest_SmallModel", "inputs": {"arch": "SD15", "seed": 0, "delta_seed": 5,
+                                                                       "delta_scale": 0.01, "dtype": "fp32"}},
+        "in": {"class_type": "MergeLab_MergeInput",
+               "inputs": {**_defaults("MergeLab_MergeInput"), "model": ["tuned", 0], "weight": 1.0}},
+        "method": {"class_type": "MergeLab_Method_task_arithmetic",
+                   "inputs": _defaults("MergeLab_Method_task_arithmetic")},
+        "bw": {"class_type": "MergeLab_BlockWeightsMBW",
+               "inputs": {**_defaults("MergeLab_BlockWeightsMBW"), "arch": "SD1", "mbw": "IN04:0, OUT11:0.5"}},
+        "merge": {"class_type": "MergeLab_ModelMerger",
+                  "inputs": {**_defaults("MergeLab_ModelMerger"), "base": ["base", 0], "method": ["method", 0],
+                             "models": ["in", 0], "block_weights": ["bw", 0], "device": "cpu"}},
+        "2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 0], "name": "m"}},
+    }
+    merged = harness.run_ok(prompt).captured["m"]
+    base = fixtures.small_model("SD15").model.state_dict()
+    tuned = fixtures.small_model("SD15", delta_seed=5, delta_scale=0.01).model.state_dict()
+
+    def merged_weight(key):
+        patches = merged.patches.get(key)
+        assert patches, key
+        return patches[-1][1][1][0]
+
+    k_in4 = next(k for k in base if k.startswith(P + "input_blocks.4.") and k.endswith(".weight"))
+    k_out = next(k for k in base if k.startswith(P + "out.") and k.endswith(".weight"))
+    k_in5 = next(k for k in base if k.startswith(P + "input_blocks.5.") and k.endswith(".weight"))
+    torch.testing.assert_close(merged_weight(k_in4), base[k_in4])
+    torch.testing.assert_close(merged_weight(k_out), base[k_out] + 0.5 * (tuned[k_out] - base[k_out]))
+    torch.testing.assert_close(merged_weight(k_in5), tuned[k_in5])
+    # a block-weight node of another architecture is refused with a clear message
+    prompt["bw"]["inputs"]["arch"] = "SDXL"
+    prompt["bw"]["inputs"]["mbw"] = "IN04:0"
+    res = harness.run(prompt)
+    assert not res.success and re.search(r"made for SDXL, but the model is SD 1\.x", res.error_text())
