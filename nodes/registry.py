@@ -2,7 +2,8 @@
 
 
 def all_nodes():
+    from .block_nodes import BLOCK_NODES
     from .method_nodes import METHOD_NODES
     from .merger_nodes import MERGER_NODES
 
-    return [*MERGER_NODES, *METHOD_NODES]
+    return [*MERGER_NODES, *METHOD_NODES, *BLOCK_NODES]
