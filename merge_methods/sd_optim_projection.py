@@ -266,7 +266,7 @@ def lowrank_part(x: torch.Tensor, q: int, niter: int, generator: torch.Generator
 def lowrank_orthogonal_projection(base, models, ctx, *, alpha, rank_ratio, use_perp, niter):
     a, b = models[0], models[1]
     shape = b.shape
-    ac = a - base if base is not None else a.clone()
+    ac = a - base if base is not None else a
     bc = b - base if base is not None else b
     if b.dim() == 1:
         ac2, bc2 = ac.reshape(-1, 1), bc.reshape(-1, 1)  # a vector: one column
