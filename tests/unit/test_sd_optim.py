@@ -491,6 +491,16 @@ def test_della_offsets_ranks():
     assert off.max() == pytest.approx(0.2, abs=1e-7) and off.min() == pytest.approx(-0.2, abs=1e-7)
 
 
+def test_della_offsets_match_stable_argsort_with_many_ties():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(-3, 4, (3, 500), generator=g).float() * 0.25
+    x[0, :5] = -0.0
+    order = torch.argsort(x.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(1, 501).expand(3, 500))
+    expected = (ranks.double() / 500 - 501 / 1000) * 0.3
+    torch.testing.assert_close(so.della_offsets(x, 0.3).double(), expected, atol=1e-7, rtol=0)
+
+
 def test_della_keeps_large_magnitudes_more():
     n = 40000
     delta = torch.linspace(0.01, 1.0, n)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
