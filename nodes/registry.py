@@ -5,5 +5,6 @@ def all_nodes():
     from .block_nodes import BLOCK_NODES
     from .method_nodes import METHOD_NODES
     from .merger_nodes import MERGER_NODES
+    from .lora_nodes import LORA_NODES
 
-    return [*MERGER_NODES, *METHOD_NODES, *BLOCK_NODES]
+    return [*MERGER_NODES, *METHOD_NODES, *LORA_NODES, *BLOCK_NODES]

@@ -1,0 +1,447 @@
+"""LoRA files: loading (every format ComfyUI's own key maps accept: kohya, diffusers/PEFT,
+ComfyUI-native, LyCORIS LoCon) and saving (kohya or ComfyUI-native key names, fp16/bf16/fp32,
+kohya metadata plus the recipe, counter file names, atomic write that never replaces a file).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .lora import (Lora, LoraError, LoraLayer, LayerKey, UNET_PREFIX, arch_of, base_key, key_text, target_shape,
+                   weight_shapes)
+
+log = logging.getLogger("MergeLab")
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+KEY_FORMATS = ("kohya", "comfyui")
+
+
+# -- key maps --------------------------------------------------------------------------------------
+
+def key_map_for(model=None, clip=None) -> Dict[str, Any]:
+    """ComfyUI's own LoRA key map (LoRA name prefix → model key) for ``model`` and ``clip``, plus the
+    PEFT/diffusers attention names without ``.processor`` that ComfyUI's SD1/SDXL map lacks."""
+    import comfy.lora
+    key_map: Dict[str, Any] = {}
+    if model is not None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
+        _add_peft_unet_aliases(model, key_map)
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    return key_map
+
+
+def _add_peft_unet_aliases(model, key_map: Dict[str, Any]) -> None:
+    """PEFT-era diffusers UNet LoRAs name attention layers ``unet.<block>.attn1.to_q`` and
+    ``...to_out.0``; ComfyUI maps only the older ``.processor.to_q`` spelling.  Add the PEFT names
+    (never replacing an existing entry)."""
+    import comfy.utils
+    cfg = getattr(model.model, "model_config", None)
+    unet_config = getattr(cfg, "unet_config", None)
+    if not unet_config or "model_channels" not in unet_config:
+        return
+    try:
+        diffusers_keys = comfy.utils.unet_to_diffusers(unet_config)
+    except Exception:   # not a UNet ComfyUI can map
+        return
+    for k, v in diffusers_keys.items():
+        if not k.endswith(".weight"):
+            continue
+        path = k[:-len(".weight")]
+        for prefix in ("unet.", ""):
+            key_map.setdefault(prefix + path, UNET_PREFIX + v)
+
+
+def _inverse(key_map: Mapping[str, Any]) -> Dict[Any, List[str]]:
+    inv: Dict[Any, List[str]] = {}
+    for name, target in key_map.items():
+        inv.setdefault(target, []).append(name)
+    return inv
+
+
+def _uses_diffusers_unet_names(arch: Mapping[str, Any]) -> bool:
+    """kohya names SD1/SD2 UNet layers by their diffusers module paths (SDXL by its own paths)."""
+    return str(arch.get("model_config", "")).startswith(("SD15", "SD20", "SD21"))
+
+
+def kohya_names(model, clip, targets: Iterable[LayerKey], arch: Mapping[str, Any]) -> Dict[LayerKey, str]:
+    """The kohya-style name prefix for each target weight key, chosen among the names ComfyUI's own
+    key map accepts for it (so a file written with them loads back onto the same keys)."""
+    import comfy.lora
+    km: Dict[str, Any] = {}
+    if model is not None:
+        km = comfy.lora.model_lora_keys_unet(model.model, km)
+    if clip is not None:
+        km = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, km)
+    inv = _inverse(km)
+    sd1 = _uses_diffusers_unet_names(arch)
+    n_te = len(arch.get("text_encoders", []) or [])
+    out: Dict[LayerKey, str] = {}
+    for t in targets:
+        cands = sorted(inv.get(t, []))
+        if not cands:
+            continue
+        k = base_key(t)
+        if isinstance(t, tuple):
+            pick = [c for c in cands if c.startswith(("lora_unet_", "lora_transformer_"))] or cands
+            out[t] = pick[0]
+        elif k.startswith(UNET_PREFIX):
+            own = "lora_unet_" + k[len(UNET_PREFIX):].rsplit(".", 1)[0].replace(".", "_") if k.endswith(".weight") else None
+            diff_names = [c for c in cands if c.startswith("lora_unet_") and c != own]
+            if sd1 and diff_names:
+                out[t] = diff_names[0]
+            elif own in cands:
+                out[t] = own
+        else:
+            te = [c for c in cands if re.match(r"lora_te\d*_", c)]
+            numbered = [c for c in te if re.match(r"lora_te\d+_", c)]
+            plain = [c for c in te if c.startswith("lora_te_")]
+            pick = (numbered or plain) if n_te > 1 else (plain or numbered)
+            if pick:
+                out[t] = pick[0]
+    return out
+
+
+def comfy_name(key: LayerKey, names: Mapping[LayerKey, str]) -> str:
+    """ComfyUI's generic names (what its LoraSave writes): ``diffusion_model.<path>`` and
+    ``text_encoders.<path>``."""
+    if isinstance(key, tuple):
+        if key in names:
+            return names[key]
+        raise LoraError(f"no file name known for the sliced layer {key_text(key)}")
+    if key.startswith(UNET_PREFIX):
+        return key[:-len(".weight")] if key.endswith(".weight") else key
+    if key.endswith(".weight"):
+        return "text_encoders." + key[:-len(".weight")]
+    raise LoraError(f"text-encoder parameter {key} has no LoRA file name (only weights and their biases do)")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+@contextmanager
+def _collect_log(prefix: str):
+    """Swallow ComfyUI's per-key ``prefix…`` log lines and collect them (we report once, with a count)."""
+    items: List[str] = []
+
+    class _F(logging.Filter):
+        def filter(self, record):
+            try:
+                msg = record.getMessage()
+            except Exception:
+                return True
+            if msg.startswith(prefix):
+                items.append(msg[len(prefix):].strip())
+                return False
+            return True
+
+    f = _F()
+    root = logging.getLogger()
+    root.addFilter(f)
+    try:
+        yield items
+    finally:
+        root.removeFilter(f)
+
+
+def read_lora_file(path: str, name: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The tensors and metadata of a LoRA file, or a LoraError that says what is wrong with it."""
+    import comfy.utils
+    name = name or os.path.basename(path)
+    if not os.path.isfile(path):
+        raise LoraError(f"LoRA file '{name}' not found ({path})")
+    try:
+        sd, meta = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoraError(f"cannot read LoRA file '{name}': {msg}. The file is truncated, corrupted or not a "
+                        "LoRA; download or save it again.") from None
+    if not isinstance(sd, dict) or not sd:
+        raise LoraError(f"LoRA file '{name}' holds no tensors")
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise LoraError(f"LoRA file '{name}' is not a tensor file (entry {bad[0]!r} is a {type(sd[bad[0]]).__name__})")
+    return sd, dict(meta or {})
+
+
+def load_lora_file(path: str, model=None, clip=None, name: Optional[str] = None) -> Lora:
+    name = name or os.path.basename(path)
+    sd, meta = read_lora_file(path, name)
+    src = {"kind": "file", "name": name}
+    for k in ("ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_output_name"):
+        if k in meta:
+            src[k] = meta[k]
+    return lora_from_state_dict(sd, model, clip, name=name, source=src)
+
+
+def lora_from_state_dict(sd: Mapping[str, torch.Tensor], model=None, clip=None, name: str = "lora",
+                         source: Optional[Dict[str, Any]] = None) -> Lora:
+    """Parse a LoRA state dict with ComfyUI's own converter, key maps and adapter loaders."""
+    import comfy.lora
+    import comfy.lora_convert
+    from comfy.weight_adapter import LoRAAdapter
+
+    if model is None and clip is None:
+        raise LoraError("loading a LoRA needs the MODEL (and the CLIP for its text-encoder part) it is for")
+    sd = comfy.lora_convert.convert_lora(dict(sd))
+    key_map = key_map_for(model, clip)
+    with _collect_log("lora key not loaded:") as unmatched:
+        patches = comfy.lora.load_lora(sd, key_map, log_missing=True)
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    if model is not None:
+        shapes.update(weight_shapes(model))
+    if clip is not None:
+        shapes.update(weight_shapes(clip))
+
+    layers: Dict[LayerKey, LoraLayer] = {}
+    bad: List[str] = []
+    for target, patch in patches.items():
+        shape = target_shape(shapes, target)
+        if shape is None:
+            bad.append(f"{key_text(target)}: not in the model")
+            continue
+        layer = _layer_from_patch(patch, shape)
+        problem = _fit_problem(layer, shape)
+        if problem:
+            bad.append(f"{key_text(target)}: {problem}")
+            continue
+        layers[target] = layer
+    n_keys = len(sd)
+    if bad:
+        raise LoraError(f"LoRA '{name}' does not fit this model: {len(bad)} layer(s) have other shapes "
+                        f"(e.g. {'; '.join(bad[:3])}). It was made for another architecture.")
+    if not layers:
+        hint = "" if clip is not None else " (no CLIP was connected, so text-encoder layers cannot match)"
+        raise LoraError(f"none of the {n_keys} tensors of LoRA '{name}' match a layer of this "
+                        f"{_what(model, clip)}{hint}: it was made for another architecture "
+                        f"(first keys: {', '.join(list(sd)[:3])})")
+    if unmatched:
+        te_hint = ""
+        if clip is None and any(k.startswith(("lora_te", "text_encoder", "te_", "text_encoders.")) for k in unmatched):
+            te_hint = "; connect the CLIP to load the text-encoder part"
+        log.warning("MergeLab: LoRA '%s': %d of %d tensors match no layer of this %s and are ignored "
+                    "(e.g. %s)%s", name, len(unmatched), n_keys, _what(model, clip), ", ".join(unmatched[:3]),
+                    te_hint)
+    arch = arch_of(model, clip)
+    wkeys = set()
+    for t in layers:
+        wkeys.add(t)
+        k = base_key(t)
+        if isinstance(t, str) and k.endswith(".bias"):
+            wkeys.add(k[:-len(".bias")] + ".weight")
+    names = kohya_names(model, clip, wkeys, arch)
+    src = dict(source or {"kind": "file", "name": name})
+    src.setdefault("name", name)
+    src["ignored_keys"] = len(unmatched)
+    return Lora.make(layers, names, arch, src)
+
+
+def _what(model, clip) -> str:
+    if model is not None and clip is not None:
+        from .weights import model_family
+        return f"MODEL ({model_family(model).split(':')[0]}) and CLIP"
+    if model is not None:
+        from .weights import model_family
+        return f"MODEL ({model_family(model).split(':')[0]})"
+    return "CLIP"
+
+
+def _layer_from_patch(patch, shape) -> LoraLayer:
+    from comfy.weight_adapter import LoRAAdapter
+    if isinstance(patch, LoRAAdapter):
+        up, down, alpha, mid, dora, reshape = patch.weights
+        if dora is None and reshape is None:
+            return LoraLayer("lora", tuple(shape), up=up, down=down, alpha=None if alpha is None else float(alpha),
+                             mid=mid)
+        return LoraLayer("patch", tuple(shape), patch=patch)
+    if isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff" and len(patch[1]) == 1:
+        return LoraLayer("diff", tuple(shape), diff=patch[1][0])
+    return LoraLayer("patch", tuple(shape), patch=patch)
+
+
+def _fit_problem(layer: LoraLayer, shape) -> Optional[str]:
+    shape = tuple(shape)
+    numel_in = 1
+    for s in shape[1:]:
+        numel_in *= s
+    if layer.kind == "lora":
+        up, down, mid = layer.up, layer.down, layer.mid
+        if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0]:
+            return f"LoRA factors {tuple(up.shape)} and {tuple(down.shape)} do not chain"
+        out = up.shape[0]
+        inner = down[0].numel() if mid is None else down.shape[1] * mid[0, 0].numel()
+        if mid is not None and (mid.shape[0] != mid.shape[1] or mid.shape[1] != down.shape[0]):
+            return f"LoCon mid {tuple(mid.shape)} does not match down {tuple(down.shape)}"
+        if len(shape) < 2 or out != shape[0] or inner != numel_in:
+            return f"LoRA {out}×{inner} vs weight {shape}"
+        return None
+    if layer.kind == "diff":
+        if tuple(layer.diff.shape) != shape:
+            return f"difference {tuple(layer.diff.shape)} vs weight {shape}"
+    return None
+
+
+# -- saving ----------------------------------------------------------------------------------------
+
+def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = torch.float16
+                    ) -> Dict[str, torch.Tensor]:
+    """The tensors of a LoRA file.  kohya: ``lora_unet_…``/``lora_te…`` names where ComfyUI's key map
+    has one (ComfyUI-native names for the rest); comfyui: ``diffusion_model.…``/``text_encoders.…``."""
+    if key_format not in KEY_FORMATS:
+        raise LoraError(f"unknown key format {key_format!r}; choose one of {', '.join(KEY_FORMATS)}")
+
+    def prefix_for(k: LayerKey) -> str:
+        if key_format == "kohya" and k in lora.names:
+            return lora.names[k]
+        return comfy_name(k, lora.names)
+
+    out: Dict[str, torch.Tensor] = {}
+    owner: Dict[str, LayerKey] = {}
+
+    def put(name: str, t: torch.Tensor, k: LayerKey):
+        if name in out:
+            raise LoraError(f"two layers would be written as '{name}' ({key_text(owner[name])} and {key_text(k)})")
+        owner[name] = k
+        out[name] = t.detach().to(device="cpu").contiguous()
+
+    for k, layer in lora.layers.items():
+        bk = base_key(k)
+        if layer.kind == "patch":
+            try:
+                layer = LoraLayer.from_diff(layer.delta("cpu", torch.float32, k))
+            except LoraError as e:
+                raise LoraError(f"cannot save: {e}") from None
+        if isinstance(k, str) and bk.endswith(".bias") and layer.kind == "diff":
+            wk = bk[:-len(".bias")] + ".weight"
+            put(prefix_for(wk) + ".diff_b", layer.diff.to(dtype), k)
+            continue
+        if isinstance(k, str) and not bk.endswith(".weight") and not bk.startswith(UNET_PREFIX):
+            raise LoraError(f"cannot save a difference of text-encoder parameter {bk}: LoRA files only address "
+                            "weights and biases")
+        p = prefix_for(k)
+        if layer.kind == "diff":
+            put(p + ".diff", layer.diff.to(dtype), k)
+            continue
+        put(p + ".lora_up.weight", layer.up.to(dtype), k)
+        put(p + ".lora_down.weight", layer.down.to(dtype), k)
+        if layer.mid is not None:
+            put(p + ".lora_mid.weight", layer.mid.to(dtype), k)
+        alpha = layer.alpha if layer.alpha is not None else float(layer.rank)
+        put(p + ".alpha", torch.tensor(float(alpha), dtype=torch.float32), k)
+    return out
+
+
+_BASE_VERSIONS = {"SD15": ("sd_v1", "stable-diffusion-v1"), "SD20": ("sd_v2", "stable-diffusion-v2-512"),
+                  "SD21UnclipL": ("sd_v2", "stable-diffusion-v2-unclip"),
+                  "SD21UnclipH": ("sd_v2", "stable-diffusion-v2-unclip"),
+                  "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+                  "SDXLRefiner": ("sdxl_refiner_v1-0", "stable-diffusion-xl-v1-refiner"),
+                  "SD3": ("sd3", "stable-diffusion-3-medium"), "Flux": ("flux1", "flux-1-dev"),
+                  "FluxSchnell": ("flux1", "flux-1-schnell")}
+
+
+def lora_metadata(lora: Lora, key_format: str, dtype_name: str, recipe: Optional[Any] = None) -> Dict[str, str]:
+    """safetensors metadata: kohya's ``ss_*`` fields, a modelspec block and the recipe (JSON)."""
+    ranks = sorted({l.rank for l in lora.layers.values() if l.kind == "lora"})
+    alphas = sorted({float(l.alpha if l.alpha is not None else l.rank)
+                     for l in lora.layers.values() if l.kind == "lora"})
+    conv_ranks = sorted({l.rank for l in lora.layers.values() if l.kind == "lora" and l.is_conv})
+    lin_ranks = sorted({l.rank for l in lora.layers.values() if l.kind == "lora" and not l.is_conv})
+    cfg = str(lora.arch.get("model_config", ""))
+    version, spec_arch = _BASE_VERSIONS.get(cfg, (cfg.lower() or "unknown", cfg or "unknown"))
+
+    def num(v: float) -> str:
+        return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": _one_or_dynamic(lin_ranks or conv_ranks, num),
+        "ss_network_alpha": _one_or_dynamic(alphas, num),
+        "ss_base_model_version": version,
+        "ss_v2": "True" if version == "sd_v2" else "False",
+        "ss_output_name": lora.name,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{spec_arch}/lora",
+        "modelspec.title": lora.name,
+        "mergelab.key_format": key_format,
+        "mergelab.dtype": dtype_name,
+        "mergelab.layers": str(len(lora.layers)),
+    }
+    if conv_ranks:
+        conv_alphas = sorted({float(l.alpha if l.alpha is not None else l.rank)
+                              for l in lora.layers.values() if l.kind == "lora" and l.is_conv})
+        meta["ss_network_args"] = json.dumps({"conv_dim": _one_or_dynamic(conv_ranks, num),
+                                              "conv_alpha": _one_or_dynamic(conv_alphas, num)})
+    meta["mergelab.recipe"] = json.dumps(recipe if recipe is not None else lora.source, sort_keys=True, default=str)
+    return meta
+
+
+def _one_or_dynamic(values, num) -> str:
+    values = sorted(set(values))
+    if not values:
+        return "0"
+    return num(values[0]) if len(values) == 1 else "Dynamic"
+
+
+def next_free_path(folder: str, filename: str, counter: int) -> str:
+    while True:
+        path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
+        if not os.path.exists(path):
+            return path
+        counter += 1
+
+
+def save_lora(lora: Lora, filename_prefix: str, output_dir: str, key_format: str = "kohya",
+              dtype_name: str = "fp16", recipe: Optional[Any] = None,
+              extra_metadata: Optional[Mapping[str, str]] = None) -> str:
+    """Write ``lora`` to ``output_dir/<prefix>_NNNNN_.safetensors`` (the next free counter), atomically:
+    a temporary file in the same folder, then a no-replace link (or a checked ``os.replace``).
+    Returns the path written.  Never overwrites a file; on any failure nothing is left behind.
+    ``recipe``: the provenance to store (JSON-able); default: the LoRA's own."""
+    import folder_paths
+    import safetensors.torch
+
+    if dtype_name not in SAVE_DTYPES:
+        raise LoraError(f"unknown dtype {dtype_name!r}; choose one of {', '.join(SAVE_DTYPES)}")
+    if not lora.layers:
+        raise LoraError(f"LoRA '{lora.name}' has no layers: nothing to save")
+    sd = lora_state_dict(lora, key_format, SAVE_DTYPES[dtype_name])
+    meta = lora_metadata(lora, key_format, dtype_name, recipe)
+    if extra_metadata:
+        meta.update({str(k): str(v) for k, v in extra_metadata.items()})
+    try:
+        folder, filename, counter, _sub, _pref = folder_paths.get_save_image_path(filename_prefix, output_dir)
+    except Exception as e:
+        if "outside the output folder" in str(e):
+            raise LoraError(f"cannot save under '{filename_prefix}': it points outside the output folder") from None
+        raise
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(sd, tmp, metadata=meta)
+        while True:
+            path = next_free_path(folder, filename, counter)
+            try:
+                os.link(tmp, path)          # fails if the name was taken meanwhile
+                os.unlink(tmp)
+                return path
+            except FileExistsError:
+                counter += 1
+                continue
+            except OSError:                 # no hard links on this file system
+                if os.path.exists(path):
+                    counter += 1
+                    continue
+                os.replace(tmp, path)
+                return path
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
