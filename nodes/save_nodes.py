@@ -1,0 +1,304 @@
+"""Save nodes: checkpoint (MODEL + CLIP + VAE), diffusion model, CLIP; and Load Merge Recipe.
+
+The files have the layout of ComfyUI's own CheckpointSave / ModelSave / CLIPSave, so ComfyUI's
+loaders and other tools read them; they are written streaming (one tensor at a time, computed on the
+CPU, never the whole model on the GPU), atomically (a temporary file renamed when complete), never
+over an existing file, and carry the merge recipe.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+from ..engine import recipe as rcp
+from ..engine import saving
+from ..engine import safetensors_writer as stw
+from .comfy_api_compat import io
+
+CATEGORY = "MergeLab/save"
+RECIPE_FOLDERS = ("checkpoints", "diffusion_models", "loras", "text_encoders")
+MAX_LISTED_OUTPUT_FILES = 5000
+
+
+def _hidden():
+    hs = [io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id]
+    if hasattr(io.Hidden, "dynprompt"):
+        hs.append(io.Hidden.dynprompt)
+    return hs
+
+
+def _dtype_input():
+    return io.Combo.Input("dtype", options=list(saving.DTYPE_CHOICES), default="keep",
+                          tooltip="Dtype of the saved weights: keep = the dtype each weight has in ComfyUI "
+                                  "(fp8 weights are saved dequantized, as bf16); fp16 / bf16 / fp32 convert every "
+                                  "floating-point weight. The weights are computed in fp32 and rounded once.")
+
+
+def _recipe_inputs():
+    return [
+        io.Boolean.Input("save_recipe", default=True,
+                         tooltip="Write the merge recipe into the file's metadata (methods, parameters, seeds, "
+                                 "block weights, the graph upstream of this node and the input files' names and "
+                                 "sha256), so Load Merge Recipe can show how to repeat the merge."),
+        io.Boolean.Input("hash_input_files", default=True,
+                         tooltip="Compute the sha256 of every model file the graph loads (once per file and "
+                                 "session; about 2 s per GB). Off: only hashes already computed are written."),
+    ]
+
+
+def _interrupt_check():
+    import comfy.model_management as mm
+    return mm.throw_exception_if_processing_interrupted
+
+
+def _comfy_version() -> str:
+    try:
+        import comfyui_version
+        return str(comfyui_version.__version__)
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _recipe_metadata(cls, node_id: str, parts: Dict[str, Any], dtype: str, save_recipe: bool,
+                     hash_input_files: bool):
+    """A ``metadata_fn(dest)`` for the saving engine that adds the recipe (or nothing)."""
+    holder: Dict[str, Any] = {}
+
+    def fn(dest_or_name) -> Dict[str, str]:
+        if not save_recipe:
+            return {}
+        name = dest_or_name if isinstance(dest_or_name, str) else os.path.relpath(
+            dest_or_name.final_path, dest_or_name.output_dir).replace(os.sep, "/")
+        graph = rcp.graph_provenance(cls.hidden.prompt, cls.hidden.unique_id, dynprompt=cls.hidden.dynprompt,
+                                     hash_files=hash_input_files, check=_interrupt_check())
+        saved = {"node": node_id, "file": name, "dtype": dtype,
+                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                 "comfyui_version": _comfy_version()}
+        rec = rcp.build_file_recipe(parts, saved, graph)
+        holder["recipe"] = rec
+        return {rcp.METADATA_KEY: rcp.recipe_to_metadata(rec)}
+
+    return fn, holder
+
+
+def _size(n: int) -> str:
+    return rcp._size(n)
+
+
+def _summary(results: List[saving.SaveResult], recipe: Optional[Dict[str, Any]]) -> str:
+    lines = [f"Saved output/{r.relpath} ({_size(r.nbytes)}, {r.tensors} tensors, {r.seconds:.1f} s)" for r in results]
+    if recipe is not None:
+        lines.append("")
+        lines.append(rcp.describe(recipe))
+    return "\n".join(lines)
+
+
+def _fail(e: Exception):
+    if isinstance(e, (saving.SaveError, stw.SafetensorsFormatError)):
+        raise ValueError(str(e)) from None
+    raise e
+
+
+class SaveCheckpointNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MergeLab_SaveCheckpoint",
+            display_name="Save Checkpoint (streaming)",
+            category=CATEGORY,
+            description="Save MODEL + CLIP + VAE as one checkpoint in ComfyUI's own layout (as Save Checkpoint "
+                        "writes it), under the output folder. Weights are computed and written one at a time on the "
+                        "CPU (merges and LoRAs applied), so the model is never loaded on the GPU nor held twice "
+                        "in memory. The file appears only when complete; existing files are never overwritten.",
+            inputs=[io.Model.Input("model", tooltip="The diffusion model to save (merges and LoRAs applied)."),
+                    io.Clip.Input("clip", tooltip="The text encoder(s) to save with it."),
+                    io.Vae.Input("vae", tooltip="The VAE to save with it."),
+                    io.String.Input("filename_prefix", default="checkpoints/MergeLab",
+                                    tooltip="Folder/name under ComfyUI's output folder; a counter is added "
+                                            "(name_00001_.safetensors). '..' and absolute paths stay inside output."),
+                    _dtype_input()] + _recipe_inputs(),
+            outputs=[io.String.Output(display_name="filename",
+                                      tooltip="The saved file, relative to the output folder.")],
+            hidden=_hidden(),
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, filename_prefix, dtype="keep", save_recipe=True, hash_input_files=True):
+        fn, holder = _recipe_metadata(cls, "MergeLab_SaveCheckpoint", {"model": model, "clip": clip, "vae": vae},
+                                      dtype, save_recipe, hash_input_files)
+        try:
+            res = saving.save_checkpoint(model, clip, vae, filename_prefix, dtype, prompt=cls.hidden.prompt,
+                                         extra_pnginfo=cls.hidden.extra_pnginfo, metadata_fn=fn,
+                                         default_prefix="checkpoints/MergeLab", progress=saving.comfy_progress())
+        except (saving.SaveError, stw.SafetensorsFormatError) as e:
+            _fail(e)
+        text = _summary([res], holder.get("recipe"))
+        return io.NodeOutput(res.relpath, ui={"text": [text]})
+
+
+class SaveModelNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MergeLab_SaveModel",
+            display_name="Save Model (streaming)",
+            category=CATEGORY,
+            description="Save the diffusion model alone in ComfyUI's layout (as ModelSave writes it, loadable with "
+                        "Load Diffusion Model or Load Checkpoint), streaming, atomically, never overwriting.",
+            inputs=[io.Model.Input("model", tooltip="The diffusion model to save (merges and LoRAs applied)."),
+                    io.String.Input("filename_prefix", default="diffusion_models/MergeLab",
+                                    tooltip="Folder/name under ComfyUI's output folder; a counter is added."),
+                    _dtype_input()] + _recipe_inputs(),
+            outputs=[io.String.Output(display_name="filename",
+                                      tooltip="The saved file, relative to the output folder.")],
+            hidden=_hidden(),
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, filename_prefix, dtype="keep", save_recipe=True, hash_input_files=True):
+        fn, holder = _recipe_metadata(cls, "MergeLab_SaveModel", {"model": model}, dtype, save_recipe,
+                                      hash_input_files)
+        try:
+            res = saving.save_checkpoint(model, None, None, filename_prefix, dtype, prompt=cls.hidden.prompt,
+                                         extra_pnginfo=cls.hidden.extra_pnginfo, metadata_fn=fn,
+                                         default_prefix="diffusion_models/MergeLab", progress=saving.comfy_progress())
+        except (saving.SaveError, stw.SafetensorsFormatError) as e:
+            _fail(e)
+        text = _summary([res], holder.get("recipe"))
+        return io.NodeOutput(res.relpath, ui={"text": [text]})
+
+
+class SaveCLIPNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MergeLab_SaveCLIP",
+            display_name="Save CLIP (streaming)",
+            category=CATEGORY,
+            description="Save the text encoder(s), one file per encoder (clip_l, clip_g, t5xxl, ...) as ComfyUI's "
+                        "CLIPSave does, streaming, atomically, never overwriting.",
+            inputs=[io.Clip.Input("clip", tooltip="The text encoder(s) to save (merges and LoRAs applied)."),
+                    io.String.Input("filename_prefix", default="clip/MergeLab",
+                                    tooltip="Folder/name under ComfyUI's output folder; the encoder name and a "
+                                            "counter are added (name_clip_l_00001_.safetensors)."),
+                    _dtype_input()] + _recipe_inputs(),
+            outputs=[io.String.Output(display_name="filenames",
+                                      tooltip="The saved files, relative to the output folder, one per line.")],
+            hidden=_hidden(),
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, clip, filename_prefix, dtype="keep", save_recipe=True, hash_input_files=True):
+        fn, holder = _recipe_metadata(cls, "MergeLab_SaveCLIP", {"clip": clip}, dtype, save_recipe, hash_input_files)
+        extra = fn(saving.sanitize_prefix(filename_prefix, "clip/MergeLab")) if save_recipe else {}
+        try:
+            results = saving.save_clip(clip, filename_prefix, dtype, prompt=cls.hidden.prompt,
+                                       extra_pnginfo=cls.hidden.extra_pnginfo, extra_metadata=extra,
+                                       default_prefix="clip/MergeLab",
+                                       progress_factory=lambda n: saving.comfy_progress(n))
+        except (saving.SaveError, stw.SafetensorsFormatError) as e:
+            _fail(e)
+        text = _summary(results, holder.get("recipe"))
+        return io.NodeOutput("\n".join(r.relpath for r in results), ui={"text": [text]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Load Merge Recipe
+# ---------------------------------------------------------------------------------------------
+def recipe_file_options() -> List[str]:
+    """``<folder>/<name>`` for the .safetensors files of the model folders, then ``output/<path>``."""
+    import folder_paths
+    out: List[str] = []
+    for folder in RECIPE_FOLDERS:
+        try:
+            names = folder_paths.get_filename_list(folder)
+        except Exception:  # noqa: BLE001 - folder unknown to this ComfyUI
+            continue
+        out.extend(f"{folder}/{n}" for n in names if n.lower().endswith(".safetensors"))
+    root = folder_paths.get_output_directory()
+    found: List[str] = []
+    if os.path.isdir(root):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                if f.lower().endswith(".safetensors") and not f.startswith("."):
+                    rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+                    found.append(f"output/{rel}")
+                    if len(found) >= MAX_LISTED_OUTPUT_FILES:
+                        break
+            if len(found) >= MAX_LISTED_OUTPUT_FILES:
+                break
+    return out + found
+
+
+def resolve_recipe_file(choice: str) -> str:
+    """The full path of a Load Merge Recipe choice; raises ValueError with a clear message."""
+    import folder_paths
+    if not isinstance(choice, str) or "/" not in choice:
+        raise ValueError(f"Load Merge Recipe: {choice!r} is not a file choice (expected '<folder>/<name>')")
+    folder, name = choice.split("/", 1)
+    if folder == "output":
+        root = os.path.abspath(folder_paths.get_output_directory())
+        path = os.path.abspath(os.path.join(root, name))
+        if os.path.commonpath([root, path]) != root:
+            raise ValueError(f"Load Merge Recipe: {choice!r} is outside the output folder")
+    else:
+        path = folder_paths.get_full_path(folder, name) if folder in RECIPE_FOLDERS else None
+        if not path:
+            raise ValueError(f"Load Merge Recipe: {choice!r} was not found in the {folder} folder")
+    if not os.path.isfile(path):
+        raise ValueError(f"Load Merge Recipe: {choice!r} does not exist (anymore); refresh the node's file list")
+    return path
+
+
+def read_recipe(path: str):
+    """``(recipe or None, metadata)`` of a safetensors file (reads the header only)."""
+    try:
+        _, meta = stw.read_header(path)
+    except (stw.SafetensorsFormatError, OSError) as e:
+        raise ValueError(f"Load Merge Recipe: cannot read {os.path.basename(path)}: {e}") from None
+    return rcp.recipe_from_metadata(meta), meta
+
+
+class LoadMergeRecipeNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MergeLab_LoadMergeRecipe",
+            display_name="Load Merge Recipe",
+            category=CATEGORY,
+            description="Read the merge recipe from a saved .safetensors file (methods, parameters, seeds, block "
+                        "weights, input files and hashes, the graph that made it) and show it.",
+            inputs=[io.Combo.Input("file", options=recipe_file_options(),
+                                   tooltip="A .safetensors file from the checkpoints, diffusion_models, loras or "
+                                           "text_encoders folders, or from the output folder (output/...). "
+                                           "Refresh (R) to list newly saved files.")],
+            outputs=[io.String.Output(display_name="recipe_json",
+                                      tooltip="The recipe as JSON ('null' when the file has none)."),
+                     io.String.Output(display_name="summary", tooltip="The recipe in words.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, file):
+        try:
+            st = os.stat(resolve_recipe_file(file))
+            return f"{file}:{st.st_size}:{st.st_mtime_ns}"
+        except Exception:  # noqa: BLE001 - execute reports the error
+            return file
+
+    @classmethod
+    def execute(cls, file):
+        path = resolve_recipe_file(file)
+        recipe, meta = read_recipe(path)
+        text = f"{file}\n" + rcp.describe(recipe, meta)
+        rec_json = json.dumps(recipe, indent=2, ensure_ascii=False)
+        return io.NodeOutput(rec_json, text, ui={"text": [text]})
+
+
+SAVE_NODES = [SaveCheckpointNode, SaveModelNode, SaveCLIPNode, LoadMergeRecipeNode]

@@ -1,0 +1,500 @@
+"""Streaming saves in a real ComfyUI: files identical to ComfyUI's own CheckpointSave / ModelSave /
+CLIPSave (SD1.5, SDXL incl. the OpenCLIP in_proj conversion, Flux), patches (ComfyUI merges, our
+set patches, LoRAs) applied exactly, a full-size SD1.5 merge reloaded by CheckpointLoaderSimple, no
+file left behind by a failed or cancelled save, names kept inside the output folder, recipes."""
+import hashlib
+import importlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SMALL = {"class_type": "MergeLabTest_SmallModel"}
+
+
+def pack(harness, name):
+    return importlib.import_module(f"{harness.pack_module_name}.{name}")
+
+
+def with_defaults(class_type, **inputs):
+    """An API-format node with every required widget not given set to its default."""
+    import nodes
+    req = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES().get("required", {})
+    full = {}
+    for name, spec in req.items():
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if name in inputs:
+            full[name] = inputs[name]
+        elif "default" in opts:
+            full[name] = opts["default"]
+        elif isinstance(spec[0], list) and spec[0]:
+            full[name] = spec[0][0]
+    full.update(inputs)
+    return {"class_type": class_type, "inputs": full}
+
+
+def small(arch, seed=0, delta_seed=0, delta_scale=0.0, dtype="fp32"):
+    return {"class_type": "MergeLabTest_SmallModel",
+            "inputs": {"arch": arch, "seed": seed, "delta_seed": delta_seed, "delta_scale": delta_scale, "dtype": dtype}}
+
+
+class TinyVAE:
+    """Test node: a real comfy.sd.VAE (TAESD architecture, random weights) small enough for tests."""
+
+    _vae = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self):
+        if TinyVAE._vae is None:
+            import comfy.sd
+            import comfy.taesd.taesd
+            g = torch.Generator().manual_seed(7)
+            with torch.inference_mode(False):
+                m = comfy.taesd.taesd.TAESD(latent_channels=4)
+                sd = {k: (torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v)
+                      for k, v in m.state_dict().items()}
+            TinyVAE._vae = comfy.sd.VAE(sd=sd)
+        return (TinyVAE._vae,)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _test_nodes(harness):
+    harness.register_test_node("MergeLabTest_TinyVAE", TinyVAE)
+
+
+def outputs_in(folder):
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for f in files:
+            found.append(os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def new_files(harness, before):
+    return [f for f in outputs_in(harness.output_dir) if f not in before]
+
+
+def read_all(path):
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def assert_same_tensors(ours, theirs, what):
+    assert set(ours) == set(theirs), (what, sorted(set(ours) ^ set(theirs))[:10])
+    for k in theirs:
+        a, b = ours[k], theirs[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, k, a.dtype, b.dtype, a.shape, b.shape)
+        assert torch.equal(a, b), (what, k, (a.float() - b.float()).abs().max().item())
+
+
+def make_lora(harness, name, arch="SD15", rank=4, seed=3):
+    """A LoRA file for a few 2-D weights of the small model of ``arch`` (ComfyUI's own key format)."""
+    from mergelab import fixtures
+    m = fixtures.small_model(arch)
+    sd = m.model.state_dict()
+    keys = [k for k, v in sd.items() if k.startswith("diffusion_model.") and k.endswith(".weight") and v.ndim == 2][:6]
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for k in keys:
+        out_f, in_f = sd[k].shape
+        p = k[: -len(".weight")]
+        lora[f"{p}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.1
+        lora[f"{p}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) * 0.1
+        lora[f"{p}.alpha"] = torch.tensor(float(rank) / 2)
+    path = os.path.join(harness.base_dir, name)
+    save_file(lora, path)
+    harness.add_model_file("loras", path, name=name)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# layout and values: identical to ComfyUI's own save nodes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["SD15", "SDXL", "Flux"])
+def test_checkpoint_matches_comfyui_checkpointsave(harness, arch):
+    """ModelMergeSimple + CLIPMergeSimple of two small models, saved by ComfyUI's CheckpointSave and by
+    ours ("keep"): same keys, dtypes, shapes and bit-identical tensors (incl. SDXL's OpenCLIP in_proj
+    concatenation and transposed text_projection, which ours computes lazily)."""
+    before = outputs_in(harness.output_dir)
+    prompt = {
+        "1": small(arch), "2": small(arch, delta_seed=1, delta_scale=0.02),
+        "3": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["2", 0], "ratio": 0.3}},
+        "4": {"class_type": "CLIPMergeSimple", "inputs": {"clip1": ["1", 1], "clip2": ["2", 1], "ratio": 0.6}},
+        "5": {"class_type": "MergeLabTest_TinyVAE", "inputs": {}},
+        "6": {"class_type": "MergeLab_SaveCheckpoint",
+              "inputs": {"model": ["3", 0], "clip": ["4", 0], "vae": ["5", 0], "filename_prefix": f"ours/{arch}",
+                         "dtype": "keep", "save_recipe": True, "hash_input_files": True}},
+        "7": {"class_type": "CheckpointSave",
+              "inputs": {"model": ["3", 0], "clip": ["4", 0], "vae": ["5", 0], "filename_prefix": f"comfy/{arch}"}},
+    }
+    res = harness.run_ok(prompt)
+    files = new_files(harness, before)
+    assert f"ours/{arch}_00001_.safetensors" in files and f"comfy/{arch}_00001_.safetensors" in files, files
+    ours, meta = read_all(os.path.join(harness.output_dir, f"ours/{arch}_00001_.safetensors"))
+    theirs, tmeta = read_all(os.path.join(harness.output_dir, f"comfy/{arch}_00001_.safetensors"))
+    assert_same_tensors(ours, theirs, arch)
+    # ComfyUI's metadata is there (its modelspec where it writes one), plus ours for every architecture
+    for k, v in tmeta.items():
+        if k not in ("modelspec.title",):
+            assert meta.get(k) == v, (k, meta.get(k), v)
+    assert meta["modelspec.architecture"] and meta["modelspec.date"] and meta["modelspec.title"] == f"{arch} 1"
+    assert json.loads(meta["prompt"])["6"]["class_type"] == "MergeLab_SaveCheckpoint"
+    rec = json.loads(meta["mergelab.recipe"])
+    assert rec["format"] == "mergelab.recipe/1" and rec["saved"]["file"] == f"ours/{arch}_00001_.safetensors"
+    classes = [n["class_type"] for n in rec["graph"]["nodes"]]
+    assert classes.count("MergeLabTest_SmallModel") == 2 and "ModelMergeSimple" in classes
+    merge_node = next(n for n in rec["graph"]["nodes"] if n["class_type"] == "ModelMergeSimple")
+    assert merge_node["inputs"]["ratio"] == 0.3 and merge_node["inputs"]["model1"] == {"from": "1", "slot": 0}
+    # the UI text names the file
+    assert f"ours/{arch}_00001_.safetensors" in res.outputs["6"]["text"][0]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_model_save_with_set_patches_and_lora_matches_modelsave(harness, dtype):
+    """Our merger's ``set`` patches, then a LoRA on top (LoraLoaderModelOnly), on an fp32 or fp16 model:
+    our Save Model ("keep") writes exactly what ComfyUI's ModelSave writes (patches computed in fp32,
+    rounded once to the model's dtype); the recipe names the LoRA file with its sha256."""
+    lora_path = make_lora(harness, f"small_lora_{dtype}.safetensors")
+    before = outputs_in(harness.output_dir)
+    prompt = {
+        "1": small("SD15", dtype=dtype), "2": small("SD15", delta_seed=2, delta_scale=0.05, dtype=dtype),
+        "m": with_defaults("MergeLab_Method_linear"),
+        "i1": with_defaults("MergeLab_MergeInput", model=["1", 0]),
+        "i2": with_defaults("MergeLab_MergeInput", model=["2", 0], models=["i1", 0], weight=0.25),
+        "3": with_defaults("MergeLab_ModelMerger", method=["m", 0], models=["i2", 0], seed=0, device="cpu"),
+        "4": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["3", 0], "lora_name": os.path.basename(lora_path),
+                                                             "strength_model": 0.7}},
+        "5": {"class_type": "MergeLab_SaveModel", "inputs": {"model": ["4", 0], "filename_prefix": f"ours/lora_{dtype}",
+                                                            "dtype": "keep", "save_recipe": True,
+                                                            "hash_input_files": True}},
+        "6": {"class_type": "ModelSave", "inputs": {"model": ["4", 0], "filename_prefix": f"comfy/lora_{dtype}"}},
+        "7": {"class_type": "MergeLab_SaveModel", "inputs": {"model": ["3", 0], "filename_prefix": f"ours/set_{dtype}",
+                                                            "dtype": "keep", "save_recipe": False,
+                                                            "hash_input_files": False}},
+        "8": {"class_type": "ModelSave", "inputs": {"model": ["3", 0], "filename_prefix": f"comfy/set_{dtype}"}},
+    }
+    harness.run_ok(prompt)
+    out = harness.output_dir
+    for name in ("lora", "set"):
+        ours, meta = read_all(os.path.join(out, f"ours/{name}_{dtype}_00001_.safetensors"))
+        theirs, _ = read_all(os.path.join(out, f"comfy/{name}_{dtype}_00001_.safetensors"))
+        assert_same_tensors(ours, theirs, name)
+        assert all(t.dtype == (torch.float16 if dtype == "fp16" else torch.float32)
+                   for k, t in ours.items() if k.startswith("model.diffusion_model."))
+    # the LoRA really changed weights (the comparison above is not between two unpatched models)
+    a, _ = read_all(os.path.join(out, f"ours/lora_{dtype}_00001_.safetensors"))
+    b, _ = read_all(os.path.join(out, f"ours/set_{dtype}_00001_.safetensors"))
+    assert sum(not torch.equal(a[k], b[k]) for k in a) == 6
+    _, meta = read_all(os.path.join(out, f"ours/lora_{dtype}_00001_.safetensors"))
+    rec = json.loads(meta["mergelab.recipe"])
+    ref = f"loras/{os.path.basename(lora_path)}"
+    with open(lora_path, "rb") as f:
+        assert rec["graph"]["files"][ref]["sha256"] == hashlib.sha256(f.read()).hexdigest()
+    _, meta = read_all(os.path.join(out, f"ours/set_{dtype}_00001_.safetensors"))
+    assert "mergelab.recipe" not in meta
+
+
+@pytest.mark.parametrize("arch", ["SDXL", "Flux"])
+def test_clip_save_matches_comfyui_clipsave(harness, arch):
+    before = outputs_in(harness.output_dir)
+    prompt = {
+        "1": small(arch), "2": small(arch, delta_seed=4, delta_scale=0.02),
+        "3": {"class_type": "CLIPMergeSimple", "inputs": {"clip1": ["1", 1], "clip2": ["2", 1], "ratio": 0.5}},
+        "4": {"class_type": "MergeLab_SaveCLIP", "inputs": {"clip": ["3", 0], "filename_prefix": f"ours/te_{arch}",
+                                                           "dtype": "keep", "save_recipe": True,
+                                                           "hash_input_files": False}},
+        "5": {"class_type": "CLIPSave", "inputs": {"clip": ["3", 0], "filename_prefix": f"comfy/te_{arch}"}},
+    }
+    harness.run_ok(prompt)
+    files = new_files(harness, before)
+    ours = sorted(f[len("ours/"):] for f in files if f.startswith("ours/"))
+    theirs = sorted(f[len("comfy/"):] for f in files if f.startswith("comfy/"))
+    assert ours == theirs and len(ours) == 2, (ours, theirs)
+    for name in ours:
+        a, meta = read_all(os.path.join(harness.output_dir, "ours", name))
+        b, tmeta = read_all(os.path.join(harness.output_dir, "comfy", name))
+        assert_same_tensors(a, b, name)
+        assert meta["format"] == "pt" and "mergelab.recipe" in meta
+
+
+def test_output_dtype_conversion_rounds_once(harness):
+    """dtype fp16/bf16 = the fp32 patched weight rounded once; a ComfyUI merge of fp32 models."""
+    saving = pack(harness, "engine.saving")
+    weights = pack(harness, "engine.weights")
+    prompt = {
+        "1": small("SD15"), "2": small("SD15", delta_seed=5, delta_scale=0.03),
+        "3": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["2", 0], "ratio": 0.7}},
+        "c": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["3", 0], "name": "m"}},
+    }
+    m = harness.run_ok(prompt).captured["m"]
+    ks = weights.KeySource.of(m)
+    for mode, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        res = saving.save_checkpoint(m, None, None, f"dtype/{mode}", mode, default_prefix="dtype/x", fsync=False)
+        got, _ = read_all(res.path)
+        n = 0
+        for key in ks.keys():
+            t = got["model." + key]
+            assert t.dtype == dt
+            assert torch.equal(t, ks.read(key, torch.device("cpu")).to(dt)), key
+            n += 1
+        assert n == len([k for k in got if k.startswith("model.diffusion_model.")])
+
+
+# ---------------------------------------------------------------------------------------------
+# full size: one run
+# ---------------------------------------------------------------------------------------------
+def test_full_size_sd15_merge_reloads_bit_exact(harness, full_sd15, tuned_sd15):
+    """A full-size SD1.5 merged with ModelMergeSimple, saved by our Save Checkpoint in fp32, reloads
+    with CheckpointLoaderSimple (detected as SD1.5) and holds exactly the merged MODEL's patched weights,
+    the CLIP and the VAE."""
+    weights = pack(harness, "engine.weights")
+    a, b = os.path.basename(full_sd15), os.path.basename(tuned_sd15)
+    before = outputs_in(harness.output_dir)
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": a}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": b}},
+        "3": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["2", 0], "ratio": 0.35}},
+        "4": {"class_type": "MergeLab_SaveCheckpoint",
+              "inputs": {"model": ["3", 0], "clip": ["1", 1], "vae": ["1", 2], "filename_prefix": "full/sd15_merge",
+                         "dtype": "fp32", "save_recipe": True, "hash_input_files": False}},
+        "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["3", 0], "name": "merged"}},
+        "c2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 1], "name": "clip"}},
+        "c3": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 2], "name": "vae"}},
+    }
+    res = harness.run_ok(prompt)
+    merged, clip, vae = res.captured["merged"], res.captured["clip"], res.captured["vae"]
+    files = new_files(harness, before)
+    assert files == ["full/sd15_merge_00001_.safetensors"], files
+    path = os.path.join(harness.output_dir, files[0])
+    name = harness.add_model_file("checkpoints", path, name="reloaded_sd15_merge.safetensors")
+    res2 = harness.run_ok({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
+        "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "model"}},
+        "c2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 1], "name": "clip"}},
+        "c3": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 2], "name": "vae"}},
+    })
+    model2 = res2.captured["model"]
+    assert type(model2.model.model_config).__name__ == "SD15"
+    cpu = torch.device("cpu")
+    src = weights.KeySource.of(merged)
+    got = model2.model.state_dict()
+    n_diff = 0
+    for key in src.keys():
+        want = src.read(key, cpu)
+        have = got[key].detach().to(cpu, torch.float32)
+        assert torch.equal(have, want), key
+        n_diff += int(src.has_patches(key))
+    assert n_diff > 600          # the merge really changed the UNet
+    # CLIP and VAE: exactly the inputs' weights (compared as float)
+    csrc, cgot = weights.KeySource.of(clip), res2.captured["clip"].cond_stage_model.state_dict()
+    for key in csrc.keys():
+        if key in cgot:
+            assert torch.equal(cgot[key].float(), csrc.read(key, cpu)), key
+    vgot = res2.captured["vae"].get_sd()
+    for key, t in vae.get_sd().items():
+        assert torch.equal(vgot[key].float(), t.float()), key
+    _, meta = read_all_meta(path)
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.predict_key"] == "epsilon"
+    rec = json.loads(meta["mergelab.recipe"])
+    assert set(rec["graph"]["files"]) == {f"checkpoints/{a}", f"checkpoints/{b}"}
+
+
+def read_all_meta(path):
+    with safe_open(path, "pt") as f:
+        return list(f.keys()), f.metadata() or {}
+
+
+# ---------------------------------------------------------------------------------------------
+# never losing a file
+# ---------------------------------------------------------------------------------------------
+def _fail_after(monkeypatch, harness, n, exc_factory):
+    stw = pack(harness, "engine.safetensors_writer")
+    real = stw.tensor_bytes
+    calls = {"n": 0}
+
+    def failing(t):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise exc_factory()
+        return real(t)
+
+    monkeypatch.setattr(stw, "tensor_bytes", failing)
+    return calls
+
+
+def _save_model_prompt(prefix):
+    return {"1": small("SD15"), "2": small("SD15", delta_seed=9, delta_scale=0.01),
+            "3": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["2", 0], "ratio": 0.5}},
+            "4": {"class_type": "MergeLab_SaveModel", "inputs": {"model": ["3", 0], "filename_prefix": prefix,
+                                                                "dtype": "keep", "save_recipe": True,
+                                                                "hash_input_files": False}}}
+
+
+@pytest.mark.parametrize("failure", ["error", "disk_full", "cancel"])
+def test_failed_save_leaves_no_file_and_keeps_existing(harness, monkeypatch, failure):
+    import errno
+
+    import comfy.model_management as mm
+    folder = os.path.join(harness.output_dir, "fail")
+    os.makedirs(folder, exist_ok=True)
+    existing = os.path.join(folder, f"m_{failure}_00001_.safetensors")
+    with open(existing, "wb") as f:
+        f.write(b"precious user file")
+    before = outputs_in(harness.output_dir)
+
+    def make():
+        if failure == "error":
+            return RuntimeError("simulated failure while writing")
+        if failure == "disk_full":
+            return OSError(errno.ENOSPC, "No space left on device (simulated)")
+        mm.interrupt_current_processing(True)     # what the Cancel button does
+        return None
+
+    if failure == "cancel":
+        stw = pack(harness, "engine.safetensors_writer")
+        real = stw.tensor_bytes
+        calls = {"n": 0}
+
+        def cancelling(t):
+            calls["n"] += 1
+            if calls["n"] == 40:
+                mm.interrupt_current_processing(True)
+            return real(t)
+
+        monkeypatch.setattr(stw, "tensor_bytes", cancelling)
+    else:
+        calls = _fail_after(monkeypatch, harness, 40, make)
+    try:
+        res = harness.run(_save_model_prompt(f"fail/m_{failure}"))
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not res.success
+    assert calls["n"] >= 40                      # it failed midway, not before writing
+    if failure == "cancel":
+        assert any(e == "execution_interrupted" for e, _ in res.messages)
+    else:
+        assert "simulated" in res.error_text() or "No space" in res.error_text()
+    assert new_files(harness, before) == []       # neither m_*_00002_ nor a temporary file
+    assert not [f for f in os.listdir(folder) if f.startswith(".")]
+    with open(existing, "rb") as f:
+        assert f.read() == b"precious user file"
+    monkeypatch.undo()
+    # the next save works and takes the next free counter
+    harness.run_ok(_save_model_prompt(f"fail/m_{failure}"))
+    assert new_files(harness, before) == [f"fail/m_{failure}_00002_.safetensors"]
+
+
+def test_name_taken_while_writing_is_not_overwritten(harness, monkeypatch):
+    """If another file gets the chosen name while ours is being written, ours takes the next counter."""
+    saving = pack(harness, "engine.saving")
+    stw = pack(harness, "engine.safetensors_writer")
+    folder = os.path.join(harness.output_dir, "race")
+    real = stw.tensor_bytes
+    state = {"n": 0}
+
+    def intruder(t):
+        state["n"] += 1
+        if state["n"] == 5:
+            with open(os.path.join(folder, "r_00001_.safetensors"), "wb") as f:
+                f.write(b"someone else's")
+        return real(t)
+
+    monkeypatch.setattr(stw, "tensor_bytes", intruder)
+    from mergelab import fixtures
+    res = saving.save_checkpoint(fixtures.small_model("SD15"), None, None, "race/r", "keep", default_prefix="race/x",
+                                 fsync=False)
+    assert os.path.basename(res.path) == "r_00002_.safetensors"
+    with open(os.path.join(folder, "r_00001_.safetensors"), "rb") as f:
+        assert f.read() == b"someone else's"
+    assert sorted(os.listdir(folder)) == ["r_00001_.safetensors", "r_00002_.safetensors"]
+
+
+@pytest.mark.parametrize("prefix, expect", [
+    ("../../escape/x", "escape/x_00001_.safetensors"),
+    ("/tmp/abs_escape/y", "tmp/abs_escape/y_00001_.safetensors"),
+    ("..\\..\\win\\z", "win/z_00001_.safetensors"),
+    ("C:/evil/w", "C_/evil/w_00001_.safetensors"),
+    ("../..", "diffusion_models/MergeLab_00001_.safetensors"),
+])
+def test_prefix_stays_inside_output_folder(harness, prefix, expect):
+    import glob
+    out = harness.output_dir
+    before = outputs_in(out)
+    naive = os.path.normpath(os.path.join(out, prefix.replace("\\", "/")))   # where a plain join would write
+    res = harness.run_ok(_save_model_prompt(prefix))
+    assert new_files(harness, before) == [expect]
+    if os.path.commonpath([out, naive]) != out:
+        assert not glob.glob(glob.escape(naive) + "_*")
+    assert res.outputs["4"]["text"][0].startswith(f"Saved output/{expect}")
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+# ---------------------------------------------------------------------------------------------
+def test_recipe_travels_with_clones_and_is_read_back(harness):
+    """record_merge attaches a JSON recipe that follows clones (LoRA loaders...), never changes weights,
+    nests when a merge result is merged again, is written by the save node and shown by Load Merge Recipe."""
+    from mergelab import fixtures
+    recipe = pack(harness, "engine.recipe")
+    merge = pack(harness, "engine.merge")
+    mm = pack(harness, "merge_methods")
+    saving = pack(harness, "engine.saving")
+    a, b, c = (fixtures.small_model("SD15", delta_seed=s, delta_scale=0.01 * s) for s in (0, 1, 2))
+    ties = mm.create("ties", density=0.5)
+    inputs = [merge.MergeInput(a, {"weight": 1.0}, "model 1"), merge.MergeInput(b, {"weight": 0.5}, "model 2")]
+    opts = merge.MergeOptions(seed=123, device="cpu")
+    m1 = merge.merge_models(c, inputs, ties, opts)
+    patches_before = {k: list(v) for k, v in m1.patches.items()}
+    rec = recipe.record_merge(m1, ties, inputs, opts, base=c)
+    assert m1.patches == patches_before and recipe.get_recipe(c) is None
+    json.dumps(rec)
+    # travels with clones (ComfyUI's LoRA loaders and others clone the patcher)
+    clone = m1.clone()
+    assert recipe.get_recipe(clone) == rec
+    # a merge of a merge nests the first recipe
+    lin = mm.create("linear")
+    inputs2 = [merge.MergeInput(clone, {"weight": 0.5}, "model 1"), merge.MergeInput(a, {"weight": 0.5}, "model 2")]
+    m2 = merge.merge_models(None, inputs2, lin, merge.MergeOptions(seed=7, device="cpu"))
+    rec2 = recipe.record_merge(m2, lin, inputs2, merge.MergeOptions(seed=7, device="cpu"))
+    assert rec2["inputs"][0]["source"]["recipe"]["method"] == {"method": "ties", "params": ties.to_dict()["params"]}
+    assert rec2["inputs"][0]["source"]["recipe"]["seed"] == 123
+    # saved into the file, shown by Load Merge Recipe (its combo lists the output folder)
+    parts = {"model": m2}
+    res = saving.save_checkpoint(
+        m2, None, None, "recipes/nested", "fp16", default_prefix="recipes/x", fsync=False,
+        metadata_fn=lambda d: {recipe.METADATA_KEY: recipe.recipe_to_metadata(
+            recipe.build_file_recipe(parts, {"node": "test"}, None))})
+    choice = f"output/{res.relpath}"
+    out = harness.run_ok({
+        "1": {"class_type": "MergeLab_LoadMergeRecipe", "inputs": {"file": choice}},
+        "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "json"}},
+        "c2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 1], "name": "text"}},
+    })
+    loaded = json.loads(out.captured["json"])
+    assert loaded["parts"]["model"]["recipe"] == rec2
+    text = out.captured["text"]
+    assert "model merge: linear" in text and "ties(" in text and "density=0.5" in text and "seed 123" in text
+    assert out.outputs["1"]["text"][0] == text
+
+
+def test_load_merge_recipe_on_a_file_without_recipe(harness):
+    path = os.path.join(harness.base_dir, "plain_lora.safetensors")
+    save_file({"x.lora_up.weight": torch.zeros(2, 2)}, path, metadata={"ss_network_dim": "4"})
+    name = harness.add_model_file("loras", path, name="plain_lora.safetensors")
+    out = harness.run_ok({
+        "1": {"class_type": "MergeLab_LoadMergeRecipe", "inputs": {"file": f"loras/{name}"}},
+        "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "json"}},
+        "c2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 1], "name": "text"}},
+    })
+    assert json.loads(out.captured["json"]) is None
+    assert "no MergeLab recipe" in out.captured["text"] and "ss_network_dim" in out.captured["text"]
