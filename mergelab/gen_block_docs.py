@@ -169,6 +169,28 @@ def render_markdown(table: Mapping[str, Any], variants: Sequence[Mapping[str, An
       "other layout BASE goes to the text-encoder names and the 25 UNet values are resampled linearly over "
       "the remaining names in order.")
     w("")
+    w("## Nodes, rules and what a factor does")
+    w("")
+    w("Every block-weights node outputs a `BLOCK_WEIGHTS` (an immutable `engine.blocks.BlockWeights`) for the "
+      "`block_weights` input of a MergeLab merger. A factor **multiplies one merge-method parameter** for every "
+      "key of its block: `param` picks it (`weight` by default; any float parameter a method declares: "
+      "`density`, `t`, `lambda`, ...), `models` picks the merged models it applies to (`all`, `1,3`, `2-4`; "
+      "1 = the merger's first model input). 1 leaves the parameter as it is, 0 zeroes it; values below 0 and "
+      "above 1 are allowed. Several block weights on the same parameter multiply.")
+    w("")
+    w("* `Block Weights (<arch>)`: one value per block listed below.")
+    w("* `Block Weights (MBW string)`: an architecture, a preset and/or a string: one value per MBW name "
+      "(`0,1,1,...`), one value for all (`0.5`), or named values and ranges (`IN00:0.3, M00:1, OUT03-OUT05:0`; "
+      "names not given keep the preset's value, or 1). A wrong count is an error naming the expected count.")
+    w("* `Block Weights (rules)`: one rule per line, `re:<regex>=<factor>` (Python `re.search`) or "
+      "`glob:<pattern>=<factor>` (`fnmatch` on the whole key, `*` crosses dots; `glob:` may be left out), "
+      "matched against the key without `diffusion_model.`. **The last matching rule wins**; keys no rule "
+      "matches keep 1. Rules fit any architecture.")
+    w("* `Combine Block Weights`, or the `combine_with` input of every node: keep several at once.")
+    w("")
+    w("The merger checks the architecture: block weights made for SDXL refuse an SD1 model with a message "
+      "naming both.")
+    w("")
     w("## Architectures")
     w("")
     w("| arch | title | config classes | blocks | MBW values |")
@@ -217,10 +239,9 @@ def render_markdown(table: Mapping[str, Any], variants: Sequence[Mapping[str, An
     for name, vals in blocks.PRESETS.items():
         w(f"| `{name}` | {', '.join(_fmt(v) for v in vals)} |")
     w("")
-    total = sum(seconds.values())
-    w(f"Building the {len(seconds)} meta models for this page took {total:.1f} s "
-      "(the reason the nodes read the generated `engine/block_tables.json` instead of building them at "
-      "ComfyUI start-up).")
+    w(f"Building the {len(seconds)} meta models of this page takes 10-40 s (it depends on the machine and its "
+      "load), which is why the nodes read the generated `engine/block_tables.json` instead of building them "
+      "at ComfyUI start-up.")
     w("")
     return "\n".join(L)
 
