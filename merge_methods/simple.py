@@ -15,11 +15,11 @@ _FUSION_EPS = 1e-8      # mergekit arcee_fusion: added to both softmaxes before 
          "0, 1) and out = base + w·(model − base). Differences ≤ t are swapped in fully, larger ones "
          "only partly; t = 0 returns the base.",
     params=(Param("t", FLOAT, 0.0001, "Distance scale: elements closer than t are taken from the model.",
-                  min=0.0, max=100.0, step=0.0001, per_model=True),),
+                  min=0.0, max=100.0, step=0.0001),),
 )
 def nearswap(base, models, ctx, *, t):
     model = models[0]
-    w = (t[0] / (model - base).abs_().clamp_(min=1e-6)).clamp_(0.0, 1.0)
+    w = (t / (model - base).abs_().clamp_(min=1e-6)).clamp_(0.0, 1.0)
     return torch.lerp(base, model, w)
 
 

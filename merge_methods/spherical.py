@@ -89,12 +89,12 @@ def _combine(coef: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
          "combined, so norms are not interpolated; nearly parallel tensors (|cos| > 0.9995) are lerped. "
          "Computed in torch on the merge device (mergekit round-trips through numpy on the CPU).",
     params=(Param("t", FLOAT, 0.5, "Interpolation factor: 0 gives the base, 1 gives the model.",
-                  min=0.0, max=1.0, step=0.01, per_model=True),),
+                  min=0.0, max=1.0, step=0.01),),
 )
 def slerp(base, models, ctx, *, t):
     v0 = base
     v1 = models[0]
-    t = t[0].double()
+    t = torch.tensor(float(t), dtype=torch.float64, device=base.device)
     # scalar reductions accumulate in fp64: an fp32 dot of a large tensor is off by ~1e-5, which
     # acos amplifies for small angles
     n0 = _sumsq(v0).sqrt()

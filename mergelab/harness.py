@@ -167,6 +167,29 @@ class Harness:
     def register_test_node(self, node_id: str, cls) -> None:
         self.nodes.NODE_CLASS_MAPPINGS[node_id] = cls
 
+    # -- building prompts ----------------------------------------------------------------------
+    def with_defaults(self, prompt: Dict[str, Any]) -> Dict[str, Any]:
+        """A copy of ``prompt`` whose nodes get every widget input they lack at its default value
+        (what the editor would have filled in), so tests and scripts can write only what matters."""
+        out = {}
+        for nid, node in prompt.items():
+            cls = self.nodes.NODE_CLASS_MAPPINGS.get(node["class_type"])
+            inputs = dict(node.get("inputs", {}))
+            if cls is not None:
+                spec = cls.INPUT_TYPES()
+                for section in ("required", "optional"):
+                    for name, item in (spec.get(section) or {}).items():
+                        if name in inputs:
+                            continue
+                        typ = item[0]
+                        opts = item[1] if len(item) > 1 and isinstance(item[1], dict) else {}
+                        if "default" in opts:
+                            inputs[name] = opts["default"]
+                        elif isinstance(typ, list) and typ and section == "required":
+                            inputs[name] = typ[0]
+            out[nid] = {**node, "inputs": inputs}
+        return out
+
     # -- running -----------------------------------------------------------------------------
     def _executor(self):
         import execution

@@ -78,12 +78,13 @@ def _snapshot(folder: str) -> dict:
     return out
 
 
-def run_workflow(path: str, overrides: List[str], harness, quiet: bool = False, out=sys.stdout) -> int:
-    """Convert, validate and execute; print outputs. Returns the process exit code."""
+def run_workflow(workflow, overrides: List[str], harness, quiet: bool = False, out=sys.stdout) -> int:
+    """Convert, validate and execute a workflow (a path or parsed JSON); print the files written.
+    Returns the process exit code."""
     import nodes as comfy_nodes  # ComfyUI's
 
     try:
-        data = load_json(path)
+        data = load_json(workflow) if isinstance(workflow, str) else workflow
         prompt = to_api(data, comfy_nodes.NODE_CLASS_MAPPINGS)
         apply_overrides(prompt, overrides)
     except WorkflowError as e:
@@ -120,8 +121,10 @@ def run_workflow(path: str, overrides: List[str], harness, quiet: bool = False, 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if not os.path.isfile(args.workflow):
-        print(f"error: workflow file not found: {args.workflow}", file=sys.stderr)
+    try:
+        data = load_json(args.workflow)      # a missing file or bad JSON fails before ComfyUI starts
+    except WorkflowError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from .comfy_env import ComfyUINotFound
     from .harness import Harness
@@ -136,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ComfyUINotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_workflow(args.workflow, args.overrides, harness, quiet=args.quiet)
+    return run_workflow(data, args.overrides, harness, quiet=args.quiet)
 
 
 if __name__ == "__main__":

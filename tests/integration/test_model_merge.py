@@ -20,7 +20,20 @@ def loader(nid, arch, delta_seed=0, dtype="fp32"):
                              "delta_scale": DELTA if delta_seed else 0.0, "dtype": dtype}}}
 
 
-def merge_graph(arch, method_node, method_inputs, n_models, with_base, per_model=None, extra=None, dtype="fp32",
+def merge_graph(*args, **kw):
+    from mergelab.harness import Harness  # noqa: F401  (the session harness fills widget defaults)
+    return _HARNESS[0].with_defaults(_merge_graph(*args, **kw))
+
+
+_HARNESS = []
+
+
+@pytest.fixture(autouse=True)
+def _remember_harness(harness):
+    _HARNESS[:] = [harness]
+
+
+def _merge_graph(arch, method_node, method_inputs, n_models, with_base, per_model=None, extra=None, dtype="fp32",
                 clip=False):
     """Loaders for the base (seed 0) and n tuned models, a Merge Input chain, a method and a merger."""
     g = {}

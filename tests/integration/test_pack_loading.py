@@ -29,20 +29,20 @@ def test_loader_registers_pack_nodes(harness):
 
 
 def test_method_node_runs_in_executor(harness):
-    res = harness.run_ok({
+    res = harness.run_ok(harness.with_defaults({
         "1": {"class_type": "MergeLab_Method_ties", "inputs": {"lambda": 0.5}},
         "2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "m"}},
-    })
+    }))
     m = res.captured["m"]
     assert m.name == "ties" and m.get("lambda") == 0.5
     assert json.loads(json.dumps(m.to_dict()))["method"] == "ties"
 
 
 def test_bad_widget_value_is_rejected_by_validation(harness):
-    res = harness.run({
+    res = harness.run(harness.with_defaults({
         "1": {"class_type": "MergeLab_Method_ties", "inputs": {"lambda": 1e12}},
         "2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "m"}},
-    })
+    }))
     assert not res.success
     assert "lambda" in res.error_text()
 

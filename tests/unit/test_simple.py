@@ -6,8 +6,13 @@ import merge_methods as mm
 from merge_methods import MergeError
 
 
-def run(name, base, models, create_kw=None, **per_model):
-    return mm.create(name, **(create_kw or {})).merge(base, models, **per_model)
+def run(name, base, models, create_kw=None, **params):
+    """create + merge; keyword parameters go where the spec declares them (global or per model)."""
+    glob = {p.name for p in mm.get_spec(name).global_params}
+    create_kw = dict(create_kw or {})
+    per_model = {k: v for k, v in params.items() if k not in glob}
+    create_kw.update({k: v for k, v in params.items() if k in glob})
+    return mm.create(name, **create_kw).merge(base, models, **per_model)
 
 
 def gen(seed):
