@@ -17,7 +17,8 @@ import torch
 
 from ..merge_methods import MergeError, MergeMethod, key_seed
 from .lora import (Lora, LoraError, LoraLayer, LayerKey, arch_of, base_key, is_model_key, key_text, merge_arch)
-from .lora_svd import (RankError, RankSpec, SVDOptions, as_matrix, factorize, factorize_product)
+from .lora_svd import (RankError, RankSpec, SVDOptions, as_matrix, factorize, factorize_product,
+                       single_thread_if_small)
 
 log = logging.getLogger("MergeLab")
 
@@ -220,29 +221,9 @@ def extract_lora(tuned_model=None, base_model=None, tuned_clip=None, base_clip=N
                     c["not_extracted"] += 1
                     prog.step()
                     continue
-                d = ts.read(key, device)
-                d.sub_(bs.read(key, device))
-                amax = float(d.abs().max()) if d.numel() else 0.0
-                if not math.isfinite(amax):
-                    raise LoraError(f"the difference of {key} contains NaN or Inf: one of the models is broken")
-                if amax <= opts.min_diff:
-                    c["negligible"] += 1
-                    del d
-                    prog.step()
-                    continue
-                if is_matrix:
-                    f = factorize(as_matrix(d), opts.rank, opts.svd, seed=key_seed(opts.seed, key),
-                                  clamp_quantile=clamp)
-                    layers[key] = LoraLayer.from_factors(shape, f.up.cpu(), f.down.cpu())
-                    note = "rank capped by layer size" if f.capped else ""
-                    c["capped"] += int(f.capped)
-                    stats.append(LayerStat(key, shape, "lora", f.rank, f.rel_error, f.norm, note))
-                    c["lora"] += 1
-                else:
-                    layers[key] = LoraLayer.from_diff(d.to("cpu"))
-                    stats.append(LayerStat(key, shape, "diff", 0, 0.0, float(torch.linalg.norm(d)), "full difference"))
-                    c["diff"] += 1
-                del d
+                with single_thread_if_small(bs.raw(key).numel(), device):
+                    kind = _extract_one(key, shape, is_matrix, ts, bs, device, opts, clamp, layers, stats, c)
+                c[kind] += 1
                 prog.step()
     finally:
         _release(device)
@@ -276,6 +257,26 @@ def extract_lora(tuned_model=None, base_model=None, tuned_clip=None, base_clip=N
                      + (f", {c['capped']} smaller than the rank (stored at full rank, exact)" if c['capped'] else ""))
     lines += _stats_text(stats)
     return lora, "\n".join(lines)
+
+
+def _extract_one(key, shape, is_matrix, ts, bs, device, opts: ExtractOptions, clamp, layers, stats, c) -> str:
+    d = ts.read(key, device)
+    d.sub_(bs.read(key, device))
+    amax = float(d.abs().max()) if d.numel() else 0.0
+    if not math.isfinite(amax):
+        raise LoraError(f"the difference of {key} contains NaN or Inf: one of the models is broken")
+    if amax <= opts.min_diff:
+        return "negligible"
+    if is_matrix:
+        f = factorize(as_matrix(d), opts.rank, opts.svd, seed=key_seed(opts.seed, key), clamp_quantile=clamp)
+        layers[key] = LoraLayer.from_factors(shape, f.up.cpu(), f.down.cpu())
+        c["capped"] += int(f.capped)
+        stats.append(LayerStat(key, shape, "lora", f.rank, f.rel_error, f.norm,
+                               "rank capped by layer size" if f.capped else ""))
+        return "lora"
+    layers[key] = LoraLayer.from_diff(d.to("cpu"))
+    stats.append(LayerStat(key, shape, "diff", 0, 0.0, float(torch.linalg.norm(d)), "full difference"))
+    return "diff"
 
 
 def _describe_inputs(plans) -> Dict[str, Any]:

@@ -98,11 +98,10 @@ SMALL_CPU_MATRIX = 512 * 512
 
 
 @contextmanager
-def small_matrix_threads(*tensors: torch.Tensor):
-    """Run CPU linear algebra on small matrices with one thread (restored afterwards)."""
+def single_thread_if_small(numel: int, device: torch.device):
+    """One CPU thread for work on a small tensor (restored afterwards); a no-op elsewhere."""
     n = torch.get_num_threads()
-    small = all(t.device.type == "cpu" for t in tensors) and max(t.numel() for t in tensors) <= SMALL_CPU_MATRIX
-    if not small or n <= 1:
+    if torch.device(device).type != "cpu" or numel > SMALL_CPU_MATRIX or n <= 1:
         yield
         return
     torch.set_num_threads(1)
@@ -110,6 +109,12 @@ def small_matrix_threads(*tensors: torch.Tensor):
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def small_matrix_threads(*tensors: torch.Tensor):
+    """Run CPU linear algebra on small matrices with one thread (restored afterwards)."""
+    dev = "cpu" if all(t.device.type == "cpu" for t in tensors) else "cuda"
+    return single_thread_if_small(max(t.numel() for t in tensors), torch.device(dev) if dev == "cpu" else tensors[0].device)
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
