@@ -1,0 +1,545 @@
+// MergeLab frontend extension.
+//
+// 1. Block-weight editor: on every node of the category "MergeLab/block weights" that has one FLOAT
+//    widget per block (the per-architecture nodes), a curve of the block values is drawn inside the
+//    node; each point can be dragged up/down (Shift-drag paints across points), and a preset menu
+//    applies the MBW presets.  The editor only writes the node's ordinary FLOAT widgets: it adds no
+//    input, its own widgets are never serialized (neither into the prompt nor into widgets_values), so
+//    API-format graphs and saved workflows are exactly what they are without this extension.
+// 2. Method help: nodes of the category "MergeLab/methods" show their description (from the Python
+//    parameter spec) as wrapped text inside the node; a click on its header folds it.
+//
+// Everything is derived at run time from the node definitions the server sends (/object_info): which
+// nodes, which widgets, the MBW name of each block (from the widget's display name) and the preset names
+// (from the MBW node's preset list).
+
+import { app } from "../../scripts/app.js";
+import { knownPresets, presetForNames } from "./mergelab_presets.js";
+
+const EXTENSION_NAME = "MergeLab.Frontend";
+const BLOCK_CATEGORY = "MergeLab/block weights";
+const METHOD_CATEGORY = "MergeLab/methods";
+const MBW_NODE = "MergeLab_BlockWeightsMBW";
+const CURVE_TYPE = "MERGELAB_BLOCK_CURVE";
+const HELP_TYPE = "MERGELAB_METHOD_HELP";
+const PRESET_PLACEHOLDER = "choose…";
+const ACTIONS = { "reset (all 1)": (v) => v.map(() => 1), "invert (1 − v)": (v) => v.map((x) => 1 - x),
+                  "mirror (reverse order)": (v) => [...v].reverse() };
+
+const nodeDefs = {};   // MergeLab node definitions by name, from addCustomNodeDefs
+
+const LG = () => globalThis.LiteGraph ?? {};
+const color = (key, fallback) => LG()[key] ?? fallback;
+
+// ------------------------------------------------------------------------------------------------
+// node-definition helpers (object_info format: inputs as [type, options] or [[choices], options])
+// ------------------------------------------------------------------------------------------------
+function orderedInputs(nodeData) {
+    const out = [];
+    for (const section of ["required", "optional"]) {
+        const inputs = nodeData?.input?.[section] ?? {};
+        const order = nodeData?.input_order?.[section] ?? Object.keys(inputs);
+        for (const name of order) if (inputs[name]) out.push([name, inputs[name]]);
+    }
+    return out;
+}
+
+/** The block inputs of a block-weight node: its FLOAT inputs, in definition order, with the MBW name
+ *  taken from the display name ("IN04 input_blocks.4." -> IN04; none -> the block id itself). */
+function blockInputs(nodeData) {
+    if (nodeData?.category !== BLOCK_CATEGORY) return [];
+    const blocks = [];
+    for (const [name, spec] of orderedInputs(nodeData)) {
+        if (!Array.isArray(spec) || spec[0] !== "FLOAT") continue;
+        const opts = spec[1] ?? {};
+        const label = opts.display_name ?? name;
+        const group = label.endsWith(" " + name) ? label.slice(0, -name.length - 1).trim() : name;
+        blocks.push({ name, label, group: group || name, min: opts.min ?? -Infinity, max: opts.max ?? Infinity,
+                      step: opts.step ?? 0.01 });
+    }
+    return blocks.length >= 2 ? blocks : [];
+}
+
+function comboOptions(spec) {
+    if (!Array.isArray(spec)) return [];
+    if (Array.isArray(spec[0])) return spec[0];
+    return spec[1]?.options ?? spec[1]?.values ?? [];
+}
+
+/** Preset names: the MBW node's preset list (the Python table) when the server defines that node,
+ *  restricted to the presets mergelab_presets.js can compute. */
+function presetNames() {
+    const known = new Set(knownPresets());
+    const def = nodeDefs[MBW_NODE];
+    const fromServer = def ? comboOptions(def.input?.required?.preset).filter((n) => n !== "none") : null;
+    return fromServer ? fromServer.filter((n) => known.has(n)) : [...known];
+}
+
+// ------------------------------------------------------------------------------------------------
+// small drawing helpers
+// ------------------------------------------------------------------------------------------------
+function roundRect(ctx, x, y, w, h, r) {
+    ctx.beginPath();
+    if (ctx.roundRect) ctx.roundRect(x, y, w, h, r);
+    else ctx.rect(x, y, w, h);
+}
+
+function decimalsOf(step) {
+    const s = String(step);
+    return s.includes(".") ? s.split(".")[1].length : 0;
+}
+
+// LiteGraph may copy a custom widget's own properties into a wrapper (LegacyWidget): make the
+// methods it calls own properties, bound to the widget that holds the state.
+function bindOwn(obj, methods) {
+    for (const m of methods) obj[m] = obj[m].bind(obj);
+}
+
+function fmt(v) {
+    return (Math.round(v * 100) / 100).toString();
+}
+
+function markChanged(node) {
+    node.setDirtyCanvas?.(true, true);
+    if (node.graph) node.graph._version = (node.graph._version ?? 0) + 1;
+    app.graph?.setDirtyCanvas?.(true, true);
+}
+
+// ------------------------------------------------------------------------------------------------
+// block-weight curve editor
+// ------------------------------------------------------------------------------------------------
+const CURVE_HEIGHT = 170;
+const MARGIN = 15;      // LiteGraph's widget margin
+const AXIS_W = 30;      // room for the value labels
+const HEAD_H = 20;      // title / hover read-out row
+const FOOT_H = 16;      // group labels under the plot
+
+class BlockCurveWidget {
+    constructor(node, blocks) {
+        this.type = CURVE_TYPE;
+        this.name = "mergelab_block_curve";
+        this.label = "block curve";
+        this.serialize = false;                  // not in widgets_values
+        this.options = { serialize: false };     // not in the API prompt
+        this.value = "";                        // nothing of its own: the FLOAT widgets hold the values
+        this.y = 0;
+        this.node = node;
+        this.blocks = blocks;
+        this.drag = null;                       // {index, range, paint}
+        this.hover = -1;
+        this.bodyNames = [...new Set(blocks.map((b) => b.group))];
+        bindOwn(this, ["draw", "mouse", "computeSize"]);
+    }
+
+    // -- the FLOAT widgets behind the points
+    floatWidgets() {
+        const byName = new Map((this.node.widgets ?? []).map((w) => [w.name, w]));
+        return this.blocks.map((b) => byName.get(b.name));
+    }
+
+    isLinked(blockName) {
+        return (this.node.inputs ?? []).some((i) => i.widget?.name === blockName && i.link != null);
+    }
+
+    values() {
+        return this.floatWidgets().map((w) => (w ? Number(w.value) : NaN));
+    }
+
+    /** Sets block i to v through the widget (clamped to the input's range; rounded to its step when
+     *  `snap`, as for values drawn with the mouse).  The FLOAT widget's own callback then applies the
+     *  frontend's float rounding (Comfy.FloatRoundingPrecision), as for a value typed in. */
+    setValue(i, v, e, snap = false) {
+        const b = this.blocks[i];
+        const w = this.floatWidgets()[i];
+        if (!w || this.isLinked(b.name)) return false;
+        v = Math.min(b.max, Math.max(b.min, v));
+        if (snap) v = Number(v.toFixed(decimalsOf(b.step)));
+        if (Number(w.value) === v) return false;
+        const canvas = app.canvas;
+        if (typeof w.setValue === "function" && canvas) {
+            w.setValue(v, { e, node: this.node, canvas });
+        } else {
+            const old = w.value;
+            w.value = v;
+            w.callback?.(v, canvas, this.node, canvas?.graph_mouse, e);
+            this.node.onWidgetChanged?.(w.name, v, old, w);
+        }
+        return true;
+    }
+
+    /** Writes all values (one per block); returns how many changed. */
+    setValues(values, e) {
+        let n = 0;
+        values.forEach((v, i) => { if (Number.isFinite(v) && this.setValue(i, v, e)) n++; });
+        if (n) markChanged(this.node);
+        return n;
+    }
+
+    /** Applies a preset (or one of ACTIONS) by name; returns the number of changed widgets. */
+    applyPreset(name, e) {
+        if (ACTIONS[name]) return this.setValues(ACTIONS[name](this.values()), e);
+        const perName = presetForNames(name, this.bodyNames);
+        if (!perName) throw new Error(`MergeLab: unknown block-weight preset ${name}`);
+        const byGroup = Object.fromEntries(this.bodyNames.map((n, i) => [n, perName[i]]));
+        return this.setValues(this.blocks.map((b) => byGroup[b.group]), e);
+    }
+
+    // -- geometry (node-relative coordinates)
+    computeSize(width) {
+        return [width ?? this.node.size[0], CURVE_HEIGHT];
+    }
+
+    plotRect(width) {
+        const w = width ?? this.node.size[0];
+        const x0 = MARGIN + AXIS_W, x1 = w - MARGIN - 8;
+        const y0 = this.y + HEAD_H + 6, y1 = this.y + CURVE_HEIGHT - FOOT_H - 4;
+        return { x0, x1, y0, y1 };
+    }
+
+    range(values) {
+        if (this.drag) return this.drag.range;
+        const finite = values.filter(Number.isFinite);
+        let lo = Math.min(0, ...finite), hi = Math.max(1, ...finite);
+        lo = Math.floor(lo * 2) / 2;
+        hi = Math.ceil(hi * 2) / 2;
+        return [lo, hi];
+    }
+
+    xOf(i, r) {
+        const n = this.blocks.length;
+        return n > 1 ? r.x0 + (i / (n - 1)) * (r.x1 - r.x0) : (r.x0 + r.x1) / 2;
+    }
+
+    yOf(v, r, range) {
+        const [lo, hi] = range;
+        return r.y1 - ((v - lo) / (hi - lo)) * (r.y1 - r.y0);
+    }
+
+    valueAt(y, r, range) {
+        const [lo, hi] = range;
+        const t = (r.y1 - y) / (r.y1 - r.y0);
+        return lo + Math.min(1, Math.max(0, t)) * (hi - lo);
+    }
+
+    indexAt(x, r) {
+        const n = this.blocks.length;
+        if (n < 2) return 0;
+        const i = Math.round(((x - r.x0) / (r.x1 - r.x0)) * (n - 1));
+        return Math.min(n - 1, Math.max(0, i));
+    }
+
+    /** Node-relative position of point i (for tests and other extensions). */
+    pointPos(i) {
+        const r = this.plotRect();
+        const values = this.values();
+        return [this.xOf(i, r), this.yOf(values[i], r, this.range(values))];
+    }
+
+    // -- drawing
+    draw(ctx, node, width, y) {
+        this.y = y;
+        const r = this.plotRect(width);
+        const values = this.values();
+        const range = this.range(values);
+        const [lo, hi] = range;
+        ctx.save();
+        // frame
+        roundRect(ctx, MARGIN, y, width - 2 * MARGIN, CURVE_HEIGHT - 4, 6);
+        ctx.fillStyle = color("WIDGET_BGCOLOR", "#222");
+        ctx.fill();
+        ctx.strokeStyle = color("WIDGET_OUTLINE_COLOR", "#666");
+        ctx.stroke();
+        // header: hovered / dragged point, else a hint
+        const active = this.drag ? this.drag.index : this.hover;
+        ctx.font = "12px Arial, sans-serif";
+        ctx.textBaseline = "middle";
+        ctx.textAlign = "left";
+        if (active >= 0 && active < this.blocks.length) {
+            const b = this.blocks[active];
+            ctx.fillStyle = color("WIDGET_TEXT_COLOR", "#ddd");
+            const linked = this.isLinked(b.name) ? "  (from input)" : "";
+            ctx.fillText(`${b.label}: ${fmt(values[active])}${linked}`, MARGIN + 8, y + HEAD_H / 2 + 3);
+        } else {
+            ctx.fillStyle = color("WIDGET_SECONDARY_TEXT_COLOR", "#999");
+            ctx.fillText("Block weights: drag a point · Shift-drag paints", MARGIN + 8, y + HEAD_H / 2 + 3);
+        }
+        // group bands (IN / M / OUT, D / S, ...) with their labels
+        const groupOf = (g) => g.replace(/\d+$/, "") || g;
+        let start = 0;
+        let band = 0;
+        ctx.font = "10px Arial, sans-serif";
+        ctx.textAlign = "center";
+        for (let i = 1; i <= this.blocks.length; i++) {
+            if (i < this.blocks.length && groupOf(this.blocks[i].group) === groupOf(this.blocks[start].group)) continue;
+            const half = this.blocks.length > 1 ? (r.x1 - r.x0) / (this.blocks.length - 1) / 2 : 10;
+            const xa = Math.max(r.x0 - 4, this.xOf(start, r) - half), xb = Math.min(r.x1 + 4, this.xOf(i - 1, r) + half);
+            if (band % 2 === 0) {
+                ctx.fillStyle = "rgba(255,255,255,0.05)";
+                ctx.fillRect(xa, r.y0 - 4, xb - xa, r.y1 - r.y0 + 8);
+            }
+            ctx.fillStyle = color("WIDGET_SECONDARY_TEXT_COLOR", "#999");
+            const label = groupOf(this.blocks[start].group);
+            if (ctx.measureText(label).width < xb - xa + 6) ctx.fillText(label, (xa + xb) / 2, r.y1 + 12);
+            band++;
+            start = i;
+        }
+        // horizontal grid: lo, 0, 0.5, 1, hi
+        ctx.textAlign = "right";
+        const ticks = [...new Set([lo, 0, 0.5, 1, hi])].filter((t) => t >= lo && t <= hi).sort((a, b) => a - b);
+        for (const t of ticks) {
+            const ty = this.yOf(t, r, range);
+            ctx.strokeStyle = t === 0 || t === 1 ? "rgba(255,255,255,0.22)" : "rgba(255,255,255,0.09)";
+            ctx.beginPath();
+            ctx.moveTo(r.x0 - 4, ty);
+            ctx.lineTo(r.x1 + 4, ty);
+            ctx.stroke();
+            ctx.fillStyle = color("WIDGET_SECONDARY_TEXT_COLOR", "#999");
+            ctx.fillText(fmt(t), r.x0 - 7, ty);
+        }
+        // the curve
+        ctx.strokeStyle = "#4fa3ff";
+        ctx.lineWidth = 1.5;
+        ctx.beginPath();
+        let first = true;
+        values.forEach((v, i) => {
+            if (!Number.isFinite(v)) return;
+            const px = this.xOf(i, r), py = this.yOf(Math.min(hi, Math.max(lo, v)), r, range);
+            if (first) ctx.moveTo(px, py); else ctx.lineTo(px, py);
+            first = false;
+        });
+        ctx.stroke();
+        // the points
+        values.forEach((v, i) => {
+            if (!Number.isFinite(v)) return;
+            const px = this.xOf(i, r), py = this.yOf(Math.min(hi, Math.max(lo, v)), r, range);
+            const linked = this.isLinked(this.blocks[i].name);
+            ctx.beginPath();
+            ctx.arc(px, py, i === active ? 5 : 3.5, 0, Math.PI * 2);
+            if (linked) {
+                ctx.strokeStyle = "#888";
+                ctx.lineWidth = 1;
+                ctx.stroke();
+            } else {
+                ctx.fillStyle = i === active ? "#ffd24f" : "#9cc9ff";
+                ctx.fill();
+            }
+        });
+        ctx.restore();
+    }
+
+    // -- pointer handling (LiteGraph calls mouse() on down, move while captured, and up)
+    mouse(event, pos, node) {
+        const type = event.type;
+        const r = this.plotRect();
+        const [x, y] = pos;
+        const inside = x >= r.x0 - 8 && x <= r.x1 + 8 && y >= r.y0 - 8 && y <= r.y1 + 8;
+        if (type === "pointerdown" || type === "mousedown") {
+            if (!inside) return false;
+            const values = this.values();
+            const index = this.indexAt(x, r);
+            this.drag = { index, range: this.range(values), paint: !!event.shiftKey };
+            this.drag.value = this.valueAt(y, r, this.drag.range);
+            this.setValue(index, this.drag.value, event, true);
+            markChanged(node);
+            return true;
+        }
+        if (type === "pointermove" || type === "mousemove") {
+            if (!this.drag) {
+                const h = inside ? this.indexAt(x, r) : -1;
+                if (h !== this.hover) { this.hover = h; return true; }
+                return false;
+            }
+            const v = this.valueAt(y, r, this.drag.range);
+            if (this.drag.paint || event.shiftKey) {
+                // paint: every point between the previous and the current position gets a value on
+                // the straight line between them (fast moves skip no point)
+                const i = this.indexAt(x, r);
+                const { index: j, value: u } = this.drag;
+                const lo = Math.min(i, j), hi = Math.max(i, j);
+                for (let k = lo; k <= hi; k++) {
+                    const t = i === j ? 1 : (k - j) / (i - j);
+                    this.setValue(k, u + (v - u) * t, event, true);
+                }
+                this.drag.index = i;
+            } else {
+                this.setValue(this.drag.index, v, event, true);
+            }
+            this.drag.value = v;
+            markChanged(node);
+            return true;
+        }
+        if (type === "pointerup" || type === "mouseup" || type === "pointercancel") {
+            const was = !!this.drag;
+            this.drag = null;
+            if (was) {
+                markChanged(node);
+                app.graph?.change?.();
+            }
+            return was;
+        }
+        return false;
+    }
+}
+
+function addPresetWidget(node, curve) {
+    const names = [PRESET_PLACEHOLDER, ...Object.keys(ACTIONS), ...presetNames()];
+    const w = node.addWidget("combo", "mergelab_block_preset", PRESET_PLACEHOLDER, (value) => {
+        if (value && value !== PRESET_PLACEHOLDER) curve.applyPreset(value);
+        w.value = PRESET_PLACEHOLDER;
+    }, { values: names, serialize: false });
+    w.label = "apply preset";
+    w.serialize = false;
+    w.options.serialize = false;
+    w.tooltip = "Sets the block values from an MBW preset (supermerger's tables, mapped to this architecture " +
+                "as the MBW node maps them) or transforms them; the values land in the block widgets below.";
+    return w;
+}
+
+// ------------------------------------------------------------------------------------------------
+// method help
+// ------------------------------------------------------------------------------------------------
+const HELP_FONT = "12px Arial, sans-serif";
+const HELP_LINE = 16;
+let measureCtx = null;
+
+function wrapText(text, width) {
+    measureCtx ??= document.createElement("canvas").getContext("2d");
+    measureCtx.font = HELP_FONT;
+    const lines = [];
+    for (const para of String(text).split("\n")) {
+        if (!para.trim()) { lines.push(""); continue; }
+        let line = "";
+        for (const word of para.split(/\s+/)) {
+            const next = line ? line + " " + word : word;
+            if (line && measureCtx.measureText(next).width > width) {
+                lines.push(line);
+                line = word;
+            } else {
+                line = next;
+            }
+        }
+        if (line) lines.push(line);
+    }
+    return lines;
+}
+
+class MethodHelpWidget {
+    constructor(node, text) {
+        this.type = HELP_TYPE;
+        this.name = "mergelab_method_help";
+        this.label = "method help";
+        this.serialize = false;
+        this.options = { serialize: false };
+        this.value = "";
+        this.y = 0;
+        this.node = node;
+        this.text = text;
+        this.folded = false;
+        this._cache = { width: -1, lines: [] };
+        bindOwn(this, ["draw", "mouse", "computeSize"]);
+    }
+
+    lines(width) {
+        const inner = Math.max(60, width - 2 * MARGIN - 16);
+        if (this._cache.width !== inner) this._cache = { width: inner, lines: wrapText(this.text, inner) };
+        return this._cache.lines;
+    }
+
+    computeSize(width) {
+        const w = this.node.size?.[0] ?? width ?? 300;
+        return [w, this.folded ? HEAD_H + 6 : HEAD_H + 10 + this.lines(w).length * HELP_LINE];
+    }
+
+    draw(ctx, node, width, y) {
+        this.y = y;
+        const h = this.computeSize(width)[1] - 4;
+        ctx.save();
+        roundRect(ctx, MARGIN, y, width - 2 * MARGIN, h, 6);
+        ctx.fillStyle = "rgba(0,0,0,0.25)";
+        ctx.fill();
+        ctx.strokeStyle = color("WIDGET_OUTLINE_COLOR", "#666");
+        ctx.stroke();
+        ctx.font = "bold 12px Arial, sans-serif";
+        ctx.textBaseline = "middle";
+        ctx.textAlign = "left";
+        ctx.fillStyle = color("WIDGET_TEXT_COLOR", "#ddd");
+        ctx.fillText(`${this.folded ? "▸" : "▾"} About this method`, MARGIN + 8, y + HEAD_H / 2 + 2);
+        if (!this.folded) {
+            ctx.font = HELP_FONT;
+            ctx.textBaseline = "top";
+            ctx.fillStyle = color("WIDGET_TEXT_COLOR", "#ccc");
+            this.lines(width).forEach((line, i) => ctx.fillText(line, MARGIN + 8, y + HEAD_H + 4 + i * HELP_LINE));
+        }
+        ctx.restore();
+    }
+
+    mouse(event, pos, node) {
+        if (event.type !== "pointerdown" && event.type !== "mousedown") return false;
+        if (pos[1] > this.y + HEAD_H + 2) return false;
+        this.folded = !this.folded;
+        const min = node.computeSize();
+        node.setSize([node.size[0], this.folded ? min[1] : Math.max(node.size[1], min[1])]);
+        markChanged(node);
+        return true;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// wiring
+// ------------------------------------------------------------------------------------------------
+/** Moves the given widgets to the top of node.widgets (they are drawn first). */
+function moveToTop(node, widgets) {
+    node.widgets = [...widgets, ...node.widgets.filter((w) => !widgets.includes(w))];
+}
+
+/** widgets_values as without this extension: the values of the serializable widgets, in order.
+ *  (LiteGraph writes widgets_values by widget index, leaving holes for unserialized widgets, but reads
+ *  them back counting serializable widgets only; our widgets sit first, so the holes must go.) */
+function compactWidgetValues(node, data) {
+    if (!data || !Array.isArray(data.widgets_values) || !node.widgets) return;
+    data.widgets_values = node.widgets.filter((w) => w.serialize !== false).map((w) => w.value);
+}
+
+function chain(proto, method, fn) {
+    const orig = proto[method];
+    proto[method] = function (...args) {
+        const r = orig?.apply(this, args);
+        fn.apply(this, args);
+        return r;
+    };
+}
+
+app.registerExtension({
+    name: EXTENSION_NAME,
+
+    async addCustomNodeDefs(defs) {
+        for (const [name, def] of Object.entries(defs)) if (name.startsWith("MergeLab_")) nodeDefs[name] = def;
+    },
+
+    async beforeRegisterNodeDef(nodeType, nodeData) {
+        if (!nodeData?.name?.startsWith("MergeLab_")) return;
+        nodeDefs[nodeData.name] ??= nodeData;
+        const blocks = blockInputs(nodeData);
+        const help = nodeData.category === METHOD_CATEGORY && nodeData.description ? nodeData.description : null;
+        if (!blocks.length && !help) return;
+
+        chain(nodeType.prototype, "onNodeCreated", function () {
+            const mine = [];
+            if (help) {
+                this.mergelabHelp = new MethodHelpWidget(this, help);
+                mine.push(this.addCustomWidget(this.mergelabHelp));
+            }
+            if (blocks.length) {
+                this.mergelabCurve = new BlockCurveWidget(this, blocks);
+                mine.push(this.addCustomWidget(this.mergelabCurve));
+                mine.push(addPresetWidget(this, this.mergelabCurve));
+            }
+            moveToTop(this, mine);
+            const width = Math.max(this.size[0], help ? 360 : 420);
+            this.setSize([width, this.computeSize([width, 0])[1]]);
+        });
+        chain(nodeType.prototype, "onSerialize", function (data) {
+            compactWidgetValues(this, data);
+        });
+    },
+});

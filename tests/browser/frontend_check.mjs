@@ -1,0 +1,444 @@
+// Drives the ComfyUI web UI in headless Chromium (Debian's /usr/bin/chromium, through playwright-core)
+// against a running ComfyUI server with MergeLab loaded, and writes what it saw to <out>/result.json.
+// It asserts nothing itself: tests/browser/test_frontend.py starts the server, runs this script and
+// checks the result.  With --docs it instead renders the README images into --docs-dir.
+//
+//   node frontend_check.mjs --url http://127.0.0.1:PORT/ --out DIR [--docs --docs-dir DIR]
+//
+// Environment: CHROMIUM (default /usr/bin/chromium).
+
+import fs from "node:fs";
+import path from "node:path";
+import { chromium } from "playwright-core";
+
+const args = Object.fromEntries(process.argv.slice(2).reduce((acc, a, i, all) => {
+    if (a.startsWith("--")) acc.push([a.slice(2), all[i + 1] && !all[i + 1].startsWith("--") ? all[i + 1] : true]);
+    return acc;
+}, []));
+const BASE = String(args.url ?? "http://127.0.0.1:8188/").replace(/\/?$/, "/");
+const OUT = path.resolve(String(args.out ?? "test-output/browser"));
+const DOCS = !!args.docs;
+const DOCS_DIR = path.resolve(String(args["docs-dir"] ?? "docs/images"));
+const PACK = String(args.pack ?? "MergeLab");
+const EXAMPLE_TIMEOUT_MS = Number(args["example-timeout"] ?? 90000);
+fs.mkdirSync(OUT, { recursive: true });
+
+const result = { url: BASE, steps: {}, console: [], pageErrors: [], failedRequests: [], screenshots: [] };
+const save = () => fs.writeFileSync(path.join(OUT, "result.json"), JSON.stringify(result, null, 1));
+const log = (...a) => console.log("[frontend_check]", ...a);
+
+async function step(name, fn) {
+    const t0 = Date.now();
+    try {
+        result.steps[name] = { ok: true, ...(await fn()) };
+    } catch (e) {
+        result.steps[name] = { ok: false, error: String(e?.stack ?? e) };
+        log(`step ${name} failed:`, e?.message ?? e);
+    }
+    result.steps[name].ms = Date.now() - t0;
+    save();
+    return result.steps[name];
+}
+
+async function getJson(p) {
+    const r = await fetch(BASE + p.replace(/^\//, ""));
+    if (!r.ok) throw new Error(`GET ${p}: HTTP ${r.status}`);
+    return r.json();
+}
+
+const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    // the flags that keep Chromium off the (closed) network; see docs in environment.md
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
+});
+const context = await browser.newContext({ viewport: { width: 1400, height: 900 }, deviceScaleFactor: 1 });
+// the "Nodes 2.0" banner is remembered in localStorage, not in the settings file
+await context.addInitScript(() => localStorage.setItem("vueNodesBannerDismissed", "true"));
+const page = await context.newPage();
+page.on("console", (m) => {
+    if (m.type() === "error" || m.type() === "warning") {
+        result.console.push({ type: m.type(), text: m.text(), url: m.location()?.url ?? "" });
+    }
+});
+page.on("pageerror", (e) => result.pageErrors.push({ text: String(e?.message ?? e), stack: String(e?.stack ?? "") }));
+page.on("requestfailed", (r) => result.failedRequests.push({ url: r.url(), error: r.failure()?.errorText ?? "" }));
+
+async function shot(name, opts = {}) {
+    const file = path.join(OUT, name);
+    await page.screenshot({ path: file, ...opts });
+    result.screenshots.push(file);
+    return file;
+}
+
+// client (page) coordinates of a point given relative to a node, at the current zoom
+async function clientPos(nodeId, rel) {
+    return page.evaluate(([id, [x, y]]) => {
+        const app = window.app;
+        const n = app.graph.getNodeById(id);
+        const c = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + x, n.pos[1] + y]);
+        const r = app.canvas.canvas.getBoundingClientRect();
+        return [r.left + c[0], r.top + c[1]];
+    }, [nodeId, rel]);
+}
+
+// a fresh graph with the view at zoom 1, no offset
+async function resetGraph() {
+    await page.evaluate(() => {
+        const app = window.app;
+        app.graph.clear();
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [0, 0];
+        app.canvas.setDirty(true, true);
+    });
+}
+
+async function addNode(type, pos) {
+    return page.evaluate(([t, p]) => {
+        const n = window.LiteGraph.createNode(t);
+        if (!n) throw new Error(`cannot create node ${t}`);
+        n.pos = p;
+        window.app.graph.add(n);
+        window.app.canvas.setDirty(true, true);
+        return n.id;
+    }, [type, pos]);
+}
+
+async function redraw() {
+    await page.evaluate(() => window.app.canvas.draw(true, true));
+    await page.waitForTimeout(50);
+}
+
+// ---------------------------------------------------------------------------------------------------
+await step("load", async () => {
+    await page.goto(BASE, { waitUntil: "load" });
+    await page.waitForFunction(() => window.app?.graph && window.LiteGraph && window.app.canvas, null, { timeout: 90000 });
+    // the extensions load after the graph exists: wait until ours registered (or give up after 30 s)
+    const registered = await page.waitForFunction(
+        () => window.app.extensions?.some((e) => e.name === "MergeLab.Frontend"), null, { timeout: 30000 })
+        .then(() => true, () => false);
+    await page.waitForTimeout(1000);
+    const info = await page.evaluate(() => ({
+        extensions: window.app.extensions.map((e) => e.name),
+        mergelabNodeTypes: Object.keys(window.LiteGraph.registered_node_types).filter((t) => t.startsWith("MergeLab_")).length,
+        dialogs: [...document.querySelectorAll("[role=dialog]")].map((d) => d.innerText.slice(0, 80)),
+    }));
+    await shot("00_loaded.png");
+    return { registered, ...info };
+});
+
+if (DOCS) {
+    await renderDocsImages();
+} else {
+    await runChecks();
+}
+await browser.close();
+save();
+log("done:", Object.entries(result.steps).map(([k, v]) => `${k}=${v.ok ? "ok" : "FAILED"}`).join(" "));
+
+// ---------------------------------------------------------------------------------------------------
+async function runChecks() {
+    let sd1 = null;
+
+    await step("block_editor_drag", async () => {
+        await resetGraph();
+        sd1 = await addNode("MergeLab_BlockWeights_SD1", [300, 80]);
+        await redraw();
+        const before = await page.evaluate((id) => {
+            const n = window.app.graph.getNodeById(id);
+            const c = n.mergelabCurve;
+            const r = c.plotRect();
+            return { values: c.values(), names: c.blocks.map((b) => b.name), pos: [...n.pos], plotH: r.y1 - r.y0,
+                     range: c.range(c.values()),
+                     widgetOrder: n.widgets.map((w) => [w.name, w.type, w.serialize !== false, w.options?.serialize !== false]) };
+        }, sd1);
+        const index = 5;
+        const p = await page.evaluate(([id, i]) => window.app.graph.getNodeById(id).mergelabCurve.pointPos(i), [sd1, index]);
+        const [x, y] = await clientPos(sd1, p);
+        const dy = 60;
+        await page.mouse.move(x, y);
+        await page.mouse.down();
+        await page.mouse.move(x, y + dy / 2, { steps: 5 });
+        await page.mouse.move(x, y + dy, { steps: 5 });
+        await page.mouse.up();
+        await redraw();
+        const after = await page.evaluate((id) => {
+            const n = window.app.graph.getNodeById(id);
+            return { values: n.mergelabCurve.values(), pos: [...n.pos] };
+        }, sd1);
+        await shot("10_block_editor_drag.png");
+        return { index, dy, before, after };
+    });
+
+    await step("block_editor_paint", async () => {
+        // Shift-drag from point 14 to point 20 at one height: every point in between takes the line's value
+        const [a, b] = [14, 20];
+        const pa = await page.evaluate(([id, i]) => window.app.graph.getNodeById(id).mergelabCurve.pointPos(i), [sd1, a]);
+        const pb = await page.evaluate(([id, i]) => window.app.graph.getNodeById(id).mergelabCurve.pointPos(i), [sd1, b]);
+        const [xa, ya] = await clientPos(sd1, pa);
+        const [xb] = await clientPos(sd1, pb);
+        const dy = 31;
+        await page.keyboard.down("Shift");
+        await page.mouse.move(xa, ya + dy);
+        await page.mouse.down();
+        await page.mouse.move(xb, ya + dy, { steps: 3 });
+        await page.mouse.up();
+        await page.keyboard.up("Shift");
+        const values = await page.evaluate((id) => window.app.graph.getNodeById(id).mergelabCurve.values(), sd1);
+        return { from: a, to: b, dy, values };
+    });
+
+    await step("serialization", async () => {
+        return page.evaluate(async (id) => {
+            const app = window.app;
+            const n = app.graph.getNodeById(id);
+            const ser = n.serialize();
+            const prompt = await app.graphToPrompt();
+            const floats = n.widgets.filter((w) => w.type === "number").map((w) => [w.name, w.value]);
+            const workflow = app.graph.serialize();
+            // round trip: reload the saved workflow; the values must come back into the same widgets
+            await app.loadGraphData(structuredClone(workflow), true, true, null);
+            const m = app.graph.getNodeById(id);
+            return {
+                widgetsValues: ser.widgets_values,
+                serializableWidgets: n.widgets.filter((w) => w.serialize !== false).map((w) => [w.name, w.value]),
+                promptInputs: prompt.output[String(id)]?.inputs,
+                floats,
+                reloaded: m ? m.widgets.filter((w) => w.type === "number").map((w) => [w.name, w.value]) : null,
+                reloadedHasCurve: !!m?.mergelabCurve,
+            };
+        }, sd1);
+    });
+
+    await step("preset_menu", async () => {
+        // apply a preset the way a user does: click the preset combo, pick the entry in the menu
+        await resetGraph();
+        const id = await addNode("MergeLab_BlockWeights_SDXL", [300, 60]);
+        await redraw();
+        const w = await page.evaluate((nid) => {
+            const n = window.app.graph.getNodeById(nid);
+            const pw = n.widgets.find((x) => x.name === "mergelab_block_preset");
+            return { y: pw.last_y ?? pw.y, width: n.size[0], values: pw.options.values };
+        }, id);
+        const [x, y] = await clientPos(id, [w.width / 2, w.y + 10]);
+        await page.mouse.click(x, y);
+        const entry = page.locator(".litecontextmenu .litemenu-entry", { hasText: /^GRAD_V$/ });
+        await entry.first().waitFor({ timeout: 5000 });
+        await entry.first().click();
+        await redraw();
+        const got = await page.evaluate((nid) => {
+            const n = window.app.graph.getNodeById(nid);
+            const pw = n.widgets.find((x) => x.name === "mergelab_block_preset");
+            return { values: n.mergelabCurve.values(), names: n.mergelabCurve.blocks.map((b) => b.name),
+                     comboAfter: pw.value };
+        }, id);
+        await shot("20_preset_menu.png");
+        return { menu: w.values, ...got, arch: "SDXL", preset: "GRAD_V" };
+    });
+
+    await step("preset_tables", async () => {
+        // every preset on every architecture node, computed as the editor computes it
+        return page.evaluate(async () => {
+            const { presetForNames } = await import("/extensions/MergeLab/mergelab_presets.js");
+            const app = window.app;
+            app.graph.clear();
+            const out = {};
+            const types = Object.keys(window.LiteGraph.registered_node_types).filter((t) => t.startsWith("MergeLab_"));
+            let offered = null;
+            for (const t of types) {
+                const n = window.LiteGraph.createNode(t);
+                if (!n?.mergelabCurve) continue;
+                app.graph.add(n);
+                const c = n.mergelabCurve;
+                offered ??= n.widgets.find((w) => w.name === "mergelab_block_preset").options.values;
+                const presets = {};
+                for (const p of offered) {
+                    const v = presetForNames(p, c.bodyNames);
+                    if (v) {
+                        const byGroup = Object.fromEntries(c.bodyNames.map((g, i) => [g, v[i]]));
+                        presets[p] = c.blocks.map((b) => byGroup[b.group]);
+                    }
+                }
+                out[t] = { blocks: c.blocks.map((b) => b.name), groups: c.blocks.map((b) => b.group), presets };
+                app.graph.remove(n);
+            }
+            return { nodes: out, offered };
+        });
+    });
+
+    await step("method_help", async () => {
+        await resetGraph();
+        const id = await addNode("MergeLab_Method_ties", [200, 80]);
+        await redraw();
+        const info = await page.evaluate(async (nid) => {
+            const app = window.app;
+            const n = app.graph.getNodeById(nid);
+            const h = n.mergelabHelp;
+            const prompt = await app.graphToPrompt();
+            return {
+                description: n.constructor.nodeData?.description ?? null,
+                text: h?.text ?? null,
+                lines: h ? h.lines(n.size[0]) : [],
+                firstWidget: n.widgets[0]?.name,
+                height: n.size[1], helpY: h?.last_y ?? h?.y,
+                widgetsValues: n.serialize().widgets_values,
+                promptInputs: prompt.output[String(nid)]?.inputs,
+            };
+        }, id);
+        await shot("30_method_help.png");
+        // a click on the help header folds the text away
+        const [x, y] = await clientPos(id, [60, info.helpY + 10]);
+        await page.mouse.click(x, y);
+        await redraw();
+        const folded = await page.evaluate((nid) => {
+            const n = window.app.graph.getNodeById(nid);
+            return { folded: n.mergelabHelp.folded, height: n.size[1] };
+        }, id);
+        return { ...info, afterClick: folded };
+    });
+
+    await step("examples", async () => {
+        const templates = await getJson("workflow_templates");
+        const names = templates[PACK] ?? [];
+        const runs = [];
+        for (const name of names) {
+            runs.push(await openAndRunExample(name));
+            save();
+        }
+        return { templates, names, runs };
+    });
+}
+
+async function openAndRunExample(name) {
+    const run = { name };
+    try {
+        await resetGraph();
+        await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+        const dialog = page.getByRole("dialog");
+        await dialog.getByText(PACK, { exact: true }).first().click({ timeout: 15000 });
+        // the card shows the template's file name as its title
+        await dialog.getByText(name, { exact: true }).first().click({ timeout: 15000 });
+        await page.waitForFunction(() => window.app.graph._nodes.length > 0 &&
+            !document.querySelector("[role=dialog]"), null, { timeout: 20000 });
+        await page.waitForTimeout(500);
+        const expected = await getJson(`api/workflow_templates/${encodeURIComponent(PACK)}/${encodeURIComponent(name)}.json`);
+        Object.assign(run, await page.evaluate((exp) => {
+            const nodes = window.app.graph._nodes;
+            return {
+                loadedTypes: nodes.map((n) => n.type).sort(),
+                expectedTypes: (exp.nodes ?? []).map((n) => n.type).sort(),
+                unknownTypes: nodes.map((n) => n.type).filter((t) => !window.LiteGraph.registered_node_types[t]),
+            };
+        }, expected));
+        await page.evaluate(() => window.app.canvas.ds.reset?.());
+        await shot(`40_example_${name.replace(/[^\w.-]+/g, "_")}_loaded.png`);
+        const before = new Set(Object.keys(await getJson("history")));
+        const runButton = page.getByRole("button", { name: "Run", exact: true });
+        await runButton.first().click();
+        const t0 = Date.now();
+        let entry = null, id = null;
+        while (Date.now() - t0 < EXAMPLE_TIMEOUT_MS) {
+            const h = await getJson("history");
+            id = Object.keys(h).find((k) => !before.has(k));
+            if (id && (h[id].status?.completed || h[id].status?.status_str === "error")) { entry = h[id]; break; }
+            if (!id) {
+                // a prompt that fails validation never reaches the history: the frontend reports it
+                const rejected = await page.evaluate(() => {
+                    const errs = window.app.lastNodeErrors;
+                    const dialog = document.querySelector("[role=dialog]");
+                    return (errs && Object.keys(errs).length) || dialog
+                        ? { nodeErrors: errs ?? null, dialog: dialog?.innerText?.slice(0, 1500) ?? null } : null;
+                });
+                if (rejected) { run.rejected = rejected; break; }
+            }
+            await page.waitForTimeout(500);
+        }
+        run.promptId = id;
+        run.seconds = (Date.now() - t0) / 1000;
+        run.status = entry?.status ?? null;
+        run.outputs = entry ? Object.keys(entry.outputs ?? {}) : [];
+        run.queueErrors = await page.evaluate(() =>
+            [...document.querySelectorAll(".p-toast-message, [role=dialog]")].map((d) => d.innerText.slice(0, 400)));
+        await shot(`41_example_${name.replace(/[^\w.-]+/g, "_")}_done.png`);
+    } catch (e) {
+        run.error = String(e?.stack ?? e);
+    }
+    return run;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// README images
+async function clipOf(ids, pad = 16) {
+    return page.evaluate(([nodeIds, p]) => {
+        const app = window.app;
+        let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+        for (const id of nodeIds) {
+            const n = app.graph.getNodeById(id);
+            const b = n.getBounding();
+            x0 = Math.min(x0, b[0]); y0 = Math.min(y0, b[1]); x1 = Math.max(x1, b[0] + b[2]); y1 = Math.max(y1, b[1] + b[3]);
+        }
+        const a = app.canvas.ds.convertOffsetToCanvas([x0, y0]);
+        const b = app.canvas.ds.convertOffsetToCanvas([x1, y1]);
+        const r = app.canvas.canvas.getBoundingClientRect();
+        return { x: Math.max(0, r.left + a[0] - p), y: Math.max(0, r.top + a[1] - p),
+                 width: b[0] - a[0] + 2 * p, height: b[1] - a[1] + 2 * p };
+    }, [ids, pad]);
+}
+
+async function renderDocsImages() {
+    fs.mkdirSync(DOCS_DIR, { recursive: true });
+    await page.setViewportSize({ width: 1600, height: 1100 });
+    // hide the side bar / menus over the canvas: only the graph matters in these pictures
+    await page.addStyleTag({ content: ".comfyui-body-top, .comfyui-body-left, .side-tool-bar-container, .comfyui-menu, .comfy-menu, .actionbar, .graph-canvas-panel > :not(canvas), .p-toast, .minimap-main-container, [class*=minimap] { visibility: hidden !important; }" });
+    await step("docs_method_node", async () => {
+        await resetGraph();
+        const id = await addNode("MergeLab_Method_ties", [140, 120]);
+        await redraw();
+        const file = path.join(DOCS_DIR, "method_node.png");
+        await page.screenshot({ path: file, clip: await clipOf([id]) });
+        return { file };
+    });
+    await step("docs_block_editor", async () => {
+        await resetGraph();
+        const id = await addNode("MergeLab_BlockWeights_SD1", [140, 120]);
+        await page.evaluate((nid) => {
+            const n = window.app.graph.getNodeById(nid);
+            n.mergelabCurve.applyPreset("SMOOTHSTEP*2");
+            n.mergelabCurve.hover = 13;
+        }, id);
+        await redraw();
+        // the curve, the preset menu and the first block widgets
+        const clip = await clipOf([id]);
+        clip.height = Math.min(clip.height, 480);
+        const file = path.join(DOCS_DIR, "block_weight_editor.png");
+        await page.screenshot({ path: file, clip });
+        return { file };
+    });
+    await step("docs_merger", async () => {
+        await resetGraph();
+        const ids = await page.evaluate(() => {
+            const app = window.app, LG = window.LiteGraph;
+            const mk = (t, x, y) => { const n = LG.createNode(t); n.pos = [x, y]; app.graph.add(n); return n; };
+            const ck1 = mk("CheckpointLoaderSimple", 40, 60);
+            const ck2 = mk("CheckpointLoaderSimple", 40, 250);
+            const in1 = mk("MergeLab_MergeInput", 420, 60);
+            const in2 = mk("MergeLab_MergeInput", 420, 300);
+            const method = mk("MergeLab_Method_ties", 420, 560);
+            const merger = mk("MergeLab_ModelMerger", 860, 200);
+            const link = (a, ai, b, bname) => a.connect(ai, b, b.inputs.findIndex((i) => i.name === bname));
+            link(ck1, 0, in1, "model");
+            link(ck2, 0, in2, "model");
+            if (in1.inputs.some((i) => i.name === "previous")) link(in1, 0, in2, "previous");
+            link(in2, 0, merger, "models");
+            link(method, 0, merger, "method");
+            link(ck1, 0, merger, "base");
+            app.canvas.setDirty(true, true);
+            return [ck1, ck2, in1, in2, method, merger].map((n) => n.id);
+        });
+        await redraw();
+        const file = path.join(DOCS_DIR, "merger.png");
+        await page.screenshot({ path: file, clip: await clipOf(ids) });
+        return { file, inputs: await page.evaluate((id) => window.app.graph.getNodeById(id).inputs.map((i) => i.name), ids[2]) };
+    });
+}

@@ -1,0 +1,377 @@
+"""The MergeLab frontend extension (js/) in a real browser against a real ComfyUI server.
+
+A ComfyUI server (``python main.py`` of the ComfyUI that ``mergelab.comfy_env.comfyui_root()`` finds) is
+started with a temporary base directory whose ``custom_nodes/MergeLab`` is a symlink to this repository
+(the ComfyUI tree is not touched).  ``frontend_check.mjs`` then drives Debian's Chromium headless through
+playwright-core: it loads the UI, drags a block-weight point with the real mouse, applies a preset from the
+node's menu, reads the method help, reloads a saved workflow and opens and runs every example workflow from
+the templates dialog.  It writes what it saw to ``test-output/browser/result.json`` (with screenshots next
+to it); the tests below check that record.
+
+Needs: node, ``tests/browser/node_modules`` (``npm ci`` there) and /usr/bin/chromium; ``setup.sh`` installs
+them and is run here when something is missing.  The tests are skipped only when that fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+OUT = os.path.join(ROOT, "test-output", "browser")
+PACK = "MergeLab"
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# Console messages of the page that are not failures, each with the reason.  Anything that mentions
+# /extensions/MergeLab/ is never ignored.
+IGNORED_CONSOLE = [
+    ("the network is closed and --disable-api-nodes sets connect-src 'self': the frontend's look-ups on "
+     "api.comfy.org (registry data for core and pack nodes) are blocked by the page's CSP",
+     lambda m: "violates the following Content Security Policy directive" in m["text"]
+     and "https://api.comfy.org/" in m["text"]),
+    ("the frontend's index.html links an optional /user.css that ComfyUI 0.3.75 does not serve",
+     lambda m: m["url"].endswith("/user.css") and "404" in m["text"]),
+    ("the browser's automatic /favicon.ico request; ComfyUI serves none",
+     lambda m: m["url"].endswith("/favicon.ico") and "404" in m["text"]),
+    ("frontend 1.32.9's own bug: GraphView sets the render-mode setting LiteGraph.Canvas.MinFontSizeForLOD "
+     "before the setting is registered (settingStore onChange reads .id of undefined); it happens with "
+     "the MergeLab extension blocked too",
+     lambda m: "Cannot read properties of undefined (reading 'id')" in m["text"]
+     and "at onChange (" in m["text"] and "GraphView-" in m["text"]),
+]
+
+
+def _missing_thumbnail(m) -> bool:
+    """A template card asks for <name>.jpg; a workflow shipped without a thumbnail gives a 404 (+ warning)."""
+    prefix = f"/api/workflow_templates/{PACK}/"
+    for where in (m["url"], m["text"]):
+        i = where.find(prefix)
+        if i >= 0:
+            name = where[i + len(prefix):].split()[0].split("?")[0]
+            if name.endswith(".jpg") and not os.path.exists(os.path.join(ROOT, "example_workflows", name)):
+                return True
+    return False
+
+
+IGNORED_CONSOLE.append(("an example workflow without a .jpg thumbnail (optional; the card shows a placeholder)",
+                        _missing_thumbnail))
+
+
+# -------------------------------------------------------------------------------------------------
+# tools
+# -------------------------------------------------------------------------------------------------
+def _chromium() -> str:
+    return os.environ.get("CHROMIUM") or "/usr/bin/chromium"
+
+
+def _missing_tools() -> list:
+    missing = []
+    if not shutil.which("node"):
+        missing.append("node")
+    if not os.access(_chromium(), os.X_OK):
+        missing.append(_chromium())
+    if not os.path.isfile(os.path.join(HERE, "node_modules", "playwright-core", "package.json")):
+        missing.append("tests/browser/node_modules/playwright-core")
+    return missing
+
+
+@pytest.fixture(scope="module")
+def tools():
+    missing = _missing_tools()
+    if missing:
+        proc = subprocess.run(["bash", os.path.join(HERE, "setup.sh")], capture_output=True, text=True, timeout=900)
+        missing = _missing_tools()
+        if missing:
+            pytest.skip(f"browser test tools not installable here ({', '.join(missing)} missing after "
+                        f"tests/browser/setup.sh, exit {proc.returncode}): {(proc.stdout + proc.stderr)[-800:]}")
+
+
+# -------------------------------------------------------------------------------------------------
+# the ComfyUI server
+# -------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read().decode("utf-8"))
+
+
+def _prepare_base(base: str) -> None:
+    """custom_nodes/MergeLab -> this repository; a clean user folder with the settings of a returning user
+    (no first-run templates dialog) and the optional user files the frontend asks for."""
+    os.makedirs(os.path.join(base, "custom_nodes"))
+    os.symlink(ROOT, os.path.join(base, "custom_nodes", PACK), target_is_directory=True)
+    for sub in ("input", "output", "temp", "models"):
+        os.makedirs(os.path.join(base, sub))
+    user = os.path.join(base, "user", "default")
+    for sub in ("workflows", "subgraphs"):
+        os.makedirs(os.path.join(user, sub))
+    with open(os.path.join(user, "comfy.settings.json"), "w", encoding="utf-8") as f:
+        json.dump({"Comfy.TutorialCompleted": True}, f)
+    with open(os.path.join(user, "comfy.templates.json"), "w", encoding="utf-8") as f:
+        f.write("[]")
+    open(os.path.join(user, "user.css"), "w").close()
+
+
+def _server_args(comfy_root: str, base: str, port: int) -> list:
+    with open(os.path.join(comfy_root, "comfy", "cli_args.py"), encoding="utf-8") as f:
+        cli = f.read()
+    args = ["--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch"]
+    if '"--disable-api-nodes"' in cli:
+        args.append("--disable-api-nodes")
+    if '"--database-url"' in cli:   # its default lives inside the ComfyUI tree
+        args += ["--database-url", "sqlite:///:memory:"]
+    if '"--base-directory"' in cli:
+        args += ["--base-directory", base]
+    else:  # older cores: custom_nodes through an extra paths file, the other folders one by one
+        yaml_path = os.path.join(base, "extra_model_paths.yaml")
+        with open(yaml_path, "w", encoding="utf-8") as f:
+            f.write(f"mergelab_browser_test:\n  base_path: {base}\n  custom_nodes: custom_nodes\n"
+                    f"  checkpoints: models/checkpoints\n")
+        args += ["--extra-model-paths-config", yaml_path, "--output-directory", os.path.join(base, "output"),
+                 "--input-directory", os.path.join(base, "input"), "--temp-directory", os.path.join(base, "temp"),
+                 "--user-directory", os.path.join(base, "user")]
+    return args
+
+
+@pytest.fixture(scope="module")
+def server(tools, tmp_path_factory):
+    from mergelab.comfy_env import comfyui_root
+
+    comfy_root = comfyui_root()
+    base = str(tmp_path_factory.mktemp("comfy_base"))
+    _prepare_base(base)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    os.makedirs(OUT, exist_ok=True)
+    log_path = os.path.join(OUT, "server.log")
+    log = open(log_path, "w", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, os.path.join(comfy_root, "main.py"), *_server_args(comfy_root, base, port)],
+                            cwd=comfy_root, stdout=log, stderr=subprocess.STDOUT)
+
+    def tail() -> str:
+        log.flush()
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-3000:]
+
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode} before serving:\n{tail()}")
+            try:
+                _get(url + "object_info/MergeLab_Method_linear", timeout=2)
+                break
+            except (urllib.error.URLError, OSError, ValueError):
+                if time.time() > deadline:
+                    pytest.fail(f"ComfyUI did not serve /object_info within 180 s:\n{tail()}")
+                time.sleep(0.5)
+        yield {"url": url, "base": base, "log": tail}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    """Runs frontend_check.mjs once; returns its result.json."""
+    result_path = os.path.join(OUT, "result.json")
+    if os.path.exists(result_path):
+        os.remove(result_path)
+    env = dict(os.environ, CHROMIUM=_chromium())
+    proc = subprocess.run(["node", os.path.join(HERE, "frontend_check.mjs"), "--url", server["url"], "--out", OUT,
+                           "--pack", PACK], cwd=HERE, env=env, capture_output=True, text=True, timeout=420)
+    with open(os.path.join(OUT, "node.log"), "w", encoding="utf-8") as f:
+        f.write(proc.stdout + proc.stderr)
+    if not os.path.exists(result_path):
+        pytest.fail(f"frontend_check.mjs wrote no result (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    with open(result_path, encoding="utf-8") as f:
+        result = json.load(f)
+    result["_server"] = server
+    return result
+
+
+def _step(result, name):
+    s = result["steps"].get(name)
+    assert s is not None, f"step {name} did not run; steps: {list(result['steps'])}"
+    assert s["ok"], f"step {name} failed in the browser:\n{s.get('error')}"
+    return s
+
+
+# -------------------------------------------------------------------------------------------------
+# tests
+# -------------------------------------------------------------------------------------------------
+def test_extension_served_and_registered(browser):
+    url = browser["_server"]["url"]
+    exts = _get(url + "extensions")
+    assert f"/extensions/{PACK}/mergelab.js" in exts, exts
+    load = _step(browser, "load")
+    assert load["registered"], f"MergeLab.Frontend not among the registered extensions: {load['extensions']}"
+    ours = [k for k in _get(url + "object_info") if k.startswith("MergeLab_")]
+    assert load["mergelabNodeTypes"] == len(ours)
+    assert not load["dialogs"], f"a dialog was open after loading: {load['dialogs']}"
+
+
+def test_page_has_no_console_errors(browser):
+    _step(browser, "load")
+    problems = []
+    ignored = {}
+    for m in browser["console"]:
+        ours = "/extensions/MergeLab/" in m["url"] or "/extensions/MergeLab/" in m["text"]
+        reason = None if ours else next((why for why, match in IGNORED_CONSOLE if match(m)), None)
+        if reason:
+            ignored.setdefault(reason, 0)
+            ignored[reason] += 1
+        elif m["type"] == "error" or "mergelab" in (m["text"] + m["url"]).lower():
+            problems.append(m)
+    problems += [{"type": "pageerror", "text": e["text"], "url": e["stack"]} for e in browser["pageErrors"]]
+    print("ignored console messages:", json.dumps(ignored, indent=1))
+    assert not problems, "console errors:\n" + "\n".join(f"[{p['type']}] {p['text']} @ {p['url']}" for p in problems)
+
+
+def test_dragging_a_point_changes_its_block_widget(browser):
+    s = _step(browser, "block_editor_drag")
+    before, after, i = s["before"], s["after"], s["index"]
+    assert before["values"] == [1.0] * len(before["names"])
+    assert before["range"] == [0, 1]
+    # the point starts at 1 (top of the 0..1 plot): moving it dy pixels down gives 1 - dy / plot height
+    expected = 1 - s["dy"] / before["plotH"]
+    assert abs(after["values"][i] - expected) <= 0.015, (after["values"][i], expected)
+    assert after["values"][i] == round(after["values"][i], 2)          # snapped to the widget step
+    assert [v for k, v in enumerate(after["values"]) if k != i] == [1.0] * (len(before["names"]) - 1)
+    assert after["pos"] == before["pos"], "the drag moved the node instead of the point"
+    # the editor's own widgets come first and are not serialized; the block widgets are the node's own
+    order = before["widgetOrder"]
+    assert [w[0] for w in order[:2]] == ["mergelab_block_curve", "mergelab_block_preset"]
+    assert all(not w[2] and not w[3] for w in order[:2])
+    assert [w[0] for w in order if w[1] == "number"] == before["names"]
+
+
+def test_shift_drag_paints_across_points(browser):
+    drag = _step(browser, "block_editor_drag")
+    s = _step(browser, "block_editor_paint")
+    values, a, b = s["values"], s["from"], s["to"]
+    painted = values[a:b + 1]
+    assert len(set(painted)) == 1, painted
+    assert abs(painted[0] - (1 - s["dy"] / drag["before"]["plotH"])) <= 0.015
+    untouched = [v for k, v in enumerate(values) if not (a <= k <= b) and k != drag["index"]]
+    assert untouched == [1.0] * len(untouched)
+
+
+def test_editor_leaves_workflow_and_prompt_formats_alone(browser):
+    drag = _step(browser, "block_editor_drag")
+    s = _step(browser, "serialization")
+    url = browser["_server"]["url"]
+    definition = _get(url + "object_info/MergeLab_BlockWeights_SD1")["MergeLab_BlockWeights_SD1"]
+    order = definition["input_order"]["required"] + definition["input_order"].get("optional", [])
+    widget_inputs = [n for n in order if n != "combine_with"]
+    # widgets_values: exactly the node's own widgets in definition order, as without the extension
+    assert [n for n, _ in s["serializableWidgets"]] == widget_inputs
+    assert s["widgetsValues"] == [v for _, v in s["serializableWidgets"]]
+    # the API prompt has the definition's inputs and nothing of the editor's
+    assert sorted(s["promptInputs"]) == sorted(widget_inputs)
+    assert dict(s["floats"]) == {k: v for k, v in s["promptInputs"].items() if k in dict(s["floats"])}
+    assert s["promptInputs"][drag["before"]["names"][drag["index"]]] != 1.0
+    # a saved workflow loads back with the same values in the same widgets, editor included
+    assert s["reloaded"] == s["floats"]
+    assert s["reloadedHasCurve"]
+
+
+def _python_preset(B, arch: str, preset: str, block_ids: list) -> list:
+    per_name = B.preset_values(preset, arch)
+    name_of = B.mbw_name_of_block(arch)
+    return [per_name[name_of[b]] for b in block_ids]
+
+
+def test_preset_menu_applies_the_mbw_preset(browser):
+    from engine import blocks as B
+
+    s = _step(browser, "preset_menu")
+    assert s["comboAfter"] == s["menu"][0], "the preset menu should return to its placeholder"
+    expected = _python_preset(B, s["arch"], s["preset"], s["names"])
+    assert len(s["values"]) == len(expected)
+    assert len(set(expected)) > 5          # a preset that really moves the values
+    # the values go through the FLOAT widgets, which round to their precision (0.01 for step 0.01,
+    # the frontend's Comfy.FloatRoundingPrecision behaviour): within half a step of the exact preset
+    for name, got, want in zip(s["names"], s["values"], expected):
+        assert abs(got - want) <= 0.005 + 1e-9, (name, got, want)
+
+
+def test_editor_presets_equal_python_presets_on_every_architecture(browser):
+    from engine import blocks as B
+
+    s = _step(browser, "preset_tables")
+    offered = [p for p in s["offered"] if p in s["nodes"]["MergeLab_BlockWeights_SD1"]["presets"]]
+    assert offered == B.preset_names(), "the editor must offer exactly the Python preset table"
+    compared = []
+    for node_id, info in s["nodes"].items():
+        arch = node_id[len("MergeLab_BlockWeights_"):]
+        if arch not in B.architectures() or info["blocks"] != B.block_list(arch):
+            continue        # the server's block table differs from this checkout's (another ComfyUI)
+        for preset in B.preset_names():
+            want = _python_preset(B, arch, preset, info["blocks"])
+            got = info["presets"][preset]
+            bad = [(b, g, w) for b, g, w in zip(info["blocks"], got, want) if abs(g - w) > 1e-9]
+            assert not bad, f"{arch} {preset}: (block, editor, python) {bad[:5]}"
+        compared.append(arch)
+    assert {"SD1", "SDXL", "Flux"} <= set(compared), compared
+    assert len(compared) >= 0.8 * len(s["nodes"]), (compared, list(s["nodes"]))
+
+
+def test_method_nodes_show_their_description(browser):
+    s = _step(browser, "method_help")
+    url = browser["_server"]["url"]
+    definition = _get(url + "object_info/MergeLab_Method_ties")["MergeLab_Method_ties"]
+    assert s["description"] == definition["description"] == s["text"]
+    assert s["firstWidget"] == "mergelab_method_help"
+    words = definition["description"].split()
+    assert " ".join(" ".join(s["lines"]).split()) == " ".join(words)     # all of it, wrapped
+    assert len(s["lines"]) >= 3
+    inputs = definition["input_order"]["required"]
+    assert sorted(s["promptInputs"]) == sorted(inputs)
+    assert len(s["widgetsValues"]) == len(inputs)
+    assert s["afterClick"]["folded"] and s["afterClick"]["height"] < s["height"]
+
+
+def test_example_workflows_open_from_templates_and_run(browser):
+    s = _step(browser, "examples")
+    folder = os.path.join(ROOT, "example_workflows")
+    on_disk = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
+    assert sorted(s["names"]) == on_disk, "GET /workflow_templates must list every example_workflows/*.json"
+    if not on_disk:
+        pytest.skip("example_workflows/ holds no workflow yet: nothing to open and run")
+    failures = []
+    for run in s["runs"]:
+        if run.get("error"):
+            failures.append(f"{run['name']}: {run['error']}")
+            continue
+        if run["unknownTypes"]:
+            failures.append(f"{run['name']}: node types the server does not know: {run['unknownTypes']}")
+        if run["loadedTypes"] != run["expectedTypes"]:
+            failures.append(f"{run['name']}: loaded {run['loadedTypes']} != file {run['expectedTypes']}")
+        status = run.get("status") or {}
+        if not (status.get("completed") and status.get("status_str") == "success"):
+            msgs = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+            failures.append(f"{run['name']}: did not run to completion (status {status.get('status_str')}, "
+                            f"{run['seconds']} s): {json.dumps(msgs)[:1500]} rejected: "
+                            f"{json.dumps(run.get('rejected'))[:1500]} {run.get('queueErrors')}")
+    assert not failures, "\n".join(failures) + "\n--- server log ---\n" + browser["_server"]["log"]()
