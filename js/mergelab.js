@@ -535,8 +535,10 @@ app.registerExtension({
                 mine.push(addPresetWidget(this, this.mergelabCurve));
             }
             moveToTop(this, mine);
+            // wide enough for the curve / the help text; the height follows from the widgets at that width
             const width = Math.max(this.size[0], help ? 360 : 420);
-            this.setSize([width, this.computeSize([width, 0])[1]]);
+            this.setSize([width, this.size[1]]);
+            this.setSize([width, this.computeSize()[1]]);
         });
         chain(nodeType.prototype, "onSerialize", function (data) {
             compactWidgetValues(this, data);

@@ -369,49 +369,63 @@ async function openAndRunExample(name) {
 
 // ---------------------------------------------------------------------------------------------------
 // README images
-async function clipOf(ids, pad = 16) {
+async function frameNodes(ids, pad = 18) {
+    await redraw();
+    const clip = await frameNodesOnce(ids, pad);
+    if (clip.width < 100 || clip.height < 100) throw new Error(`nodes ${ids} not laid out yet: ${JSON.stringify(clip)}`);
+    await page.waitForTimeout(150);
+    return clip;
+}
+
+async function frameNodesOnce(ids, pad) {
+    // puts the nodes' bounding box at (170, 150) of the page (clear of the menus over the canvas), zoom 1,
+    // and returns the clip rectangle around it
     return page.evaluate(([nodeIds, p]) => {
         const app = window.app;
         let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
         for (const id of nodeIds) {
-            const n = app.graph.getNodeById(id);
-            const b = n.getBounding();
+            const b = app.graph.getNodeById(id).getBounding();
             x0 = Math.min(x0, b[0]); y0 = Math.min(y0, b[1]); x1 = Math.max(x1, b[0] + b[2]); y1 = Math.max(y1, b[1] + b[3]);
         }
-        const a = app.canvas.ds.convertOffsetToCanvas([x0, y0]);
-        const b = app.canvas.ds.convertOffsetToCanvas([x1, y1]);
         const r = app.canvas.canvas.getBoundingClientRect();
-        return { x: Math.max(0, r.left + a[0] - p), y: Math.max(0, r.top + a[1] - p),
-                 width: b[0] - a[0] + 2 * p, height: b[1] - a[1] + 2 * p };
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [170 - r.left - x0, 150 - r.top - y0];
+        app.canvas.setDirty(true, true);
+        app.canvas.draw(true, true);
+        const top = p + 14;     // the node-source badge sits above the title bar
+        return { x: 170 - p, y: 150 - top, width: x1 - x0 + 2 * p, height: y1 - y0 + p + top };
     }, [ids, pad]);
 }
 
 async function renderDocsImages() {
     fs.mkdirSync(DOCS_DIR, { recursive: true });
-    await page.setViewportSize({ width: 1600, height: 1100 });
-    // hide the side bar / menus over the canvas: only the graph matters in these pictures
-    await page.addStyleTag({ content: ".comfyui-body-top, .comfyui-body-left, .side-tool-bar-container, .comfyui-menu, .comfy-menu, .actionbar, .graph-canvas-panel > :not(canvas), .p-toast, .minimap-main-container, [class*=minimap] { visibility: hidden !important; }" });
+    await page.setViewportSize({ width: 1700, height: 1300 });
+    await page.evaluate(async () => {
+        const s = window.app.extensionManager.setting;
+        await s.set("Comfy.Minimap.Visible", false);
+    }).catch(() => {});
+    await page.waitForTimeout(500);
     await step("docs_method_node", async () => {
         await resetGraph();
-        const id = await addNode("MergeLab_Method_ties", [140, 120]);
-        await redraw();
+        const id = await addNode("MergeLab_Method_ties", [0, 0]);
+        const clip = await frameNodes([id]);
         const file = path.join(DOCS_DIR, "method_node.png");
-        await page.screenshot({ path: file, clip: await clipOf([id]) });
-        return { file };
+        await page.waitForTimeout(100);
+        await page.screenshot({ path: file, clip });
+        return { file, clip };
     });
     await step("docs_block_editor", async () => {
         await resetGraph();
-        const id = await addNode("MergeLab_BlockWeights_SD1", [140, 120]);
+        const id = await addNode("MergeLab_BlockWeights_SD1", [0, 0]);
         await page.evaluate((nid) => {
-            const n = window.app.graph.getNodeById(nid);
-            n.mergelabCurve.applyPreset("SMOOTHSTEP*2");
-            n.mergelabCurve.hover = 13;
+            const c = window.app.graph.getNodeById(nid).mergelabCurve;
+            c.applyPreset("SMOOTHSTEP*2");
+            c.hover = 13;
         }, id);
-        await redraw();
-        // the curve, the preset menu and the first block widgets
-        const clip = await clipOf([id]);
-        clip.height = Math.min(clip.height, 480);
+        const clip = await frameNodes([id]);
+        clip.height = Math.min(clip.height, 500);      // the curve, the preset menu and the first blocks
         const file = path.join(DOCS_DIR, "block_weight_editor.png");
+        await page.waitForTimeout(100);
         await page.screenshot({ path: file, clip });
         return { file };
     });
@@ -419,26 +433,41 @@ async function renderDocsImages() {
         await resetGraph();
         const ids = await page.evaluate(() => {
             const app = window.app, LG = window.LiteGraph;
-            const mk = (t, x, y) => { const n = LG.createNode(t); n.pos = [x, y]; app.graph.add(n); return n; };
-            const ck1 = mk("CheckpointLoaderSimple", 40, 60);
-            const ck2 = mk("CheckpointLoaderSimple", 40, 250);
-            const in1 = mk("MergeLab_MergeInput", 420, 60);
-            const in2 = mk("MergeLab_MergeInput", 420, 300);
-            const method = mk("MergeLab_Method_ties", 420, 560);
-            const merger = mk("MergeLab_ModelMerger", 860, 200);
-            const link = (a, ai, b, bname) => a.connect(ai, b, b.inputs.findIndex((i) => i.name === bname));
-            link(ck1, 0, in1, "model");
-            link(ck2, 0, in2, "model");
-            if (in1.inputs.some((i) => i.name === "previous")) link(in1, 0, in2, "previous");
-            link(in2, 0, merger, "models");
-            link(method, 0, merger, "method");
-            link(ck1, 0, merger, "base");
+            const mk = (t) => { const n = LG.createNode(t); app.graph.add(n); return n; };
+            const ckA = mk("CheckpointLoaderSimple"), ckB = mk("CheckpointLoaderSimple");
+            const inA = mk("MergeLab_MergeInput"), inB = mk("MergeLab_MergeInput");
+            const method = mk("MergeLab_Method_ties"), merger = mk("MergeLab_ModelMerger");
+            const save = mk("MergeLab_SaveCheckpoint");
+            const column = (x, nodes, gap = 40) => {
+                let y = 0;
+                for (const n of nodes) { n.pos = [x, y]; y += n.size[1] + gap + LG.NODE_TITLE_HEIGHT; }
+            };
+            const names = ckA.widgets.find((w) => w.name === "ckpt_name")?.options?.values ?? [];
+            if (names.length >= 2) { ckA.widgets[0].value = names[0]; ckB.widgets[0].value = names[1]; }
+            column(0, [ckA, ckB], 80);
+            column(ckA.size[0] + 60, [inA, inB]);
+            const x3 = ckA.size[0] + inA.size[0] + 120;
+            column(x3, [method, merger]);
+            save.pos = [x3 + merger.size[0] + 60, merger.pos[1]];
+            const link = (a, out, b, input) => a.connect(a.outputs.findIndex((o) => o.name === out), b,
+                                                        b.inputs.findIndex((i) => i.name === input));
+            link(ckA, "MODEL", inA, "model");
+            link(ckB, "MODEL", inB, "model");
+            link(inA, "models", inB, "models");
+            link(inB, "models", merger, "models");
+            link(method, "method", merger, "method");
+            link(ckA, "MODEL", merger, "base");
+            const saveIn = save.inputs.find((i) => i.type === "MODEL");
+            if (saveIn) link(merger, "MODEL", save, saveIn.name);
+            const w = inB.widgets.find((x) => x.name === "weight");
+            if (w) w.value = 0.6;
             app.canvas.setDirty(true, true);
-            return [ck1, ck2, in1, in2, method, merger].map((n) => n.id);
+            return [ckA, ckB, inA, inB, method, merger, save].map((n) => n.id);
         });
-        await redraw();
+        const clip = await frameNodes(ids);
         const file = path.join(DOCS_DIR, "merger.png");
-        await page.screenshot({ path: file, clip: await clipOf(ids) });
-        return { file, inputs: await page.evaluate((id) => window.app.graph.getNodeById(id).inputs.map((i) => i.name), ids[2]) };
+        await page.waitForTimeout(100);
+        await page.screenshot({ path: file, clip });
+        return { file, clip };
     });
 }

@@ -16,12 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -29,8 +25,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(ROOT, "test-output", "browser")
 PACK = "MergeLab"
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _p in (ROOT, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from comfy_server import get_json as _get  # noqa: E402  (tests/browser/comfy_server.py)
 
 # Console messages of the page that are not failures, each with the reason.  Anything that mentions
 # /extensions/MergeLab/ is never ignored.
@@ -99,96 +98,16 @@ def tools():
 # -------------------------------------------------------------------------------------------------
 # the ComfyUI server
 # -------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 5.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read().decode("utf-8"))
-
-
-def _prepare_base(base: str) -> None:
-    """custom_nodes/MergeLab -> this repository; a clean user folder with the settings of a returning user
-    (no first-run templates dialog) and the optional user files the frontend asks for."""
-    os.makedirs(os.path.join(base, "custom_nodes"))
-    os.symlink(ROOT, os.path.join(base, "custom_nodes", PACK), target_is_directory=True)
-    for sub in ("input", "output", "temp", "models"):
-        os.makedirs(os.path.join(base, sub))
-    user = os.path.join(base, "user", "default")
-    for sub in ("workflows", "subgraphs"):
-        os.makedirs(os.path.join(user, sub))
-    with open(os.path.join(user, "comfy.settings.json"), "w", encoding="utf-8") as f:
-        json.dump({"Comfy.TutorialCompleted": True}, f)
-    with open(os.path.join(user, "comfy.templates.json"), "w", encoding="utf-8") as f:
-        f.write("[]")
-    open(os.path.join(user, "user.css"), "w").close()
-
-
-def _server_args(comfy_root: str, base: str, port: int) -> list:
-    with open(os.path.join(comfy_root, "comfy", "cli_args.py"), encoding="utf-8") as f:
-        cli = f.read()
-    args = ["--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch"]
-    if '"--disable-api-nodes"' in cli:
-        args.append("--disable-api-nodes")
-    if '"--database-url"' in cli:   # its default lives inside the ComfyUI tree
-        args += ["--database-url", "sqlite:///:memory:"]
-    if '"--base-directory"' in cli:
-        args += ["--base-directory", base]
-    else:  # older cores: custom_nodes through an extra paths file, the other folders one by one
-        yaml_path = os.path.join(base, "extra_model_paths.yaml")
-        with open(yaml_path, "w", encoding="utf-8") as f:
-            f.write(f"mergelab_browser_test:\n  base_path: {base}\n  custom_nodes: custom_nodes\n"
-                    f"  checkpoints: models/checkpoints\n")
-        args += ["--extra-model-paths-config", yaml_path, "--output-directory", os.path.join(base, "output"),
-                 "--input-directory", os.path.join(base, "input"), "--temp-directory", os.path.join(base, "temp"),
-                 "--user-directory", os.path.join(base, "user")]
-    return args
-
-
 @pytest.fixture(scope="module")
 def server(tools, tmp_path_factory):
-    from mergelab.comfy_env import comfyui_root
+    from comfy_server import ServerError, running_server
 
-    comfy_root = comfyui_root()
-    base = str(tmp_path_factory.mktemp("comfy_base"))
-    _prepare_base(base)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
     os.makedirs(OUT, exist_ok=True)
-    log_path = os.path.join(OUT, "server.log")
-    log = open(log_path, "w", encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, os.path.join(comfy_root, "main.py"), *_server_args(comfy_root, base, port)],
-                            cwd=comfy_root, stdout=log, stderr=subprocess.STDOUT)
-
-    def tail() -> str:
-        log.flush()
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()[-3000:]
-
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode} before serving:\n{tail()}")
-            try:
-                _get(url + "object_info/MergeLab_Method_linear", timeout=2)
-                break
-            except (urllib.error.URLError, OSError, ValueError):
-                if time.time() > deadline:
-                    pytest.fail(f"ComfyUI did not serve /object_info within 180 s:\n{tail()}")
-                time.sleep(0.5)
-        yield {"url": url, "base": base, "log": tail}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        with running_server(os.path.join(OUT, "server.log"), base=str(tmp_path_factory.mktemp("comfy_base"))) as srv:
+            yield {"url": srv.url, "base": srv.base, "log": srv.log_tail}
+    except ServerError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
