@@ -327,6 +327,18 @@ class BlockCurveWidget {
         ctx.restore();
     }
 
+    /** Hover read-out (from the node's onMouseMove, which LiteGraph calls with no button pressed). */
+    hoverAt(pos) {
+        const r = this.plotRect();
+        const [x, y] = pos ?? [-1, -1];
+        const inside = x >= r.x0 - 8 && x <= r.x1 + 8 && y >= r.y0 - 8 && y <= r.y1 + 8;
+        const h = inside ? this.indexAt(x, r) : -1;
+        if (h === this.hover) return false;
+        this.hover = h;
+        this.node.setDirtyCanvas?.(true, false);
+        return true;
+    }
+
     // -- pointer handling (LiteGraph calls mouse() on down, move while captured, and up)
     mouse(event, pos, node) {
         const type = event.type;
@@ -344,11 +356,7 @@ class BlockCurveWidget {
             return true;
         }
         if (type === "pointermove" || type === "mousemove") {
-            if (!this.drag) {
-                const h = inside ? this.indexAt(x, r) : -1;
-                if (h !== this.hover) { this.hover = h; return true; }
-                return false;
-            }
+            if (!this.drag) return this.hoverAt(pos);
             const v = this.valueAt(y, r, this.drag.range);
             if (this.drag.paint || event.shiftKey) {
                 // paint: every point between the previous and the current position gets a value on
@@ -540,6 +548,14 @@ app.registerExtension({
             this.setSize([width, this.size[1]]);
             this.setSize([width, this.computeSize()[1]]);
         });
+        if (blocks.length) {
+            chain(nodeType.prototype, "onMouseMove", function (e, pos) {
+                if (!this.mergelabCurve?.drag) this.mergelabCurve?.hoverAt(pos);
+            });
+            chain(nodeType.prototype, "onMouseLeave", function () {
+                this.mergelabCurve?.hoverAt(null);
+            });
+        }
         chain(nodeType.prototype, "onSerialize", function (data) {
             compactWidgetValues(this, data);
         });

@@ -157,7 +157,9 @@ async function runChecks() {
         const p = await page.evaluate(([id, i]) => window.app.graph.getNodeById(id).mergelabCurve.pointPos(i), [sd1, index]);
         const [x, y] = await clientPos(sd1, p);
         const dy = 60;
-        await page.mouse.move(x, y);
+        await page.mouse.move(x - 40, y + 20);
+        await page.mouse.move(x, y, { steps: 4 });
+        const hover = await page.evaluate((id) => window.app.graph.getNodeById(id).mergelabCurve.hover, sd1);
         await page.mouse.down();
         await page.mouse.move(x, y + dy / 2, { steps: 5 });
         await page.mouse.move(x, y + dy, { steps: 5 });
@@ -168,7 +170,7 @@ async function runChecks() {
             return { values: n.mergelabCurve.values(), pos: [...n.pos] };
         }, sd1);
         await shot("10_block_editor_drag.png");
-        return { index, dy, before, after };
+        return { index, dy, before, after, hover };
     });
 
     await step("block_editor_paint", async () => {

@@ -170,6 +170,7 @@ def test_page_has_no_console_errors(browser):
 def test_dragging_a_point_changes_its_block_widget(browser):
     s = _step(browser, "block_editor_drag")
     before, after, i = s["before"], s["after"], s["index"]
+    assert s["hover"] == i, "hovering a point (no button pressed) should select it for the read-out"
     assert before["values"] == [1.0] * len(before["names"])
     assert before["range"] == [0, 1]
     # the point starts at 1 (top of the 0..1 plot): moving it dy pixels down gives 1 - dy / plot height
