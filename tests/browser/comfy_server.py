@@ -60,6 +60,19 @@ def prepare_base(base: str) -> None:
     open(os.path.join(user, "user.css"), "w").close()
 
 
+def models_yaml(base: str, models_dir: str) -> str:
+    """An extra_model_paths file that adds every sub-folder of ``models_dir`` (checkpoints/, loras/, ...)
+    to ComfyUI's folder of the same name; returns its path."""
+    models_dir = os.path.abspath(models_dir)
+    subs = sorted(d for d in os.listdir(models_dir) if os.path.isdir(os.path.join(models_dir, d)))
+    path = os.path.join(base, "extra_models.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"mergelab_models:\n  base_path: {json.dumps(models_dir)}\n")
+        for d in subs:
+            f.write(f"  {d}: {json.dumps(d)}\n")
+    return path
+
+
 def server_args(comfy_root: str, base: str, port: int) -> list:
     """Command-line flags for main.py; optional flags only where this ComfyUI has them."""
     with open(os.path.join(comfy_root, "comfy", "cli_args.py"), encoding="utf-8") as f:
@@ -95,8 +108,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(log_path: str, base: Optional[str] = None, timeout: float = 180.0) -> Iterator[Server]:
-    """Starts the server, waits until /object_info lists MergeLab, yields a Server, stops it."""
+def running_server(log_path: str, base: Optional[str] = None, timeout: float = 180.0,
+                   models_dir: Optional[str] = None) -> Iterator[Server]:
+    """Starts the server, waits until /object_info lists MergeLab, yields a Server, stops it.
+    ``models_dir`` (a folder with checkpoints/, loras/, ...) is added to ComfyUI's model folders."""
     from mergelab.comfy_env import comfyui_root
 
     comfy_root = comfyui_root()
@@ -106,7 +121,10 @@ def running_server(log_path: str, base: Optional[str] = None, timeout: float = 1
     port = free_port()
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     log = open(log_path, "w", encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, os.path.join(comfy_root, "main.py"), *server_args(comfy_root, base, port)],
+    args = server_args(comfy_root, base, port)
+    if models_dir:
+        args += ["--extra-model-paths-config", models_yaml(base, models_dir)]
+    proc = subprocess.Popen([sys.executable, os.path.join(comfy_root, "main.py"), *args],
                             cwd=comfy_root, stdout=log, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}/", base, log_path, proc)
     try:

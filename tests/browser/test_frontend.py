@@ -8,6 +8,9 @@ node's menu, reads the method help, reloads a saved workflow and opens and runs 
 the templates dialog.  It writes what it saw to ``test-output/browser/result.json`` (with screenshots next
 to it); the tests below check that record.
 
+The server's model folders are empty, except for the sub-folders of ``$MERGELAB_MODELS_DIR`` when set (a
+folder with checkpoints/, loras/, ..., as ``python -m mergelab.run --models`` takes).
+
 Needs: node, ``tests/browser/node_modules`` (``npm ci`` there) and /usr/bin/chromium; ``setup.sh`` installs
 them and is run here when something is missing.  The tests are skipped only when that fails.
 """
@@ -104,7 +107,8 @@ def server(tools, tmp_path_factory):
 
     os.makedirs(OUT, exist_ok=True)
     try:
-        with running_server(os.path.join(OUT, "server.log"), base=str(tmp_path_factory.mktemp("comfy_base"))) as srv:
+        with running_server(os.path.join(OUT, "server.log"), base=str(tmp_path_factory.mktemp("comfy_base")),
+                            models_dir=os.environ.get("MERGELAB_MODELS_DIR") or None) as srv:
             yield {"url": srv.url, "base": srv.base, "log": srv.log_tail}
     except ServerError as e:
         pytest.fail(str(e))
