@@ -1,0 +1,265 @@
+"""MODEL_MASK nodes through ComfyUI's executor: maskers, operations, the report, masked merges (the Model
+Merger's mask input and the Masked Model Merger), and bad input."""
+import importlib
+
+import pytest
+import torch
+
+from mergelab import fixtures
+
+DELTA = 0.02
+CPU = torch.device("cpu")
+
+
+def pack(harness, sub):
+    return importlib.import_module(f"{harness.pack_module_name}.{sub}")
+
+
+def _defaults(class_type):
+    import nodes
+    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
+    out = {}
+    for name, (typ, opts) in cls.INPUT_TYPES()["required"].items():
+        if typ == "COMBO" or isinstance(typ, list):
+            out[name] = opts.get("default", (opts.get("options") if typ == "COMBO" else typ)[0])
+        elif "default" in opts:
+            out[name] = opts["default"]
+    return out
+
+
+def node(class_type, **inputs):
+    return {"class_type": class_type, "inputs": {**_defaults(class_type), **inputs}}
+
+
+def small(arch="SD15", delta_seed=0, seed=0):
+    return {"class_type": "MergeLabTest_SmallModel",
+            "inputs": {"arch": arch, "seed": seed, "delta_seed": delta_seed,
+                       "delta_scale": DELTA if delta_seed else 0.0, "dtype": "fp32"}}
+
+
+def cap(src, name, index=0):
+    return {"class_type": "MergeLabTest_Capture", "inputs": {"value": [src, index], "name": name}}
+
+
+_SOURCES = {}
+
+
+def read(harness, obj, key):
+    """The effective weight of ``key`` (one KeySource per model object: building one walks every key)."""
+    src = _SOURCES.get(id(obj))
+    if src is None or src[0] is not obj:
+        src = _SOURCES[id(obj)] = (obj, pack(harness, "engine.weights").KeySource.of(obj))
+    return src[1].read(key, CPU)
+
+
+def test_mask_nodes_registered(harness):
+    import nodes
+    ids = ("MergeLab_MagnitudeMasker", "MergeLab_RandomMasker", "MergeLab_BlockMasker", "MergeLab_MaskOperations",
+           "MergeLab_MaskReport", "MergeLab_MaskedModelMerger", "MergeLab_NormalizeModel")
+    for i in ids:
+        assert i in harness.pack_node_ids
+        inputs = nodes.NODE_CLASS_MAPPINGS[i].INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, spec in inputs.get(section, {}).items():
+                assert spec[1].get("tooltip"), (i, name)
+
+
+def _merge_graph(mask_nodes, with_mask=True):
+    """base + two tuned SD1.5 models merged with task arithmetic, optionally through a mask."""
+    g = {"base": small(), "m1": small(delta_seed=1), "m2": small(delta_seed=2),
+         "in1": node("MergeLab_MergeInput", model=["m1", 0]),
+         "in2": node("MergeLab_MergeInput", model=["m2", 0], models=["in1", 0], weight=0.7),
+         "method": node("MergeLab_Method_task_arithmetic"),
+         **mask_nodes}
+    merger = node("MergeLab_ModelMerger", base=["base", 0], method=["method", 0], models=["in2", 0], seed=3)
+    if with_mask:
+        merger["inputs"]["mask"] = ["mask", 0]
+    g["merge"] = merger
+    g["cap_out"] = cap("merge", "out")
+    if with_mask:
+        g["cap_mask"] = cap("mask", "mask")
+    return g
+
+
+def test_masked_merge_changes_exactly_the_masked_entries(harness):
+    """Model Merger + mask = where(mask, unmasked merge, base), entry by entry; unselected keys = base."""
+    masks = {"rand": node("MergeLab_RandomMasker", model=["base", 0], density=0.3, seed=11),
+             "blocks": node("MergeLab_BlockMasker", model=["base", 0], blocks="middle_block.*\nout"),
+             "mask": node("MergeLab_MaskOperations", mask_a=["rand", 0], mask_b=["blocks", 0], operation="difference")}
+    res = harness.run_ok(_merge_graph(masks))
+    masked, mask = res.captured["out"], res.captured["mask"]
+    plain = harness.run_ok(_merge_graph({}, with_mask=False)).captured["out"]
+    base = fixtures.small_model("SD15")
+    keys = pack(harness, "engine.weights").KeySource.of(base).keys()
+    n_sel = n_changed = 0
+    for key in keys:
+        sel = mask.dense(key)
+        b, m, p = read(harness, base, key), read(harness, masked, key), read(harness, plain, key)
+        assert torch.equal(m[sel], p[sel]), key           # the merge result where selected
+        assert torch.equal(m[~sel], b[~sel]), key         # exactly the base elsewhere
+        n_sel += int(sel.sum())
+        n_changed += int((m != b).sum())
+        if ".middle_block." in key or key.startswith("diffusion_model.out."):
+            assert mask.state(key) == "none" and torch.equal(m, b)   # difference removed those blocks
+    total = sum(read(harness, base, k).numel() for k in keys)
+    assert 0.2 * total < n_sel < 0.3 * total and n_changed > 0.9 * n_sel
+
+
+def test_masked_model_merger(harness):
+    """where(mask, ratio·A + (1 - ratio)·B, A) with a magnitude mask made from the two models."""
+    g = {"a": small(), "b": small(delta_seed=3),
+         "mask": node("MergeLab_MagnitudeMasker", model_a=["b", 0], model_b=["a", 0], quantile=0.8, select="above"),
+         "mm": node("MergeLab_MaskedModelMerger", model_a=["a", 0], model_b=["b", 0], mask=["mask", 0], ratio=0.25),
+         "c1": cap("mm", "out"), "c2": cap("mask", "mask")}
+    res = harness.run_ok(g)
+    out, mask = res.captured["out"], res.captured["mask"]
+    a, b = fixtures.small_model("SD15"), fixtures.small_model("SD15", delta_seed=3, delta_scale=DELTA)
+    for key in pack(harness, "engine.weights").KeySource.of(a).keys():
+        ta, tb, to = read(harness, a, key), read(harness, b, key), read(harness, out, key)
+        sel = mask.dense(key)
+        assert torch.equal(to[~sel], ta[~sel]), key
+        assert torch.allclose(to[sel], 0.25 * ta[sel] + 0.75 * tb[sel], rtol=1e-6, atol=1e-7), key
+        n = ta.numel()
+        assert abs(int(sel.sum()) - 0.2 * n) <= 0.5, key          # top 20% of |A - B| in every tensor
+
+
+@pytest.mark.parametrize("arch", ["SD15", "Flux"])
+def test_magnitude_masker_selects_the_requested_fraction(harness, arch):
+    q = 0.3
+    g = {"a": small(arch), "b": small(arch, delta_seed=4), "c_above": cap("above", "above"), "c_below": cap("below", "below")}
+    for select in ("above", "below"):
+        g[select] = node("MergeLab_MagnitudeMasker", model_a=["b", 0], model_b=["a", 0], quantile=q, select=select,
+                         scope="tensor")
+    res = harness.run_ok(g)
+    a, b = fixtures.small_model(arch), fixtures.small_model(arch, delta_seed=4, delta_scale=DELTA)
+    for select in ("above", "below"):
+        mask = res.captured[select]
+        assert mask.nbytes() <= mask.layout.total / 8 + len(mask.layout.keys)       # bits, not bytes
+        for key in mask.layout.keys:
+            sel = mask.dense(key)
+            n = sel.numel()
+            want = q * n if select == "below" else (1 - q) * n
+            assert abs(int(sel.sum()) - want) <= 0.5, key             # exact, within one entry
+            if 0 < int(sel.sum()) < n:
+                d = (read(harness, b, key) - read(harness, a, key)).abs()
+                if select == "above":
+                    assert float(d[sel].min()) >= float(d[~sel].max()), key
+                else:
+                    assert float(d[sel].max()) <= float(d[~sel].min()), key
+
+
+def test_magnitude_masker_whole_model_and_block_scopes(harness):
+    g = {"a": small(), "b": small(delta_seed=5),
+         "mm": node("MergeLab_MagnitudeMasker", model_a=["b", 0], model_b=["a", 0], quantile=0.9, scope="model"),
+         "mb": node("MergeLab_MagnitudeMasker", model_a=["b", 0], quantile=0.5, select="below", scope="block"),
+         "c1": cap("mm", "model"), "c2": cap("mb", "block")}
+    res = harness.run_ok(g)
+    whole, per_block = res.captured["model"], res.captured["block"]
+    sel, total = whole.selected_total()
+    assert sel == round(0.1 * total)
+    # the 10% largest |A - B| of the whole model: every selected value >= every unselected one
+    a, b = fixtures.small_model("SD15"), fixtures.small_model("SD15", delta_seed=5, delta_scale=DELTA)
+    lo_sel, hi_unsel = float("inf"), 0.0
+    for key in whole.layout.keys:
+        d = (read(harness, b, key) - read(harness, a, key)).abs()
+        s = whole.dense(key)
+        if s.any():
+            lo_sel = min(lo_sel, float(d[s].min()))
+        if (~s).any():
+            hi_unsel = max(hi_unsel, float(d[~s].max()))
+    assert lo_sel >= hi_unsel
+    for block, s, t in per_block.block_counts():          # |A| below its block's median: half of each block
+        assert abs(s - 0.5 * t) <= 0.5, block
+
+
+def test_mask_report_text_and_image(harness):
+    g = {"a": small(),
+         "bm": node("MergeLab_BlockMasker", model=["a", 0], blocks="input_blocks.4, output_blocks.1*"),
+         "rep": node("MergeLab_MaskReport", mask=["bm", 0]),
+         "c1": cap("rep", "text", 0), "c2": cap("rep", "image", 1), "c3": cap("bm", "names", 1)}
+    res = harness.run_ok(g)
+    text, image, names = res.captured["text"], res.captured["image"], res.captured["names"]
+    assert isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[0] == 1 and image.shape[3] == 3
+    assert image.dtype == torch.float32 and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert float(image.std()) > 0.01                                     # something is drawn
+    rows = {line.split()[0]: line for line in text.splitlines() if "/" in line and "(" in line}
+    assert rows["input_blocks.4."].endswith("(1.0000)") and rows["output_blocks.10."].endswith("(1.0000)")
+    assert rows["output_blocks.2."].endswith("(0.0000)") and rows["middle_block.1."].endswith("(0.0000)")
+    assert "storage: 0 bytes" in text                                    # whole blocks: constants only
+    assert names.splitlines()[0] == "time_embed." and "output_blocks.11." in names.splitlines()
+    assert res.outputs["rep"]["text"] == [text]                       # shown on the node too
+
+
+def test_random_masker_report_fraction(harness):
+    g = {"a": small(), "r": node("MergeLab_RandomMasker", model=["a", 0], density=0.25, seed=1),
+         "rep": node("MergeLab_MaskReport", mask=["r", 0]), "c": cap("r", "mask"), "t": cap("rep", "text")}
+    res = harness.run_ok(g)
+    mask = res.captured["mask"]
+    sel, total = mask.selected_total()
+    assert abs(sel / total - 0.25) < 0.005 and mask.nbytes() == 0
+    again = harness.run_ok(g).captured["mask"]                           # seeded: the same selection
+    for key in mask.layout.keys[::50]:
+        assert torch.equal(mask.dense(key), again.dense(key))
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+def test_mask_from_another_architecture_is_an_error(harness):
+    # through the Masked Model Merger: checked up front
+    g = {"a": small("SD15"), "b": small("SD15", delta_seed=1), "x": small("SDXL"),
+         "mask": node("MergeLab_RandomMasker", model=["x", 0]),
+         "mm": node("MergeLab_MaskedModelMerger", model_a=["a", 0], model_b=["b", 0], mask=["mask", 0]),
+         "c": cap("mm", "out")}
+    res = harness.run(g)
+    assert not res.success
+    err = res.error_text()
+    assert "does not fit model_a" in err and "SDXL" in err and "SD15" in err
+    # through the Model Merger's mask input
+    res = harness.run(_merge_graph({"x": small("SDXL"), "mask": node("MergeLab_RandomMasker", model=["x", 0])}))
+    assert not res.success
+    assert "mask" in res.error_text() and ("no entry for key" in res.error_text() or "shape" in res.error_text())
+
+
+def test_mask_with_missing_keys_is_an_error(harness):
+    """A mask made from FLUX schnell (no guidance_in) used on a FLUX dev merge."""
+    g = {"base": small("Flux"), "m1": small("Flux", delta_seed=1),
+         "s": small("FluxSchnell"),
+         "mask": node("MergeLab_RandomMasker", model=["s", 0]),
+         "in1": node("MergeLab_MergeInput", model=["m1", 0]),
+         "method": node("MergeLab_Method_task_arithmetic"),
+         "merge": node("MergeLab_ModelMerger", base=["base", 0], method=["method", 0], models=["in1", 0],
+                       mask=["mask", 0]),
+         "c": cap("merge", "out")}
+    res = harness.run(g)
+    assert not res.success
+    assert "no entry for key 'diffusion_model.guidance_in" in res.error_text()
+
+
+def test_mask_operation_between_different_models_is_an_error(harness):
+    g = {"a": small("SD15"), "x": small("SDXL"),
+         "m1": node("MergeLab_RandomMasker", model=["a", 0]), "m2": node("MergeLab_RandomMasker", model=["x", 0]),
+         "op": node("MergeLab_MaskOperations", mask_a=["m1", 0], mask_b=["m2", 0], operation="union"),
+         "c": cap("op", "m")}
+    res = harness.run(g)
+    assert not res.success and "made for different models" in res.error_text()
+    g["op"] = node("MergeLab_MaskOperations", mask_a=["m1", 0], operation="xor")
+    res = harness.run(g)
+    assert not res.success and "needs two masks" in res.error_text()
+
+
+@pytest.mark.parametrize("q", [-0.1, 1.5])
+def test_quantile_outside_unit_interval(harness, q):
+    g = {"a": small(), "mask": node("MergeLab_MagnitudeMasker", model_a=["a", 0], quantile=q), "c": cap("mask", "m")}
+    res = harness.run(g)
+    assert not res.success and "quantile" in res.error_text()       # rejected by ComfyUI's validation
+    M = pack(harness, "engine.masks")
+    with pytest.raises(M.MaskError, match=r"quantile must be within \[0, 1\]"):
+        M.magnitude_mask(M.MaskLayout.of(fixtures.small_model("SD15")),
+                         M.model_reader(fixtures.small_model("SD15"), CPU), None, q)
+
+
+def test_block_masker_unknown_block(harness):
+    g = {"a": small(), "bm": node("MergeLab_BlockMasker", model=["a", 0], blocks="input_blocks.40"),
+         "c": cap("bm", "m")}
+    res = harness.run(g)
+    assert not res.success
+    assert "matches no block" in res.error_text() and "middle_block.1." in res.error_text()
