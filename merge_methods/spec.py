@@ -287,12 +287,13 @@ class MergeMethod:
 
 
 def _check_finite(where: str, base: Optional[torch.Tensor], stacked: torch.Tensor) -> None:
-    bad_models = ~torch.isfinite(stacked.view(stacked.shape[0], -1)).all(dim=1) if stacked.numel() else None
-    bad_base = base is not None and base.numel() > 0 and not bool(torch.isfinite(base).all())
-    if bad_base:
+    """One min/max reduction per input (NaN and ±Inf propagate into it); the slow per-model search
+    only runs when something is wrong."""
+    if base is not None and base.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(base))).all()):
         raise MergeError(f"{where}: the base tensor contains NaN or Inf")
-    if bad_models is not None and bool(bad_models.any()):
-        idx = [i for i, b in enumerate(bad_models.tolist()) if b]
+    if stacked.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(stacked))).all()):
+        bad = ~torch.isfinite(stacked.reshape(stacked.shape[0], -1)).all(dim=1)
+        idx = [i for i, b in enumerate(bad.tolist()) if b]
         raise MergeError(f"{where}: model(s) {idx} contain NaN or Inf")
 
 
