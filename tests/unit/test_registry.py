@@ -1,0 +1,90 @@
+"""The merge_methods API: names, create/merge for every method, recipes, specs as the one source."""
+import json
+
+import pytest
+import torch
+
+import merge_methods as mm
+
+EXPECTED = {
+    # mergekit
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs",
+    "breadcrumbs_ties", "sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "nearswap",
+    "arcee_fusion", "passthrough",
+    # sd-optim / sd-mecha
+    "ties_sum_with_dropout", "ties_sum_extended", "multi_domain_alignment", "lowrank_orthogonal_projection",
+    "geometric_median",
+    # ComfyUI
+    "weighted_sum", "add_difference",
+}
+
+
+def n_models(spec):
+    return spec.max_models if spec.max_models is not None and spec.max_models < 3 else max(3, spec.min_models)
+
+
+def test_names_cover_every_method():
+    assert EXPECTED <= set(mm.names())
+    assert mm.names() == sorted(mm.names())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_create_merge_roundtrip(name):
+    spec = mm.get_spec(name)
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 5, generator=g).to(torch.bfloat16)
+    models = [(base.float() + 0.1 * torch.randn(6, 5, generator=g)).to(torch.bfloat16) for _ in range(n_models(spec))]
+    method = mm.create(name)
+    out = method.merge(None if spec.base == "none" else base, models, key="k.weight", seed=3)
+    assert out.shape == base.shape and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    again = method.merge(None if spec.base == "none" else base, models, key="k.weight", seed=3)
+    assert torch.equal(out, again)
+    # a recipe: plain JSON, equal and equally hashed after the round trip
+    d = json.loads(json.dumps(method.to_dict()))
+    back = mm.from_dict(d)
+    assert back == method and hash(back) == hash(method)
+    # a shape mismatch is a clear error naming the method
+    bad = [torch.randn(2, 2)] * n_models(spec)
+    if spec.base == "none":
+        bad = [models[0]] + bad[1:]
+    if len(bad) > 1 or spec.base != "none":
+        with pytest.raises(mm.MergeError, match=f"{name}.*shape mismatch"):
+            method.merge(None if spec.base == "none" else base, bad)
+
+
+def test_immutable_and_validated():
+    m = mm.create("ties", **{"lambda": 0.5})
+    with pytest.raises(Exception):
+        m.name = "linear"
+    with pytest.raises(mm.MergeError, match="lambda"):
+        mm.create("ties", **{"lambda": "x"})
+    with pytest.raises(mm.MergeError, match="density"):
+        mm.create("ties").merge(torch.zeros(3), [torch.ones(3)], density=1.5)
+    with pytest.raises(mm.MergeError, match="no parameter 'nope'"):
+        mm.create("ties", nope=1)
+    with pytest.raises(mm.MergeError, match="unknown merge method"):
+        mm.create("no_such_method")
+    with pytest.raises(mm.MergeError, match="needs a base"):
+        mm.create("ties").merge(None, [torch.ones(3)])
+    with pytest.raises(mm.MergeError, match="NaN or Inf"):
+        mm.create("ties").merge(torch.zeros(3), [torch.tensor([1.0, float("nan"), 0.0])])
+
+
+def test_per_model_parameters_agree_across_methods():
+    """The Merge Input node shows one widget per per-model parameter name: the specs must agree on it."""
+    seen = {}
+    for spec in mm.all_specs():
+        for p in spec.per_model_params:
+            if p.name in seen:
+                q = seen[p.name]
+                assert (p.kind, p.default) == (q.kind, q.default), (spec.name, p.name)
+            seen[p.name] = p
+    assert {"weight", "density"} <= set(seen)
+
+
+def test_every_parameter_has_help_and_a_valid_default():
+    for spec in mm.all_specs():
+        assert spec.help.strip(), spec.name
+        for p in spec.params:
+            assert p.help.strip(), (spec.name, p.name)
+            assert p.coerce(p.default, spec.name) == p.default or p.kind == "int"
