@@ -122,7 +122,7 @@ def browser(server):
         os.remove(result_path)
     env = dict(os.environ, CHROMIUM=_chromium())
     proc = subprocess.run(["node", os.path.join(HERE, "frontend_check.mjs"), "--url", server["url"], "--out", OUT,
-                           "--pack", PACK], cwd=HERE, env=env, capture_output=True, text=True, timeout=420)
+                           "--pack", PACK], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
     with open(os.path.join(OUT, "node.log"), "w", encoding="utf-8") as f:
         f.write(proc.stdout + proc.stderr)
     if not os.path.exists(result_path):
@@ -148,6 +148,8 @@ def test_extension_served_and_registered(browser):
     exts = _get(url + "extensions")
     assert f"/extensions/{PACK}/mergelab.js" in exts, exts
     load = _step(browser, "load")
+    if load.get("attempts", 1) > 1:
+        print(f"note: the UI needed {load['attempts']} page loads to finish its set-up (busy machine?)")
     assert load["registered"], f"MergeLab.Frontend not among the registered extensions: {load['extensions']}"
     ours = [k for k in _get(url + "object_info") if k.startswith("MergeLab_")]
     assert load["mergelabNodeTypes"] == len(ours)
