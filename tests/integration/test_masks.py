@@ -263,3 +263,22 @@ def test_block_masker_unknown_block(harness):
     res = harness.run(g)
     assert not res.success
     assert "matches no block" in res.error_text() and "middle_block.1." in res.error_text()
+
+
+def test_sdxl_size_masks_stay_light(harness):
+    """On the full-size SDXL key set (2.57 B parameters, meta shapes): random and block masks and every
+    operation between them store nothing; packed bits are 1/8 byte per parameter (measured on real
+    values by benchmarks/bench_masks.py)."""
+    M = pack(harness, "engine.masks")
+    shapes = fixtures.meta_unet_shapes("SDXL")
+    layout = M.MaskLayout("SDXL:SDXL", list(shapes), [tuple(s) for s in shapes.values()])
+    assert layout.total > 2.5e9
+    r = M.random_mask(layout, 0.3, 1)
+    b = M.block_mask(layout, ["output_blocks.*", "middle_block.*"])
+    for m in (r, b, r.union(b), r.difference(b), r.intersection(b), r.xor(b), r.invert(), b.invert().xor(r)):
+        assert m.nbytes() == 0
+    k_out = next(k for k in layout.keys if ".output_blocks." in k and k.endswith(".weight"))
+    k_in = next(k for k in layout.keys if ".input_blocks.4." in k and k.endswith(".weight"))
+    assert r.union(b).state(k_out) == "all" and r.union(b).selection(k_out, shapes[k_out], CPU) is None
+    assert torch.equal(r.union(b).dense(k_in), r.dense(k_in))
+    assert torch.equal(r.xor(b).dense(k_out), ~r.dense(k_out))
