@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..merge_methods import MergeError, MergeMethod, create
+from .recipe import record_merge
 from .weights import KeySource, is_clip, model_family, patcher_of, storage_dtype
 
 log = logging.getLogger("MergeLab")
@@ -198,7 +199,9 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     finally:
         if device.type != "cpu":
             mm.soft_empty_cache()
-    return _patched_clone(ref_obj, merged)
+    result = _patched_clone(ref_obj, merged)
+    record_merge(result, method, inputs, options, base=base, keys=keys)
+    return result
 
 
 def _check_block_params(bw, method: MergeMethod) -> None:
