@@ -6,6 +6,7 @@ VENV_PY := .venv/bin/python
 
 setup:
 	$(PYTHON) -m mergelab.setup_env
+	bash tests/browser/setup.sh
 
 test: setup
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
