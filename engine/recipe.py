@@ -129,9 +129,13 @@ def describe_source(obj) -> Dict[str, Any]:
     merged), and the number of patches (LoRAs / ComfyUI merges) on it."""
     out: Dict[str, Any] = {"family": model_family(obj)}
     rec = get_recipe(obj)
+    mp = _patcher(obj)
     if rec is not None:
         out["recipe"] = _trim(rec, MAX_DEPTH)
-    mp = _patcher(obj)
+        recorded = rec.get("patches_uuid")
+        if recorded is not None and recorded != str(getattr(mp, "patches_uuid", "")):
+            # patches were added after the merge (a LoRA, a ComfyUI merge node...): the graph has them
+            out["changed_after_recipe"] = True
     patches = getattr(mp, "patches", None)
     if isinstance(patches, dict):
         n = sum(1 for v in patches.values() if v)
@@ -189,6 +193,9 @@ def record_merge(result, method, inputs, options=None, *, base=None, keys: Optio
         rec["keys_merged"] = sum(1 for _ in keys)
     if extra:
         rec.update(jsonable(extra))
+    uid = getattr(_patcher(result), "patches_uuid", None)
+    if uid is not None:
+        rec["patches_uuid"] = str(uid)
     set_recipe(result, rec)
     return rec
 
@@ -200,9 +207,10 @@ _hash_cache: Dict[Tuple[str, int, int], str] = {}
 _hash_lock = threading.Lock()
 
 
-def file_sha256(path: str, check: Optional[Callable[[], None]] = None, chunk: int = 16 << 20) -> str:
+def file_sha256(path: str, check: Optional[Callable[[], None]] = None, chunk: int = 16 << 20,
+                progress: Optional[Callable[[int, int], None]] = None) -> str:
     """sha256 of a file's bytes (hex), cached per (real path, size, mtime); ``check()`` is called
-    between chunks (Cancel)."""
+    between chunks (Cancel), ``progress(bytes_done, size)`` too."""
     real = os.path.realpath(path)
     st = os.stat(real)
     key = (real, st.st_size, st.st_mtime_ns)
@@ -213,14 +221,18 @@ def file_sha256(path: str, check: Optional[Callable[[], None]] = None, chunk: in
     h = hashlib.sha256()
     buf = bytearray(chunk)
     view = memoryview(buf)
+    done = 0
     with open(real, "rb", buffering=0) as f:
         while True:
             n = f.readinto(buf)
             if not n:
                 break
             h.update(view[:n])
+            done += n
             if check is not None:
                 check()
+            if progress is not None:
+                progress(done, st.st_size)
     digest = h.hexdigest()
     with _hash_lock:
         _hash_cache[key] = digest
@@ -287,7 +299,9 @@ def _get_node(prompt, dynprompt, node_id):
 
 def graph_provenance(prompt, node_id, dynprompt=None, hash_files: bool = True,
                      check: Optional[Callable[[], None]] = None,
-                     inputs: Optional[Iterable[str]] = None) -> Optional[Dict[str, Any]]:
+                     inputs: Optional[Iterable[str]] = None,
+                     progress_factory: Optional[Callable[[], Callable[[int, int], None]]] = None
+                     ) -> Optional[Dict[str, Any]]:
     """The nodes upstream of ``node_id`` in the prompt (API format), ordered inputs-first, with their
     literal inputs (links as ``{"from": id, "slot": n}``) and, for every ``*_name`` widget naming a
     model file, the file's folder, size and sha256.  ``inputs``: only follow these inputs of the start
@@ -339,7 +353,10 @@ def graph_provenance(prompt, node_id, dynprompt=None, hash_files: bool = True,
                     ref = f"{folder}/{v}"
                     if ref not in files:
                         info: Dict[str, Any] = {"folder": folder, "name": v, "size": os.path.getsize(path)}
-                        digest = file_sha256(path, check) if hash_files else cached_sha256(path)
+                        digest = cached_sha256(path)
+                        if digest is None and hash_files:
+                            prog = progress_factory() if progress_factory is not None else None
+                            digest = file_sha256(path, check, progress=prog)
                         if digest:
                             info["sha256"] = digest
                         files[ref] = info
@@ -443,7 +460,9 @@ def describe(recipe: Optional[Dict[str, Any]], metadata: Optional[Dict[str, str]
         lines.append("Saved: " + ", ".join(f"{k}={v}" for k, v in saved.items() if v not in (None, "")))
     for part, src in (recipe.get("parts") or {}).items():
         lines.append(f"{part}: {src.get('family', '')}" +
-                     (f" (+{src['patched_keys']} patched keys)" if src.get("patched_keys") else ""))
+                     (f" (+{src['patched_keys']} patched keys)" if src.get("patched_keys") else "") +
+                     (" - changed after its last MergeLab merge (LoRA / other merge; see the graph)"
+                      if src.get("changed_after_recipe") else ""))
         if isinstance(src.get("recipe"), dict) and src["recipe"].get("op") == "merge":
             _describe_merge(src["recipe"], "  ", lines)
     graph = recipe.get("graph")

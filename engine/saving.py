@@ -310,8 +310,14 @@ def plan_from_conversion(parts: Dict[str, Part], convert: Callable[[Dict[str, Di
             d[key] = t
             by_id[id(t)] = (pname, key)
         ph[pname] = d
-    with torch.inference_mode(False), torch.no_grad():
-        out = convert({k: dict(v) for k, v in ph.items()})
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            out = convert({k: dict(v) for k, v in ph.items()})
+    except SaveError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a conversion that needs real values
+        raise SaveError(f"ComfyUI's key conversion for this model cannot be planned without computing the "
+                        f"weights ({type(e).__name__}: {e}); MergeLab cannot stream-save this model type") from e
     if extra:
         out = dict(out)
         out.update(extra)

@@ -53,6 +53,20 @@ def _interrupt_check():
     return mm.throw_exception_if_processing_interrupted
 
 
+def _hash_progress():
+    """Progress of hashing one input file, on the node's progress bar."""
+    import comfy.utils
+    pbar = comfy.utils.ProgressBar(100)
+    state = {"last": -1}
+
+    def progress(done, total):
+        pct = int(100 * done / max(1, total))
+        if pct != state["last"]:
+            state["last"] = pct
+            pbar.update_absolute(pct, 100)
+    return progress
+
+
 def _comfy_version() -> str:
     try:
         import comfyui_version
@@ -72,7 +86,8 @@ def _recipe_metadata(cls, node_id: str, parts: Dict[str, Any], dtype: str, save_
         name = dest_or_name if isinstance(dest_or_name, str) else os.path.relpath(
             dest_or_name.final_path, dest_or_name.output_dir).replace(os.sep, "/")
         graph = rcp.graph_provenance(cls.hidden.prompt, cls.hidden.unique_id, dynprompt=cls.hidden.dynprompt,
-                                     hash_files=hash_input_files, check=_interrupt_check())
+                                     hash_files=hash_input_files, check=_interrupt_check(),
+                                     progress_factory=_hash_progress)
         saved = {"node": node_id, "file": name, "dtype": dtype,
                  "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                  "comfyui_version": _comfy_version()}

@@ -296,14 +296,15 @@ def test_full_size_sd15_merge_reloads_bit_exact(harness, full_sd15, tuned_sd15):
         n_diff += int(src.has_patches(key))
     assert n_diff > 600          # the merge really changed the UNet
     # CLIP and VAE: exactly the inputs' weights (compared as float)
+    file_keys, meta = read_all_meta(path)
     csrc, cgot = weights.KeySource.of(clip), res2.captured["clip"].cond_stage_model.state_dict()
-    for key in csrc.keys():
-        if key in cgot:
-            assert torch.equal(cgot[key].float(), csrc.read(key, cpu)), key
+    saved = [k for k in csrc.keys() if "cond_stage_model." + k[len("clip_l."):] in file_keys]
+    assert len(saved) == len(csrc.keys()) - 1          # ComfyUI's SD1.5 layout drops text_projection only
+    for key in saved:
+        assert torch.equal(cgot[key].float(), csrc.read(key, cpu)), key
     vgot = res2.captured["vae"].get_sd()
     for key, t in vae.get_sd().items():
         assert torch.equal(vgot[key].float(), t.float()), key
-    _, meta = read_all_meta(path)
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.predict_key"] == "epsilon"
     rec = json.loads(meta["mergelab.recipe"])
     assert set(rec["graph"]["files"]) == {f"checkpoints/{a}", f"checkpoints/{b}"}
@@ -461,6 +462,12 @@ def test_recipe_travels_with_clones_and_is_read_back(harness):
     # travels with clones (ComfyUI's LoRA loaders and others clone the patcher)
     clone = m1.clone()
     assert recipe.get_recipe(clone) == rec
+    assert "changed_after_recipe" not in recipe.describe_source(clone)
+    # patches added after the merge (what a LoRA loader does) are flagged: the graph part has them
+    lora_like = m1.clone()
+    k = next(iter(m1.patches))
+    assert lora_like.add_patches({k: (torch.zeros_like(m1.patches[k][0][1][1][0]),)}, 1.0) == [k]
+    assert recipe.describe_source(lora_like)["changed_after_recipe"] is True
     # a merge of a merge nests the first recipe
     lin = mm.create("linear")
     inputs2 = [merge.MergeInput(clone, {"weight": 0.5}, "model 1"), merge.MergeInput(a, {"weight": 0.5}, "model 2")]
