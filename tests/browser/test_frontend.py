@@ -99,16 +99,70 @@ def tools():
 
 
 # -------------------------------------------------------------------------------------------------
+# the example workflows and the models the queued one loads
+# -------------------------------------------------------------------------------------------------
+EXAMPLES_DIR = os.path.join(ROOT, "example_workflows")
+CHECKPOINT_LOADERS = {"CheckpointLoaderSimple": 0}     # node type -> index of the file widget
+
+
+def example_names() -> list:
+    if not os.path.isdir(EXAMPLES_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(EXAMPLES_DIR) if f.endswith(".json"))
+
+
+def queued_examples() -> list:
+    """The examples the test runs to completion: the first one (the others are opened and checked only,
+    to keep the test short on a CPU)."""
+    return example_names()[:1]
+
+
+def checkpoint_names(name: str) -> list:
+    """The checkpoint files an example's loaders name, in node order."""
+    with open(os.path.join(EXAMPLES_DIR, name + ".json"), encoding="utf-8") as f:
+        wf = json.load(f)
+    names = []
+    for n in sorted(wf.get("nodes", []), key=lambda n: n["id"]):
+        i = CHECKPOINT_LOADERS.get(n.get("type"))
+        if i is not None and n.get("widgets_values") and n["widgets_values"][i] not in names:
+            names.append(n["widgets_values"][i])
+    return names
+
+
+@pytest.fixture(scope="module")
+def models_dir(tools, tmp_path_factory):
+    """$MERGELAB_MODELS_DIR when set; otherwise a models folder whose checkpoints/ links every checkpoint
+    name of the queued examples to the small generated SD1.5 checkpoints of ``mergelab.demo`` (base, then
+    the two fine-tunes, in the order the loaders name them; made once and cached in .cache/fixtures)."""
+    if os.environ.get("MERGELAB_MODELS_DIR"):
+        return os.environ["MERGELAB_MODELS_DIR"]
+    names = [n for ex in queued_examples() for n in checkpoint_names(ex)]
+    if not names:
+        return None
+    code = ("import json; from mergelab.demo import fixture_checkpoints; "
+            "p = fixture_checkpoints(small=True); print(json.dumps([p['base'], p['a'], p['b']]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        pytest.fail(f"could not make the demo checkpoints:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    files = json.loads(proc.stdout.strip().splitlines()[-1])
+    folder = str(tmp_path_factory.mktemp("models"))
+    os.makedirs(os.path.join(folder, "checkpoints"))
+    for i, name in enumerate(dict.fromkeys(names)):
+        os.symlink(files[i % len(files)], os.path.join(folder, "checkpoints", name))
+    return folder
+
+
+# -------------------------------------------------------------------------------------------------
 # the ComfyUI server
 # -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tools, tmp_path_factory):
+def server(tools, models_dir, tmp_path_factory):
     from comfy_server import ServerError, running_server
 
     os.makedirs(OUT, exist_ok=True)
     try:
         with running_server(os.path.join(OUT, "server.log"), base=str(tmp_path_factory.mktemp("comfy_base")),
-                            models_dir=os.environ.get("MERGELAB_MODELS_DIR") or None) as srv:
+                            models_dir=models_dir) as srv:
             yield {"url": srv.url, "base": srv.base, "log": srv.log_tail}
     except ServerError as e:
         pytest.fail(str(e))
@@ -122,7 +176,7 @@ def browser(server):
         os.remove(result_path)
     env = dict(os.environ, CHROMIUM=_chromium())
     proc = subprocess.run(["node", os.path.join(HERE, "frontend_check.mjs"), "--url", server["url"], "--out", OUT,
-                           "--pack", PACK], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+                           "--pack", PACK, "--run", ",".join(queued_examples()) or ","], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
     with open(os.path.join(OUT, "node.log"), "w", encoding="utf-8") as f:
         f.write(proc.stdout + proc.stderr)
     if not os.path.exists(result_path):
@@ -280,24 +334,33 @@ def test_method_nodes_show_their_description(browser):
 
 def test_example_workflows_open_from_templates_and_run(browser):
     s = _step(browser, "examples")
-    folder = os.path.join(ROOT, "example_workflows")
-    on_disk = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
+    on_disk = example_names()
     assert sorted(s["names"]) == on_disk, "GET /workflow_templates must list every example_workflows/*.json"
     if not on_disk:
         pytest.skip("example_workflows/ holds no workflow yet: nothing to open and run")
     failures = []
-    for run in s["runs"]:
+    runs = {r["name"]: r for r in s["runs"]}
+    for name in on_disk:
+        run = runs[name]
         if run.get("error"):
-            failures.append(f"{run['name']}: {run['error']}")
+            failures.append(f"{name}: {run['error']}")
             continue
+        # opened from the templates dialog: every node of the file, all of them known to the server
         if run["unknownTypes"]:
-            failures.append(f"{run['name']}: node types the server does not know: {run['unknownTypes']}")
+            failures.append(f"{name}: node types the server does not know: {run['unknownTypes']}")
         if run["loadedTypes"] != run["expectedTypes"]:
-            failures.append(f"{run['name']}: loaded {run['loadedTypes']} != file {run['expectedTypes']}")
+            failures.append(f"{name}: loaded {run['loadedTypes']} != file {run['expectedTypes']}")
+    for name in queued_examples():
+        run = runs[name]
+        if run.get("error"):
+            continue
+        assert run["queued"]
         status = run.get("status") or {}
         if not (status.get("completed") and status.get("status_str") == "success"):
             msgs = [m for m in status.get("messages", []) if m[0] == "execution_error"]
-            failures.append(f"{run['name']}: did not run to completion (status {status.get('status_str')}, "
+            failures.append(f"{name}: did not run to completion (status {status.get('status_str')}, "
                             f"{run['seconds']} s): {json.dumps(msgs)[:1500]} rejected: "
                             f"{json.dumps(run.get('rejected'))[:1500]} {run.get('queueErrors')}")
+        else:
+            print(f"{name}: ran in {run['seconds']:.1f} s; outputs of nodes {run['outputs']}")
     assert not failures, "\n".join(failures) + "\n--- server log ---\n" + browser["_server"]["log"]()
