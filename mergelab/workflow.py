@@ -12,7 +12,7 @@ import json
 from typing import Any, Dict, List, Optional, Tuple
 
 MUTED, BYPASSED = 2, 4
-NOTE_TYPES = {"Note", "MarkdownNote", "PrimitiveStringMultiline"}
+NOTE_TYPES = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
