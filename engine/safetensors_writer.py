@@ -117,6 +117,46 @@ def temp_path_for(final_path: str) -> str:
     return os.path.join(d, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
 
 
+def cleanup_stale_temps(folder: str) -> List[str]:
+    """Remove temporary files that a save killed outright (power cut, kill -9) left in ``folder``:
+    ours are named ``.<name>.<pid>.<random>.mergelab-tmp``; only those of processes that no longer
+    run are removed.  Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for n in names:
+        if not (n.startswith(".") and n.endswith(TMP_SUFFIX)):
+            continue
+        parts = n[: -len(TMP_SUFFIX)].rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(folder, n))
+            removed.append(os.path.join(folder, n))
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if os.name != "posix":
+        return True          # cannot tell cheaply: keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def commit_no_clobber(tmp: str, final: str) -> None:
     """Give ``tmp`` the name ``final`` atomically; raises FileExistsError if ``final`` exists (it is
     never overwritten).  Uses a hard link where the file system has them, else a checked os.replace."""

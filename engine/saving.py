@@ -590,6 +590,8 @@ def destination(prefix: str, default: str, output_dir: Optional[str] = None) -> 
     folder = os.path.abspath(folder)
     if os.path.commonpath([out, folder]) != out:      # belt and braces: get_save_image_path checks too
         raise SaveError(f"refusing to write outside the output folder: {folder}")
+    for p in stw.cleanup_stale_temps(folder):
+        log.info("MergeLab: removed %s, left by a save that was killed", p)
     return Destination(out, folder, filename, counter, subfolder)
 
 

@@ -392,12 +392,21 @@ def test_failed_save_leaves_no_file_and_keeps_existing(harness, monkeypatch, fai
     def make():
         if failure == "error":
             return RuntimeError("simulated failure while writing")
-        if failure == "disk_full":
-            return OSError(errno.ENOSPC, "No space left on device (simulated)")
-        mm.interrupt_current_processing(True)     # what the Cancel button does
-        return None
+        return OSError(errno.ENOSPC, "No space left on device (simulated)")
 
-    if failure == "cancel":
+    if failure == "disk_full":       # the background writer thread's write fails, as on a full disk
+        stw = pack(harness, "engine.safetensors_writer")
+        real_write = stw._Sink.write
+        calls = {"n": 0}
+
+        def full_disk(self, buf):
+            calls["n"] += 1
+            if calls["n"] > 40:
+                raise make()
+            return real_write(self, buf)
+
+        monkeypatch.setattr(stw._Sink, "write", full_disk)
+    elif failure == "cancel":
         stw = pack(harness, "engine.safetensors_writer")
         real = stw.tensor_bytes
         calls = {"n": 0}
@@ -405,7 +414,7 @@ def test_failed_save_leaves_no_file_and_keeps_existing(harness, monkeypatch, fai
         def cancelling(t):
             calls["n"] += 1
             if calls["n"] == 40:
-                mm.interrupt_current_processing(True)
+                mm.interrupt_current_processing(True)     # what the Cancel button does
             return real(t)
 
         monkeypatch.setattr(stw, "tensor_bytes", cancelling)
@@ -429,6 +438,24 @@ def test_failed_save_leaves_no_file_and_keeps_existing(harness, monkeypatch, fai
     # the next save works and takes the next free counter
     harness.run_ok(_save_model_prompt(f"fail/m_{failure}"))
     assert new_files(harness, before) == [f"fail/m_{failure}_00002_.safetensors"]
+
+
+def test_temp_file_of_a_killed_save_is_cleaned_up(harness):
+    """A temporary file left by a save that was killed outright (its process is gone) is removed by the
+    next save into that folder; one of a running process is kept."""
+    import subprocess
+    import sys
+    folder = os.path.join(harness.output_dir, "killed")
+    os.makedirs(folder, exist_ok=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = os.path.join(folder, f".k_00001_.safetensors.{dead}.deadbeef.mergelab-tmp")
+    alive = os.path.join(folder, f".k_00001_.safetensors.{os.getppid()}.cafecafe.mergelab-tmp")
+    for p in (stale, alive):
+        with open(p, "wb") as f:
+            f.write(b"partial")
+    harness.run_ok(_save_model_prompt("killed/k"))
+    assert sorted(os.listdir(folder)) == sorted([os.path.basename(alive), "k_00001_.safetensors"])
 
 
 def test_name_taken_while_writing_is_not_overwritten(harness, monkeypatch):
