@@ -14,5 +14,10 @@ test: setup
 unit: setup
 	$(VENV_PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+# the main job: DARE-TIES merge of two checkpoints, then their difference LoRA (see mergelab/demo.py);
+# DEMO_ARGS="--small" or DEMO_ARGS="--models DIR --a A.safetensors --b B.safetensors"
+demo: setup
+	$(VENV_PY) -m mergelab.demo $(DEMO_ARGS)
+
 clean-env:
 	rm -rf .venv .cache

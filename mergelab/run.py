@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 from .workflow import WorkflowError, apply_overrides, load_json, to_api
 
@@ -78,9 +79,22 @@ def _snapshot(folder: str) -> dict:
     return out
 
 
-def run_workflow(workflow, overrides: List[str], harness, quiet: bool = False, out=sys.stdout) -> int:
-    """Convert, validate and execute a workflow (a path or parsed JSON); print the files written.
-    Returns the process exit code."""
+@dataclass
+class WorkflowRun:
+    """What :func:`execute_workflow` did: the exit code, the API prompt it ran, the files it wrote (full
+    paths, sorted), each output node's UI output, the seconds it took and the error text."""
+
+    code: int
+    prompt: Optional[Dict[str, Any]] = None
+    written: List[str] = field(default_factory=list)
+    outputs: Dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str = ""
+
+
+def execute_workflow(workflow, overrides: List[str], harness, quiet: bool = False, out=sys.stdout) -> WorkflowRun:
+    """Convert, validate and execute a workflow (a path or parsed JSON); print the files written and the
+    text outputs; return a :class:`WorkflowRun`."""
     import nodes as comfy_nodes  # ComfyUI's
 
     try:
@@ -89,7 +103,7 @@ def run_workflow(workflow, overrides: List[str], harness, quiet: bool = False, o
         apply_overrides(prompt, overrides)
     except WorkflowError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return WorkflowRun(2, error=str(e))
     before = _snapshot(harness.output_dir)
     progress = TextProgress(prompt, quiet=quiet)
     import comfy.utils
@@ -104,19 +118,53 @@ def run_workflow(workflow, overrides: List[str], harness, quiet: bool = False, o
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         progress.done()
+    seconds = time.time() - t0
     if not res.success:
-        print("error: the workflow failed:\n" + res.error_text(), file=sys.stderr)
-        return 1
+        text = res.error_text()
+        print("error: the workflow failed:\n" + text, file=sys.stderr)
+        return WorkflowRun(1, prompt, outputs=res.outputs, seconds=seconds, error=text)
     after = _snapshot(harness.output_dir)
     written = sorted(p for p, sig in after.items() if before.get(p) != sig)
-    print(f"done in {time.time() - t0:.1f} s", file=out)
+    print(f"done in {seconds:.1f} s", file=out)
     for p in written:
-        print(f"wrote {p}", file=out)
+        print(f"wrote {p} ({_size(after[p][0])})", file=out)
     for nid, ui in res.outputs.items():
         text = (ui or {}).get("text")
         if text:
             print(f"#{nid}: " + "\n".join(str(t) for t in text), file=out)
-    return 0
+    return WorkflowRun(0, prompt, written, dict(res.outputs), seconds)
+
+
+def run_workflow(workflow, overrides: List[str], harness, quiet: bool = False, out=sys.stdout) -> int:
+    """Convert, validate and execute a workflow (a path or parsed JSON); print the files written.
+    Returns the process exit code."""
+    return execute_workflow(workflow, overrides, harness, quiet=quiet, out=out).code
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return f"{n} B"
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a device ComfyUI can use besides the CPU (CUDA/ROCm, Apple MPS, Intel XPU)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    try:
+        if torch.cuda.is_available():
+            return True
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return True
+        xpu = getattr(torch, "xpu", None)
+        return bool(xpu is not None and xpu.is_available())
+    except Exception:  # noqa: BLE001 - a broken driver counts as no device
+        return False
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -131,6 +179,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .comfy_env import comfyui_root
 
+    if not args.cpu and not has_accelerator():
+        # ComfyUI itself would stop at import ("Found no NVIDIA driver") without --cpu on such a machine
+        print("note: no GPU found; running on the CPU", file=sys.stderr)
+        args.cpu = True
     extra = ["--cpu"] if args.cpu else ["--gpu"]
     try:
         root = comfyui_root()
