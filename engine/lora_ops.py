@@ -16,8 +16,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..merge_methods import MergeError, MergeMethod, key_seed
-from .lora import (Lora, LoraError, LoraLayer, LayerKey, arch_of, base_key, is_model_key, key_text, merge_arch)
-from .lora_svd import (RankError, RankSpec, SVDOptions, as_matrix, factorize, factorize_product,
+from .lora import (Lora, LoraError, LoraLayer, LayerKey, arch_of, key_text, merge_arch)
+from .weights import CLIP_OPTIONAL_SUFFIXES
+from .lora_svd import (RankSpec, SVDOptions, as_matrix, factorize, factorize_product,
                        single_thread_if_small)
 
 log = logging.getLogger("MergeLab")
@@ -263,6 +264,10 @@ def _extract_one(key, shape, is_matrix, ts, bs, device, opts: ExtractOptions, cl
     d = ts.read(key, device)
     d.sub_(bs.read(key, device))
     amax = float(d.abs().max()) if d.numel() else 0.0
+    if not math.isfinite(amax) and key.endswith(CLIP_OPTIONAL_SUFFIXES):
+        log.warning("MergeLab: %s not extracted: not finite in a model (a weight its checkpoint does not hold, "
+                    "which ComfyUI leaves uninitialized)", key)
+        return "not_extracted"
     if not math.isfinite(amax):
         raise LoraError(f"the difference of {key} contains NaN or Inf: one of the models is broken")
     if amax <= opts.min_diff:
@@ -325,40 +330,8 @@ def resize_lora(lora: Lora, spec: RankSpec, device: str = "auto", clamp_quantile
     try:
         for k, layer in lora.layers.items():
             prog.check()
-            if layer.kind == "diff":
-                out[k] = layer
-                stats.append(LayerStat(k, layer.shape, "diff", note="kept"))
-                prog.step()
-                continue
-            if layer.kind == "patch":
-                delta = layer.delta(dev, torch.float32, k)
-                if delta.dim() < 2:
-                    out[k] = LoraLayer.from_diff(delta.cpu())
-                    stats.append(LayerStat(k, layer.shape, "diff", note="converted patch"))
-                else:
-                    f = factorize(as_matrix(delta), spec, svd, seed=key_seed(seed, key_text(k)),
-                                  clamp_quantile=clamp_quantile)
-                    out[k] = LoraLayer.from_factors(layer.shape, f.up.cpu(), f.down.cpu())
-                    stats.append(LayerStat(k, layer.shape, "lora", f.rank, f.rel_error, f.norm, "converted patch"))
-                prog.step()
-                continue
-            if spec.mode == "fixed" and layer.rank <= spec.rank and clamp_quantile is None:
-                out[k] = layer
-                stats.append(LayerStat(k, layer.shape, "lora", layer.rank, 0.0, 0.0, "kept (rank ≤ target)"))
-                prog.step()
-                continue
-            u, d = layer.factors_2d(dev, torch.float32)          # scale folded into u
-            scale = layer.scale
-            f = factorize_product(u, d, spec, clamp_quantile)
-            if scale > 0 and scale != 1.0:
-                root = math.sqrt(scale)
-                new = LoraLayer.from_factors(layer.shape, (f.up / root).cpu(), (f.down / root).cpu(),
-                                             alpha=scale * f.rank)
-            else:
-                new = LoraLayer.from_factors(layer.shape, f.up.cpu(), f.down.cpu())
-            out[k] = new
-            stats.append(LayerStat(k, layer.shape, "lora", f.rank, f.rel_error, f.norm,
-                                   f"from rank {layer.rank}"))
+            with single_thread_if_small(_numel(layer.shape), dev):
+                _resize_one(k, layer, spec, svd, seed, clamp_quantile, dev, out, stats)
             prog.step()
     finally:
         _release(dev)
@@ -369,6 +342,44 @@ def resize_lora(lora: Lora, spec: RankSpec, device: str = "auto", clamp_quantile
              f"{time.perf_counter() - t0:.2f} s; {lora.numel() / 1e6:.2f} M → {new_lora.numel() / 1e6:.2f} M values"]
     lines += _stats_text(stats)
     return new_lora, "\n".join(lines)
+
+
+def _resize_one(k, layer, spec, svd, seed, clamp_quantile, dev, out, stats) -> None:
+    if layer.kind == "diff":
+        out[k] = layer
+        stats.append(LayerStat(k, layer.shape, "diff", note="kept"))
+        return
+    if layer.kind == "patch":
+        delta = layer.delta(dev, torch.float32, k)
+        if delta.dim() < 2:
+            out[k] = LoraLayer.from_diff(delta.cpu())
+            stats.append(LayerStat(k, layer.shape, "diff", note="converted patch"))
+        else:
+            f = factorize(as_matrix(delta), spec, svd, seed=key_seed(seed, key_text(k)),
+                          clamp_quantile=clamp_quantile)
+            out[k] = LoraLayer.from_factors(layer.shape, f.up.cpu(), f.down.cpu())
+            stats.append(LayerStat(k, layer.shape, "lora", f.rank, f.rel_error, f.norm, "converted patch"))
+        return
+    if spec.mode == "fixed" and layer.rank <= spec.rank and clamp_quantile is None:
+        out[k] = layer
+        stats.append(LayerStat(k, layer.shape, "lora", layer.rank, 0.0, 0.0, "kept (rank ≤ target)"))
+        return
+    u, d = layer.factors_2d(dev, torch.float32)          # scale folded into u
+    scale = layer.scale
+    f = factorize_product(u, d, spec, clamp_quantile)
+    if scale > 0 and scale != 1.0:
+        root = math.sqrt(scale)
+        new = LoraLayer.from_factors(layer.shape, (f.up / root).cpu(), (f.down / root).cpu(),
+                                     alpha=scale * f.rank)
+    else:
+        new = LoraLayer.from_factors(layer.shape, f.up.cpu(), f.down.cpu())
+    out[k] = new
+    stats.append(LayerStat(k, layer.shape, "lora", f.rank, f.rel_error, f.norm,
+                           f"from rank {layer.rank}"))
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape else 1
 
 
 # -- merge --------------------------------------------------------------------------------------------
@@ -477,34 +488,9 @@ def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: Ran
     try:
         for key in keys:
             prog.check()
-            present = [(j, inp.lora.layers[key]) for j, inp in enumerate(inputs) if key in inp.lora.layers]
-            shape = shapes[key]
-            layer, st = None, None
-            if coeffs is not None:
-                layer, st = _linear_layer(key, shape, [(l, coeffs[j]) for j, l in present], spec, dev, clamp_quantile)
-            else:
-                deltas = []
-                for j in range(n):
-                    l = inputs[j].lora.layers.get(key)
-                    deltas.append(l.delta(dev, torch.float32, key) if l is not None
-                                  else torch.zeros(shape, device=dev, dtype=torch.float32))
-                base = torch.zeros(shape, device=dev, dtype=torch.float32) if base_needed else None
-                try:
-                    merged = m.merge(base, deltas, key=key_text(key), seed=seed, **per_model)
-                except MergeError as e:
-                    raise LoraError(str(e)) from None
-                del deltas, base
-                if not bool(merged.abs().max() > 0):
-                    layer = None
-                elif len(shape) >= 2 and any(l.kind != "diff" for _, l in present):
-                    f = factorize(as_matrix(merged), spec, svd, seed=key_seed(seed, key_text(key)),
-                                  clamp_quantile=clamp_quantile)
-                    layer = LoraLayer.from_factors(shape, f.up.cpu(), f.down.cpu())
-                    st = LayerStat(key, shape, "lora", f.rank, f.rel_error, f.norm)
-                else:
-                    layer = LoraLayer.from_diff(merged.cpu())
-                    st = LayerStat(key, shape, "diff")
-                del merged
+            with single_thread_if_small(_numel(shapes[key]), dev):
+                layer, st = _merge_one(key, shapes[key], inputs, m, per_model, coeffs, spec, svd, seed, dev,
+                                       clamp_quantile, base_needed)
             if layer is None:
                 dropped += 1
             else:
@@ -530,6 +516,38 @@ def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: Ran
              f"{merged_lora.numel() / 1e6:.2f} M values"]
     lines += _stats_text(stats)
     return merged_lora, "\n".join(lines)
+
+
+def _merge_one(key, shape, inputs, m, per_model, coeffs, spec, svd, seed, dev, clamp_quantile, base_needed):
+    n = len(inputs)
+    present = [(j, inp.lora.layers[key]) for j, inp in enumerate(inputs) if key in inp.lora.layers]
+    layer, st = None, None
+    if coeffs is not None:
+        layer, st = _linear_layer(key, shape, [(l, coeffs[j]) for j, l in present], spec, dev, clamp_quantile)
+    else:
+        deltas = []
+        for j in range(n):
+            l = inputs[j].lora.layers.get(key)
+            deltas.append(l.delta(dev, torch.float32, key) if l is not None
+                          else torch.zeros(shape, device=dev, dtype=torch.float32))
+        base = torch.zeros(shape, device=dev, dtype=torch.float32) if base_needed else None
+        try:
+            merged = m.merge(base, deltas, key=key_text(key), seed=seed, **per_model)
+        except MergeError as e:
+            raise LoraError(str(e)) from None
+        del deltas, base
+        if not bool(merged.abs().max() > 0):
+            layer = None
+        elif len(shape) >= 2 and any(l.kind != "diff" for _, l in present):
+            f = factorize(as_matrix(merged), spec, svd, seed=key_seed(seed, key_text(key)),
+                          clamp_quantile=clamp_quantile)
+            layer = LoraLayer.from_factors(shape, f.up.cpu(), f.down.cpu())
+            st = LayerStat(key, shape, "lora", f.rank, f.rel_error, f.norm)
+        else:
+            layer = LoraLayer.from_diff(merged.cpu())
+            st = LayerStat(key, shape, "diff")
+        del merged
+    return layer, st
 
 
 def _linear_layer(key, shape, parts: Sequence[Tuple[LoraLayer, float]], spec: RankSpec, dev, clamp):

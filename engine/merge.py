@@ -16,7 +16,7 @@ import torch
 
 from ..merge_methods import MergeError, MergeMethod, create
 from .recipe import record_merge
-from .weights import KeySource, is_clip, model_family, patcher_of, storage_dtype
+from .weights import CLIP_OPTIONAL_SUFFIXES, KeySource, all_finite, is_clip, model_family, patcher_of, storage_dtype
 
 log = logging.getLogger("MergeLab")
 
@@ -156,6 +156,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     base_src = KeySource.of(base) if base is not None else None
     sources = [KeySource.of(i.model) for i in inputs]
     keys = plan_keys(base_src, sources, names, options.on_mismatch)
+    clip = is_clip(objs[0])
     ref_src = base_src if base_src is not None else sources[0]
     ref_obj = base if base is not None else inputs[0].model
 
@@ -182,6 +183,14 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
             m, per_model = resolve_params(method, inputs, factors)
             b = base_src.read(key, device, work_dtype) if base_src is not None else None
             xs = [s.read(key, device, work_dtype) for s in sources]
+            if clip and key.endswith(CLIP_OPTIONAL_SUFFIXES) and not all_finite([b] + xs):
+                log.warning("MergeLab: %s kept as is: not finite in an input (a weight the checkpoint does not "
+                            "hold, which ComfyUI leaves uninitialized and drops on save)", key)
+                del b, xs
+                pbar.update(1)
+                if options.progress:
+                    options.progress(i + 1, len(keys))
+                continue
             out = m.merge(b if base_for_method is not None else None, xs, key=key, seed=options.seed,
                           **per_model)
             if options.mask is not None:

@@ -7,12 +7,22 @@ time, on the device we choose, in fp32, without touching the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
 CLIP_SKIP_SUFFIXES = (".position_ids", ".logit_scale")   # ComfyUI's CLIP merge nodes skip these too
 UNET_PREFIX = "diffusion_model."
+# CLIP weights that SD1.x/SD2.x checkpoints do not hold: ComfyUI leaves them uninitialized at load (any
+# bytes, NaN included) and drops them on save (supported_models' pop_keys).  Merged and extracted when
+# finite; kept as they are when not, instead of failing on a weight nobody uses.
+CLIP_OPTIONAL_SUFFIXES = (".transformer.text_projection.weight",)
+
+
+def all_finite(tensors) -> bool:
+    """True when no tensor (None entries ignored) holds NaN or ±Inf; one min/max reduction each."""
+    return all(bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+               for t in tensors if t is not None and t.numel())
 
 
 def patcher_of(obj):

@@ -253,3 +253,37 @@ def test_clip_merger(harness):
     for key in sample_keys(keys, 20):
         want = method.merge(sd[key], [m.get_sd()[key] for m in models], key=key, seed=7)
         assert torch.equal(src.read(key, torch.device("cpu")), want), key
+
+
+def test_clip_merge_copes_with_weights_the_checkpoint_does_not_hold(harness):
+    """SD1.5 checkpoints hold no CLIP-L text_projection: ComfyUI leaves it uninitialized (any bytes, NaN
+    included) and drops it on save.  Such a key is kept as is instead of failing the merge; logit_scale and
+    position_ids are not merged (as ComfyUI's CLIPMergeSimple); every other key is merged."""
+    eng = pack(harness, "engine.merge")
+    mm = pack(harness, "merge_methods")
+    base = fixtures._build_small_clip("SD15", 0)
+    tuned = fixtures._build_small_clip("SD15", 0, delta_seed=1, delta_scale=DELTA)
+    tp = "clip_l.transformer.text_projection.weight"
+    sd_tuned = tuned.get_sd()
+    with torch.no_grad():
+        base.cond_stage_model.state_dict()[tp].fill_(float("nan"))     # this test's own objects only
+    method = mm.create("dare_ties")
+    out = eng.merge_models(base, [eng.MergeInput(tuned)], method, eng.MergeOptions(seed=3))
+    patched = out.patcher.patches
+    assert tp not in patched and not any(k.endswith((".logit_scale", ".position_ids")) for k in patched)
+    sd_base = base.get_sd()
+    src = pack(harness, "engine.weights").KeySource.of(out)
+    key = "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    assert key in patched
+    want = method.merge(sd_base[key], [sd_tuned[key]], key=key, seed=3)
+    assert torch.equal(src.read(key, torch.device("cpu")), want)
+    # LoRA extraction from the same pair: the key is left out, the rest is extracted
+    lops = pack(harness, "engine.lora_ops")
+    lora, report = lops.extract_lora(tuned_clip=tuned, base_clip=base)
+    names = {lops.key_text(k) for k in lora.layers}
+    assert tp not in names and "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight" in names
+    # a non-finite weight anywhere else is still an error
+    with torch.no_grad():
+        base.cond_stage_model.state_dict()[key].fill_(float("inf"))
+    with pytest.raises(mm.MergeError, match="NaN or Inf"):
+        eng.merge_models(base, [eng.MergeInput(tuned)], method, eng.MergeOptions(seed=3))
