@@ -240,7 +240,7 @@ def arch_of(model=None, clip=None) -> Dict[str, Any]:
     from .weights import model_family
     arch: Dict[str, Any] = {}
     if model is not None:
-        arch["model"] = model_family(model).split(":")[0]
+        arch["model"] = model_family(model)            # model_base class : config class, e.g. BaseModel:SD15
         cfg = getattr(model.model, "model_config", None)
         arch["model_config"] = type(cfg).__name__ if cfg is not None else "?"
     if clip is not None:

@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -105,7 +105,8 @@ def kohya_names(model, clip, targets: Iterable[LayerKey], arch: Mapping[str, Any
             plain = [c for c in te if c.startswith("lora_te_")]
             pick = (numbered or plain) if n_te > 1 else (plain or numbered)
             if pick:
-                out[t] = pick[0]
+                # kohya's Flux/SD3 scripts name T5 lora_te3_ (OneTrainer's lora_te2_ is also mapped by ComfyUI)
+                out[t] = pick[-1] if k.startswith("t5xxl.") else pick[0]
     return out
 
 
@@ -185,7 +186,6 @@ def lora_from_state_dict(sd: Mapping[str, torch.Tensor], model=None, clip=None, 
     """Parse a LoRA state dict with ComfyUI's own converter, key maps and adapter loaders."""
     import comfy.lora
     import comfy.lora_convert
-    from comfy.weight_adapter import LoRAAdapter
 
     if model is None and clip is None:
         raise LoraError("loading a LoRA needs the MODEL (and the CLIP for its text-encoder part) it is for")
@@ -245,10 +245,10 @@ def lora_from_state_dict(sd: Mapping[str, torch.Tensor], model=None, clip=None, 
 def _what(model, clip) -> str:
     if model is not None and clip is not None:
         from .weights import model_family
-        return f"MODEL ({model_family(model).split(':')[0]}) and CLIP"
+        return f"MODEL ({model_family(model).split(':')[-1]}) and CLIP"
     if model is not None:
         from .weights import model_family
-        return f"MODEL ({model_family(model).split(':')[0]})"
+        return f"MODEL ({model_family(model).split(':')[-1]})"
     return "CLIP"
 
 
@@ -348,7 +348,6 @@ _BASE_VERSIONS = {"SD15": ("sd_v1", "stable-diffusion-v1"), "SD20": ("sd_v2", "s
 
 def lora_metadata(lora: Lora, key_format: str, dtype_name: str, recipe: Optional[Any] = None) -> Dict[str, str]:
     """safetensors metadata: kohya's ``ss_*`` fields, a modelspec block and the recipe (JSON)."""
-    ranks = sorted({l.rank for l in lora.layers.values() if l.kind == "lora"})
     alphas = sorted({float(l.alpha if l.alpha is not None else l.rank)
                      for l in lora.layers.values() if l.kind == "lora"})
     conv_ranks = sorted({l.rank for l in lora.layers.values() if l.kind == "lora" and l.is_conv})
@@ -378,7 +377,8 @@ def lora_metadata(lora: Lora, key_format: str, dtype_name: str, recipe: Optional
                               for l in lora.layers.values() if l.kind == "lora" and l.is_conv})
         meta["ss_network_args"] = json.dumps({"conv_dim": _one_or_dynamic(conv_ranks, num),
                                               "conv_alpha": _one_or_dynamic(conv_alphas, num)})
-    meta["mergelab.recipe"] = json.dumps(recipe if recipe is not None else lora.source, sort_keys=True, default=str)
+    if recipe is not False:     # False: no recipe at all
+        meta["mergelab.recipe"] = json.dumps(recipe if recipe is not None else lora.source, default=str)
     return meta
 
 
@@ -403,7 +403,7 @@ def save_lora(lora: Lora, filename_prefix: str, output_dir: str, key_format: str
     """Write ``lora`` to ``output_dir/<prefix>_NNNNN_.safetensors`` (the next free counter), atomically:
     a temporary file in the same folder, then a no-replace link (or a checked ``os.replace``).
     Returns the path written.  Never overwrites a file; on any failure nothing is left behind.
-    ``recipe``: the provenance to store (JSON-able); default: the LoRA's own."""
+    ``recipe``: the provenance to store (JSON-able); None: the LoRA's own; False: none."""
     import folder_paths
     import safetensors.torch
 

@@ -257,7 +257,7 @@ def _factorize(a, spec, opts, seed, clamp_quantile, strict) -> Factorization:
     if strict and spec.rank > small:
         raise RankError(f"rank {spec.rank} is above the size of this {m}×{n} layer (at most {small})")
     capped = spec.rank > small
-    total_sq = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
+    total_sq = float(torch.linalg.vector_norm(a)) ** 2
     norm = math.sqrt(total_sq)
     kmax = min(int(spec.rank), small)
     total_sum = None

@@ -627,18 +627,6 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-@dataclass
-class _Group:
-    n: int = 0
-    k: int = 0                       # how many of the smallest values to select
-    hist: Optional[torch.Tensor] = None
-    top: int = -1                    # bin of the k-th smallest (top 16 bits)
-    below_top: int = 0               # values with a smaller top bin
-    hist2: Optional[torch.Tensor] = None
-    T: int = -1                      # exact bit pattern of the k-th smallest value
-    ties_left: int = 0               # values equal to T still to select (in key order)
-
-
 _TOP_BINS = 1 << 15   # non-negative int32 >> 16
 _LOW_BINS = 1 << 16
 _SORT_MAX = 1 << 20   # tensors up to this size are ranked by a stable sort (faster for small keys)

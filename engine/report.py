@@ -5,7 +5,7 @@ host sync per key) and summarised once at the end as text and as a chart image.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch

@@ -30,7 +30,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -494,7 +494,6 @@ def checkpoint_metadata(model, title: str, prompt=None, extra_pnginfo=None,
     architecture, title and date for every architecture."""
     import comfy.model_base
     import comfy.model_sampling
-    from comfy.cli_args import args
 
     metadata: Dict[str, str] = {}
     if include_modelspec:

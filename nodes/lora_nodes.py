@@ -327,7 +327,7 @@ def _hidden():
     return hs
 
 
-def _file_recipe(cls, lora, relname: str, key_format: str, dtype: str) -> Optional[Dict[str, Any]]:
+def _file_recipe(cls, lora, relname: str, key_format: str, dtype: str, hash_files: bool) -> Optional[Dict[str, Any]]:
     """The provenance written into the file: engine.recipe's format (the graph upstream of this node with
     its input files) when that module is there, with the LoRA's own provenance as its 'lora' part."""
     try:
@@ -337,8 +337,10 @@ def _file_recipe(cls, lora, relname: str, key_format: str, dtype: str) -> Option
     from comfy.cli_args import args
     if getattr(args, "disable_metadata", False):
         return {"lora": lora.source}
+    import comfy.model_management as mm
     graph = rcp.graph_provenance(cls.hidden.prompt, cls.hidden.unique_id,
-                                 dynprompt=getattr(cls.hidden, "dynprompt", None), hash_files=True)
+                                 dynprompt=getattr(cls.hidden, "dynprompt", None), hash_files=hash_files,
+                                 check=mm.throw_exception_if_processing_interrupted)
     saved = {"node": "MergeLab_SaveLoRA", "file": relname, "dtype": dtype, "key_format": key_format,
              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     rec = rcp.build_file_recipe({}, saved, graph)
@@ -365,19 +367,26 @@ class SaveLoraNode(io.ComfyNode):
                                    tooltip="kohya: lora_unet_/lora_te names (SD1 UNet by diffusers paths, as kohya "
                                            "writes); comfyui: diffusion_model./text_encoders. names."),
                     io.Combo.Input("dtype", options=list(SAVE_DTYPES), default="fp16",
-                                   tooltip="Dtype of the factors in the file (alpha is stored as fp32).")],
+                                   tooltip="Dtype of the factors in the file (alpha is stored as fp32)."),
+                    io.Boolean.Input("save_recipe", default=True, optional=True,
+                                     tooltip="Write how the LoRA was made into the file's metadata (extraction / "
+                                             "merge settings, the graph upstream of this node and its input files)."),
+                    io.Boolean.Input("hash_input_files", default=True, optional=True,
+                                     tooltip="Compute the sha256 of every model file the graph loads for the recipe "
+                                             "(once per file and session; about 2 s per GB). Off: only hashes "
+                                             "already computed are written.")],
             outputs=[io.String.Output(display_name="path", tooltip="The file written, relative to the output folder.")],
             hidden=_hidden(),
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, lora, filename_prefix, key_format, dtype):
+    def execute(cls, lora, filename_prefix, key_format, dtype, save_recipe=True, hash_input_files=True):
         import folder_paths
         out_dir = folder_paths.get_output_directory()
         prefix = (filename_prefix or "").strip() or "loras/MergeLab_lora"
         try:
-            recipe = _file_recipe(cls, lora, prefix, key_format, dtype)
+            recipe = _file_recipe(cls, lora, prefix, key_format, dtype, hash_input_files) if save_recipe else False
             path = save_lora(lora, prefix, out_dir, key_format=key_format, dtype_name=dtype, recipe=recipe)
         except LoraError as e:
             _fail(e)

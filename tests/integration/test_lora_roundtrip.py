@@ -186,7 +186,7 @@ def _check_layers(harness, pairs, rank, slack):
     return n, worst
 
 
-@pytest.mark.parametrize("arch", ["SD15", "SDXL"])
+@pytest.mark.parametrize("arch", ["SD15", "SDXL", "Flux"])
 def test_extract_save_comfy_loraloader_roundtrip(harness, arch):
     cap, path, name = run_extract(harness, arch, rank=4, dtype="fp32")
     lora = cap["lora"]
@@ -212,11 +212,16 @@ def test_extract_save_comfy_loraloader_roundtrip(harness, arch):
         assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight" in keys
         assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
         assert meta["ss_base_model_version"] == "sd_v1"
-    else:                # SDXL: its own module paths, lora_te1_ / lora_te2_
+    elif arch == "SDXL":  # its own module paths, lora_te1_ / lora_te2_
         assert "lora_unet_input_blocks_4_1_proj_in.lora_up.weight" in keys
         assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
         assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
         assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    else:                 # Flux: lora_unet_<ComfyUI path>, CLIP-L as lora_te1_, T5 as lora_te3_ (kohya)
+        assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in keys
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+        assert any(k.startswith("lora_te3_encoder_block_0_") for k in keys)
+        assert meta["ss_base_model_version"] == "flux1"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4"
     assert meta["ss_network_module"] == "networks.lora"
     import json

@@ -568,3 +568,43 @@ def test_load_merge_recipe_on_a_file_without_recipe(harness):
     })
     assert json.loads(out.captured["json"]) is None
     assert "no MergeLab recipe" in out.captured["text"] and "ss_network_dim" in out.captured["text"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the writer itself
+# ---------------------------------------------------------------------------------------------
+def test_streaming_writer_round_trips_through_safetensors(harness, tmp_path):
+    """Every dtype and odd shapes (0-d, empty, non-contiguous) read back bit-exact by the safetensors
+    library; the header is 8-byte aligned; a tensor of the wrong dtype/shape aborts with no file."""
+    stw = pack(harness, "engine.safetensors_writer")
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+        "bf16": torch.randn(2, 3, 4, generator=g).bfloat16(), "f64": torch.randn(2, generator=g).double(),
+        "i64": torch.arange(10), "u8": torch.arange(256, dtype=torch.uint8), "bool": torch.tensor([True, False]),
+        "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4), "noncontig": torch.randn(4, 6, generator=g).t(),
+        "f8": torch.randn(5, generator=g).to(torch.float8_e4m3fn),
+    }
+    plans = [stw.TensorPlan(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()]
+    path = str(tmp_path / "w.safetensors")
+    stw.write_file(path, plans, {"a": "b", "unicode": "ü"})
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    assert n % 8 == 0
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"a": "b", "unicode": "ü"}
+        for k, v in tensors.items():
+            got = f.get_tensor(k)
+            assert got.dtype == v.dtype and got.shape == v.shape
+            assert torch.equal(got.reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8)), k
+    assert stw.read_metadata(path) == {"a": "b", "unicode": "ü"}
+    # a producer that returns the wrong thing: error, nothing written, no temporary file
+    bad = [stw.TensorPlan("x", torch.float16, (3,), lambda: torch.zeros(3))]
+    with pytest.raises(stw.SafetensorsFormatError):
+        stw.write_file(str(tmp_path / "bad.safetensors"), bad)
+    assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]
+    # never overwrites
+    with pytest.raises(FileExistsError):
+        stw.write_file(path, plans[:1])
+    assert stw.read_metadata(path) == {"a": "b", "unicode": "ü"}
+    assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]

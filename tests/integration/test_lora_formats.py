@@ -1,0 +1,267 @@
+"""LoRA files in kohya, ComfyUI-native, diffusers/PEFT and LyCORIS LoCon layouts, written by the test,
+load (MergeLab's Load LoRA node and ComfyUI's own LoraLoader) to the same ΔW as the kohya file."""
+import importlib
+import logging
+import math
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+from mergelab import fixtures
+
+
+def pack(harness, sub):
+    return importlib.import_module(f"{harness.pack_module_name}.{sub}")
+
+
+def delta_patched(obj, seed, rank, unet, biases=True):
+    out = obj.clone()
+    patcher = out if unet else out.patcher
+    patches = {}
+    for k, t in patcher.model.state_dict().items():
+        if (unet and not k.startswith("diffusion_model.")) or not t.is_floating_point() or t.dim() == 0:
+            continue
+        if k.endswith((".position_ids", ".logit_scale")) or (t.dim() < 2 and not biases):
+            continue
+        g = torch.Generator().manual_seed(seed * 7919 + sum(map(ord, k)))
+        if t.dim() < 2:
+            d = torch.randn(t.shape, generator=g) * 0.01
+        else:
+            m, n = t.shape[0], t[0].numel()
+            d = ((torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)) * (0.02 / math.sqrt(rank * n))
+                 ).reshape(t.shape)
+        patches[k] = ("diff", (d,))
+    out.add_patches(patches, 1.0)
+    return out
+
+
+class LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+class capture_log:
+    def __enter__(self):
+        self.h = LogCapture()
+        logging.getLogger().addHandler(self.h)
+        return self.h.messages
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeHandler(self.h)
+
+
+@pytest.fixture(scope="module")
+def setup(harness, tmp_path_factory):
+    ops = pack(harness, "engine.lora_ops")
+    svd = pack(harness, "engine.lora_svd")
+    base, clip = fixtures.small_model("SD15"), fixtures.small_clip("SD15")
+    tuned, tclip = delta_patched(base, 5, 3, True), delta_patched(clip, 5, 3, False)
+    lora, _ = ops.extract_lora(tuned, base, tclip, clip,
+                               ops.ExtractOptions(rank=svd.RankSpec("fixed", 3), bias_diff=True), name="src")
+    return {"base": base, "clip": clip, "lora": lora, "dir": tmp_path_factory.mktemp("fmt")}
+
+
+def write(harness, setup, name, sd):
+    path = os.path.join(str(setup["dir"]), name)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    return harness.add_model_file("loras", path, name=name)
+
+
+def load_node(harness, name, arch="SD15"):
+    g = {"m": {"class_type": "MergeLabTest_SmallModel", "inputs": {"arch": arch, "seed": 0, "delta_seed": 0,
+                                                                   "delta_scale": 0.0, "dtype": "fp32"}},
+         "l": {"class_type": "MergeLab_LoadLoRA", "inputs": {"model": ["m", 0], "clip": ["m", 1], "lora_name": name}},
+         "cap": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["l", 0], "name": "lora"}}}
+    return harness.run_ok(g).captured["lora"]
+
+
+def comfy_effective(harness, setup, name, keys):
+    """ComfyUI's LoraLoader on the base: the difference it makes on ``keys``; and its complaints."""
+    ws = pack(harness, "engine.weights")
+    with capture_log() as msgs:
+        m, c = harness.nodes.LoraLoader().load_lora(setup["base"], setup["clip"], name, 1.0, 1.0)
+    bad = [x for x in msgs if "lora key not loaded" in x or "NOT LOADED" in x]
+    cpu = torch.device("cpu")
+    out = {}
+    with torch.no_grad():
+        for k in keys:
+            unet = k.startswith("diffusion_model.")
+            src = ws.KeySource.of(m if unet else c)
+            ref = ws.KeySource.of(setup["base"] if unet else setup["clip"])
+            out[k] = src.read(k, cpu) - ref.read(k, cpu)
+    return out, bad
+
+
+def close(a, b, what, rtol=1e-5):
+    scale = max(float(b.abs().max()), 1e-12)
+    assert float((a - b).abs().max()) <= rtol * scale + 1e-9, what
+
+
+def to_diffusers(harness, lora, base):
+    """diffusers layout: PEFT ``unet.<path>.lora_A/lora_B`` names, older attention-processor names
+    (``…attn1.processor.to_q_lora.up/down``) for attention, ``text_encoder.…lora_A/B`` for CLIP."""
+    import comfy.utils
+    import comfy.lora
+    unet_map = comfy.utils.unet_to_diffusers(base.model.model_config.unet_config)
+    inv = {"diffusion_model." + v: k for k, v in unet_map.items()}
+    sd, expressed = {}, set()
+    for key, layer in lora.layers.items():
+        if layer.kind != "lora":
+            continue
+        up = layer.up * layer.scale                       # PEFT: no alpha, scale folded into B
+        down = layer.down
+        if key.startswith("diffusion_model."):
+            dk = inv.get(key)
+            if dk is None:
+                continue
+            path = dk[:-len(".weight")]
+            if ".attn1.to_" in path or ".attn2.to_" in path:
+                p = "unet." + path.replace(".to_", ".processor.to_")
+                if p.endswith(".to_out.0"):
+                    p = p[:-2]
+                sd[p + "_lora.up.weight"], sd[p + "_lora.down.weight"] = up, down
+            else:
+                sd["unet." + path + ".lora_B.weight"], sd["unet." + path + ".lora_A.weight"] = up, down
+        else:
+            parts = key.split(".")
+            if not key.startswith("clip_l.transformer.text_model.encoder.layers."):
+                continue
+            module = ".".join(parts[6:-1])
+            if module not in comfy.lora.LORA_CLIP_MAP:
+                continue
+            p = f"text_encoder.text_model.encoder.layers.{parts[5]}.{module}"
+            sd[p + ".lora_B.weight"], sd[p + ".lora_A.weight"] = up, down
+        expressed.add(key)
+    return sd, expressed
+
+
+def test_kohya_comfy_and_diffusers_files_load_to_the_same_delta(harness, setup):
+    lio = pack(harness, "engine.lora_io")
+    lora = setup["lora"]
+    kohya = write(harness, setup, "fmt_kohya.safetensors", lio.lora_state_dict(lora, "kohya", torch.float32))
+    comfy = write(harness, setup, "fmt_comfy.safetensors", lio.lora_state_dict(lora, "comfyui", torch.float32))
+    dsd, expressed = to_diffusers(harness, lora, setup["base"])
+    assert any(k.endswith("_lora.up.weight") for k in dsd) and any(k.endswith(".lora_A.weight") for k in dsd)
+    assert len(expressed) > 0.5 * len([l for l in lora.layers.values() if l.kind == "lora"])
+    diffusers = write(harness, setup, "fmt_diffusers.safetensors", dsd)
+
+    ref = load_node(harness, kohya)
+    assert set(ref.layers) == set(lora.layers)
+    ref_d = {k: l.delta() for k, l in ref.layers.items()}
+    for k, l in lora.layers.items():
+        close(ref_d[k], l.delta(), k)
+    comfy_ref, bad = comfy_effective(harness, setup, kohya, list(ref_d))
+    assert bad == []
+    for k in ref_d:
+        close(comfy_ref[k], ref_d[k], k)
+
+    for name, keys in ((comfy, set(lora.layers)), (diffusers, expressed)):
+        got = load_node(harness, name)
+        assert set(got.layers) == keys, name
+        for k in keys:
+            close(got.layers[k].delta(), ref_d[k], (name, k))
+        eff, bad = comfy_effective(harness, setup, name, sorted(keys))
+        assert bad == [], (name, bad[:3])
+        for k in keys:
+            close(eff[k], comfy_ref[k], (name, k))
+
+
+def test_peft_attention_names_without_processor_load(harness, setup):
+    """PEFT-era diffusers names ``unet.….attn1.to_q.lora_A`` (which ComfyUI's own map lacks) load too."""
+    import comfy.utils
+    base = setup["base"]
+    unet_map = comfy.utils.unet_to_diffusers(base.model.model_config.unet_config)
+    dk = next(k for k in unet_map if k.endswith("attn1.to_q.weight"))
+    key = "diffusion_model." + unet_map[dk]
+    layer = setup["lora"].layers[key]
+    p = "unet." + dk[:-len(".weight")]
+    name = write(harness, setup, "fmt_peft_attn.safetensors",
+                 {p + ".lora_B.weight": layer.up * layer.scale, p + ".lora_A.weight": layer.down})
+    got = load_node(harness, name)
+    assert list(got.layers) == [key]
+    close(got.layers[key].delta(), layer.delta(), key)
+
+
+def test_locon_tucker_file_matches_its_kohya_equivalent(harness, setup):
+    """LyCORIS LoCon with Tucker ``lora_mid`` on 3×3 convs (kohya and ``lycoris_`` names) vs a plain kohya
+    file of the same ΔW (mid folded into down by the test): same ΔW through ComfyUI's LoraLoader and ours."""
+    import comfy.lora
+    lio = pack(harness, "engine.lora_io")
+    base = setup["base"]
+    km = comfy.lora.model_lora_keys_unet(base.model, {})
+    inv = {}
+    for n, t in km.items():
+        inv.setdefault(t, []).append(n)
+    sd = base.model.state_dict()
+    convs = [k for k, t in sd.items() if k.startswith("diffusion_model.") and t.dim() == 4 and t.shape[-1] == 3][:8]
+    linears = [k for k, t in sd.items() if k.startswith("diffusion_model.") and t.dim() == 2][:4]
+    g = torch.Generator().manual_seed(11)
+    locon, plain = {}, {}
+    for i, k in enumerate(convs + linears):
+        t = sd[k]
+        r = 3
+        kohya_name = min(n for n in inv[k] if n.startswith("lora_unet_"))
+        lyco = [n for n in inv[k] if n.startswith("lycoris_")]
+        name = lyco[0] if (i % 2 and lyco) else kohya_name
+        alpha = torch.tensor(1.5)
+        up = torch.randn(t.shape[0], r, *([1] * (t.dim() - 2)), generator=g) * 0.05
+        if t.dim() == 4:
+            mid = torch.randn(r, r, 3, 3, generator=g) * 0.05
+            down = torch.randn(r, t.shape[1], 1, 1, generator=g) * 0.05
+            locon.update({name + ".lora_up.weight": up, name + ".lora_mid.weight": mid,
+                          name + ".lora_down.weight": down, name + ".alpha": alpha})
+            down_eff = torch.einsum("jiyx,ic->jcyx", mid, down[:, :, 0, 0])
+        else:
+            down_eff = torch.randn(r, t.shape[1], generator=g) * 0.05
+            locon.update({name + ".lora_up.weight": up, name + ".lora_down.weight": down_eff, name + ".alpha": alpha})
+        plain.update({kohya_name + ".lora_up.weight": up, kohya_name + ".lora_down.weight": down_eff,
+                      kohya_name + ".alpha": alpha})
+    n_locon = write(harness, setup, "fmt_locon.safetensors", locon)
+    n_plain = write(harness, setup, "fmt_locon_plain.safetensors", plain)
+    keys = convs + linears
+    e_locon, bad1 = comfy_effective(harness, setup, n_locon, keys)
+    e_plain, bad2 = comfy_effective(harness, setup, n_plain, keys)
+    assert bad1 == [] and bad2 == []
+    l_locon, l_plain = load_node(harness, n_locon), load_node(harness, n_plain)
+    assert set(l_locon.layers) == set(keys) == set(l_plain.layers)
+    assert all(l_locon.layers[k].mid is not None for k in convs)
+    for k in keys:
+        close(e_locon[k], e_plain[k], k, rtol=1e-4)
+        close(l_locon.layers[k].delta(), e_locon[k], k, rtol=1e-4)
+        close(l_plain.layers[k].delta(), e_plain[k], k, rtol=1e-4)
+    # saved back in kohya format, the LoCon layers keep their mid and load in ComfyUI to the same ΔW
+    resaved = write(harness, setup, "fmt_locon_resaved.safetensors", lio.lora_state_dict(l_locon, "kohya",
+                                                                                          torch.float32))
+    e_re, bad = comfy_effective(harness, setup, resaved, keys)
+    assert bad == []
+    for k in keys:
+        close(e_re[k], e_locon[k], k, rtol=1e-4)
+
+
+def test_unmatched_keys_reported_once_with_a_count(harness, setup):
+    lio = pack(harness, "engine.lora_io")
+    sd = lio.lora_state_dict(setup["lora"], "kohya", torch.float32)
+    sd["lora_unet_no_such_block.lora_up.weight"] = torch.zeros(4, 2)
+    sd["lora_unet_no_such_block.lora_down.weight"] = torch.zeros(2, 4)
+    sd["lora_te_no_such_layer.alpha"] = torch.tensor(2.0)
+    name = write(harness, setup, "fmt_junk.safetensors", sd)
+    import folder_paths
+    path = folder_paths.get_full_path("loras", name)
+    with capture_log() as msgs:
+        lora = lio.load_lora_file(path, setup["base"], setup["clip"])
+    assert set(lora.layers) == set(setup["lora"].layers)
+    assert not any("lora key not loaded" in m for m in msgs)
+    ours = [m for m in msgs if "match no layer" in m]
+    assert len(ours) == 1 and f"3 of {len(sd)} tensors" in ours[0], msgs[-5:]
+    # model only: the text-encoder part is reported (once) with the hint to connect the CLIP
+    with capture_log() as msgs:
+        lora = lio.load_lora_file(path, setup["base"], None)
+    assert lora.clip_keys() == [] and lora.model_keys()
+    ours = [m for m in msgs if "match no layer" in m]
+    assert len(ours) == 1 and "connect the CLIP" in ours[0]

@@ -1,0 +1,263 @@
+"""Merging, stacking and resizing LoRAs through the executor, checked against the ΔW algebra."""
+import importlib
+import math
+
+import pytest
+import torch
+
+from mergelab import fixtures
+
+VALUES = {}
+
+
+class LoraValueNode:
+    """Test node: hands a LORA prepared by the test into the graph."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ("LORA",)
+    FUNCTION = "get"
+    CATEGORY = "testing"
+
+    def get(self, key):
+        return (VALUES[key],)
+
+
+def pack(harness, sub):
+    return importlib.import_module(f"{harness.pack_module_name}.{sub}")
+
+
+def delta_patched(obj, seed, rank, unet, biases=False):
+    """A clone of ``obj`` with a rank-``rank``(+noise) ``diff`` on every ≥2-D weight (and on biases)."""
+    out = obj.clone()
+    patcher = out if unet else out.patcher
+    patches = {}
+    for k, t in patcher.model.state_dict().items():
+        if (unet and not k.startswith("diffusion_model.")) or not t.is_floating_point() or t.dim() == 0:
+            continue
+        if k.endswith((".position_ids", ".logit_scale")) or (t.dim() < 2 and not biases):
+            continue
+        g = torch.Generator().manual_seed(seed * 7919 + len(k) * 31 + sum(map(ord, k)))
+        if t.dim() < 2:
+            d = torch.randn(t.shape, generator=g) * 0.01
+        else:
+            m, n = t.shape[0], t[0].numel()
+            d = (torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)) * (0.02 / math.sqrt(rank * n))
+            d += torch.randn(m, n, generator=g) * (0.002 / math.sqrt(n))
+            d = d.reshape(t.shape)
+        patches[k] = ("diff", (d,))
+    out.add_patches(patches, 1.0)
+    return out
+
+
+_LORAS = {}
+
+
+def make_lora(harness, seed, rank, biases=False):
+    """A LoRA extracted (rank ``rank``) from the small SD15 model + a seeded delta, model and CLIP."""
+    key = (seed, rank, biases)
+    if key not in _LORAS:
+        ops = pack(harness, "engine.lora_ops")
+        svd = pack(harness, "engine.lora_svd")
+        base, clip = fixtures.small_model("SD15"), fixtures.small_clip("SD15")
+        tuned, tclip = delta_patched(base, seed, 2 * rank, True, biases), delta_patched(clip, seed, 2 * rank, False, biases)
+        opts = ops.ExtractOptions(rank=svd.RankSpec("fixed", rank), bias_diff=biases)
+        _LORAS[key], _ = ops.extract_lora(tuned, base, tclip, clip, opts, name=f"l{seed}")
+    return _LORAS[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _nodes(harness):
+    harness.register_test_node("MergeLabTest_LoraValue", LoraValueNode)
+
+
+def merge_graph(method_node, method_inputs, entries, rank, rank_mode="fixed", rank_param=0.9, seed=0):
+    g = {"method": {"class_type": method_node, "inputs": dict(method_inputs)}}
+    prev = None
+    for i, (key, params) in enumerate(entries):
+        g[f"v{i}"] = {"class_type": "MergeLabTest_LoraValue", "inputs": {"key": key}}
+        inputs = {"lora": [f"v{i}", 0], "weight": 1.0, "density": 1.0, **params}
+        if prev:
+            inputs["loras"] = [prev, 0]
+        g[f"in{i}"] = {"class_type": "MergeLab_LoRAMergeInput", "inputs": _with_pm_defaults(inputs)}
+        prev = f"in{i}"
+    g["merge"] = {"class_type": "MergeLab_MergeLoRAs", "inputs": {
+        "method": ["method", 0], "loras": [prev, 0], "rank_mode": rank_mode, "rank": rank, "rank_param": rank_param,
+        "seed": seed, "clamp_quantile": 1.0, "device": "auto"}}
+    g["cap"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 0], "name": "lora"}}
+    g["rep"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 1], "name": "report"}}
+    return g
+
+
+_PM_DEFAULTS = {}
+
+
+def _with_pm_defaults(inputs):
+    return {**_PM_DEFAULTS, **inputs}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pm_defaults(harness):
+    cls = harness.nodes.NODE_CLASS_MAPPINGS["MergeLab_LoRAMergeInput"]
+    for name, item in cls.INPUT_TYPES()["required"].items():
+        if len(item) > 1 and isinstance(item[1], dict) and "default" in item[1]:
+            _PM_DEFAULTS[name] = item[1]["default"]
+
+
+def method_inputs(harness, node):
+    cls = harness.nodes.NODE_CLASS_MAPPINGS[node]
+    out = {}
+    for name, item in cls.INPUT_TYPES().get("required", {}).items():
+        if len(item) > 1 and isinstance(item[1], dict) and "default" in item[1]:
+            out[name] = item[1]["default"]
+    return out
+
+
+def deltas(lora):
+    return {k: l.delta("cpu", torch.float32, k) for k, l in lora.layers.items()}
+
+
+def assert_close(a, b, what):
+    scale = max(float(b.abs().max()), 1e-12)
+    assert float((a - b).abs().max()) <= 2e-5 * scale + 1e-8, what
+
+
+def test_linear_merge_at_full_rank_equals_weighted_sum(harness):
+    l1, l2 = make_lora(harness, 1, 4, biases=True), make_lora(harness, 2, 6, biases=True)
+    VALUES.update(a=l1, b=l2)
+    mi = dict(method_inputs(harness, "MergeLab_Method_linear"), normalize=False)
+    res = harness.run_ok(merge_graph("MergeLab_Method_linear", mi, [("a", {"weight": 0.7}), ("b", {"weight": -0.4})],
+                                     rank=10))
+    out = res.captured["lora"]
+    assert "exact on the factors" in res.captured["report"]
+    d1, d2, dm = deltas(l1), deltas(l2), deltas(out)
+    assert set(dm) == set(d1) | set(d2)
+    for k in dm:
+        want = 0.7 * d1.get(k, 0) - 0.4 * d2.get(k, 0)
+        assert_close(dm[k], want, k)
+        if out.layers[k].kind == "lora":
+            assert out.layers[k].rank == l1.layers[k].rank + l2.layers[k].rank      # concatenated, no SVD
+    # applied through ComfyUI's patches it is the same difference
+    ops_l = pack(harness, "engine.lora")
+    ws = pack(harness, "engine.weights")
+    base, clip = fixtures.small_model("SD15"), fixtures.small_clip("SD15")
+    m, c = ops_l.apply_lora(out, base, clip, 1.0, 1.0)
+    cpu = torch.device("cpu")
+    for k in list(dm)[::23]:
+        src, bsrc = (ws.KeySource.of(m), ws.KeySource.of(base)) if k.startswith("diffusion_model.") else \
+            (ws.KeySource.of(c), ws.KeySource.of(clip))
+        with torch.no_grad():
+            assert_close(src.read(k, cpu) - bsrc.read(k, cpu), dm[k], k)
+
+
+def test_linear_merge_below_the_summed_rank_is_the_optimal_truncation(harness):
+    l1, l2 = make_lora(harness, 1, 4), make_lora(harness, 2, 6)
+    VALUES.update(a=l1, b=l2)
+    svd = pack(harness, "engine.lora_svd")
+    mi = dict(method_inputs(harness, "MergeLab_Method_linear"), normalize=True)
+    res = harness.run_ok(merge_graph("MergeLab_Method_linear", mi, [("a", {"weight": 1.0}), ("b", {"weight": 3.0})],
+                                     rank=5))
+    out = res.captured["lora"]
+    d1, d2 = deltas(l1), deltas(l2)
+    for k in list(out.layers)[::9]:
+        want = 0.25 * d1[k] + 0.75 * d2[k]
+        got = out.layers[k].delta()
+        r = out.layers[k].rank
+        assert r == min(5, want.shape[0], want[0].numel())
+        err = float(torch.linalg.norm(got - want) / torch.linalg.norm(want))
+        assert err == pytest.approx(svd.optimal_rank_error(want, r), rel=1e-3, abs=1e-5), k
+
+
+def test_task_arithmetic_and_stack_strengths(harness):
+    l1, l2 = make_lora(harness, 1, 4), make_lora(harness, 2, 6)
+    VALUES.update(a=l1, b=l2)
+    mi = dict(method_inputs(harness, "MergeLab_Method_task_arithmetic"), normalize=False, **{"lambda": 0.5})
+    res = harness.run_ok(merge_graph("MergeLab_Method_task_arithmetic", mi,
+                                     [("a", {"weight": 1.0}), ("b", {"weight": 2.0})], rank=10))
+    d1, d2, dm = deltas(l1), deltas(l2), deltas(res.captured["lora"])
+    for k in dm:
+        assert_close(dm[k], 0.5 * d1[k] + 1.0 * d2[k], k)
+
+    g = {"a": {"class_type": "MergeLabTest_LoraValue", "inputs": {"key": "a"}},
+         "b": {"class_type": "MergeLabTest_LoraValue", "inputs": {"key": "b"}},
+         "s1": {"class_type": "MergeLab_LoRAStack", "inputs": {"lora": ["a", 0], "strength_model": 0.5,
+                                                                "strength_clip": 1.0}},
+         "s2": {"class_type": "MergeLab_LoRAStack", "inputs": {"lora": ["b", 0], "strength_model": 1.0,
+                                                                "strength_clip": -1.0, "stack": ["s1", 0]}},
+         "cap": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["s2", 0], "name": "stack"}}}
+    st = harness.run_ok(g).captured["stack"]
+    ds = deltas(st)
+    for k in ds:
+        want = 0.5 * d1[k] + d2[k] if k.startswith("diffusion_model.") else d1[k] - d2[k]
+        assert_close(ds[k], want, k)
+    assert l1.layers and len(VALUES["a"].layers) == len(l1.layers)     # inputs untouched
+
+
+def _largest_size(lora):
+    return max(min(l.shape[0], math.prod(l.shape[1:])) for l in lora.layers.values() if len(l.shape) >= 2)
+
+
+def test_nonlinear_method_runs_on_full_delta_and_is_seeded(harness):
+    l1, l2 = make_lora(harness, 1, 4), make_lora(harness, 2, 6)
+    VALUES.update(a=l1, b=l2)
+    mm = pack(harness, "merge_methods")
+    full = _largest_size(l1)
+    mi = dict(method_inputs(harness, "MergeLab_Method_ties"))
+    res = harness.run_ok(merge_graph("MergeLab_Method_ties", mi, [("a", {"density": 0.5}), ("b", {"density": 0.3})],
+                                     rank=full))
+    out = res.captured["lora"]
+    assert "full ΔW" in res.captured["report"]
+    ties = mm.create("ties", **mi)
+    d1, d2 = deltas(l1), deltas(l2)
+    for k in list(out.layers)[::11]:
+        want = ties.merge(torch.zeros_like(d1[k]), [d1[k], d2[k]], key=k, seed=0, weight=[1.0, 1.0],
+                          density=[0.5, 0.3])
+        got = out.layers[k].delta()
+        assert float(torch.linalg.norm(got - want)) <= 1e-4 * float(torch.linalg.norm(want)) + 1e-7, k
+
+    dare = dict(method_inputs(harness, "MergeLab_Method_dare_linear"))
+    runs = [harness.run_ok(merge_graph("MergeLab_Method_dare_linear", dare,
+                                       [("a", {"density": 0.5}), ("b", {"density": 0.5})], rank=8, seed=s)
+                           ).captured["lora"] for s in (3, 3, 4)]
+    k = next(iter(runs[0].layers))
+    assert torch.equal(runs[0].layers[k].delta(), runs[1].layers[k].delta())
+    assert not torch.equal(runs[0].layers[k].delta(), runs[2].layers[k].delta())
+
+
+def test_resize_keeps_strength_and_truncates_optimally(harness):
+    lora_mod = pack(harness, "engine.lora")
+    svd = pack(harness, "engine.lora_svd")
+    src = make_lora(harness, 3, 8, biases=True)
+    # the same ΔW with alpha 2 (scale 2/8): factors scaled by 2 so that ΔW is unchanged
+    layers = {k: (lora_mod.LoraLayer("lora", l.shape, up=l.up * 2.0, down=l.down * 2.0, alpha=0.5 * l.rank / 2.0)
+                  if l.kind == "lora" else l) for k, l in src.layers.items()}
+    scaled = lora_mod.Lora.make(layers, src.names, src.arch, {"kind": "test", "name": "scaled"})
+    for k in list(src.layers)[:5]:
+        assert_close(scaled.layers[k].delta(), src.layers[k].delta(), k)
+    VALUES["s"] = scaled
+    g = {"v": {"class_type": "MergeLabTest_LoraValue", "inputs": {"key": "s"}},
+         "r": {"class_type": "MergeLab_ResizeLoRA", "inputs": {"lora": ["v", 0], "rank_mode": "fixed", "rank": 3,
+                                                               "rank_param": 0.9, "clamp_quantile": 1.0,
+                                                               "device": "auto"}},
+         "cap": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["r", 0], "name": "out"}}}
+    out = harness.run_ok(g).captured["out"]
+    for k, l in out.layers.items():
+        old = scaled.layers[k]
+        if old.kind != "lora":
+            assert l.kind == "diff" and torch.equal(l.diff, old.diff)
+            continue
+        assert l.rank == min(3, old.rank)
+        assert l.alpha / l.rank == pytest.approx(old.alpha / old.rank)          # strength kept
+        want = old.delta()
+        err = float(torch.linalg.norm(l.delta() - want) / torch.linalg.norm(want))
+        assert err == pytest.approx(svd.optimal_rank_error(want, l.rank), rel=1e-3, abs=1e-5), k
+    # dynamic: sv_fro keeps 90 % of every layer's norm
+    g["r"]["inputs"].update(rank_mode="sv_fro", rank=8, rank_param=0.9)
+    out = harness.run_ok(g).captured["out"]
+    for k, l in out.layers.items():
+        if l.kind == "lora":
+            want = scaled.layers[k].delta()
+            err = float(torch.linalg.norm(l.delta() - want) / torch.linalg.norm(want))
+            assert err <= math.sqrt(1 - 0.81) + 1e-4
