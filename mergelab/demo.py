@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
 import math
 import os
 import sys
@@ -232,16 +233,14 @@ def run_demo(harness, names: Dict[str, str], quiet: bool = False, out=sys.stdout
     ``b``: names in the harness's checkpoints folder).  Raises DemoError when a step fails."""
     import folder_paths
 
-    from .run import execute_workflow
-
     res = DemoResult()
     # 1. the DARE-TIES merge
     print(f"[demo] 1/2 DARE-TIES merge: base {names['base']}, A {names['a']}, B {names['b']}", file=out, flush=True)
-    run = execute_workflow(MERGE_EXAMPLE, [f"Base model.ckpt_name={names['base']}",
-                                           f"Model A.ckpt_name={names['a']}",
-                                           f"Model B.ckpt_name={names['b']}",
-                                           f"MergeLab_SaveCheckpoint.filename_prefix=checkpoints/{prefix}_dare_ties"],
-                           harness, quiet=quiet, out=out)
+    run = _run(MERGE_EXAMPLE, [f"Base model.ckpt_name={names['base']}",
+                               f"Model A.ckpt_name={names['a']}",
+                               f"Model B.ckpt_name={names['b']}",
+                               f"MergeLab_SaveCheckpoint.filename_prefix=checkpoints/{prefix}_dare_ties"],
+               harness, quiet, out)
     if run.code != 0:
         raise DemoError(f"the merge workflow failed: {run.error}")
     res.seconds["merge"] = run.seconds
@@ -265,10 +264,10 @@ def run_demo(harness, names: Dict[str, str], quiet: bool = False, out=sys.stdout
     merged_name = os.path.basename(res.merged)
     print(f"[demo] 2/2 difference LoRA: {merged_name} - {names['base']}", file=out, flush=True)
     try:
-        run = execute_workflow(EXTRACT_EXAMPLE, [f"Tuned model.ckpt_name={merged_name}",
-                                                 f"Base model.ckpt_name={names['base']}",
-                                                 f"MergeLab_SaveLoRA.filename_prefix=loras/{prefix}_extracted"],
-                               harness, quiet=quiet, out=out)
+        run = _run(EXTRACT_EXAMPLE, [f"Tuned model.ckpt_name={merged_name}",
+                                     f"Base model.ckpt_name={names['base']}",
+                                     f"MergeLab_SaveLoRA.filename_prefix=loras/{prefix}_extracted"],
+                   harness, quiet, out)
     finally:
         if added:
             folder_paths.folder_names_and_paths["checkpoints"][0].remove(merged_dir)
@@ -285,6 +284,19 @@ def run_demo(harness, names: Dict[str, str], quiet: bool = False, out=sys.stdout
     rid = _title_ids(run.prompt, "Extraction report")
     res.extract_report = _text_of(run, rid[0]) if rid else ""
     return res
+
+
+def _run(workflow: str, overrides: List[str], harness, quiet: bool, out):
+    """The headless runner on one example; of what it prints, the demo shows the time and the files
+    written (the full report texts are summarised at the end)."""
+    from .run import execute_workflow
+
+    buf = io.StringIO()
+    run = execute_workflow(workflow, overrides, harness, quiet=quiet, out=buf)
+    for line in buf.getvalue().splitlines():
+        if line.startswith(("done in ", "wrote ")):
+            print(f"[run] {line}", file=out, flush=True)
+    return run
 
 
 def _clear_file_lists(folder_paths) -> None:
