@@ -50,7 +50,8 @@ class RSSSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), self.proc.memory_info().rss))
+            c = self.proc.cpu_times()
+            self.samples.append((time.perf_counter(), self.proc.memory_info().rss, c.user + c.system))
             time.sleep(0.005)
 
     def stop(self):
@@ -58,16 +59,18 @@ class RSSSampler:
         self._t.join()
 
     def peak_between(self, t0, t1):
-        base = None
+        """(RSS just before t0, peak RSS in [t0, t1], CPU seconds used in [t0, t1])."""
+        base, cpu0, cpu1 = None, None, None
         peak = 0
-        for t, r in self.samples:
+        for t, r, c in self.samples:
             if t < t0:
-                base = r
+                base, cpu0 = r, c
             elif t <= t1:
                 peak = max(peak, r)
+                cpu1 = c
         if base is None:
-            base = self.samples[0][1]
-        return base, peak
+            base, cpu0 = self.samples[0][1], self.samples[0][2]
+        return base, peak, (cpu1 if cpu1 is not None else cpu0) - cpu0
 
 
 def _graph(side: str, base_name: str, tuned_name: str, rank: int, prefix: str):
@@ -79,7 +82,8 @@ def _graph(side: str, base_name: str, tuned_name: str, rank: int, prefix: str):
             "rank_param": 0.9, "svd": "randomized", "oversample": 16, "power_iterations": 2, "seed": 0,
             "clamp_quantile": 1.0, "bias_diff": True, "conv": True, "min_diff": 1e-6, "device": "auto"}}
         g["save"] = {"class_type": "MergeLab_SaveLoRA", "inputs": {
-            "lora": ["x", 0], "filename_prefix": prefix, "key_format": "kohya", "dtype": "fp16"}}
+            "lora": ["x", 0], "filename_prefix": prefix, "key_format": "kohya", "dtype": "fp16",
+            "save_recipe": True, "hash_input_files": False}}
         g["cap"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["save", 0], "name": "path"}}
         g["rep"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["x", 1], "name": "report"}}
         work = ["x", "save"]
@@ -128,7 +132,8 @@ def run_side(side: str, rank: int) -> dict:
         ends[n] = order[i + 1][0] if i + 1 < len(order) else t_end
     w0 = min(starts[n] for n in work)
     w1 = max(ends[n] for n in work)
-    rss_base, rss_peak = sampler.peak_between(w0, w1)
+    rss_base, rss_peak, cpu_s = sampler.peak_between(w0, w1)
+    node_cpu = {n: sampler.peak_between(starts[n], ends[n])[2] for n in work}
     out_dir = h.output_dir
     files = sorted(f for f in os.listdir(os.path.join(out_dir, "loras")) if f.startswith(f"bench_{side}_r{rank}"))
     path = os.path.join(out_dir, "loras", files[-1])
@@ -136,6 +141,7 @@ def run_side(side: str, rank: int) -> dict:
     os.makedirs(CACHE, exist_ok=True)
     os.replace(path, keep)
     result = {"side": side, "rank": rank, "wall_s": w1 - w0, "node_s": {n: ends[n] - starts[n] for n in work},
+              "cpu_s": cpu_s, "node_cpu_s": node_cpu, "load_avg": os.getloadavg(),
               "total_run_s": t_end - t_start, "peak_extra_rss_bytes": rss_peak - rss_base,
               "rss_before_bytes": rss_base, "file": keep, "file_bytes": os.path.getsize(keep),
               "threads": torch.get_num_threads()}
@@ -255,15 +261,18 @@ def main(argv=None) -> int:
                     timeout=6 * 3600)
     print(json.dumps(errors, indent=1))
     print("\nsummary (rank %d, full-size SD1.5 UNet, %d CPU threads)" % (args.rank, results[sides[0]]["threads"]))
-    print(f"{'side':<6} {'time s':>9} {'peak extra RSS GB':>18} {'mean rel err':>13} {'err/opt median':>15} "
-          f"{'err/opt max':>12}")
+    print(f"{'side':<6} {'wall s':>9} {'CPU s':>9} {'peak extra RSS GB':>18} {'mean rel err':>13} "
+          f"{'err/opt median':>15} {'err/opt max':>12}")
     for s in sides:
         r, e = results[s], errors[s]
-        print(f"{s:<6} {r['wall_s']:>9.1f} {r['peak_extra_rss_bytes'] / 2**30:>18.2f} {e['mean_rel_err'] or 0:>13.5f} "
+        print(f"{s:<6} {r['wall_s']:>9.1f} {r.get('cpu_s', float('nan')):>9.1f} "
+              f"{r['peak_extra_rss_bytes'] / 2**30:>18.2f} {e['mean_rel_err'] or 0:>13.5f} "
               f"{e['ratio_to_optimum_median'] or 0:>15.5f} {e['ratio_to_optimum_max'] or 0:>12.5f}")
     if "ours" in results and "comfy" in results:
-        print(f"speed-up: {results['comfy']['wall_s'] / results['ours']['wall_s']:.1f}x; peak memory ratio "
-              f"ours/comfy: {results['ours']['peak_extra_rss_bytes'] / max(1, results['comfy']['peak_extra_rss_bytes']):.2f}")
+        o, c = results["ours"], results["comfy"]
+        print(f"speed-up (wall): {c['wall_s'] / o['wall_s']:.1f}x"
+              + (f"; (CPU time): {c['cpu_s'] / o['cpu_s']:.1f}x" if "cpu_s" in o and "cpu_s" in c else "")
+              + f"; peak extra memory ours/comfy: {o['peak_extra_rss_bytes'] / max(1, c['peak_extra_rss_bytes']):.2f}")
     with open(os.path.join(CACHE, f"result_r{args.rank}.json"), "w") as f:
         json.dump({"runs": results, "errors": errors}, f, indent=1)
     return 0
