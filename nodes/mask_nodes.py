@@ -7,7 +7,7 @@ selections), see ``engine/masks.py``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 

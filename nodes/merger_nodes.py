@@ -7,7 +7,7 @@ the per-model parameters that the methods declare, derived from their specs.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 from .. import merge_methods
 from ..engine.blocks import block_of
