@@ -271,9 +271,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only check that the files are up to date")
     args = ap.parse_args(argv)
-    logging.disable(logging.WARNING)
-    blocks = _blocks_module()
-    table_text, md, seconds = generate()
+    prev = logging.root.manager.disable
+    logging.disable(logging.WARNING)        # ComfyUI's per-model log lines; restored (tests call main())
+    try:
+        blocks = _blocks_module()
+        table_text, md, seconds = generate()
+    finally:
+        logging.disable(prev)
     targets = [(blocks.TABLE_PATH, table_text, lambda s: s), (DOC_PATH, md, _strip_timing)]
     if args.check:
         stale = []
