@@ -556,6 +556,12 @@ app.registerExtension({
                 this.mergelabCurve?.hoverAt(null);
             });
         }
+        // a workflow saved without this extension (or generated) gives the node the size it had without
+        // the editor/help: grow it so that nothing is drawn outside the node
+        chain(nodeType.prototype, "onConfigure", function () {
+            const min = this.computeSize();
+            if (this.size[1] < min[1]) this.setSize([this.size[0], min[1]]);
+        });
         chain(nodeType.prototype, "onSerialize", function (data) {
             compactWidgetValues(this, data);
         });

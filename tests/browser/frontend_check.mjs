@@ -24,6 +24,7 @@ const EXAMPLE_TIMEOUT_MS = Number(args["example-timeout"] ?? 300000);
 // the example workflows to queue (comma-separated names); the others are opened and checked only
 const RUN_EXAMPLES = new Set(String(args.run ?? "").split(",").filter(Boolean));
 fs.mkdirSync(OUT, { recursive: true });
+for (const f of fs.readdirSync(OUT)) if (f.endsWith(".png")) fs.rmSync(path.join(OUT, f));   // last run's
 
 const result = { url: BASE, steps: {}, console: [], pageErrors: [], failedRequests: [], screenshots: [] };
 const save = () => fs.writeFileSync(path.join(OUT, "result.json"), JSON.stringify(result, null, 1));
@@ -318,28 +319,50 @@ async function runChecks() {
         const names = templates[PACK] ?? [];
         const runs = [];
         for (const name of names) {
+            const t0 = Date.now();
             runs.push(await openAndRunExample(name));
+            result.examplesSoFar = runs;
             save();
+            log(`example ${name}: ${runs.at(-1).error ? "error" : "ok"} in ${(Date.now() - t0) / 1000} s`);
         }
         return { templates, names, runs };
     });
+}
+
+// Workflow > Browse Templates > Extensions > <pack> > the card of `name`
+async function openFromDialog(name) {
+    await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+    const dialog = page.getByRole("dialog");
+    // the pack's entry under "Extensions" in the dialog's side bar (below the fold: scroll to it)
+    const navItem = dialog.getByRole("button").filter({ has: page.getByText(PACK, { exact: true }) }).first();
+    await navItem.scrollIntoViewIfNeeded({ timeout: 60000 });
+    await navItem.click({ timeout: 60000 });
+    // the card shows the template's file name as its title
+    await dialog.getByText(name, { exact: true }).first().click({ timeout: 60000 });
+    await page.waitForFunction(() => window.app.graph._nodes.length > 0 &&
+        !document.querySelector("[role=dialog]"), null, { timeout: 60000 });
+}
+
+// what the dialog does with a custom-node template (frontend 1.32.9, useTemplateWorkflows): fetch
+// /api/workflow_templates/<pack>/<name>.json and app.loadGraphData(json, clean, restore view, name)
+async function openLikeDialog(name) {
+    await page.evaluate(async ([pack, n]) => {
+        const r = await fetch(`/api/workflow_templates/${encodeURIComponent(pack)}/${encodeURIComponent(n)}.json`);
+        if (!r.ok) throw new Error(`template ${n}: HTTP ${r.status}`);
+        await window.app.loadGraphData(await r.json(), true, true, n, { openSource: "template" });
+    }, [PACK, name]);
+    await page.waitForFunction(() => window.app.graph._nodes.length > 0, null, { timeout: 60000 });
 }
 
 async function openAndRunExample(name) {
     const run = { name };
     try {
         await resetGraph();
-        await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
-        const dialog = page.getByRole("dialog");
-        // the pack's entry under "Extensions" in the dialog's side bar (below the fold: scroll to it)
-        const navItem = dialog.getByRole("button").filter({ has: page.getByText(PACK, { exact: true }) }).first();
-        await navItem.scrollIntoViewIfNeeded({ timeout: 60000 });
-        await navItem.click({ timeout: 60000 });
-        // the card shows the template's file name as its title
-        await dialog.getByText(name, { exact: true }).first().click({ timeout: 60000 });
-        await page.waitForFunction(() => window.app.graph._nodes.length > 0 &&
-            !document.querySelector("[role=dialog]"), null, { timeout: 20000 });
-        await page.waitForTimeout(500);
+        run.queued = RUN_EXAMPLES.has(name);
+        run.via = run.queued ? "dialog" : "api";
+        if (run.queued) await openFromDialog(name);
+        else await openLikeDialog(name);
+        await page.waitForTimeout(300);
         const expected = await getJson(`api/workflow_templates/${encodeURIComponent(PACK)}/${encodeURIComponent(name)}.json`);
         Object.assign(run, await page.evaluate((exp) => {
             const nodes = window.app.graph._nodes;
@@ -347,10 +370,12 @@ async function openAndRunExample(name) {
                 loadedTypes: nodes.map((n) => n.type).sort(),
                 expectedTypes: (exp.nodes ?? []).map((n) => n.type).sort(),
                 unknownTypes: nodes.map((n) => n.type).filter((t) => !window.LiteGraph.registered_node_types[t]),
+                // MergeLab nodes with the editor or the help: is the node tall enough for its widgets?
+                ourNodes: nodes.filter((n) => n.mergelabCurve || n.mergelabHelp).map((n) => ({
+                    type: n.type, height: n.size[1], needed: n.computeSize()[1] })),
             };
         }, expected));
         await shot(`40_example_${name.replace(/[^\w.-]+/g, "_")}_loaded.png`);
-        run.queued = RUN_EXAMPLES.has(name);
         if (!run.queued) return run;
         const before = new Set(Object.keys(await getJson("history")));
         const runButton = page.getByRole("button", { name: "Run", exact: true });

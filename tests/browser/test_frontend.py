@@ -111,10 +111,21 @@ def example_names() -> list:
     return sorted(f[:-5] for f in os.listdir(EXAMPLES_DIR) if f.endswith(".json"))
 
 
+#: the example run to completion by default: the one with the least work on a CPU (measured with
+#: `python -m mergelab.run` on the small SD1.5 checkpoints: ~30 s of CPU time, against ~110 s for
+#: 01_dare_ties_merge); the others are opened and checked only.  MERGELAB_BROWSER_RUN_EXAMPLES=all (or a
+#: comma-separated list of names) runs more.
+DEFAULT_QUEUED = ["04_normalize_then_merge"]
+
+
 def queued_examples() -> list:
-    """The examples the test runs to completion: the first one (the others are opened and checked only,
-    to keep the test short on a CPU)."""
-    return example_names()[:1]
+    names = example_names()
+    if not names:
+        return []
+    wanted = os.environ.get("MERGELAB_BROWSER_RUN_EXAMPLES", "")
+    if wanted.strip() == "all":
+        return names
+    return [n.strip() for n in wanted.split(",") if n.strip()] or DEFAULT_QUEUED
 
 
 def checkpoint_names(name: str) -> list:
@@ -136,7 +147,7 @@ def models_dir(tools, tmp_path_factory):
     the two fine-tunes, in the order the loaders name them; made once and cached in .cache/fixtures)."""
     if os.environ.get("MERGELAB_MODELS_DIR"):
         return os.environ["MERGELAB_MODELS_DIR"]
-    names = [n for ex in queued_examples() for n in checkpoint_names(ex)]
+    names = [n for ex in queued_examples() if ex in example_names() for n in checkpoint_names(ex)]
     if not names:
         return None
     code = ("import json; from mergelab.demo import fixture_checkpoints; "
@@ -350,7 +361,11 @@ def test_example_workflows_open_from_templates_and_run(browser):
             failures.append(f"{name}: node types the server does not know: {run['unknownTypes']}")
         if run["loadedTypes"] != run["expectedTypes"]:
             failures.append(f"{name}: loaded {run['loadedTypes']} != file {run['expectedTypes']}")
+        cramped = [n for n in run["ourNodes"] if n["height"] + 0.5 < n["needed"]]
+        if cramped:
+            failures.append(f"{name}: nodes too short for the editor/help and their widgets: {cramped}")
     for name in queued_examples():
+        assert name in runs, f"example {name} (to be run) is not in example_workflows/: {on_disk}"
         run = runs[name]
         if run.get("error"):
             continue
