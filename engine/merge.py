@@ -7,6 +7,7 @@ on a clone of the base.  Inputs are never modified; nothing is left on the GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -14,7 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..merge_methods import MergeError, MergeMethod, create
+from ..merge_methods import MergeError, MergeMethod, create, reuse_buffers
+from .alloc import recycled_memory
 from .recipe import record_merge
 from .weights import CLIP_OPTIONAL_SUFFIXES, KeySource, all_finite, is_clip, model_family, patcher_of, storage_dtype
 
@@ -153,8 +155,8 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
         raise MergeError("cannot merge a CLIP with a MODEL")
     check_architectures(objs, names)
 
-    base_src = KeySource.of(base) if base is not None else None
-    sources = [KeySource.of(i.model) for i in inputs]
+    base_src = KeySource.of(base).read_only() if base is not None else None
+    sources = [KeySource.of(i.model).read_only() for i in inputs]
     keys = plan_keys(base_src, sources, names, options.on_mismatch)
     clip = is_clip(objs[0])
     ref_src = base_src if base_src is not None else sources[0]
@@ -176,6 +178,9 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
         mm.free_memory(biggest * 4 * (len(inputs) + 4), device)
     pbar = comfy.utils.ProgressBar(len(keys))
     merged: Dict[str, torch.Tensor] = {}
+    memory = contextlib.ExitStack()
+    memory.enter_context(recycled_memory())
+    memory.enter_context(reuse_buffers())
     try:
         for i, key in enumerate(keys):
             mm.throw_exception_if_processing_interrupted()
@@ -206,6 +211,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
             if options.progress:
                 options.progress(i + 1, len(keys))
     finally:
+        memory.close()
         if device.type != "cpu":
             mm.soft_empty_cache()
     result = _patched_clone(ref_obj, merged)

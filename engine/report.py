@@ -20,6 +20,24 @@ class BlockStats:
     sums: Optional[torch.Tensor] = None
 
 
+def _sums(m: torch.Tensor, b: Optional[torch.Tensor], xs: List[torch.Tensor]) -> torch.Tensor:
+    """fp64 row: ‖m‖², then ‖m−b‖², ‖b‖², ⟨m,b⟩ (zeros without a base), then the same for each input."""
+    dot = torch.linalg.vecdot       # far faster than Tensor.dot on the CPU, same reduction accuracy
+    m = m.float()
+    vals = [dot(m, m)]
+    if b is not None:
+        b = b.float()
+        d = m - b
+        vals += [dot(d, d), dot(b, b), dot(m, b)]
+    else:
+        vals += [m.new_zeros(())] * 3
+    for x in xs:
+        x = x.float()
+        d = m - x
+        vals += [dot(d, d), dot(x, x), dot(m, x)]
+    return torch.stack(vals).double()
+
+
 class MergeStats:
     """Collects, per block: ‖m−b‖², ‖b‖², ⟨m,b⟩, ‖m‖², and for each input i: ‖m−xᵢ‖², ‖xᵢ‖², ⟨m,xᵢ⟩."""
 
@@ -30,20 +48,7 @@ class MergeStats:
         self.blocks: Dict[str, BlockStats] = {}
 
     def add(self, key: str, merged: torch.Tensor, base: Optional[torch.Tensor], inputs: List[torch.Tensor]) -> None:
-        dot = torch.linalg.vecdot       # far faster than Tensor.dot on the CPU, same reduction accuracy
-        m = merged.float().reshape(-1)
-        vals = [dot(m, m)]
-        if base is not None:
-            b = base.float().reshape(-1)
-            d = m - b
-            vals += [dot(d, d), dot(b, b), dot(m, b)]
-        else:
-            vals += [m.new_zeros(())] * 3
-        for x in inputs:
-            x = x.float().reshape(-1)
-            d = m - x
-            vals += [dot(d, d), dot(x, x), dot(m, x)]
-        row = torch.stack(vals).double()
+        row = _sums(merged.reshape(-1), None if base is None else base.reshape(-1), [x.reshape(-1) for x in inputs])
         blk = self.blocks.setdefault(self.block_of(key), BlockStats())
         blk.n_keys += 1
         blk.n_params += merged.numel()

@@ -7,7 +7,7 @@ time, on the device we choose, in fp32, without touching the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 
@@ -43,12 +43,31 @@ class KeySource:
     """Lazy access to one model's weights: references only, nothing is copied until :meth:`read`."""
 
     entries: Dict[str, list]
+    model: Any = None                   # the torch module the keys belong to
+    copies: bool = True                 # False: see read_only()
 
     @classmethod
     def of(cls, obj) -> "KeySource":
         mp = patcher_of(obj)
         prefix = None if is_clip(obj) else UNET_PREFIX
-        return cls(mp.get_key_patches(prefix))
+        return cls(mp.get_key_patches(prefix), mp.model)
+
+    def read_only(self) -> "KeySource":
+        """A KeySource whose :meth:`read` may return the stored weight itself (no copy, in its stored
+        dtype) when it has no patches, no conversion and is already on the device: for callers that only
+        read the result (a merge stacks its inputs into a new fp32 tensor anyway).  Never write into what
+        it returns."""
+        return KeySource(self.entries, self.model, copies=False)
+
+    def _plain(self, key: str) -> bool:
+        """No conversion function on this weight's layer (get_key_patches gives every key one)."""
+        if self.model is None:
+            return False
+        try:
+            from comfy.model_patcher import get_key_weight
+            return get_key_weight(self.model, key)[2] is None
+        except Exception:
+            return False
 
     def keys(self) -> List[str]:
         return [k for k, e in self.entries.items() if _mergeable(k, _raw(e))]
@@ -76,6 +95,9 @@ class KeySource:
         convert = convert or _identity
         if weight.device.type == "meta":
             raise RuntimeError(f"weight '{key}' is not materialized (meta device); load the model first")
+        if not self.copies and len(entry) == 1 and weight.device == device and weight.is_floating_point() \
+                and type(weight) in (torch.Tensor, torch.nn.Parameter) and self._plain(key):
+            return weight.detach()          # see read_only()
         t = mm.cast_to_device(weight, device, torch.float32, copy=True)
         t = convert(t, inplace=True)
         if len(entry) > 1:

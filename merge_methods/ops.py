@@ -57,8 +57,10 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     n_tied = torch.count_nonzero(tied)
     if bool(n_tied == need):                          # the usual case: no tie to break
         return (above | tied).view(x.shape)
-    keep_tied = tied & (torch.cumsum(tied, 0) <= need)
-    return (above | keep_tied).view(x.shape)
+    # keep the first `need` tied entries in index order (only the tied ones are indexed: fp16 task
+    # vectors tie often, and a cumulative sum over the whole tensor would cost more than the rest)
+    first = torch.nonzero(tied).squeeze(1)[: int(need)]
+    return above.index_fill_(0, first, True).view(x.shape)
 
 
 def bottomk_mask(x: torch.Tensor, k: int) -> torch.Tensor:

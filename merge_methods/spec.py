@@ -6,7 +6,9 @@ from that declaration; nothing else describes a method.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -265,7 +267,7 @@ class MergeMethod:
 
         device = ref.device
         work_device = device
-        stacked = torch.empty((n,) + tuple(ref.shape), dtype=torch.float32, device=work_device)
+        stacked = _stack_buffer((n,) + tuple(ref.shape), work_device)
         for i, m in enumerate(models):
             stacked[i].copy_(m)
         b32 = None
@@ -283,7 +285,45 @@ class MergeMethod:
         out = spec.fn(b32, stacked, ctx, **glob, **pm_args)
         if out.shape != ref.shape:
             raise AssertionError(f"{where}: method returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
-        return out.to(device=device, dtype=ref.dtype)
+        out = out.to(device=device, dtype=ref.dtype)
+        if _WS.buffers is not None and out.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr():
+            out = out.clone()           # a view of the reused buffer (passthrough): the next merge overwrites it
+        return out
+
+
+class _Workspace(threading.local):
+    buffers: Optional[Dict[torch.device, torch.Tensor]] = None
+
+
+_WS = _Workspace()
+
+
+@contextlib.contextmanager
+def reuse_buffers():
+    """Within the block, :meth:`MergeMethod.merge` stacks its inputs into one fp32 buffer per device that
+    is reused from call to call (per thread) instead of a new tensor each time.  Merging a model key by
+    key, a fresh buffer per key costs more than copying into it (the memory must be faulted in anew);
+    the buffer is freed when the outermost block ends."""
+    outer = _WS.buffers is None
+    if outer:
+        _WS.buffers = {}
+    try:
+        yield
+    finally:
+        if outer:
+            _WS.buffers = None
+
+
+def _stack_buffer(shape: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    numel = math.prod(shape)
+    if _WS.buffers is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    buf = _WS.buffers.get(device)
+    if buf is None or buf.numel() < numel:
+        _WS.buffers[device] = None
+        del buf
+        buf = _WS.buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf[:numel].view(shape)
 
 
 def _check_finite(where: str, base: Optional[torch.Tensor], stacked: torch.Tensor) -> None:

@@ -52,6 +52,43 @@ def test_create_merge_roundtrip(name):
             method.merge(None if spec.base == "none" else base, bad)
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_never_writes_into_its_inputs(name, dtype):
+    """The engine hands merge() the models' own stored tensors (no copy): no method may modify them,
+    whatever their dtype (fp32 inputs are not copied by the dtype conversion)."""
+    spec = mm.get_spec(name)
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(8, 6, generator=g).to(dtype)
+    models = [(base.float() + 0.1 * torch.randn(8, 6, generator=g)).to(dtype) for _ in range(n_models(spec))]
+    use_base = spec.base != "none"
+    snapshot = [t.clone() for t in [base] + models]
+    versions = [t._version for t in [base] + models]
+    out = mm.create(name).merge(base if use_base else None, models, key="k.weight", seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, [base] + models))
+    assert [t._version for t in [base] + models] == versions
+    assert all(out.data_ptr() != t.data_ptr() for t in [base] + models)
+
+
+def test_reused_buffers_give_the_same_results_and_never_alias_a_result():
+    """merge() inside reuse_buffers() stacks into one buffer reused from call to call: every method gives
+    bit-identical results, and a result that was a view of the buffer (passthrough) survives later calls."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(8, 6), (3, 4, 2, 2), (5,), (8, 6)]
+    cases = []
+    for name in sorted(EXPECTED):
+        spec = mm.get_spec(name)
+        for i, shape in enumerate(shapes):
+            base = torch.randn(shape, generator=g)
+            models = [base + 0.1 * torch.randn(shape, generator=g) for _ in range(n_models(spec))]
+            cases.append((mm.create(name), None if spec.base == "none" else base, models, f"k{i}"))
+    plain = [m.merge(b, xs, key=k, seed=1) for m, b, xs, k in cases]
+    with mm.reuse_buffers():
+        reused = [m.merge(b, xs, key=k, seed=1) for m, b, xs, k in cases]
+    assert all(torch.equal(a, b) for a, b in zip(plain, reused))
+    assert len({r.untyped_storage().data_ptr() for r in reused}) == len(reused)
+
+
 def test_immutable_and_validated():
     m = mm.create("ties", **{"lambda": 0.5})
     with pytest.raises(Exception):
