@@ -120,6 +120,7 @@ def child(variant: str, repeats: int) -> dict:
             ties = registry.get("ties")
             srcs = [weights.KeySource.of(m) for m in models]
             out = {}
+            torch.set_grad_enabled(False)      # as mergekit's own merges (the weights are Parameters)
             for k in srcs[0].keys():
                 ts = [s.read(k, cpu) for s in srcs]
                 group = TensorGroup.from_tensors(ts, base_index=0)

@@ -4,8 +4,8 @@ A merge allocates and frees tensors of the same few sizes key after key.  With g
 block of a few MB is served by a fresh ``mmap`` (or the heap top is trimmed as soon as it is freed),
 so every temporary is new memory that the kernel must fault in and zero: measured on a full-size SD1.5
 linear merge, that page-fault work cost more than the arithmetic (see benchmarks/bench_model_merge.py).
-:func:`recycled_memory` raises glibc's mmap threshold to its maximum (32 MiB) and stops heap trimming
-for the duration, so freed blocks are handed out again; on leaving it sets moderate values (those
+:func:`recycled_memory` raises glibc's mmap threshold to its maximum (32 MiB) and keeps up to 256 MiB
+of freed memory at the heap top for the duration, so freed blocks are handed out again; on leaving it sets moderate values (those
 glibc's own dynamic tuning reaches in a long-running torch process) and returns the free memory to
 the system with ``malloc_trim``.  Elsewhere (macOS, Windows, musl) it does nothing.
 """
@@ -19,7 +19,7 @@ import threading
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_MAX_THRESHOLD = 32 << 20           # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit
-_KEEP_WHILE_MERGING = (1 << 31) - 1      # mallopt takes a C int
+_KEEP_WHILE_MERGING = 256 << 20         # free memory kept at the heap top (a few keys' temporaries)
 _TRIM_AFTER = 64 << 20
 
 _lock = threading.Lock()

@@ -303,7 +303,8 @@ def reuse_buffers():
     """Within the block, :meth:`MergeMethod.merge` stacks its inputs into one fp32 buffer per device that
     is reused from call to call (per thread) instead of a new tensor each time.  Merging a model key by
     key, a fresh buffer per key costs more than copying into it (the memory must be faulted in anew);
-    the buffer is freed when the outermost block ends."""
+    stacks over 32 MiB get their own tensor as outside the block.  The buffer is freed when the outermost
+    block ends."""
     outer = _WS.buffers is None
     if outer:
         _WS.buffers = {}
@@ -314,9 +315,12 @@ def reuse_buffers():
             _WS.buffers = None
 
 
+_BUFFER_MAX = 8 << 20      # elements (32 MiB): larger stacks get their own tensor, freed at once
+
+
 def _stack_buffer(shape: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     numel = math.prod(shape)
-    if _WS.buffers is None:
+    if _WS.buffers is None or numel > _BUFFER_MAX:
         return torch.empty(shape, dtype=torch.float32, device=device)
     buf = _WS.buffers.get(device)
     if buf is None or buf.numel() < numel:
