@@ -1,6 +1,4 @@
 """Bad input to the LoRA nodes gives clear errors and leaves nothing half-written; Cancel stops the work."""
-import importlib
-import math
 import os
 
 import pytest
@@ -9,24 +7,7 @@ import torch
 
 from mergelab import fixtures
 
-VALUES = {}
-
-
-class LoraValueNode:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"key": ("STRING", {"default": ""})}}
-
-    RETURN_TYPES = ("LORA",)
-    FUNCTION = "get"
-    CATEGORY = "testing"
-
-    def get(self, key):
-        return (VALUES[key],)
-
-
-def pack(harness, sub):
-    return importlib.import_module(f"{harness.pack_module_name}.{sub}")
+from lora_testing import VALUES, LoraValueNode, pack  # noqa: E402  (shared LoRA test helpers)
 
 
 def small(arch, seed=0, delta=0.0):

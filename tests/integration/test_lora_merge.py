@@ -1,5 +1,4 @@
 """Merging, stacking and resizing LoRAs through the executor, checked against the ΔW algebra."""
-import importlib
 import math
 
 import pytest
@@ -7,26 +6,7 @@ import torch
 
 from mergelab import fixtures
 
-VALUES = {}
-
-
-class LoraValueNode:
-    """Test node: hands a LORA prepared by the test into the graph."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"key": ("STRING", {"default": ""})}}
-
-    RETURN_TYPES = ("LORA",)
-    FUNCTION = "get"
-    CATEGORY = "testing"
-
-    def get(self, key):
-        return (VALUES[key],)
-
-
-def pack(harness, sub):
-    return importlib.import_module(f"{harness.pack_module_name}.{sub}")
+from lora_testing import VALUES, LoraValueNode, pack  # noqa: E402  (shared LoRA test helpers)
 
 
 def delta_patched(obj, seed, rank, unet, biases=False):
