@@ -10,7 +10,7 @@ WEIGHT = Param("weight", FLOAT, 1.0, "Weight of this model in the sum.", min=-10
 
 
 @merge_method(
-    "linear", base=BASE_NONE, min_models=1, source="mergekit",
+    "linear", base=BASE_NONE, min_models=1, source="mergekit", elementwise=True,
     help="Weighted average Σ wᵢ·Mᵢ, divided by Σ wᵢ when normalize is on. With normalize on and weights "
          "summing to zero the sum is left undivided (mergekit divides by zero there).",
     params=(WEIGHT,

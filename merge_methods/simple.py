@@ -10,7 +10,7 @@ _FUSION_EPS = 1e-8      # mergekit arcee_fusion: added to both softmaxes before 
 
 
 @merge_method(
-    "nearswap", base=BASE_REQUIRED, min_models=1, max_models=1, source="mergekit",
+    "nearswap", base=BASE_REQUIRED, min_models=1, max_models=1, source="mergekit", elementwise=True,
     help="Takes the model's value where it is close to the base: per element w = clamp(t/|model − base|, "
          "0, 1) and out = base + w·(model − base). Differences ≤ t are swapped in fully, larger ones "
          "only partly; t = 0 returns the base.",
@@ -58,7 +58,7 @@ def arcee_fusion(base, models, ctx):
 
 
 @merge_method(
-    "passthrough", base=BASE_NONE, min_models=1, max_models=1, source="mergekit",
+    "passthrough", base=BASE_NONE, min_models=1, max_models=1, source="mergekit", elementwise=True,
     help="Copies the one input model, multiplied by its scale.",
     params=(Param("scale", FLOAT, 1.0, "Factor applied to the model.", min=-10.0, max=10.0, step=0.01,
                   per_model=True),),
@@ -68,7 +68,7 @@ def passthrough(base, models, ctx, *, scale):
 
 
 @merge_method(
-    "weighted_sum", base=BASE_NONE, min_models=2, max_models=2, source="ComfyUI",
+    "weighted_sum", base=BASE_NONE, min_models=2, max_models=2, source="ComfyUI", elementwise=True,
     help="ComfyUI's ModelMergeSimple: ratio·model₁ + (1 − ratio)·model₂. The ratio is the weight of the "
          "FIRST model (ratio 1 returns model₁), the opposite of supermerger/sd-mecha's alpha.",
     params=(Param("ratio", FLOAT, 1.0, "Weight of the first model; the second gets 1 − ratio.",
@@ -80,7 +80,7 @@ def weighted_sum(base, models, ctx, *, ratio):
 
 
 @merge_method(
-    "add_difference", base=BASE_REQUIRED, min_models=2, max_models=2, source="supermerger / sd-mecha",
+    "add_difference", base=BASE_REQUIRED, min_models=2, max_models=2, source="supermerger / sd-mecha", elementwise=True,
     help="A + alpha·(B − C), with the models as A (first) and B (second) and the base as C, the model B "
          "was trained from (e.g. A = an inpainting model, B = a fine-tune, C = SD1.5). clamp_to_ab "
          "limits each element to the range spanned by A and B, as sd-mecha's option does.",

@@ -105,6 +105,9 @@ class MethodSpec:
     help: str
     source: str
     randomized: bool = False
+    #: the result at each element depends only on the inputs at that element (no whole-tensor norms,
+    #: ranks or random draws), so the CPU path may merge a large tensor slice by slice
+    elementwise: bool = False
     check: Optional[Callable[[Mapping[str, Any], Mapping[str, List[Any]]], Optional[str]]] = field(
         default=None, compare=False)
 
@@ -141,7 +144,7 @@ _REGISTRY: Dict[str, MethodSpec] = {}
 
 def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_REQUIRED, min_models: int = 1,
                  max_models: Optional[int] = None, help: str, source: str, randomized: bool = False,
-                 check: Optional[Callable] = None):
+                 elementwise: bool = False, check: Optional[Callable] = None):
     """Register ``fn(base, models, ctx, **params)`` as a merge method.
 
     ``models`` reaches ``fn`` as one fp32 tensor stacked over models (shape ``(N, *shape)``),
@@ -149,9 +152,14 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_RE
     (bools and choices as tuples), each global one as a Python scalar.  ``fn`` returns an fp32
     tensor of the input shape; dtype and device of the result are handled by :class:`MergeMethod`.
     ``check(global_values, per_model_values)`` returns an error text for cross-parameter rules.
+    ``elementwise``: ``fn`` of a slice of the flattened inputs is that slice of ``fn``'s result (such
+    methods are merged in cache-sized slices on the CPU).
     """
     if base not in (BASE_REQUIRED, BASE_OPTIONAL, BASE_NONE):
         raise ValueError(f"bad base requirement {base!r}")
+    if elementwise and randomized:
+        raise ValueError(f"merge method {name!r}: a randomized method cannot be elementwise (its draws "
+                         f"would depend on the slicing)")
 
     def register(fn):
         if name in _REGISTRY:
@@ -161,7 +169,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_RE
             raise ValueError(f"merge method {name!r} declares a parameter twice")
         _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=tuple(params), base=base, min_models=min_models,
                                      max_models=max_models, help=help, source=source, randomized=randomized,
-                                     check=check)
+                                     elementwise=elementwise, check=check)
         return fn
 
     return register
@@ -267,6 +275,15 @@ class MergeMethod:
 
         device = ref.device
         work_device = device
+        pm_args: Dict[str, Any] = {}
+        for p in spec.per_model_params:
+            if p.kind in (FLOAT, INT):
+                pm_args[p.name] = torch.tensor(pm[p.name], dtype=torch.float32, device=work_device)
+            else:
+                pm_args[p.name] = tuple(pm[p.name])
+        ctx = MergeContext(key=key, seed=int(seed), device=work_device, host=pm)
+        if spec.elementwise and device.type == "cpu" and ref.numel() > SLICE:
+            return self._merge_sliced(where, base, models, ctx, glob, pm_args, check_finite)
         stacked = _stack_buffer((n,) + tuple(ref.shape), work_device)
         for i, m in enumerate(models):
             stacked[i].copy_(m)
@@ -275,19 +292,38 @@ class MergeMethod:
             b32 = base.to(device=work_device, dtype=torch.float32)
         if check_finite:
             _check_finite(where, b32, stacked)
-        pm_args: Dict[str, Any] = {}
-        for p in spec.per_model_params:
-            if p.kind in (FLOAT, INT):
-                pm_args[p.name] = torch.tensor(pm[p.name], dtype=torch.float32, device=work_device)
-            else:
-                pm_args[p.name] = tuple(pm[p.name])
-        ctx = MergeContext(key=key, seed=int(seed), device=work_device, host=pm)
         out = spec.fn(b32, stacked, ctx, **glob, **pm_args)
         if out.shape != ref.shape:
             raise AssertionError(f"{where}: method returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
         out = out.to(device=device, dtype=ref.dtype)
         if _WS.buffers is not None and out.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr():
             out = out.clone()           # a view of the reused buffer (passthrough): the next merge overwrites it
+        return out
+
+    def _merge_sliced(self, where: str, base: Optional[torch.Tensor], models: List[torch.Tensor], ctx: MergeContext,
+                      glob: Dict[str, Any], pm_args: Dict[str, Any], check_finite: bool) -> torch.Tensor:
+        """An elementwise method on the CPU, slice by slice of the flattened tensor: the stacked inputs
+        and every temporary stay a few MiB (in cache, and recycled by the allocator instead of being
+        mapped and faulted in anew for each key); the result is the same, bit for bit."""
+        ref = base if base is not None else models[0]
+        out = torch.empty(ref.shape, dtype=ref.dtype, device=ref.device)
+        flat_out = out.view(-1)
+        flat_models = [m.reshape(-1) for m in models]
+        flat_base = base.reshape(-1) if base is not None else None
+        for s, e in slices(ref.numel(), ref.device):
+            stacked = _stack_buffer((len(models), e - s), ref.device)
+            for i, m in enumerate(flat_models):
+                stacked[i].copy_(m[s:e])
+            b32 = flat_base[s:e].to(torch.float32) if flat_base is not None else None
+            if check_finite:
+                try:
+                    _check_finite(where, b32, stacked)
+                except MergeError:
+                    # name the models the way a whole-tensor check does
+                    _check_finite(where, None if base is None else base.float(),
+                                  torch.stack([m.float() for m in models]))
+                    raise
+            flat_out[s:e].copy_(self.spec.fn(b32, stacked, ctx, **glob, **pm_args))
         return out
 
 
@@ -303,7 +339,9 @@ def reuse_buffers():
     """Within the block, :meth:`MergeMethod.merge` stacks its inputs into one fp32 buffer per device that
     is reused from call to call (per thread) instead of a new tensor each time.  Merging a model key by
     key, a fresh buffer per key costs more than copying into it (the memory must be faulted in anew);
-    stacks over 32 MiB get their own tensor as outside the block.  The buffer is freed when the outermost
+    stacks over 256 MiB get their own tensor as outside the block (elementwise methods
+    stack only slices, so this is for the methods that need whole tensors, e.g. TIES on 2 models of the
+    largest SD1.5 and SDXL weights).  The buffer is freed when the outermost
     block ends."""
     outer = _WS.buffers is None
     if outer:
@@ -315,7 +353,19 @@ def reuse_buffers():
             _WS.buffers = None
 
 
-_BUFFER_MAX = 8 << 20      # elements (32 MiB): larger stacks get their own tensor, freed at once
+#: elements per slice when a tensor is merged slice by slice on the CPU (4 MiB of fp32: a few of them
+#: fit the L2/L3 caches, and allocations this size are recycled instead of mapped anew)
+SLICE = 1 << 20
+
+
+def slices(n: int, device: torch.device) -> List[Tuple[int, int]]:
+    """``[start, end)`` spans covering ``range(n)``: :data:`SLICE` long on the CPU, one span elsewhere (a
+    GPU has no use for slicing: its caching allocator recycles memory and launches cost more)."""
+    step = SLICE if device.type == "cpu" else max(n, 1)
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+_BUFFER_MAX = 64 << 20     # elements (256 MiB): larger stacks get their own tensor, freed at once
 
 
 def _stack_buffer(shape: Tuple[int, ...], device: torch.device) -> torch.Tensor:
