@@ -1,9 +1,11 @@
 """Tensor helpers shared by several methods: exact top-k masks, sign consensus, norm rescaling."""
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 
 _SAMPLE = 1 << 16        # sample size used to bracket the k-th value
@@ -61,6 +63,115 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     # vectors tie often, and a cumulative sum over the whole tensor would cost more than the rest)
     first = torch.nonzero(tied).squeeze(1)[: int(need)]
     return above.index_fill_(0, first, True).view(x.shape)
+
+
+def _float_below(v: float) -> float:
+    """The largest float32 smaller than ``v``."""
+    t = torch.tensor(v, dtype=torch.float32)
+    return float(torch.nextafter(t, torch.tensor(-math.inf)))
+
+
+def _count(t: torch.Tensor) -> int:
+    """Number of non-zero entries of a float tensor, by float arithmetic (comparisons that produce bool
+    tensors run several times slower than float ops on the CPU).  An fp32 sum of 0/1 values is exact
+    up to 2^24 entries; longer tensors are summed in fp64."""
+    ones = t.abs().sign_()
+    return int(ones.sum() if ones.numel() <= 1 << 24 else ones.sum(dtype=torch.float64))
+
+
+class MagnitudeCut:
+    """Keeps exactly the ``k`` entries of largest magnitude of a tensor (ties broken by index), applied
+    span by span in index order with :meth:`prune_`.
+
+    Built by :func:`magnitude_cut`.  ``plan[i]`` says how span i treats the entries whose magnitude
+    equals the threshold: ``None`` keeps them all, ``0`` none, ``r`` the first r of them.  Pruning is
+    ``hardshrink`` (|x| > λ keeps x): float-only work, no boolean masks.
+    """
+
+    def __init__(self, thr: float, plan: Optional[List[Optional[int]]]):
+        self.thr, self.plan = thr, plan
+        self._at_least = _float_below(thr) if thr > 0 else -1.0    # hardshrink λ that keeps |x| >= thr
+
+    def prune_(self, part: torch.Tensor, i: int) -> torch.Tensor:
+        """Zero, in place, the entries of span ``i`` (a contiguous 1-D slice) outside the top k."""
+        keep_ties = None if self.plan is None else self.plan[i]
+        if keep_ties is None:                                 # keep |x| >= thr
+            return torch.hardshrink(part, self._at_least, out=part)
+        tied = None
+        if keep_ties > 0:
+            z = F.hardshrink(part, self._at_least).sub_(F.hardshrink(part, self.thr))
+            tied = torch.nonzero(z).squeeze(1)[:keep_ties]
+            kept = part[tied]
+        torch.hardshrink(part, self.thr, out=part)             # keep |x| > thr
+        if tied is not None:
+            part[tied] = kept
+        return part
+
+
+def magnitude_cut(flat: torch.Tensor, k: int, spans: Sequence[Tuple[int, int]]) -> MagnitudeCut:
+    """The :class:`MagnitudeCut` for the ``k`` largest ``|flat|`` of a 1-D fp32 tensor.
+
+    No whole-tensor temporary: a deterministic strided sample brackets the k-th magnitude, one pass
+    over the spans counts the entries above the bracket and gathers those inside it, and
+    ``kthvalue`` runs on those few.  The bracket is verified by counting, so the cut is always exact;
+    one that misses (adversarial layouts, or a bracket reaching down to 0) falls back to an exact
+    whole-tensor ``kthvalue``.
+    """
+    n = flat.numel()
+    if k <= 0:
+        return MagnitudeCut(math.inf, None)
+    if k >= n:
+        return MagnitudeCut(-1.0, None)
+    found = None
+    if n > 4 * _SAMPLE:
+        stride = n // _SAMPLE
+        sample = flat[::stride].abs()
+        m = sample.numel()
+        q = 1.0 - k / n                                  # fraction of entries below the answer
+        j = q * (m - 1)
+        margin = 6.0 * (m * q * (1.0 - q)) ** 0.5 + 64
+        lo = float(torch.kthvalue(sample, max(int(j - margin), 0) + 1).values)
+        hi = float(torch.kthvalue(sample, min(int(j + margin) + 1, m - 1) + 1).values)
+        del sample
+        # the bracket's lower end; at 0 the zeros stay out of it (keeping or dropping them is the same)
+        lo_below = _float_below(lo) if lo > 0 else 0.0
+        above, parts = 0, []
+        for s, e in spans:
+            part = flat[s:e]
+            over = F.hardshrink(part, hi)                         # |x| > hi
+            inside = F.hardshrink(part, lo_below).sub_(over)      # lo <= |x| <= hi (and |x| > 0), else 0
+            above += _count(over)
+            del over
+            parts.append(inside[torch.nonzero(inside).squeeze(1)].abs_())
+            del inside
+        n_inside = sum(p.numel() for p in parts)
+        if above < k <= above + n_inside:
+            found = _cut_from_candidates(parts, k - above, above, k)
+        elif lo <= 0 and above + n_inside < k:
+            found = MagnitudeCut(0.0, None)                       # the k-th largest magnitude is 0
+    if found is None:
+        # exact whole-tensor fallback: every span's magnitudes are candidates
+        found = _cut_from_candidates([flat[s:e].abs() for s, e in spans], k, 0, k)
+    return found
+
+
+def _cut_from_candidates(parts: List[torch.Tensor], r: int, above: int, k: int) -> MagnitudeCut:
+    """The cut whose threshold is the r-th largest of the candidate magnitudes ``parts`` (one per span,
+    in span order), given ``above`` entries outside them that are larger than all of them."""
+    values = torch.cat(parts)
+    thr_t = torch.kthvalue(values, values.numel() - r + 1).values
+    thr = float(thr_t)
+    n_above = above + int(torch.count_nonzero(values > thr_t))
+    tied = [int(torch.count_nonzero(p == thr_t)) for p in parts]
+    need = k - n_above
+    if need == sum(tied) or thr == 0:       # all tied entries stay (kept zeros change nothing)
+        return MagnitudeCut(thr, None)
+    plan: List[Optional[int]] = []
+    for t in tied:
+        take = min(need, t)
+        plan.append(None if take == t else take)
+        need -= take
+    return MagnitudeCut(thr, plan)
 
 
 def bottomk_mask(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -26,8 +26,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .ops import sign_consensus, topk_mask
-from .spec import BOOL, CHOICE, FLOAT, Param, merge_method
+from .ops import magnitude_cut, topk_mask
+from .spec import BOOL, CHOICE, FLOAT, Param, merge_method, slices
 
 # -- parameters (shared by every method of the family) ---------------------------------------------
 
@@ -69,10 +69,16 @@ def _consensus(with_off: bool) -> Param:
 # -- sparsifiers (one model's tensor at a time) ----------------------------------------------------
 
 def magnitude_mask(x: torch.Tensor, density: float) -> Optional[torch.Tensor]:
-    """Keep exactly ``int(density·n)`` entries of largest ``|x|`` (ties by index); None = keep all."""
+    """Keep exactly ``int(density·n)`` entries of largest ``|x|`` (ties by index); None = keep all.
+
+    The plain definition (one boolean mask); :func:`sparsify_` gets the same result span by span."""
     if density >= 1:
         return None
     return topk_mask(x.abs(), int(density * x.numel()))
+
+
+def _outlier_count(n: int, density: float, gamma: float) -> int:
+    return min(int(gamma * n), n - int(density * n))
 
 
 def outlier_mask(x: torch.Tensor, density: float, gamma: float) -> Optional[torch.Tensor]:
@@ -86,7 +92,7 @@ def outlier_mask(x: torch.Tensor, density: float, gamma: float) -> Optional[torc
         return None
     n = x.numel()
     keep = int(density * n)
-    top = min(int(gamma * n), n - keep)
+    top = _outlier_count(n, density, gamma)
     mag = x.abs()
     mask = topk_mask(mag, keep + top)
     if top > 0:
@@ -124,6 +130,13 @@ def _host(ctx, name: str, values: torch.Tensor) -> List[float]:
     return [float(v) for v in host]
 
 
+def _below(u: torch.Tensor, limit) -> torch.Tensor:
+    """1.0 where ``u < limit``, else 0.0, by float arithmetic (sign(limit − u) clamped at 0; the
+    difference of two floats is 0 only when they are equal).  Boolean masks cost several times more
+    on the CPU."""
+    return torch.rsub(u, limit).sign_().clamp_(min=0.0)
+
+
 def sparsify_(deltas: torch.Tensor, ctx, method: str, density: Sequence[float], rescale: str,
               gamma: Optional[Sequence[float]] = None, epsilon: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Prune the stacked task vectors ``deltas`` (N, ...) in place, model by model; returns ``deltas``.
@@ -131,77 +144,123 @@ def sparsify_(deltas: torch.Tensor, ctx, method: str, density: Sequence[float], 
     ``method``: magnitude | outliers | random | della.  Random methods always draw one uniform number
     per entry for every model, in model order, so a model's mask depends only on (seed, key, its
     index) and grows monotonically with its density.  A model with density >= 1 is left unchanged
-    (not rescaled); density <= 0 zeroes it.
+    (not rescaled); density <= 0 zeroes it.  The magnitude methods work span by span (see
+    :func:`~merge_methods.spec.slices`): no whole-tensor temporary besides ``deltas`` itself.
     """
     randomized = method in ("random", "della")
-    for i in range(deltas.shape[0]):
-        x = deltas[i]
-        u = ctx.uniform(x.shape) if randomized else None
+    if not randomized and method not in ("magnitude", "outliers"):
+        raise ValueError(f"unknown sparsification {method!r}")
+    if rescale not in ("none", "l1", "inverse_density"):
+        raise ValueError(f"unknown rescale {rescale!r}")
+    rows = deltas.view(deltas.shape[0], -1)        # pruned in place: must be a view
+    n = rows.shape[1]
+    spans = slices(n, deltas.device)
+    for i in range(rows.shape[0]):
+        x = rows[i]
+        u = ctx.uniform(deltas.shape[1:]).reshape(-1) if randomized else None
         d = float(density[i])
         if d >= 1:
             continue
         if d <= 0:
             x.zero_()
             continue
-        before = x.abs().sum() if rescale == "l1" else None
+        before = after = None
+        if rescale == "l1":         # norms: fp32 sums per span (see slices()), added up in fp64
+            before = torch.zeros((), dtype=torch.float64, device=x.device)
+            after = torch.zeros((), dtype=torch.float64, device=x.device)
         prob = None
-        if method == "magnitude":
-            keep = magnitude_mask(x, d)
-        elif method == "outliers":
-            keep = outlier_mask(x, d, float(gamma[i]))
-        elif method == "random":
-            keep = u < d
-        elif method == "della":
-            prob = della_keep_prob(x, d, float(epsilon[i]))
-            keep = u < prob
+        if randomized:
+            if method == "della":
+                prob = della_keep_prob(x.view(deltas.shape[1:]), d, float(epsilon[i])).reshape(-1)
+            for s, e in spans:
+                part = x[s:e]
+                if before is not None:
+                    before += part.abs().sum()
+                part.mul_(_below(u[s:e], prob[s:e] if prob is not None else d))
+                if after is not None:
+                    after += part.abs().sum()
+            del u
         else:
-            raise ValueError(f"unknown sparsification {method!r}")
-        del u
-        x.mul_(keep)
-        del keep
+            top = _outlier_count(n, d, float(gamma[i])) if method == "outliers" else 0
+            cut = magnitude_cut(x, int(d * n) + top, spans)
+            outliers = magnitude_cut(x, top, spans) if top > 0 else None
+            for j, (s, e) in enumerate(spans):
+                part = x[s:e]
+                if before is not None:
+                    before += part.abs().sum()
+                top_part = outliers.prune_(part.clone(), j) if outliers is not None else None
+                cut.prune_(part, j)
+                if top_part is not None:
+                    part.sub_(top_part)         # the outliers (kept by both cuts) become exactly 0
+                if after is not None:
+                    after += part.abs().sum()
         if rescale == "l1":
-            after = x.abs().sum()
             ok = (before >= 1e-7) & (after >= 1e-7)
-            x.mul_(torch.where(ok, before / torch.where(ok, after, torch.ones_like(after)), torch.ones_like(after)))
+            scale = torch.where(ok, before / torch.where(ok, after, torch.ones_like(after)), torch.ones_like(after))
+            x.mul_(scale.to(x.dtype))
         elif rescale == "inverse_density":
             if prob is None:
                 x.mul_(1.0 / d)
             else:
                 # kept entries had u < prob, so prob > 0 there; pruned entries are 0 already
                 x.div_(prob.clamp_(min=torch.finfo(prob.dtype).tiny))
-        elif rescale != "none":
-            raise ValueError(f"unknown rescale {rescale!r}")
     return deltas
+
+
+def _sum_rows(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Σ over dim 0 of a (N, c) tensor into ``out``, in row order (cheaper than ``sum(dim=0)`` here)."""
+    if rows.shape[0] == 1:
+        return out.copy_(rows[0])
+    torch.add(rows[0], rows[1], out=out)
+    for r in rows[2:]:
+        out.add_(r)
+    return out
 
 
 def combine(base: torch.Tensor, deltas: torch.Tensor, weight: torch.Tensor, weight_host: Sequence[float], *,
             consensus: Optional[str], normalize: bool, lam: float) -> torch.Tensor:
-    """Steps 2-4: weight, elect signs (consensus sum/count; None/'off' = none), normalize, add λ·mixed."""
-    if consensus in (None, "off"):
-        mixed = torch.tensordot(weight, deltas, dims=1)
-        if normalize:
-            total = sum(weight_host)
-            if abs(total) >= 1e-8:
-                mixed.div_(total)
-    else:
-        deltas.mul_(weight.view((-1,) + (1,) * (deltas.dim() - 1)))
-        agree = sign_consensus(deltas, consensus)
-        deltas.mul_(agree)
-        mixed = deltas.sum(dim=0)
-        if normalize:
-            divisor = torch.zeros_like(mixed)
-            for i, w in enumerate(weight_host):
-                divisor.add_(agree[i], alpha=w)
-            divisor.masked_fill_(divisor == 0, 1.0)
-            mixed.div_(divisor)
-    if lam != 1:
-        mixed.mul_(lam)
-    return mixed.add_(base)
+    """Steps 2-4: weight, elect signs (consensus sum/count; None/'off' = none), normalize, add λ·mixed.
+
+    Works span by span (every step is per element) in float arithmetic only; ``deltas`` is overwritten.
+    With an elected sign s (+1 or −1; a zero total elects +1), the entries that agree with it are those
+    with wᵢδᵢ·s > 0, so Σ of the agreeing wᵢδᵢ is s·Σ max(wᵢδᵢ·s, 0) and their count is sign(max(·, 0)).
+    """
+    if consensus not in (None, "off", "sum", "count"):
+        raise ValueError(f"unknown consensus {consensus!r}")
+    n_models = deltas.shape[0]
+    rows = deltas.reshape(n_models, -1)
+    flat_base = base.reshape(-1)
+    out = torch.empty_like(flat_base)
+    w = [float(v) for v in weight_host]
+    total_weight = sum(w)
+    column = weight.view(n_models, 1)
+    for s, e in slices(flat_base.numel(), flat_base.device):
+        part, mixed = rows[:, s:e], out[s:e]
+        part.mul_(column)
+        if consensus in (None, "off"):
+            _sum_rows(part, mixed)
+            if normalize and abs(total_weight) >= 1e-8:
+                mixed.div_(total_weight)
+        else:
+            elected = _sum_rows(part if consensus == "sum" else torch.sign(part), torch.empty_like(mixed))
+            elected.sign_().add_(0.5).sign_()                    # +1 / −1, ties (0) to +1
+            part.mul_(elected).clamp_(min=0.0)                   # agreeing entries, made positive
+            _sum_rows(part, mixed).mul_(elected)
+            if normalize:
+                agree = part.sign_().mul_(column)                # wᵢ where model i agrees, else 0
+                divisor = _sum_rows(agree, elected)              # (elected is not needed any more)
+                # a zero divisor (nothing agrees, or weights cancelling) divides by 1 instead
+                divisor.add_(torch.sign(divisor).abs_().neg_().add_(1.0))
+                mixed.div_(divisor)
+        if lam != 1:
+            mixed.mul_(lam)
+        mixed.add_(flat_base[s:e])
+    return out.view(base.shape)
 
 
 def _gta(base, models, ctx, *, weight, consensus, normalize, lam, method=None, density=None, rescale="none",
          gamma=None, epsilon=None):
-    deltas = models - base
+    deltas = models.sub_(base)          # ``models`` is the method's own stacked copy
     if method is not None:
         sparsify_(deltas, ctx, method, _host(ctx, "density", density), rescale,
                   gamma=None if gamma is None else _host(ctx, "gamma", gamma),
@@ -229,7 +288,7 @@ _EXACT = "magnitude pruning keeps exactly int(density·n) entries (mergekit 0.1.
 # -- the methods -----------------------------------------------------------------------------------
 
 @merge_method(
-    "task_arithmetic", min_models=1, source="mergekit",
+    "task_arithmetic", min_models=1, source="mergekit", elementwise=True,
     help="Task arithmetic: B + λ·Σ wᵢ(Mᵢ − B), divided by Σ wᵢ when normalize is on.",
     params=(WEIGHT, _normalize(False, False), LAMBDA),
 )
