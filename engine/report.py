@@ -10,6 +10,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..merge_methods import slices
+
 
 @dataclass
 class BlockStats:
@@ -21,21 +23,23 @@ class BlockStats:
 
 
 def _sums(m: torch.Tensor, b: Optional[torch.Tensor], xs: List[torch.Tensor]) -> torch.Tensor:
-    """fp64 row: ‖m‖², then ‖m−b‖², ‖b‖², ⟨m,b⟩ (zeros without a base), then the same for each input."""
+    """fp64 row: ‖m‖², then ‖m−b‖², ‖b‖², ⟨m,b⟩ (zeros without a base), then the same for each input.
+
+    Summed span by span (``slices``): the differences are never whole-tensor temporaries."""
     dot = torch.linalg.vecdot       # far faster than Tensor.dot on the CPU, same reduction accuracy
-    m = m.float()
-    vals = [dot(m, m)]
-    if b is not None:
-        b = b.float()
-        d = m - b
-        vals += [dot(d, d), dot(b, b), dot(m, b)]
-    else:
-        vals += [m.new_zeros(())] * 3
-    for x in xs:
-        x = x.float()
-        d = m - x
-        vals += [dot(d, d), dot(x, x), dot(m, x)]
-    return torch.stack(vals).double()
+    others = ([] if b is None else [b]) + list(xs)
+    total = torch.zeros(1 + 3 * len(others), dtype=torch.float64, device=m.device)
+    for s, e in slices(m.numel(), m.device):
+        mp = m[s:e].float()
+        vals = [dot(mp, mp)]
+        for o in others:
+            op = o[s:e].float()
+            d = mp - op
+            vals += [dot(d, d), dot(op, op), dot(mp, op)]
+        total += torch.stack(vals).double()
+    if b is None:
+        total = torch.cat([total[:1], total.new_zeros(3), total[1:]])
+    return total
 
 
 class MergeStats:

@@ -287,3 +287,36 @@ def test_clip_merge_copes_with_weights_the_checkpoint_does_not_hold(harness):
         base.cond_stage_model.state_dict()[key].fill_(float("inf"))
     with pytest.raises(mm.MergeError, match="NaN or Inf"):
         eng.merge_models(base, [eng.MergeInput(tuned)], method, eng.MergeOptions(seed=3))
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_report_figures_match_fp64_reference(harness, monkeypatch, with_base):
+    """The report's per-block relative change and cosine, summed span by span over small slices, against
+    the same figures computed in fp64 over whole tensors."""
+    rep = pack(harness, "engine.report")
+    monkeypatch.setattr(pack(harness, "merge_methods.spec"), "SLICE", 1000)
+    g = torch.Generator().manual_seed(9)
+    shapes = {"a.0.w": (37, 101), "a.1.w": (5,), "b.0.w": (64, 64, 3)}
+    stats = rep.MergeStats(lambda k: k.split(".")[0], ["one", "two"], has_base=with_base)
+    whole = {}
+    for key, shape in shapes.items():
+        b = torch.randn(shape, generator=g)
+        xs = [b + 0.05 * torch.randn(shape, generator=g) for _ in range(2)]
+        m = (xs[0] + xs[1]) / 2 + 0.01 * torch.randn(shape, generator=g)
+        stats.add(key, m.half(), b if with_base else None, xs)
+        whole.setdefault(key[0], []).append((m.half().double().reshape(-1), b.double().reshape(-1),
+                                             [x.double().reshape(-1) for x in xs]))
+    rows = {r["block"]: r for r in stats.summary()}
+    assert set(rows) == {"a", "b"}
+    for blk, parts in whole.items():
+        m = torch.cat([p[0] for p in parts])
+        refs = ([("base", torch.cat([p[1] for p in parts]))] if with_base else []) + [
+            (nm, torch.cat([p[2][i] for p in parts])) for i, nm in enumerate(["one", "two"])]
+        for nm, r in refs:
+            rel = ((m - r).norm() / r.norm()).item()
+            cos = (m @ r / (m.norm() * r.norm())).item()
+            got_rel = rows[blk]["rel_change_base" if nm == "base" else f"rel_change[{nm}]"]
+            got_cos = rows[blk]["cos_base" if nm == "base" else f"cos[{nm}]"]
+            assert got_rel == pytest.approx(rel, rel=1e-5), (blk, nm)
+            assert got_cos == pytest.approx(cos, rel=1e-6), (blk, nm)
+        assert rows[blk]["keys"] == len(parts)
