@@ -1,0 +1,137 @@
+"""Merging a tensor slice by slice on the CPU (merge_methods.spec.slices) changes nothing: every method gives
+the same bits with small slices as in one span, and the span-wise top-k cut is exact with ties that
+straddle slice boundaries."""
+import pytest
+import torch
+
+import merge_methods as mm
+from merge_methods import ops, spec as spec_mod
+
+from test_registry import EXPECTED, n_models
+
+# a slice length that is a multiple of every vector width, so sliced and whole runs take the same
+# vectorized/scalar code paths at the same elements; the tensors below are many slices long
+SMALL = 512
+
+
+def _inputs(name, n, dtype, seed):
+    """fp16-quantized task vectors, so magnitudes tie often, including across slice boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).to(dtype)
+    steps = torch.randint(-6, 7, (n_models(mm.get_spec(name)), n), generator=g).float() * 0.01
+    models = [(base.float() + s).to(dtype) for s in steps]
+    return base, models
+
+
+def _merge(name, base, models, monkeypatch, slice_len, **params):
+    monkeypatch.setattr(spec_mod, "SLICE", slice_len)
+    spec = mm.get_spec(name)
+    return mm.create(name).merge(None if spec.base == "none" else base, models, key="k.weight", seed=7, **params)
+
+
+@pytest.fixture
+def one_thread():
+    """One thread: the split of a span between threads must not move the vectorized/scalar boundary."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_sliced_merge_is_bit_identical(name, monkeypatch, one_thread):
+    base, models = _inputs(name, 40 * SMALL + 37, torch.float32, seed=11)
+    whole = _merge(name, base, models, monkeypatch, 1 << 40)
+    sliced = _merge(name, base, models, monkeypatch, SMALL)
+    assert torch.equal(whole, sliced), f"{name}: {(whole != sliced).sum()} elements differ"
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
+@pytest.mark.parametrize("rescale", ["none", "l1"])
+def test_sliced_sparsification_with_options(name, rescale, monkeypatch, one_thread):
+    base, models = _inputs(name, 30 * SMALL + 5, torch.float16, seed=12)
+    params = {"density": [0.3, 0.6, 0.8][:len(models)]}
+    if name in ("ties", "breadcrumbs_ties"):
+        m = mm.create(name, rescale=rescale, consensus="count")
+    else:
+        m = mm.create(name, rescale=rescale)
+    monkeypatch.setattr(spec_mod, "SLICE", 1 << 40)
+    whole = m.merge(base, models, key="k", seed=3, **params)
+    monkeypatch.setattr(spec_mod, "SLICE", SMALL)
+    sliced = m.merge(base, models, key="k", seed=3, **params)
+    if rescale == "none":
+        assert torch.equal(whole, sliced)
+    else:
+        # l1 norms are summed span by span (in fp64): the rescale factor may differ in its last bit, which
+        # can move an fp16 result by one unit in the last place (also near zero, so no relative tolerance)
+        ulps = (whole.view(torch.int16).int() - sliced.view(torch.int16).int()).abs()
+        assert torch.equal(whole.sign(), sliced.sign())
+        assert ulps.max() <= 1, f"{int(ulps.max())} ulps apart"
+        assert (whole != sliced).float().mean() < 0.01
+
+
+def _prune(x, k, spans):
+    out = x.clone()
+    cut = ops.magnitude_cut(out, k, spans)
+    for i, (s, e) in enumerate(spans):
+        cut.prune_(out[s:e], i)
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1, 700, 5000, 9999, 10000])
+def test_magnitude_cut_over_spans_keeps_exactly_k_in_index_order(k):
+    """Magnitudes 1..9 (about 1100 of each, either sign): the cut runs span by span through ties at its
+    threshold and keeps exactly k entries, the tied ones first in index order, as the plain mask does."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(1, 10, (10_000,), generator=g).float() * torch.where(
+        torch.rand(10_000, generator=g) < 0.5, -1.0, 1.0)
+    spans = [(s, min(s + 333, x.numel())) for s in range(0, x.numel(), 333)]
+    pruned = _prune(x, k, spans)
+    assert int(torch.count_nonzero(pruned)) == k
+    assert torch.equal(pruned, x * ops.topk_mask(x.abs(), k))
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.9])
+def test_magnitude_cut_sampled_path_is_exact_across_spans(zeros):
+    """Above 4·2^16 elements the cut brackets the k-th magnitude from a sample; still exact, with ties,
+    and with most entries zero (the bracket then reaches down to 0)."""
+    g = torch.Generator().manual_seed(6)
+    n = 600_001
+    x = (torch.randn(n, generator=g) * 50).round()
+    x[x == 0] = 1.0
+    x[torch.rand(n, generator=g) < zeros] = 0.0
+    spans = [(s, min(s + 65_536, n)) for s in range(0, n, 65_536)]
+    for k in (1, n // 20, n // 5, n // 2, n - 3):
+        pruned = _prune(x, k, spans)
+        assert torch.equal(pruned, x * ops.topk_mask(x.abs(), k)), k
+        assert int(torch.count_nonzero(pruned)) == min(k, int(torch.count_nonzero(x))), k
+
+
+def test_magnitude_cut_threshold_is_exact_at_float_spacing():
+    """Magnitudes one float32 step apart: the strict/non-strict boundary of hardshrink is right."""
+    t = torch.tensor(0.1)
+    up = torch.nextafter(t, torch.tensor(1.0))
+    down = torch.nextafter(t, torch.tensor(0.0))
+    x = torch.stack([down, t, up, -t, -down, -up]).repeat(3)
+    for k in range(x.numel() + 1):
+        assert torch.equal(_prune(x, k, [(0, 7), (7, x.numel())]), x * ops.topk_mask(x.abs(), k)), k
+
+
+def test_elementwise_methods_are_declared_and_not_randomized():
+    """The flag that lets the CPU path slice a method: set on exactly the per-element methods."""
+    flagged = {s.name for s in mm.all_specs() if s.elementwise}
+    assert flagged == {"linear", "task_arithmetic", "nearswap", "passthrough", "weighted_sum", "add_difference"}
+    assert not any(s.randomized for s in mm.all_specs() if s.elementwise)
+    with pytest.raises(ValueError, match="cannot be elementwise"):
+        spec_mod.merge_method("never_registered", help="", source="", randomized=True, elementwise=True)
+
+
+def test_sliced_merge_reports_the_model_with_nan(monkeypatch):
+    monkeypatch.setattr(spec_mod, "SLICE", SMALL)
+    base = torch.zeros(10 * SMALL)
+    bad = torch.ones(10 * SMALL)
+    bad[7 * SMALL + 3] = float("nan")
+    with pytest.raises(mm.MergeError, match=r"model\(s\) \[1\] contain NaN"):
+        mm.create("linear").merge(None, [base, bad])
+    with pytest.raises(mm.MergeError, match="base tensor contains NaN"):
+        mm.create("task_arithmetic").merge(bad, [base])
