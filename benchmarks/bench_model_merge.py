@@ -10,7 +10,7 @@ checkpoints (mergelab.fixtures: a base and two tuned variants, random fp16 weigh
 * ``comfy_simple``: ComfyUI's ModelMergeSimple with its weights materialized
   (``load_models_gpu(..., force_patch_weights=True)``);
 * ``ours_ties``: TIES of 3 models (the base and two tuned models), density 0.2;
-* ``mergekit_ties``: mergekit 0.1.5's TIES on the same tensors, per key (``merge_group``);
+* ``mergekit_ties``: mergekit 0.1.5's TIES on the same tensors, per key (``merge_tensors``, fp32 math);
 * ``ours_dare_ties``: DARE-TIES of 2 models (base + one tuned), density 0.2.
 
 Reported: median wall time over the repeats and the peak extra RSS during the merge (sampled every
@@ -115,17 +115,15 @@ def child(variant: str, repeats: int) -> dict:
             cmm.load_models_gpu([m], force_patch_weights=True)
             return m
         if variant == "mergekit_ties":
-            from mergekit.merge_methods import registry
-            from mergekit.merge_methods.base import TensorGroup
-            ties = registry.get("ties")
+            from mergekit.merge_methods.api import merge_tensors
             srcs = [weights.KeySource.of(m) for m in models]
             out = {}
-            torch.set_grad_enabled(False)      # as mergekit's own merges (the weights are Parameters)
-            for k in srcs[0].keys():
-                ts = [s.read(k, cpu) for s in srcs]
-                group = TensorGroup.from_tensors(ts, base_index=0)
-                res = ties([group], parameters={"weight": [1.0, 1.0], "density": [0.2, 0.2]})[0]
-                out[k] = res.to(torch.float16)
+            params = {"weight": [1.0, 1.0], "density": [0.2, 0.2]}      # the two tuned models
+            with torch.no_grad():      # as mergekit's own merges (ComfyUI's weights are Parameters)
+                for k in srcs[0].keys():
+                    ts = [s.read(k, cpu) for s in srcs]
+                    out[k] = merge_tensors(ts, "ties", parameters=params, base_index=0,
+                                           dtype=torch.float32, out_dtype=torch.float16)
             return out
         raise SystemExit(f"unknown variant {variant}")
 
