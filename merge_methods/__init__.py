@@ -12,7 +12,7 @@ node widgets, tooltips and the docs.
 from .errors import MergeError
 from .context import MergeContext, key_seed
 from .spec import (BASE_NONE, BASE_OPTIONAL, BASE_REQUIRED, MergeMethod, MethodSpec, Param, all_specs, create,
-                   from_dict, get_spec, merge_method, names, reuse_buffers, slices)
+                   from_dict, get_spec, merge_method, names, reuse_buffers, slices, SpanInputs)
 
 # importing the method modules registers them
 from . import linear, task_arithmetic, sce, model_stock  # noqa: E402,F401  (mergekit's linear family)
@@ -20,5 +20,5 @@ from . import spherical, simple  # noqa: E402,F401  (slerp family, nearswap, fus
 from . import sd_optim  # noqa: E402,F401  (sd-optim / sd-mecha methods, geometric median)
 
 __all__ = ["MergeError", "MergeContext", "MergeMethod", "MethodSpec", "Param", "create", "from_dict", "names",
-           "get_spec", "all_specs", "merge_method", "key_seed", "reuse_buffers", "slices",
+           "get_spec", "all_specs", "merge_method", "key_seed", "reuse_buffers", "slices", "SpanInputs",
            "BASE_NONE", "BASE_OPTIONAL", "BASE_REQUIRED"]

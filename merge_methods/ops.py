@@ -108,51 +108,107 @@ class MagnitudeCut:
         return part
 
 
-def magnitude_cut(flat: torch.Tensor, k: int, spans: Sequence[Tuple[int, int]]) -> MagnitudeCut:
-    """The :class:`MagnitudeCut` for the ``k`` largest ``|flat|`` of a 1-D fp32 tensor.
+def sample_stride(n: int) -> Optional[int]:
+    """The stride of the sample :class:`CutSearch` brackets the k-th magnitude with (None: below
+    4·65536 elements a whole-tensor ``kthvalue`` is cheaper than sampling)."""
+    return n // _SAMPLE if n > 4 * _SAMPLE else None
 
-    No whole-tensor temporary: a deterministic strided sample brackets the k-th magnitude, one pass
-    over the spans counts the entries above the bracket and gathers those inside it, and
-    ``kthvalue`` runs on those few.  The bracket is verified by counting, so the cut is always exact;
-    one that misses (adversarial layouts, or a bracket reaching down to 0) falls back to an exact
-    whole-tensor ``kthvalue``.
+
+def _nonzero_values(x: torch.Tensor) -> torch.Tensor:
+    """The non-zero entries of a contiguous 1-D fp32 tensor, in order.  ``nonzero`` over the tensor's
+    bits as int64 pairs runs twice as fast as over its floats; the pairs it finds (a few percent, for
+    the sparse tensors this serves) are then filtered as floats (which drops -0.0 too)."""
+    if x.numel() % 2 or x.storage_offset() % 2:
+        return x[torch.nonzero(x).squeeze(1)]
+    pairs = x.view(torch.int64)
+    hit = pairs[torch.nonzero(pairs).squeeze(1)].view(torch.float32)
+    return hit[torch.nonzero(hit).squeeze(1)]
+
+
+class CutSearch:
+    """Finds the :class:`MagnitudeCut` of the ``k`` largest magnitudes of a length-``n`` tensor that is
+    seen one span at a time, in span order (so a caller can stream its spans from elsewhere).
+
+    ``sample``: the magnitudes ``|x[::sample_stride(n)]|`` (None when the stride is None).  It brackets
+    the k-th magnitude; one pass of :meth:`scan` over the spans counts the entries above the bracket
+    and gathers those inside it, and ``kthvalue`` runs on those few.  The bracket is verified by
+    counting, so the cut is always exact; when it misses (adversarial layouts, or a bracket reaching
+    down to 0) :meth:`result` is None and the caller runs :func:`exact_cut` over all magnitudes.
     """
-    n = flat.numel()
+
+    def __init__(self, n: int, k: int, sample: Optional[torch.Tensor]):
+        self.n, self.k = n, k
+        self.found: Optional[MagnitudeCut] = None
+        self.above, self.parts = 0, []
+        self.lo = self.hi = None
+        if k <= 0:
+            self.found = MagnitudeCut(math.inf, None)
+        elif k >= n:
+            self.found = MagnitudeCut(-1.0, None)
+        elif sample is not None:
+            m = sample.numel()
+            q = 1.0 - k / n                                  # fraction of entries below the answer
+            j = q * (m - 1)
+            margin = 6.0 * (m * q * (1.0 - q)) ** 0.5 + 64
+            lo_rank, hi_rank = max(int(j - margin), 0) + 1, min(int(j + margin) + 1, m - 1) + 1
+            lo_t = torch.kthvalue(sample, lo_rank).values
+            # the hi_rank-th smallest is among the entries above lo (a fifth of the sample at density 0.2),
+            # unless it equals lo
+            upper = sample[sample > lo_t]
+            n_at_most_lo = m - upper.numel()
+            self.lo = float(lo_t)
+            self.hi = (self.lo if hi_rank <= n_at_most_lo
+                       else float(torch.kthvalue(upper, hi_rank - n_at_most_lo).values))
+            # the bracket's lower end; at 0 the zeros stay out of it (keeping or dropping them is the same)
+            self._lo_below = _float_below(self.lo) if self.lo > 0 else 0.0
+
+    @property
+    def scanning(self) -> bool:
+        """Whether :meth:`scan` wants the spans (False: the cut is known, or only :func:`exact_cut` can
+        find it)."""
+        return self.found is None and self.lo is not None
+
+    def scan(self, part: torch.Tensor) -> None:
+        """Take the next span (a contiguous 1-D fp32 slice, not modified)."""
+        over = F.hardshrink(part, self.hi)                          # |x| > hi
+        inside = F.hardshrink(part, self._lo_below).sub_(over)      # lo <= |x| <= hi (and |x| > 0), else 0
+        self.above += _count(over)
+        del over
+        self.parts.append(_nonzero_values(inside).abs_())
+
+    def result(self) -> Optional[MagnitudeCut]:
+        if self.found is not None or self.lo is None:
+            return self.found
+        above, k = self.above, self.k
+        n_inside = sum(p.numel() for p in self.parts)
+        if above < k <= above + n_inside:
+            return _cut_from_candidates(self.parts, k - above, above, k)
+        if self.lo <= 0 and above + n_inside < k:
+            return MagnitudeCut(0.0, None)                          # the k-th largest magnitude is 0
+        return None
+
+
+def exact_cut(magnitudes: List[torch.Tensor], k: int) -> MagnitudeCut:
+    """The cut of the ``k`` largest values over all spans' magnitudes (in span order), by one
+    whole-tensor ``kthvalue``: the fallback of :class:`CutSearch`."""
+    n = sum(p.numel() for p in magnitudes)
     if k <= 0:
         return MagnitudeCut(math.inf, None)
     if k >= n:
         return MagnitudeCut(-1.0, None)
-    found = None
-    if n > 4 * _SAMPLE:
-        stride = n // _SAMPLE
-        sample = flat[::stride].abs()
-        m = sample.numel()
-        q = 1.0 - k / n                                  # fraction of entries below the answer
-        j = q * (m - 1)
-        margin = 6.0 * (m * q * (1.0 - q)) ** 0.5 + 64
-        lo = float(torch.kthvalue(sample, max(int(j - margin), 0) + 1).values)
-        hi = float(torch.kthvalue(sample, min(int(j + margin) + 1, m - 1) + 1).values)
-        del sample
-        # the bracket's lower end; at 0 the zeros stay out of it (keeping or dropping them is the same)
-        lo_below = _float_below(lo) if lo > 0 else 0.0
-        above, parts = 0, []
+    return _cut_from_candidates(magnitudes, k, 0, k)
+
+
+def magnitude_cut(flat: torch.Tensor, k: int, spans: Sequence[Tuple[int, int]]) -> MagnitudeCut:
+    """The :class:`MagnitudeCut` for the ``k`` largest ``|flat|`` of a 1-D fp32 tensor, with no
+    whole-tensor temporary besides the rare exact fallback (see :class:`CutSearch`)."""
+    stride = sample_stride(flat.numel())
+    search = CutSearch(flat.numel(), k, flat[::stride].abs() if stride is not None else None)
+    if search.scanning:
         for s, e in spans:
-            part = flat[s:e]
-            over = F.hardshrink(part, hi)                         # |x| > hi
-            inside = F.hardshrink(part, lo_below).sub_(over)      # lo <= |x| <= hi (and |x| > 0), else 0
-            above += _count(over)
-            del over
-            parts.append(inside[torch.nonzero(inside).squeeze(1)].abs_())
-            del inside
-        n_inside = sum(p.numel() for p in parts)
-        if above < k <= above + n_inside:
-            found = _cut_from_candidates(parts, k - above, above, k)
-        elif lo <= 0 and above + n_inside < k:
-            found = MagnitudeCut(0.0, None)                       # the k-th largest magnitude is 0
-    if found is None:
-        # exact whole-tensor fallback: every span's magnitudes are candidates
-        found = _cut_from_candidates([flat[s:e].abs() for s, e in spans], k, 0, k)
-    return found
+            search.scan(flat[s:e])
+    found = search.result()
+    return found if found is not None else exact_cut([flat[s:e].abs() for s, e in spans], k)
 
 
 def _cut_from_candidates(parts: List[torch.Tensor], r: int, above: int, k: int) -> MagnitudeCut:

@@ -108,6 +108,9 @@ class MethodSpec:
     #: the result at each element depends only on the inputs at that element (no whole-tensor norms,
     #: ranks or random draws), so the CPU path may merge a large tensor slice by slice
     elementwise: bool = False
+    #: optional CPU implementation for large tensors that reads the inputs span by span (see
+    #: :func:`merge_method`); compared by identity like ``fn``
+    streamed: Optional[Callable[..., Optional[torch.Tensor]]] = field(default=None, compare=False)
     check: Optional[Callable[[Mapping[str, Any], Mapping[str, List[Any]]], Optional[str]]] = field(
         default=None, compare=False)
 
@@ -144,7 +147,8 @@ _REGISTRY: Dict[str, MethodSpec] = {}
 
 def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_REQUIRED, min_models: int = 1,
                  max_models: Optional[int] = None, help: str, source: str, randomized: bool = False,
-                 elementwise: bool = False, check: Optional[Callable] = None):
+                 elementwise: bool = False, streamed: Optional[Callable] = None,
+                 check: Optional[Callable] = None):
     """Register ``fn(base, models, ctx, **params)`` as a merge method.
 
     ``models`` reaches ``fn`` as one fp32 tensor stacked over models (shape ``(N, *shape)``),
@@ -154,12 +158,20 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_RE
     ``check(global_values, per_model_values)`` returns an error text for cross-parameter rules.
     ``elementwise``: ``fn`` of a slice of the flattened inputs is that slice of ``fn``'s result (such
     methods are merged in cache-sized slices on the CPU).
+    ``streamed(inputs, ctx, **params)``: for a method that is not elementwise, an optional CPU
+    implementation for tensors longer than one slice, reading the inputs span by span from a
+    :class:`SpanInputs` (several passes, no whole-tensor stack); it returns the merged tensor
+    (``inputs.new_output()``), bit-identical to ``fn``'s, or None to leave settings it does not cover
+    to ``fn``.
     """
     if base not in (BASE_REQUIRED, BASE_OPTIONAL, BASE_NONE):
         raise ValueError(f"bad base requirement {base!r}")
     if elementwise and randomized:
         raise ValueError(f"merge method {name!r}: a randomized method cannot be elementwise (its draws "
                          f"would depend on the slicing)")
+    if elementwise and streamed is not None:
+        raise ValueError(f"merge method {name!r}: an elementwise method is already merged span by span; "
+                         f"it takes no streamed implementation")
 
     def register(fn):
         if name in _REGISTRY:
@@ -169,7 +181,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_RE
             raise ValueError(f"merge method {name!r} declares a parameter twice")
         _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=tuple(params), base=base, min_models=min_models,
                                      max_models=max_models, help=help, source=source, randomized=randomized,
-                                     elementwise=elementwise, check=check)
+                                     elementwise=elementwise, streamed=streamed, check=check)
         return fn
 
     return register
@@ -282,8 +294,13 @@ class MergeMethod:
             else:
                 pm_args[p.name] = tuple(pm[p.name])
         ctx = MergeContext(key=key, seed=int(seed), device=work_device, host=pm)
-        if spec.elementwise and device.type == "cpu" and ref.numel() > SLICE:
-            return self._merge_sliced(where, base, models, ctx, glob, pm_args, check_finite)
+        if device.type == "cpu" and ref.numel() > SLICE:
+            if spec.elementwise:
+                return self._merge_sliced(SpanInputs(where, base, models, check_finite), ctx, glob, pm_args)
+            if spec.streamed is not None:
+                out = spec.streamed(SpanInputs(where, base, models, check_finite), ctx, **glob, **pm_args)
+                if out is not None:
+                    return out
         stacked = _stack_buffer((n,) + tuple(ref.shape), work_device)
         for i, m in enumerate(models):
             stacked[i].copy_(m)
@@ -300,31 +317,66 @@ class MergeMethod:
             out = out.clone()           # a view of the reused buffer (passthrough): the next merge overwrites it
         return out
 
-    def _merge_sliced(self, where: str, base: Optional[torch.Tensor], models: List[torch.Tensor], ctx: MergeContext,
-                      glob: Dict[str, Any], pm_args: Dict[str, Any], check_finite: bool) -> torch.Tensor:
+    def _merge_sliced(self, inputs: "SpanInputs", ctx: MergeContext, glob: Dict[str, Any],
+                      pm_args: Dict[str, Any]) -> torch.Tensor:
         """An elementwise method on the CPU, slice by slice of the flattened tensor: the stacked inputs
         and every temporary stay a few MiB (in cache, and recycled by the allocator instead of being
         mapped and faulted in anew for each key); the result is the same, bit for bit."""
-        ref = base if base is not None else models[0]
-        out = torch.empty(ref.shape, dtype=ref.dtype, device=ref.device)
-        flat_out = out.view(-1)
-        flat_models = [m.reshape(-1) for m in models]
-        flat_base = base.reshape(-1) if base is not None else None
-        for s, e in slices(ref.numel(), ref.device):
-            stacked = _stack_buffer((len(models), e - s), ref.device)
-            for i, m in enumerate(flat_models):
-                stacked[i].copy_(m[s:e])
-            b32 = flat_base[s:e].to(torch.float32) if flat_base is not None else None
-            if check_finite:
-                try:
-                    _check_finite(where, b32, stacked)
-                except MergeError:
-                    # name the models the way a whole-tensor check does
-                    _check_finite(where, None if base is None else base.float(),
-                                  torch.stack([m.float() for m in models]))
-                    raise
-            flat_out[s:e].copy_(self.spec.fn(b32, stacked, ctx, **glob, **pm_args))
+        out = inputs.new_output()
+        for j in range(len(inputs.spans)):
+            b32, stacked = inputs.read(j, check=True)
+            inputs.write(out, j, self.spec.fn(b32, stacked, ctx, **glob, **pm_args))
         return out
+
+
+class SpanInputs:
+    """The inputs of one merge, read span by span (:func:`slices`) as fp32 for the CPU paths that never
+    stack whole tensors: elementwise methods and the ``streamed`` implementations of the others.
+
+    :meth:`read` gives span ``j`` of the base and of the models stacked ``(N, span)``, in a buffer that
+    the next :meth:`read` reuses; the caller may modify the stack in place but never the base slice
+    (it can be a view of the caller's tensor)."""
+
+    def __init__(self, where: str, base: Optional[torch.Tensor], models: Sequence[torch.Tensor], check_finite: bool):
+        self.where, self.check_finite = where, check_finite
+        self.ref = base if base is not None else models[0]
+        self._base, self._models = base, list(models)
+        self.base = base.reshape(-1) if base is not None else None
+        self.models = [m.reshape(-1) for m in models]
+        self.numel = self.ref.numel()
+        self.n_models = len(self.models)
+        self.spans = slices(self.numel, self.ref.device)
+
+    def read(self, j: int, check: bool = False) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Span ``j`` as ``(base fp32 or None, models stacked fp32)``; ``check`` also rejects NaN/Inf there
+        (when the merge checks its inputs)."""
+        s, e = self.spans[j]
+        stacked = _stack_buffer((self.n_models, e - s), self.ref.device)
+        for i, m in enumerate(self.models):
+            stacked[i].copy_(m[s:e])
+        b32 = self.base[s:e].to(torch.float32) if self.base is not None else None
+        if check and self.check_finite:
+            try:
+                _check_finite(self.where, b32, stacked)
+            except MergeError:
+                # name the models the way a whole-tensor check does
+                _check_finite(self.where, None if self._base is None else self._base.float(),
+                              torch.stack([m.float() for m in self._models]))
+                raise
+        return b32, stacked
+
+    def strided(self, stride: int) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Every ``stride``-th element, from 0: ``(base fp32 or None, models stacked fp32)`` (new tensors)."""
+        b = self.base[::stride].to(torch.float32) if self.base is not None else None
+        return b, torch.stack([m[::stride].to(torch.float32) for m in self.models])
+
+    def new_output(self) -> torch.Tensor:
+        """The result tensor: the base's (else the first model's) shape, dtype and device."""
+        return torch.empty(self.ref.shape, dtype=self.ref.dtype, device=self.ref.device)
+
+    def write(self, out: torch.Tensor, j: int, values: torch.Tensor) -> None:
+        s, e = self.spans[j]
+        out.view(-1)[s:e].copy_(values)
 
 
 class _Workspace(threading.local):

@@ -26,8 +26,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .ops import magnitude_cut, topk_mask
-from .spec import BOOL, CHOICE, FLOAT, Param, merge_method, slices
+from .ops import CutSearch, exact_cut, magnitude_cut, sample_stride, topk_mask
+from .spec import BOOL, CHOICE, FLOAT, Param, SpanInputs, merge_method, slices
 
 # -- parameters (shared by every method of the family) ---------------------------------------------
 
@@ -188,10 +188,7 @@ def sparsify_(deltas: torch.Tensor, ctx, method: str, density: Sequence[float], 
                 part = x[s:e]
                 if before is not None:
                     before += part.abs().sum()
-                top_part = outliers.prune_(part.clone(), j) if outliers is not None else None
-                cut.prune_(part, j)
-                if top_part is not None:
-                    part.sub_(top_part)         # the outliers (kept by both cuts) become exactly 0
+                _prune_span(part, j, cut, outliers)
                 if after is not None:
                     after += part.abs().sum()
         if rescale == "l1":
@@ -205,6 +202,15 @@ def sparsify_(deltas: torch.Tensor, ctx, method: str, density: Sequence[float], 
                 # kept entries had u < prob, so prob > 0 there; pruned entries are 0 already
                 x.div_(prob.clamp_(min=torch.finfo(prob.dtype).tiny))
     return deltas
+
+
+def _prune_span(part: torch.Tensor, j: int, cut, outliers) -> None:
+    """Span ``j`` of one model's delta, in place: keep what ``cut`` keeps, minus what ``outliers`` (the
+    breadcrumbs' top entries, or None) keeps."""
+    top_part = outliers.prune_(part.clone(), j) if outliers is not None else None
+    cut.prune_(part, j)
+    if top_part is not None:
+        part.sub_(top_part)         # the outliers (kept by both cuts) become exactly 0
 
 
 def _sum_rows(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -221,45 +227,78 @@ def combine(base: torch.Tensor, deltas: torch.Tensor, weight: torch.Tensor, weig
             consensus: Optional[str], normalize: bool, lam: float) -> torch.Tensor:
     """Steps 2-4: weight, elect signs (consensus sum/count; None/'off' = none), normalize, add λ·mixed.
 
-    Works span by span (every step is per element) in float arithmetic only; ``deltas`` is overwritten.
-    With an elected sign s (+1 or −1; a zero total elects +1), the entries that agree with it are those
-    with wᵢδᵢ·s > 0, so Σ of the agreeing wᵢδᵢ is s·Σ max(wᵢδᵢ·s, 0) and their count is sign(max(·, 0)).
+    Works span by span (every step is per element, see :func:`_combine_span`); ``deltas`` is overwritten.
     """
-    if consensus not in (None, "off", "sum", "count"):
-        raise ValueError(f"unknown consensus {consensus!r}")
+    _check_consensus(consensus)
     n_models = deltas.shape[0]
     rows = deltas.reshape(n_models, -1)
     flat_base = base.reshape(-1)
     out = torch.empty_like(flat_base)
-    w = [float(v) for v in weight_host]
-    total_weight = sum(w)
-    column = weight.view(n_models, 1)
     for s, e in slices(flat_base.numel(), flat_base.device):
-        part, mixed = rows[:, s:e], out[s:e]
+        _combine_span(rows[:, s:e], flat_base[s:e], out[s:e], weight, weight_host, consensus=consensus,
+                      normalize=normalize, lam=lam)
+    return out.view(base.shape)
+
+
+def _check_consensus(consensus: Optional[str]) -> None:
+    if consensus not in (None, "off", "sum", "count"):
+        raise ValueError(f"unknown consensus {consensus!r}")
+
+
+def _combine_span(part: torch.Tensor, base: torch.Tensor, mixed: torch.Tensor, weight: torch.Tensor,
+                  weight_host: Sequence[float], *, consensus: Optional[str], normalize: bool, lam: float) -> None:
+    """:func:`combine` of one span: ``part`` (N, c) deltas (overwritten), ``base`` (c,), result into ``mixed``.
+
+    Float arithmetic only.  With an elected sign s (+1 or −1; a zero total elects +1), the entries that
+    agree with it are those with wᵢδᵢ·s > 0, so Σ of the agreeing wᵢδᵢ is s·Σ max(wᵢδᵢ·s, 0) and their
+    count is sign(max(·, 0)).  Steps that cannot change a bit are skipped: the multiplications by
+    weights that are all 1.
+    """
+    w = [float(v) for v in weight_host]
+    unit = all(v == 1.0 for v in w)
+    column = weight.view(-1, 1)
+    if not unit:
         part.mul_(column)
-        if consensus in (None, "off"):
-            _sum_rows(part, mixed)
-            if normalize and abs(total_weight) >= 1e-8:
-                mixed.div_(total_weight)
-        else:
-            elected = _sum_rows(part if consensus == "sum" else torch.sign(part), torch.empty_like(mixed))
-            elected.sign_().add_(0.5).sign_()                    # +1 / −1, ties (0) to +1
-            part.mul_(elected).clamp_(min=0.0)                   # agreeing entries, made positive
-            _sum_rows(part, mixed).mul_(elected)
-            if normalize:
-                agree = part.sign_().mul_(column)                # wᵢ where model i agrees, else 0
-                divisor = _sum_rows(agree, elected)              # (elected is not needed any more)
+    if consensus in (None, "off"):
+        _sum_rows(part, mixed)
+        if normalize and abs(sum(w)) >= 1e-8:
+            mixed.div_(sum(w))
+    else:
+        total = _sum_rows(part if consensus == "sum" else torch.sign(part), torch.empty_like(mixed))
+        # +1 / −1 by the total's sign bit: a total of +0 elects +1; −0 only arises when every entry is
+        # ±0, and then nothing agrees whichever sign is elected
+        elected = torch.copysign(_ONE, total, out=total)
+        part.mul_(elected).clamp_(min=0.0)                   # agreeing entries, made positive
+        _sum_rows(part, mixed).mul_(elected)
+        if normalize:
+            agree = part.sign_()                             # 1 where model i agrees, else 0
+            if not unit:
+                agree.mul_(column)                           # wᵢ where model i agrees
+            divisor = _sum_rows(agree, elected)              # (elected is not needed any more)
+            if min(w) > 0:
+                # a zero divisor means nothing agrees, so mixed is 0 there: any positive divisor leaves it
+                # 0, and every non-zero divisor is at least min(w), which the clamp leaves alone
+                divisor.clamp_(min=min(w))
+            else:
                 # a zero divisor (nothing agrees, or weights cancelling) divides by 1 instead
                 divisor.add_(torch.sign(divisor).abs_().neg_().add_(1.0))
-                mixed.div_(divisor)
-        if lam != 1:
-            mixed.mul_(lam)
-        mixed.add_(flat_base[s:e])
-    return out.view(base.shape)
+            mixed.div_(divisor)
+    if lam != 1:
+        mixed.mul_(lam)
+    mixed.add_(base)
+
+
+_ONE = torch.tensor(1.0)
 
 
 def _gta(base, models, ctx, *, weight, consensus, normalize, lam, method=None, density=None, rescale="none",
          gamma=None, epsilon=None):
+    # A method's ``streamed`` implementation calls the method itself with a SpanInputs in place of the
+    # stacked models (``lambda inputs, ctx, **p: ties(None, inputs, ctx, **p)``): one declaration of its
+    # settings serves both paths.
+    if isinstance(models, SpanInputs):
+        return _gta_streamed(models, ctx, weight=weight, consensus=consensus, normalize=normalize, lam=lam,
+                             method=method, density=density, rescale=rescale, gamma=gamma, epsilon=epsilon)
     deltas = models.sub_(base)          # ``models`` is the method's own stacked copy
     if method is not None:
         sparsify_(deltas, ctx, method, _host(ctx, "density", density), rescale,
@@ -267,6 +306,76 @@ def _gta(base, models, ctx, *, weight, consensus, normalize, lam, method=None, d
                   epsilon=None if epsilon is None else _host(ctx, "epsilon", epsilon))
     return combine(base, deltas, weight, _host(ctx, "weight", weight), consensus=consensus, normalize=normalize,
                    lam=lam)
+
+
+def _gta_streamed(inputs, ctx, *, weight, consensus, normalize, lam, method=None, density=None, rescale="none",
+                  gamma=None, epsilon=None):
+    """:func:`_gta` for magnitude pruning (TIES, breadcrumbs) on a large CPU tensor, without stacking
+    the inputs: pass 1 reads the spans, checks them and finds each model's magnitude cut
+    (:class:`~merge_methods.ops.CutSearch`); pass 2 reads them again, prunes and combines.  Every
+    element goes through the same operations as in :func:`_gta`, so the bits are the same.  Random
+    pruning and l1 rescaling (whole-tensor draws and norms) are left to :func:`_gta` (returns None)."""
+    if method not in ("magnitude", "outliers") or rescale not in ("none", "inverse_density") or inputs.base is None:
+        return None
+    _check_consensus(consensus)
+    dens = _host(ctx, "density", density)
+    gam = _host(ctx, "gamma", gamma) if method == "outliers" else None
+    n, n_models = inputs.numel, inputs.n_models
+    searches = {}               # model -> (search for its kept + outlier entries, search for its outliers)
+    stride = sample_stride(n)
+    sample = None
+    if stride is not None:
+        b_s, m_s = inputs.strided(stride)
+        sample = m_s.sub_(b_s).abs_()
+    for i in range(n_models):
+        if 0 < dens[i] < 1:
+            top = _outlier_count(n, dens[i], gam[i]) if gam is not None else 0
+            pick = None if sample is None else sample[i]
+            searches[i] = (CutSearch(n, int(dens[i] * n) + top, pick),
+                           CutSearch(n, top, pick) if top > 0 else None)
+    del sample
+    # pass 1: check every span, count and gather around each bracket
+    for j in range(len(inputs.spans)):
+        b32, stacked = inputs.read(j, check=True)
+        stacked.sub_(b32)
+        for i, pair in searches.items():
+            for search in pair:
+                if search is not None and search.scanning:
+                    search.scan(stacked[i])
+    cuts = {}
+    for i, pair in searches.items():
+        cuts[i] = tuple(None if search is None else _finish(search, inputs, i) for search in pair)
+    # pass 2: prune and combine span by span
+    out = inputs.new_output()
+    mixed = None if out.dtype == torch.float32 else torch.empty(inputs.spans[0][1], dtype=torch.float32)
+    w = _host(ctx, "weight", weight)
+    for j, (s, e) in enumerate(inputs.spans):
+        b32, stacked = inputs.read(j)
+        stacked.sub_(b32)
+        for i in range(n_models):
+            if dens[i] <= 0:
+                stacked[i].zero_()
+            elif i in cuts:
+                _prune_span(stacked[i], j, *cuts[i])
+                if rescale == "inverse_density":
+                    stacked[i].mul_(1.0 / dens[i])
+        target = out.view(-1)[s:e] if mixed is None else mixed[:e - s]
+        _combine_span(stacked, b32, target, weight, w, consensus=consensus, normalize=normalize, lam=lam)
+        if mixed is not None:
+            inputs.write(out, j, target)
+    return out
+
+
+def _finish(search, inputs, i: int):
+    """The search's cut, or the exact one from all of model i's magnitudes when its bracket missed."""
+    found = search.result()
+    if found is None:
+        mags = []
+        for j in range(len(inputs.spans)):
+            b32, stacked = inputs.read(j)
+            mags.append(stacked[i].sub_(b32).abs_().clone())
+        found = exact_cut(mags, search.k)
+    return found
 
 
 def _della_check(glob, pm) -> Optional[str]:
@@ -298,6 +407,7 @@ def task_arithmetic(base, models, ctx, *, weight, normalize, **kw):
 
 @merge_method(
     "ties", min_models=1, source="mergekit",
+    streamed=lambda inputs, ctx, **p: ties(None, inputs, ctx, **p),
     help="TIES: keep the top density fraction of each task vector by magnitude, elect a sign per entry, "
          "and sum (normalize: average by weight) the weighted deltas that agree with it." + _MK + _EXACT + ".",
     params=(WEIGHT, DENSITY, _normalize(True, True), _rescale("none"), _consensus(False), LAMBDA),
@@ -337,6 +447,7 @@ _BREADCRUMBS_MK = (_MK + "gamma·n < 1 (or gamma 0) removes no outliers, where o
 
 @merge_method(
     "breadcrumbs", min_models=1, source="mergekit",
+    streamed=lambda inputs, ctx, **p: breadcrumbs(None, inputs, ctx, **p),
     help="Model Breadcrumbs: drop the gamma fraction of largest-magnitude outliers and keep the next density "
          "fraction of each task vector, then B + λ·Σ wᵢδᵢ." + _BREADCRUMBS_MK,
     params=(WEIGHT, DENSITY, GAMMA, _normalize(False, False), _rescale("none"), LAMBDA),
@@ -348,6 +459,7 @@ def breadcrumbs(base, models, ctx, *, weight, density, gamma, normalize, rescale
 
 @merge_method(
     "breadcrumbs_ties", min_models=1, source="mergekit",
+    streamed=lambda inputs, ctx, **p: breadcrumbs_ties(None, inputs, ctx, **p),
     help="Model Breadcrumbs pruning (drop gamma outliers, keep the next density fraction) followed by TIES "
          "sign election." + _BREADCRUMBS_MK,
     params=(WEIGHT, DENSITY, GAMMA, _normalize(False, True), _rescale("none"), _consensus(False), LAMBDA),

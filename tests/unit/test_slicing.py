@@ -135,3 +135,85 @@ def test_sliced_merge_reports_the_model_with_nan(monkeypatch):
         mm.create("linear").merge(None, [base, bad])
     with pytest.raises(mm.MergeError, match="base tensor contains NaN"):
         mm.create("task_arithmetic").merge(bad, [base])
+
+
+# -- the streamed path (methods with a ``streamed`` implementation: TIES and breadcrumbs) --------------
+
+STREAMED = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+
+
+def test_streamed_methods_are_declared():
+    assert {s.name for s in mm.all_specs() if s.streamed is not None} == STREAMED
+    with pytest.raises(ValueError, match="takes no streamed"):
+        spec_mod.merge_method("never_registered", help="", source="", elementwise=True,
+                              streamed=lambda inputs, ctx, **p: None)
+
+
+def _spy_streamed(monkeypatch):
+    """Counts the streamed merges that produced a result (and not None, handing over to the stack path)."""
+    from merge_methods import task_arithmetic as ta
+    calls = []
+    real = ta._gta_streamed
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(ta, "_gta_streamed", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(STREAMED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rescale", ["none", "inverse_density"])
+def test_streamed_merge_is_bit_identical(name, dtype, rescale, monkeypatch, one_thread):
+    """Sampled brackets (a small sample size makes these tensors 'large'), ties at the thresholds across
+    spans, models at density 0 and 1 beside a pruned one, an fp16 result written span by span."""
+    monkeypatch.setattr(ops, "_SAMPLE", 256)
+    base, models = _inputs("ties", 40 * SMALL + 37, dtype, seed=13)
+    models = models[:2] + [models[0].clone()]
+    params = {"density": [0.3, 0.0, 1.0], "weight": [1.0, 0.7, -0.4]}
+    if name != "ties":
+        params["gamma"] = [0.05, 0.01, 0.2]
+    m = mm.create(name, rescale=rescale)
+    calls = _spy_streamed(monkeypatch)
+    monkeypatch.setattr(spec_mod, "SLICE", 1 << 40)
+    whole = m.merge(base, models, key="k", **params)
+    monkeypatch.setattr(spec_mod, "SLICE", SMALL)
+    streamed = m.merge(base, models, key="k", **params)
+    assert calls == [True]
+    assert streamed.dtype == dtype
+    assert torch.equal(whole, streamed), f"{(whole != streamed).sum()} elements differ"
+
+
+def test_streamed_merge_falls_back_to_the_exact_cut_when_the_sample_misleads(monkeypatch, one_thread):
+    """Every sampled position holds a huge delta: the bracket misses and the exact cut takes over."""
+    monkeypatch.setattr(ops, "_SAMPLE", 256)
+    n = 40 * SMALL
+    stride = ops.sample_stride(n)
+    g = torch.Generator().manual_seed(14)
+    base = torch.randn(n, generator=g)
+    model = base + 0.01 * torch.randn(n, generator=g)
+    model[::stride] += 100.0
+    m = mm.create("ties")
+    monkeypatch.setattr(spec_mod, "SLICE", SMALL)
+    streamed = m.merge(base, [model], density=0.2)
+    delta = model - base
+    assert torch.equal(streamed, base + delta * ops.topk_mask(delta.abs(), int(0.2 * n)))
+
+
+def test_streamed_merge_leaves_l1_rescale_to_the_stacked_path(monkeypatch):
+    monkeypatch.setattr(spec_mod, "SLICE", SMALL)
+    calls = _spy_streamed(monkeypatch)
+    base, models = _inputs("ties", 4 * SMALL, torch.float32, seed=15)
+    mm.create("ties", rescale="l1").merge(base, models, density=0.5)
+    assert calls == [False]
+
+
+def test_streamed_merge_reports_the_model_with_nan(monkeypatch):
+    monkeypatch.setattr(spec_mod, "SLICE", SMALL)
+    base = torch.zeros(10 * SMALL)
+    bad = torch.ones(10 * SMALL)
+    bad[7 * SMALL + 3] = float("nan")
+    with pytest.raises(mm.MergeError, match=r"model\(s\) \[1\] contain NaN"):
+        mm.create("ties").merge(base, [base + 1, bad], density=0.5)
