@@ -84,8 +84,10 @@ class KeySource:
     def has_patches(self, key: str) -> bool:
         return len(self.entries[key]) > 1
 
+    @torch.no_grad()
     def read(self, key: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The effective weight of ``key`` as a fresh tensor on ``device`` in ``dtype``."""
+        """The effective weight of ``key`` as a fresh tensor on ``device`` in ``dtype`` (never part of an
+        autograd graph, though the stored weight is usually a parameter with requires_grad)."""
         import comfy.lora
         import comfy.model_management as mm
 

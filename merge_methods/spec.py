@@ -256,9 +256,12 @@ class MergeMethod:
             out[p.name] = vals
         return out
 
+    @torch.no_grad()
     def merge(self, base: Optional[torch.Tensor], models: Sequence[torch.Tensor], *, key: str = "",
               seed: int = 0, check_finite: bool = True, **per_model_params: Any) -> torch.Tensor:
-        """Merge one tensor.  Returns a tensor with base's dtype and device (models[0]'s without base)."""
+        """Merge one tensor.  Returns a tensor with base's dtype and device (models[0]'s without base).
+        Runs without autograd: model weights are often parameters with requires_grad set, and the
+        methods work in place on their buffers."""
         spec = self.spec
         where = f"merge method '{self.name}'" + (f", key '{key}'" if key else "")
         if isinstance(models, torch.Tensor):

@@ -200,6 +200,12 @@ def test_lora_on_an_input_is_part_of_the_merge(harness):
     want = base.model.state_dict()[key] + (w + 0.5 - base.model.state_dict()[key])
     torch.testing.assert_close(effective(out, key, harness), want)
     assert not other.patches
+    # ComfyUI keeps weights as parameters with requires_grad: reads (plain and patched) carry no graph
+    src = pack(harness, "engine.weights").KeySource.of(patched)
+    assert src.raw(key).requires_grad
+    for t in (src.read(key, torch.device("cpu")), src.read_only().read(key, torch.device("cpu")),
+              pack(harness, "engine.weights").KeySource.of(other).read(key, torch.device("cpu"))):
+        assert not t.requires_grad and t.grad_fn is None
 
 
 def test_mismatched_keys_error_or_skip(harness):

@@ -211,3 +211,16 @@ def test_streamed_merge_leaves_l1_rescale_to_the_stacked_path(monkeypatch):
     mm.create("ties", rescale="l1").merge(base, models, density=0.5)
     assert calls == [False]
 
+
+
+@pytest.mark.parametrize("slice_len", [1 << 40, SMALL])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_merge_takes_weights_that_require_grad(name, slice_len, monkeypatch, one_thread):
+    """ComfyUI's weights are nn.Parameters (requires_grad=True): every path (whole, sliced, streamed)
+    gives the same bits as for detached copies, and the result carries no autograd graph."""
+    base, models = _inputs(name, 6 * SMALL + 3, torch.float32, seed=13)
+    plain = _merge(name, base, models, monkeypatch, slice_len)
+    params = [torch.nn.Parameter(t.clone()) for t in [base] + models]
+    got = _merge(name, params[0], params[1:], monkeypatch, slice_len)
+    assert not got.requires_grad and got.grad_fn is None
+    assert torch.equal(got, plain), f"{name}: {(got != plain).sum()} elements differ"
