@@ -100,6 +100,7 @@ class MagnitudeCut:
         tied = None
         if keep_ties > 0:
             z = F.hardshrink(part, self._at_least).sub_(F.hardshrink(part, self.thr))
+            z.nan_to_num_(nan=0.0)              # ±∞ above a finite thr: ∞ − ∞, not tied
             tied = torch.nonzero(z).squeeze(1)[:keep_ties]
             kept = part[tied]
         torch.hardshrink(part, self.thr, out=part)             # keep |x| > thr
@@ -174,7 +175,10 @@ class CutSearch:
         inside = F.hardshrink(part, self._lo_below).sub_(over)      # lo <= |x| <= hi (and |x| > 0), else 0
         self.above += _count(over)
         del over
-        self.parts.append(_nonzero_values(inside).abs_())
+        found = _nonzero_values(inside).abs_()
+        # an infinite x is above hi, and makes inside ∞ − ∞ = NaN: drop those (a few percent of a span
+        # are gathered, so this costs little)
+        self.parts.append(found[found <= self.hi] if found.numel() and bool(found.isnan().any()) else found)
 
     def result(self) -> Optional[MagnitudeCut]:
         if self.found is not None or self.lo is None:

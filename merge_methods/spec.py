@@ -368,6 +368,21 @@ class SpanInputs:
                 raise
         return b32, stacked
 
+    def read_deltas(self, j: int, check: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Span ``j`` as ``(base fp32, models − base stacked fp32)``, the same bits as :meth:`read` and a
+        subtraction, in one pass per model.  Needs a base.  ``check``: NaN/Inf in the inputs make every
+        difference they touch non-finite, so only spans with a non-finite difference get the inputs
+        checked (differences of finite weights that overflow are no error, as in :meth:`read`)."""
+        s, e = self.spans[j]
+        stacked = _stack_buffer((self.n_models, e - s), self.ref.device)
+        b32 = self.base[s:e].to(torch.float32)
+        for i, m in enumerate(self.models):
+            torch.sub(m[s:e], b32, out=stacked[i])
+        if check and self.check_finite and not _all_finite(stacked):
+            self.read(j, check=True)        # raises for NaN/Inf in an input; else (it reused the buffer)
+            return self.read_deltas(j)      # the differences again
+        return b32, stacked
+
     def strided(self, stride: int) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """Every ``stride``-th element, from 0: ``(base fp32 or None, models stacked fp32)`` (new tensors)."""
         b = self.base[::stride].to(torch.float32) if self.base is not None else None
@@ -435,12 +450,16 @@ def _stack_buffer(shape: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     return buf[:numel].view(shape)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf in ``t``: one min/max reduction (NaN and ±Inf propagate into it)."""
+    return not t.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
 def _check_finite(where: str, base: Optional[torch.Tensor], stacked: torch.Tensor) -> None:
-    """One min/max reduction per input (NaN and ±Inf propagate into it); the slow per-model search
-    only runs when something is wrong."""
-    if base is not None and base.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(base))).all()):
+    """One min/max reduction per input; the slow per-model search only runs when something is wrong."""
+    if base is not None and not _all_finite(base):
         raise MergeError(f"{where}: the base tensor contains NaN or Inf")
-    if stacked.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(stacked))).all()):
+    if not _all_finite(stacked):
         bad = ~torch.isfinite(stacked.reshape(stacked.shape[0], -1)).all(dim=1)
         idx = [i for i, b in enumerate(bad.tolist()) if b]
         raise MergeError(f"{where}: model(s) {idx} contain NaN or Inf")

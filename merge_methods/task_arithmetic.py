@@ -336,8 +336,7 @@ def _gta_streamed(inputs, ctx, *, weight, consensus, normalize, lam, method=None
     del sample
     # pass 1: check every span, count and gather around each bracket
     for j in range(len(inputs.spans)):
-        b32, stacked = inputs.read(j, check=True)
-        stacked.sub_(b32)
+        b32, stacked = inputs.read_deltas(j, check=True)
         for i, pair in searches.items():
             for search in pair:
                 if search is not None and search.scanning:
@@ -350,8 +349,7 @@ def _gta_streamed(inputs, ctx, *, weight, consensus, normalize, lam, method=None
     mixed = None if out.dtype == torch.float32 else torch.empty(inputs.spans[0][1], dtype=torch.float32)
     w = _host(ctx, "weight", weight)
     for j, (s, e) in enumerate(inputs.spans):
-        b32, stacked = inputs.read(j)
-        stacked.sub_(b32)
+        b32, stacked = inputs.read_deltas(j)
         for i in range(n_models):
             if dens[i] <= 0:
                 stacked[i].zero_()
@@ -370,10 +368,7 @@ def _finish(search, inputs, i: int):
     """The search's cut, or the exact one from all of model i's magnitudes when its bracket missed."""
     found = search.result()
     if found is None:
-        mags = []
-        for j in range(len(inputs.spans)):
-            b32, stacked = inputs.read(j)
-            mags.append(stacked[i].sub_(b32).abs_().clone())
+        mags = [inputs.read_deltas(j)[1][i].abs() for j in range(len(inputs.spans))]
         found = exact_cut(mags, search.k)
     return found
 

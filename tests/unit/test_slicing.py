@@ -212,6 +212,26 @@ def test_streamed_merge_leaves_l1_rescale_to_the_stacked_path(monkeypatch):
     assert calls == [False]
 
 
+@pytest.mark.parametrize("name", sorted(STREAMED))
+def test_streamed_merge_accepts_differences_that_overflow(name, monkeypatch, one_thread):
+    """Finite weights whose difference overflows to ±Inf are no input error: the streamed path (which
+    checks the differences, and the inputs only where those are not finite) merges them as the
+    stacked path does."""
+    monkeypatch.setattr(ops, "_SAMPLE", 256)
+    base, models = _inputs("ties", 40 * SMALL + 37, torch.float32, seed=16)
+    for pos, (b, m0, m1) in {5: (-3e38, 3e38, 0.0), 9 * SMALL + 1: (3e38, -3e38, -3e38),
+                             30 * SMALL: (-3e38, 3e38, 3e38)}.items():
+        base[pos], models[0][pos], models[1][pos] = b, m0, m1
+    m = mm.create(name)
+    calls = _spy_streamed(monkeypatch)
+    monkeypatch.setattr(spec_mod, "SLICE", 1 << 40)
+    whole = m.merge(base, models, key="k", density=0.5)
+    monkeypatch.setattr(spec_mod, "SLICE", SMALL)
+    streamed = m.merge(base, models, key="k", density=0.5)
+    assert calls == [True]
+    assert not whole.isfinite().all()
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=0, equal_nan=True)
+
 
 @pytest.mark.parametrize("slice_len", [1 << 40, SMALL])
 @pytest.mark.parametrize("name", sorted(EXPECTED))
