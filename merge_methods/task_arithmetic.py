@@ -245,14 +245,16 @@ def _check_consensus(consensus: Optional[str]) -> None:
         raise ValueError(f"unknown consensus {consensus!r}")
 
 
-def _combine_span(part: torch.Tensor, base: torch.Tensor, mixed: torch.Tensor, weight: torch.Tensor,
+def _combine_span(part: torch.Tensor, base: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor,
                   weight_host: Sequence[float], *, consensus: Optional[str], normalize: bool, lam: float) -> None:
-    """:func:`combine` of one span: ``part`` (N, c) deltas (overwritten), ``base`` (c,), result into ``mixed``.
+    """:func:`combine` of one span: ``part`` (N, c) deltas (overwritten), ``base`` (c,) fp32; the result is
+    written to ``dest`` (c,), of any float dtype: computed in fp32 and rounded once, on the write.
 
     Float arithmetic only.  With an elected sign s (+1 or −1; a zero total elects +1), the entries that
     agree with it are those with wᵢδᵢ·s > 0, so Σ of the agreeing wᵢδᵢ is s·Σ max(wᵢδᵢ·s, 0) and their
-    count is sign(max(·, 0)).  Steps that cannot change a bit are skipped: the multiplications by
-    weights that are all 1.
+    count is sign(max(·, 0)).  Steps that cannot change a bit are skipped (the multiplications by
+    weights that are all 1) or folded: s goes on the divisor, as (s·M)/d = M/(s·d) exactly, and
+    base + M/d is one addcdiv.
     """
     w = [float(v) for v in weight_host]
     unit = all(v == 1.0 for v in w)
@@ -260,21 +262,23 @@ def _combine_span(part: torch.Tensor, base: torch.Tensor, mixed: torch.Tensor, w
     if not unit:
         part.mul_(column)
     if consensus in (None, "off"):
-        _sum_rows(part, mixed)
+        mixed = _sum_rows(part, torch.empty_like(base))
         if normalize and abs(sum(w)) >= 1e-8:
             mixed.div_(sum(w))
     else:
-        total = _sum_rows(part if consensus == "sum" else torch.sign(part), torch.empty_like(mixed))
+        total = _sum_rows(part if consensus == "sum" else torch.sign(part), torch.empty_like(base))
         # +1 / −1 by the total's sign bit: a total of +0 elects +1; −0 only arises when every entry is
         # ±0, and then nothing agrees whichever sign is elected
         elected = torch.copysign(_ONE, total, out=total)
         part.mul_(elected).clamp_(min=0.0)                   # agreeing entries, made positive
-        _sum_rows(part, mixed).mul_(elected)
-        if normalize:
+        mixed = _sum_rows(part, torch.empty_like(base))      # M = s·(Σ of the agreeing entries)
+        if not normalize:
+            mixed.mul_(elected)
+        else:
             agree = part.sign_()                             # 1 where model i agrees, else 0
             if not unit:
                 agree.mul_(column)                           # wᵢ where model i agrees
-            divisor = _sum_rows(agree, elected)              # (elected is not needed any more)
+            divisor = _sum_rows(agree, agree[0])
             if min(w) > 0:
                 # a zero divisor means nothing agrees, so mixed is 0 there: any positive divisor leaves it
                 # 0, and every non-zero divisor is at least min(w), which the clamp leaves alone
@@ -282,10 +286,14 @@ def _combine_span(part: torch.Tensor, base: torch.Tensor, mixed: torch.Tensor, w
             else:
                 # a zero divisor (nothing agrees, or weights cancelling) divides by 1 instead
                 divisor.add_(torch.sign(divisor).abs_().neg_().add_(1.0))
+            divisor.mul_(elected)
+            if lam == 1:
+                torch.addcdiv(base, mixed, divisor, out=dest)
+                return
             mixed.div_(divisor)
     if lam != 1:
         mixed.mul_(lam)
-    mixed.add_(base)
+    torch.add(mixed, base, out=dest)
 
 
 _ONE = torch.tensor(1.0)
@@ -346,7 +354,6 @@ def _gta_streamed(inputs, ctx, *, weight, consensus, normalize, lam, method=None
         cuts[i] = tuple(None if search is None else _finish(search, inputs, i) for search in pair)
     # pass 2: prune and combine span by span
     out = inputs.new_output()
-    mixed = None if out.dtype == torch.float32 else torch.empty(inputs.spans[0][1], dtype=torch.float32)
     w = _host(ctx, "weight", weight)
     for j, (s, e) in enumerate(inputs.spans):
         b32, stacked = inputs.read_deltas(j)
@@ -357,10 +364,8 @@ def _gta_streamed(inputs, ctx, *, weight, consensus, normalize, lam, method=None
                 _prune_span(stacked[i], j, *cuts[i])
                 if rescale == "inverse_density":
                     stacked[i].mul_(1.0 / dens[i])
-        target = out.view(-1)[s:e] if mixed is None else mixed[:e - s]
-        _combine_span(stacked, b32, target, weight, w, consensus=consensus, normalize=normalize, lam=lam)
-        if mixed is not None:
-            inputs.write(out, j, target)
+        _combine_span(stacked, b32, out.view(-1)[s:e], weight, w, consensus=consensus, normalize=normalize,
+                      lam=lam)
     return out
 
 
