@@ -72,20 +72,14 @@ def _float_below(v: float) -> float:
 
 
 def _count(t: torch.Tensor) -> int:
-    """Number of non-zero entries of a float tensor, by float arithmetic (comparisons that produce bool
-    tensors run several times slower than float ops on the CPU).  An fp32 sum of 0/1 values is exact
-    up to 2^24 entries; longer tensors are summed in fp64."""
-    ones = t.abs().sign_()
-    return int(ones.sum() if ones.numel() <= 1 << 24 else ones.sum(dtype=torch.float64))
-
-
-def _count_in_place(t: torch.Tensor) -> int:
-    """:func:`_count` of a finite fp32 tensor that may be overwritten: Σ sign(t)², one BLAS dot (exact:
-    the partial sums are integers below 2^24)."""
-    if t.numel() > 1 << 24 or t.dim() != 1:
-        return _count(t)
-    ones = t.sign_()
-    return int(torch.dot(ones, ones))
+    """Number of non-zero entries of a float tensor, which it overwrites (with its signs), by float
+    arithmetic: comparisons that produce bool tensors run several times slower on the CPU.  Σ sign(t)²
+    is one BLAS dot, exact while its partial sums are integers below 2^24; longer tensors are summed
+    in fp64."""
+    ones = t.sign_().reshape(-1)
+    if ones.numel() <= 1 << 24:
+        return int(torch.dot(ones, ones))
+    return int(ones.abs_().sum(dtype=torch.float64))
 
 
 class MagnitudeCut:
@@ -182,7 +176,7 @@ class CutSearch:
         """Take the next span (a contiguous 1-D fp32 slice, not modified)."""
         over = F.hardshrink(part, self.hi)                          # |x| > hi
         inside = F.hardshrink(part, self._lo_below).sub_(over)      # lo <= |x| <= hi (and |x| > 0), else 0
-        self.above += _count_in_place(over)
+        self.above += _count(over)
         del over
         found = _nonzero_values(inside).abs_()
         # an infinite x is above hi, and makes inside ∞ − ∞ = NaN: drop those (a few percent of a span
