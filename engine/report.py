@@ -22,6 +22,12 @@ class BlockStats:
     sums: Optional[torch.Tensor] = None
 
 
+# Each span of the merged tensor and of every input is read two or three times (a difference, then dot
+# products), so spans of 256 K fp32 entries (1 MiB) that stay in a core's L2 cache make the report about
+# twice as fast on the CPU as the merge's 1 M spans (measured on a 14.7 M-entry tensor, fp32 and fp16).
+_REPORT_SLICE = 1 << 18
+
+
 def _sums(m: torch.Tensor, b: Optional[torch.Tensor], xs: List[torch.Tensor]) -> torch.Tensor:
     """fp64 row: ‖m‖², then ‖m−b‖², ‖b‖², ⟨m,b⟩ (zeros without a base), then the same for each input.
 
@@ -29,7 +35,7 @@ def _sums(m: torch.Tensor, b: Optional[torch.Tensor], xs: List[torch.Tensor]) ->
     dot = torch.linalg.vecdot       # far faster than Tensor.dot on the CPU, same reduction accuracy
     others = ([] if b is None else [b]) + list(xs)
     total = torch.zeros(1 + 3 * len(others), dtype=torch.float64, device=m.device)
-    for s, e in slices(m.numel(), m.device):
+    for s, e in slices(m.numel(), m.device, _REPORT_SLICE):
         mp = m[s:e].float()
         vals = [dot(mp, mp)]
         for o in others:

@@ -428,10 +428,11 @@ def reuse_buffers():
 SLICE = 1 << 20
 
 
-def slices(n: int, device: torch.device) -> List[Tuple[int, int]]:
-    """``[start, end)`` spans covering ``range(n)``: :data:`SLICE` long on the CPU, one span elsewhere (a
-    GPU has no use for slicing: its caching allocator recycles memory and launches cost more)."""
-    step = SLICE if device.type == "cpu" else max(n, 1)
+def slices(n: int, device: torch.device, length: Optional[int] = None) -> List[Tuple[int, int]]:
+    """``[start, end)`` spans covering ``range(n)``: ``length`` (default :data:`SLICE`) long on the CPU, one
+    span elsewhere (a GPU has no use for slicing: its caching allocator recycles memory and launches cost
+    more)."""
+    step = (length or SLICE) if device.type == "cpu" else max(n, 1)
     return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 

@@ -300,7 +300,7 @@ def test_report_figures_match_fp64_reference(harness, monkeypatch, with_base):
     """The report's per-block relative change and cosine, summed span by span over small slices, against
     the same figures computed in fp64 over whole tensors."""
     rep = pack(harness, "engine.report")
-    monkeypatch.setattr(pack(harness, "merge_methods.spec"), "SLICE", 1000)
+    monkeypatch.setattr(rep, "_REPORT_SLICE", 1000)
     g = torch.Generator().manual_seed(9)
     shapes = {"a.0.w": (37, 101), "a.1.w": (5,), "b.0.w": (64, 64, 3)}
     stats = rep.MergeStats(lambda k: k.split(".")[0], ["one", "two"], has_base=with_base)
