@@ -23,14 +23,7 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     n = flat.numel()
     if n <= 4 * _SAMPLE:
         return torch.kthvalue(flat, n - k + 1).values
-    stride = n // _SAMPLE
-    sample = torch.sort(flat[::stride].contiguous()).values
-    m = sample.numel()
-    q = 1.0 - k / n                                  # fraction of entries below the answer
-    j = q * (m - 1)
-    margin = 6.0 * (m * q * (1.0 - q)) ** 0.5 + 64
-    lo = sample[max(int(j - margin), 0)]
-    hi = sample[min(int(j + margin) + 1, m - 1)]
+    lo, hi = _sample_bracket(flat[::n // _SAMPLE], k, n)
     n_above = int(torch.count_nonzero(flat > hi))
     n_inside_or_above = int(torch.count_nonzero(flat >= lo))
     if not (n_above < k <= n_inside_or_above):
@@ -38,6 +31,23 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     inside = flat[(flat >= lo) & (flat <= hi)]
     r = k - n_above                                   # rank of the answer among the inside entries
     return torch.kthvalue(inside, inside.numel() - r + 1).values
+
+
+def _sample_bracket(sample: torch.Tensor, k: int, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)``, 0-d: values of a sample of a length-``n`` tensor that bracket its k-th largest value
+    with a wide margin (6 standard deviations of a binomial rank, plus 64)."""
+    m = sample.numel()
+    q = 1.0 - k / n                                  # fraction of entries below the answer
+    j = q * (m - 1)
+    margin = 6.0 * (m * q * (1.0 - q)) ** 0.5 + 64
+    lo_rank, hi_rank = max(int(j - margin), 0) + 1, min(int(j + margin) + 1, m - 1) + 1
+    lo = torch.kthvalue(sample, lo_rank).values
+    # the hi_rank-th smallest is among the entries above lo (a fifth of the sample at density 0.2),
+    # unless it equals lo
+    upper = sample[sample > lo]
+    n_at_most_lo = m - upper.numel()
+    hi = lo if hi_rank <= n_at_most_lo else torch.kthvalue(upper, hi_rank - n_at_most_lo).values
+    return lo, hi
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -87,8 +97,9 @@ class MagnitudeCut:
     span by span in index order with :meth:`prune_`.
 
     Built by :func:`magnitude_cut`.  ``plan[i]`` says how span i treats the entries whose magnitude
-    equals the threshold: ``None`` keeps them all, ``0`` none, ``r`` the first r of them.  Pruning is
-    ``hardshrink`` (|x| > λ keeps x): float-only work, no boolean masks.
+    equals the threshold: ``None`` keeps them all, ``p`` those before position ``p`` of the span (0:
+    none).  Pruning is ``hardshrink`` (|x| > λ keeps x): float-only work, no boolean masks, and a span
+    whose ties are split is pruned in two pieces, so breaking ties costs nothing extra.
     """
 
     def __init__(self, thr: float, plan: Optional[List[Optional[int]]]):
@@ -97,18 +108,12 @@ class MagnitudeCut:
 
     def prune_(self, part: torch.Tensor, i: int) -> torch.Tensor:
         """Zero, in place, the entries of span ``i`` (a contiguous 1-D slice) outside the top k."""
-        keep_ties = None if self.plan is None else self.plan[i]
-        if keep_ties is None:                                 # keep |x| >= thr
+        split = None if self.plan is None else self.plan[i]
+        if split is None:                                     # keep |x| >= thr
             return torch.hardshrink(part, self._at_least, out=part)
-        tied = None
-        if keep_ties > 0:
-            z = F.hardshrink(part, self._at_least).sub_(F.hardshrink(part, self.thr))
-            z.nan_to_num_(nan=0.0)              # ±∞ above a finite thr: ∞ − ∞, not tied
-            tied = torch.nonzero(z).squeeze(1)[:keep_ties]
-            kept = part[tied]
-        torch.hardshrink(part, self.thr, out=part)             # keep |x| > thr
-        if tied is not None:
-            part[tied] = kept
+        head, tail = part[:split], part[split:]
+        torch.hardshrink(head, self._at_least, out=head)      # keep |x| >= thr before the split
+        torch.hardshrink(tail, self.thr, out=tail)            # keep |x| > thr from it on
         return part
 
 
@@ -118,15 +123,38 @@ def sample_stride(n: int) -> Optional[int]:
     return n // _SAMPLE if n > 4 * _SAMPLE else None
 
 
-def _nonzero_values(x: torch.Tensor) -> torch.Tensor:
-    """The non-zero entries of a contiguous 1-D fp32 tensor, in order.  ``nonzero`` over the tensor's
-    bits as int64 pairs runs twice as fast as over its floats; the pairs it finds (a few percent, for
-    the sparse tensors this serves) are then filtered as floats (which drops -0.0 too)."""
+class _Positions:
+    """Where the values found by :func:`_nonzero_entries` sit in their tensor.  Only one position is ever
+    needed (a span's last kept tie), so it is worked out for that entry alone."""
+
+    def __init__(self, at: torch.Tensor, within: Optional[torch.Tensor]):
+        self.at, self.within = at, within       # value i: entry at[i], or float within[i] of int64 pair at[·]
+
+    def select(self, keep: torch.Tensor) -> "_Positions":
+        if self.within is None:
+            return _Positions(self.at[keep], None)
+        return _Positions(self.at, self.within[keep])
+
+    def __getitem__(self, i: int) -> int:
+        if self.within is None:
+            return int(self.at[i])
+        h = int(self.within[i])
+        return int(self.at[h >> 1]) * 2 + (h & 1)
+
+
+def _nonzero_entries(x: torch.Tensor) -> Tuple[torch.Tensor, _Positions]:
+    """The non-zero entries of a contiguous 1-D fp32 tensor, in order, and their positions.
+    ``nonzero`` over the tensor's bits as int64 pairs runs twice as fast as over its floats; the pairs
+    it finds (a few percent, for the sparse tensors this serves) are then filtered as floats (which
+    drops -0.0 too)."""
     if x.numel() % 2 or x.storage_offset() % 2:
-        return x[torch.nonzero(x).squeeze(1)]
+        at = torch.nonzero(x).squeeze(1)
+        return x[at], _Positions(at, None)
     pairs = x.view(torch.int64)
-    hit = pairs[torch.nonzero(pairs).squeeze(1)].view(torch.float32)
-    return hit[torch.nonzero(hit).squeeze(1)]
+    at = torch.nonzero(pairs).squeeze(1)
+    hit = pairs[at].view(torch.float32)
+    within = torch.nonzero(hit).squeeze(1)
+    return hit[within], _Positions(at, within)
 
 
 class CutSearch:
@@ -143,26 +171,15 @@ class CutSearch:
     def __init__(self, n: int, k: int, sample: Optional[torch.Tensor]):
         self.n, self.k = n, k
         self.found: Optional[MagnitudeCut] = None
-        self.above, self.parts = 0, []
+        self.above, self.parts, self.where = 0, [], []      # candidates per span: magnitudes, positions
         self.lo = self.hi = None
         if k <= 0:
             self.found = MagnitudeCut(math.inf, None)
         elif k >= n:
             self.found = MagnitudeCut(-1.0, None)
         elif sample is not None:
-            m = sample.numel()
-            q = 1.0 - k / n                                  # fraction of entries below the answer
-            j = q * (m - 1)
-            margin = 6.0 * (m * q * (1.0 - q)) ** 0.5 + 64
-            lo_rank, hi_rank = max(int(j - margin), 0) + 1, min(int(j + margin) + 1, m - 1) + 1
-            lo_t = torch.kthvalue(sample, lo_rank).values
-            # the hi_rank-th smallest is among the entries above lo (a fifth of the sample at density 0.2),
-            # unless it equals lo
-            upper = sample[sample > lo_t]
-            n_at_most_lo = m - upper.numel()
-            self.lo = float(lo_t)
-            self.hi = (self.lo if hi_rank <= n_at_most_lo
-                       else float(torch.kthvalue(upper, hi_rank - n_at_most_lo).values))
+            lo, hi = _sample_bracket(sample, k, n)
+            self.lo, self.hi = float(lo), float(hi)
             # the bracket's lower end; at 0 the zeros stay out of it (keeping or dropping them is the same)
             self._lo_below = _float_below(self.lo) if self.lo > 0 else 0.0
 
@@ -178,10 +195,15 @@ class CutSearch:
         inside = F.hardshrink(part, self._lo_below).sub_(over)      # lo <= |x| <= hi (and |x| > 0), else 0
         self.above += _count(over)
         del over
-        found = _nonzero_values(inside).abs_()
+        found, where = _nonzero_entries(inside)
+        found.abs_()
         # an infinite x is above hi, and makes inside ∞ − ∞ = NaN: drop those (a few percent of a span
         # are gathered, so this costs little)
-        self.parts.append(found[found <= self.hi] if found.numel() and bool(found.isnan().any()) else found)
+        if found.numel() and bool(found.isnan().any()):
+            finite = found <= self.hi
+            where, found = where.select(finite), found[finite]
+        self.parts.append(found)
+        self.where.append(where)
 
     def result(self) -> Optional[MagnitudeCut]:
         if self.found is not None or self.lo is None:
@@ -189,7 +211,7 @@ class CutSearch:
         above, k = self.above, self.k
         n_inside = sum(p.numel() for p in self.parts)
         if above < k <= above + n_inside:
-            return _cut_from_candidates(self.parts, k - above, above, k)
+            return _cut_from_candidates(self.parts, k - above, above, k, self.where)
         if self.lo <= 0 and above + n_inside < k:
             return MagnitudeCut(0.0, None)                          # the k-th largest magnitude is 0
         return None
@@ -218,10 +240,13 @@ def magnitude_cut(flat: torch.Tensor, k: int, spans: Sequence[Tuple[int, int]]) 
     return found if found is not None else exact_cut([flat[s:e].abs() for s, e in spans], k)
 
 
-def _cut_from_candidates(parts: List[torch.Tensor], r: int, above: int, k: int) -> MagnitudeCut:
+def _cut_from_candidates(parts: List[torch.Tensor], r: int, above: int, k: int,
+                         where: Optional[List["_Positions"]] = None) -> MagnitudeCut:
     """The cut whose threshold is the r-th largest of the candidate magnitudes ``parts`` (one per span,
-    in span order), given ``above`` entries outside them that are larger than all of them."""
+    in span order), given ``above`` entries outside them that are larger than all of them.  ``where``:
+    the candidates' positions in their spans (None: each part is its whole span)."""
     values = torch.cat(parts)
+    # (not kth_largest: candidates tie heavily, a few hundred distinct values, so no sample narrows them)
     thr_t = torch.kthvalue(values, values.numel() - r + 1).values
     thr = float(thr_t)
     n_above = above + int(torch.count_nonzero(values > thr_t))
@@ -230,10 +255,14 @@ def _cut_from_candidates(parts: List[torch.Tensor], r: int, above: int, k: int) 
     if need == sum(tied) or thr == 0:       # all tied entries stay (kept zeros change nothing)
         return MagnitudeCut(thr, None)
     plan: List[Optional[int]] = []
-    for t in tied:
+    for j, t in enumerate(tied):
         take = min(need, t)
-        plan.append(None if take == t else take)
         need -= take
+        if take == t or take == 0:
+            plan.append(None if take == t else 0)
+            continue
+        last = int(torch.nonzero(parts[j] == thr_t).squeeze(1)[take - 1])     # the last tie this span keeps
+        plan.append((last if where is None else where[j][last]) + 1)
     return MagnitudeCut(thr, plan)
 
 

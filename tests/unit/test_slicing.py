@@ -91,16 +91,17 @@ def test_magnitude_cut_over_spans_keeps_exactly_k_in_index_order(k):
     assert torch.equal(pruned, x * ops.topk_mask(x.abs(), k))
 
 
-@pytest.mark.parametrize("zeros", [0.0, 0.9])
-def test_magnitude_cut_sampled_path_is_exact_across_spans(zeros):
-    """Above 4·2^16 elements the cut brackets the k-th magnitude from a sample; still exact, with ties,
-    and with most entries zero (the bracket then reaches down to 0)."""
+@pytest.mark.parametrize("zeros,span", [(0.0, 65_536), (0.9, 65_536), (0.0, 65_537)])
+def test_magnitude_cut_sampled_path_is_exact_across_spans(zeros, span):
+    """Above 4·2^16 elements the cut brackets the k-th magnitude from a sample; still exact, with ties
+    (split inside a span at the position of its last kept tie), with most entries zero (the bracket
+    then reaches down to 0), and with spans at odd offsets (candidates gathered float by float)."""
     g = torch.Generator().manual_seed(6)
     n = 600_001
     x = (torch.randn(n, generator=g) * 50).round()
     x[x == 0] = 1.0
     x[torch.rand(n, generator=g) < zeros] = 0.0
-    spans = [(s, min(s + 65_536, n)) for s in range(0, n, 65_536)]
+    spans = [(s, min(s + span, n)) for s in range(0, n, span)]
     for k in (1, n // 20, n // 5, n // 2, n - 3):
         pruned = _prune(x, k, spans)
         assert torch.equal(pruned, x * ops.topk_mask(x.abs(), k)), k
