@@ -370,14 +370,17 @@ class SpanInputs:
 
     def read_deltas(self, j: int, check: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Span ``j`` as ``(base fp32, models − base stacked fp32)``, the same bits as :meth:`read` and a
-        subtraction, in one pass per model.  Needs a base.  ``check``: NaN/Inf in the inputs make every
+        subtraction.  Needs a base.  ``check``: NaN/Inf in the inputs make every
         difference they touch non-finite, so only spans with a non-finite difference get the inputs
         checked (differences of finite weights that overflow are no error, as in :meth:`read`)."""
         s, e = self.spans[j]
         stacked = _stack_buffer((self.n_models, e - s), self.ref.device)
         b32 = self.base[s:e].to(torch.float32)
         for i, m in enumerate(self.models):
-            torch.sub(m[s:e], b32, out=stacked[i])
+            if m.dtype == torch.float32:
+                torch.sub(m[s:e], b32, out=stacked[i])
+            else:       # convert, then subtract: a sub of mixed dtypes converts into a temporary on the CPU
+                stacked[i].copy_(m[s:e]).sub_(b32)
         if check and self.check_finite and not _all_finite(stacked):
             self.read(j, check=True)        # raises for NaN/Inf in an input; else (it reused the buffer)
             return self.read_deltas(j)      # the differences again
