@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 
 
-_SAMPLE = 1 << 16        # sample size used to bracket the k-th value
+_SAMPLE = 1 << 16        # largest sample used to bracket the k-th value
+_MIN_SAMPLE = 1 << 14    # smallest (tensors up to 4x this are not sampled)
+
+
+def _sample_size(n: int) -> int:
+    """Entries sampled from a length-``n`` tensor to bracket its k-th value: n/32 between the bounds.  The
+    bracket's width in ranks grows as the sample shrinks, so a big tensor wants a big sample (fewer
+    entries land inside the bracket), while a mid-size one pays more for a big sample's ``kthvalue``
+    than it saves."""
+    return min(_SAMPLE, max(n // 32, _MIN_SAMPLE))
 
 
 def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -21,9 +30,10 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     ``kthvalue``.
     """
     n = flat.numel()
-    if n <= 4 * _SAMPLE:
+    stride = sample_stride(n)
+    if stride is None:
         return torch.kthvalue(flat, n - k + 1).values
-    lo, hi = _sample_bracket(flat[::n // _SAMPLE], k, n)
+    lo, hi = _sample_bracket(flat[::stride], k, n)
     n_above = int(torch.count_nonzero(flat > hi))
     n_inside_or_above = int(torch.count_nonzero(flat >= lo))
     if not (n_above < k <= n_inside_or_above):
@@ -118,9 +128,11 @@ class MagnitudeCut:
 
 
 def sample_stride(n: int) -> Optional[int]:
-    """The stride of the sample :class:`CutSearch` brackets the k-th magnitude with (None: below
-    4·65536 elements a whole-tensor ``kthvalue`` is cheaper than sampling)."""
-    return n // _SAMPLE if n > 4 * _SAMPLE else None
+    """The stride of the sample that brackets the k-th value of a length-``n`` tensor (in
+    :func:`kth_largest` and :class:`CutSearch`); None when the tensor is at most 4x the sample size
+    (a whole-tensor ``kthvalue`` is then cheaper than sampling)."""
+    m = _sample_size(n)
+    return n // m if n > 4 * m else None
 
 
 class _Positions:

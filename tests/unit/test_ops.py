@@ -101,12 +101,14 @@ def test_rescale_to_norm_dim_and_stacked_scalars():
                        tiny * torch.tensor([1.0, 0, 0, 0]))
 
 
+@pytest.mark.parametrize("n", [100_000, 600_000])
 @pytest.mark.parametrize("kind", ["randn", "sorted", "reversed", "constant", "few_values", "mostly_zero"])
-def test_kth_largest_exact_on_large_and_adversarial_inputs(kind):
-    """The sample-bracketed selection equals torch.kthvalue on tensors big enough to take that path."""
+def test_kth_largest_exact_on_large_and_adversarial_inputs(kind, n):
+    """The sample-bracketed selection equals torch.kthvalue on tensors big enough to take that path
+    (the smallest sample, and a sample of n/32)."""
     from merge_methods.ops import kth_largest
+    assert ops.sample_stride(n) is not None
     g = torch.Generator().manual_seed(3)
-    n = 600_000
     x = {"randn": lambda: torch.randn(n, generator=g).abs(),
          "sorted": lambda: torch.sort(torch.randn(n, generator=g)).values,
          "reversed": lambda: torch.sort(torch.randn(n, generator=g), descending=True).values,

@@ -91,13 +91,14 @@ def test_magnitude_cut_over_spans_keeps_exactly_k_in_index_order(k):
     assert torch.equal(pruned, x * ops.topk_mask(x.abs(), k))
 
 
-@pytest.mark.parametrize("zeros,span", [(0.0, 65_536), (0.9, 65_536), (0.0, 65_537)])
-def test_magnitude_cut_sampled_path_is_exact_across_spans(zeros, span):
-    """Above 4·2^16 elements the cut brackets the k-th magnitude from a sample; still exact, with ties
+@pytest.mark.parametrize("zeros,span,n", [(0.0, 65_536, 600_001), (0.9, 65_536, 600_001), (0.0, 65_537, 600_001),
+                                          (0.0, 16_384, 100_003)])
+def test_magnitude_cut_sampled_path_is_exact_across_spans(zeros, span, n):
+    """Above 4·2^14 elements the cut brackets the k-th magnitude from a sample; still exact, with ties
     (split inside a span at the position of its last kept tie), with most entries zero (the bracket
     then reaches down to 0), and with spans at odd offsets (candidates gathered float by float)."""
+    assert ops.sample_stride(n) is not None
     g = torch.Generator().manual_seed(6)
-    n = 600_001
     x = (torch.randn(n, generator=g) * 50).round()
     x[x == 0] = 1.0
     x[torch.rand(n, generator=g) < zeros] = 0.0
