@@ -201,21 +201,24 @@ class CutSearch:
         find it)."""
         return self.found is None and self.lo is not None
 
-    def scan(self, part: torch.Tensor) -> None:
-        """Take the next span (a contiguous 1-D fp32 slice, not modified)."""
+    def scan(self, part: torch.Tensor) -> bool:
+        """Take the next span (a contiguous 1-D fp32 slice, not modified).  Returns False when the span holds
+        NaN or ±Inf (each makes a NaN among the gathered entries, so this costs nothing extra)."""
         over = F.hardshrink(part, self.hi)                          # |x| > hi
         inside = F.hardshrink(part, self._lo_below).sub_(over)      # lo <= |x| <= hi (and |x| > 0), else 0
         self.above += _count(over)
         del over
         found, where = _nonzero_entries(inside)
         found.abs_()
-        # an infinite x is above hi, and makes inside ∞ − ∞ = NaN: drop those (a few percent of a span
-        # are gathered, so this costs little)
-        if found.numel() and bool(found.isnan().any()):
-            finite = found <= self.hi
-            where, found = where.select(finite), found[finite]
+        # an infinite x is above hi, and makes inside ∞ − ∞ = NaN (a NaN x stays NaN): drop those (a few
+        # percent of a span are gathered, so this costs little)
+        finite = not (found.numel() and bool(found.isnan().any()))
+        if not finite:
+            keep = found <= self.hi
+            where, found = where.select(keep), found[keep]
         self.parts.append(found)
         self.where.append(where)
+        return finite
 
     def result(self) -> Optional[MagnitudeCut]:
         if self.found is not None or self.lo is None:

@@ -386,6 +386,18 @@ class SpanInputs:
             return self.read_deltas(j)      # the differences again
         return b32, stacked
 
+    def deltas_finite(self, j: int, stacked: torch.Tensor, rows) -> bool:
+        """Whether ``rows`` of span ``j``'s differences (from :meth:`read_deltas`) are free of NaN/Inf, or the
+        merge does not check its inputs."""
+        return not self.check_finite or all(_all_finite(stacked[i]) for i in rows)
+
+    def check_span(self, j: int) -> None:
+        """Raise the merge's error when span ``j`` of an input holds NaN/Inf (and the merge checks its
+        inputs); for a span whose differences were found non-finite.  Reuses the buffer of
+        :meth:`read_deltas`."""
+        if self.check_finite:
+            self.read(j, check=True)
+
     def strided(self, stride: int) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """Every ``stride``-th element, from 0: ``(base fp32 or None, models stacked fp32)`` (new tensors)."""
         b = self.base[::stride].to(torch.float32) if self.base is not None else None

@@ -342,13 +342,19 @@ def _gta_streamed(inputs, ctx, *, weight, consensus, normalize, lam, method=None
             searches[i] = (CutSearch(n, int(dens[i] * n) + top, pick),
                            CutSearch(n, top, pick) if top > 0 else None)
     del sample
-    # pass 1: check every span, count and gather around each bracket
+    # pass 1: count and gather around each bracket, and check every span: a scan sees NaN/Inf in what it
+    # scans, other models' differences are checked apart
     for j in range(len(inputs.spans)):
-        b32, stacked = inputs.read_deltas(j, check=True)
-        for i, pair in searches.items():
-            for search in pair:
-                if search is not None and search.scanning:
-                    search.scan(stacked[i])
+        b32, stacked = inputs.read_deltas(j)
+        finite, unscanned = True, []
+        for i in range(n_models):
+            scans = [search for search in searches.get(i, ()) if search is not None and search.scanning]
+            for search in scans:
+                finite &= search.scan(stacked[i])
+            if not scans:
+                unscanned.append(i)
+        if not (finite and inputs.deltas_finite(j, stacked, unscanned)):
+            inputs.check_span(j)        # raises for NaN/Inf in an input (not for differences that overflow)
     cuts = {}
     for i, pair in searches.items():
         cuts[i] = tuple(None if search is None else _finish(search, inputs, i) for search in pair)

@@ -235,6 +235,32 @@ def test_streamed_merge_accepts_differences_that_overflow(name, monkeypatch, one
     torch.testing.assert_close(streamed, whole, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("name", sorted(STREAMED))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["base", "pruned", "dense", "dropped"])
+def test_streamed_merge_reports_non_finite_inputs(name, bad, where, monkeypatch, one_thread):
+    """NaN/±Inf anywhere in an input is the merge's error, naming the input, whether it sits in a model
+    whose differences are scanned for its cut (the scan sees it) or in one kept whole or dropped (checked
+    apart); with check_finite off the merge goes through."""
+    monkeypatch.setattr(ops, "_SAMPLE", 256)
+    monkeypatch.setattr(spec_mod, "SLICE", SMALL)
+    base, models = _inputs("ties", 40 * SMALL + 37, torch.float32, seed=17)
+    models = models[:2] + [models[0].clone()]
+    target = {"base": base, "pruned": models[0], "dense": models[1], "dropped": models[2]}[where]
+    target[23 * SMALL + 5] = bad
+    params = {"density": [0.3, 1.0, 0.0]}
+    if name != "ties":
+        params["gamma"] = 0.05
+    calls = _spy_streamed(monkeypatch)
+    m = mm.create(name)
+    text = "base tensor contains NaN or Inf" if where == "base" else \
+        rf"model\(s\) \[{['pruned', 'dense', 'dropped'].index(where)}\] contain NaN or Inf"
+    with pytest.raises(mm.MergeError, match=text):
+        m.merge(base, models, key="k", **params)
+    out = m.merge(base, models, key="k", check_finite=False, **params)
+    assert calls[-1] is True and out.shape == base.shape
+
+
 @pytest.mark.parametrize("slice_len", [1 << 40, SMALL])
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_merge_takes_weights_that_require_grad(name, slice_len, monkeypatch, one_thread):
