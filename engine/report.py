@@ -5,8 +5,9 @@ host sync per key) and summarised once at the end as text and as a chart image.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,20 +66,18 @@ class MergeStats:
         blk.sums = row if blk.sums is None else blk.sums + row
 
     def summary(self) -> List[dict]:
-        """One dict per block: relative change and cosine vs the base and vs each input."""
+        """One dict per block: relative change and cosine vs the base and vs each input (NaN where a sum
+        is not finite: a weight too large to square in fp32, such as the uninitialized memory ComfyUI
+        leaves in a weight the checkpoint does not hold)."""
         out = []
         for name, blk in self.blocks.items():
             s = blk.sums.cpu().tolist() if blk.sums is not None else []
             mm = s[0]
             row = {"block": name, "keys": blk.n_keys, "params": blk.n_params}
             if self.has_base:
-                dd, bb, mb = s[1:4]
-                row["rel_change_base"] = (dd ** 0.5) / (bb ** 0.5) if bb > 0 else 0.0
-                row["cos_base"] = mb / ((mm * bb) ** 0.5) if mm > 0 and bb > 0 else 1.0
+                row["rel_change_base"], row["cos_base"] = _figures(mm, *s[1:4])
             for i, nm in enumerate(self.input_names):
-                dd, xx, mx = s[4 + 3 * i: 7 + 3 * i]
-                row[f"rel_change[{nm}]"] = (dd ** 0.5) / (xx ** 0.5) if xx > 0 else 0.0
-                row[f"cos[{nm}]"] = mx / ((mm * xx) ** 0.5) if mm > 0 and xx > 0 else 1.0
+                row[f"rel_change[{nm}]"], row[f"cos[{nm}]"] = _figures(mm, *s[4 + 3 * i: 7 + 3 * i])
             out.append(row)
         return out
 
@@ -112,6 +111,15 @@ class MergeStats:
                                                 f"relative change vs {self.input_names[0] if self.input_names else ''}"))
 
 
+def _figures(mm: float, dd: float, xx: float, mx: float) -> Tuple[float, float]:
+    """(‖m−x‖/‖x‖, cos(m, x)) from ‖m‖², ‖m−x‖², ‖x‖², ⟨m,x⟩; NaN when a sum is not finite."""
+    if not all(math.isfinite(v) for v in (mm, dd, xx, mx)):
+        return math.nan, math.nan
+    rel = (dd ** 0.5) / (xx ** 0.5) if xx > 0 else 0.0
+    cos = mx / ((mm * xx) ** 0.5) if mm > 0 and xx > 0 else 1.0
+    return rel, cos
+
+
 def bar_chart(labels: Sequence[str], values: Sequence[float], title: str = "", fmt: str = "{:.4f}") -> torch.Tensor:
     """Horizontal bars, one row per label, as a ComfyUI IMAGE tensor."""
     import numpy as np
@@ -122,10 +130,13 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str = "", f
     img = Image.new("RGB", (left + width + 90, max(h, 40)), (24, 24, 28))
     draw = ImageDraw.Draw(img)
     draw.text((pad, pad), title, fill=(230, 230, 230))
-    vmax = max([abs(v) for v in values] + [1e-12])
+    vmax = max([abs(v) for v in values if math.isfinite(v)] + [1e-12])
     for i, (lab, v) in enumerate(zip(labels, values)):
         y = pad * 2 + row_h * (i + 1)
         draw.text((pad, y), str(lab)[:28], fill=(200, 200, 200))
+        if not math.isfinite(v):            # no bar, just the value ("nan", "inf")
+            draw.text((left + 4, y), fmt.format(v), fill=(240, 120, 90))
+            continue
         w = int(width * abs(v) / vmax)
         draw.rectangle([left, y + 2, left + max(w, 1), y + row_h - 3], fill=(90, 160, 240) if v >= 0 else (240, 120, 90))
         draw.text((left + w + 4, y), fmt.format(v), fill=(200, 200, 200))

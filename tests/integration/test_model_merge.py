@@ -1,5 +1,6 @@
 """Model and CLIP merging through ComfyUI's executor, checked against merge_methods applied directly."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -326,3 +327,23 @@ def test_report_figures_match_fp64_reference(harness, monkeypatch, with_base):
             assert got_rel == pytest.approx(rel, rel=1e-5), (blk, nm)
             assert got_cos == pytest.approx(cos, rel=1e-6), (blk, nm)
         assert rows[blk]["keys"] == len(parts)
+
+
+def test_report_with_weights_too_large_to_square(harness):
+    """A block holding a weight whose squares overflow fp32 (ComfyUI leaves a weight the checkpoint does
+    not hold uninitialized, e.g. SD1.5's CLIP text_projection: any bytes) reports NaN for that block,
+    not a made-up cosine of 1, and the text and the chart are still drawn; other blocks are unaffected."""
+    rep = pack(harness, "engine.report")
+    g = torch.Generator().manual_seed(4)
+    stats = rep.MergeStats(lambda k: k.split(".")[0], ["one"], has_base=True)
+    b = torch.randn(300, generator=g)
+    stats.add("good.w", b + 0.1, b, [b + 0.2])
+    huge = torch.full((300,), 1e30)
+    stats.add("bad.w", huge, huge * 0.5, [huge])
+    rows = {r["block"]: r for r in stats.summary()}
+    assert math.isnan(rows["bad"]["rel_change_base"]) and math.isnan(rows["bad"]["cos_base"])
+    assert math.isnan(rows["bad"]["cos[one]"])
+    assert rows["good"]["rel_change_base"] == pytest.approx(0.1 / b.norm().item() * 300 ** 0.5, rel=1e-5)
+    assert "nan" in stats.text()
+    img = stats.image()
+    assert img.shape[0] == 1 and img.shape[-1] == 3 and torch.isfinite(img).all()
