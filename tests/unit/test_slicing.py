@@ -92,12 +92,20 @@ def test_magnitude_cut_over_spans_keeps_exactly_k_in_index_order(k):
 
 
 @pytest.mark.parametrize("zeros,span,n", [(0.0, 65_536, 600_001), (0.9, 65_536, 600_001), (0.0, 65_537, 600_001),
-                                          (0.0, 16_384, 100_003)])
-def test_magnitude_cut_sampled_path_is_exact_across_spans(zeros, span, n):
+                                          (0.0, 16_384, 100_003), (0.0, 262_144, 2_097_155)])
+def test_magnitude_cut_sampled_path_is_exact_across_spans(zeros, span, n, monkeypatch):
     """Above 4·2^14 elements the cut brackets the k-th magnitude from a sample; still exact, with ties
     (split inside a span at the position of its last kept tie), with most entries zero (the bracket
-    then reaches down to 0), and with spans at odd offsets (candidates gathered float by float)."""
+    then reaches down to 0), and with spans at odd offsets (candidates gathered float by float).  The
+    largest tensor's sample and gathered candidates are big enough to be sampled in turn."""
     assert ops.sample_stride(n) is not None
+    sizes = []
+    real = ops.kth_largest
+
+    def spy(flat, k, least=ops._MIN_SAMPLE):
+        sizes.append((flat.numel(), least))
+        return real(flat, k, least)
+    monkeypatch.setattr(ops, "kth_largest", spy)
     g = torch.Generator().manual_seed(6)
     x = (torch.randn(n, generator=g) * 50).round()
     x[x == 0] = 1.0
@@ -107,6 +115,8 @@ def test_magnitude_cut_sampled_path_is_exact_across_spans(zeros, span, n):
         pruned = _prune(x, k, spans)
         assert torch.equal(pruned, x * ops.topk_mask(x.abs(), k)), k
         assert int(torch.count_nonzero(pruned)) == min(k, int(torch.count_nonzero(x))), k
+    if n > 1_000_000:
+        assert any(ops.sample_stride(size, least) is not None and least < ops._MIN_SAMPLE for size, least in sizes)
 
 
 def test_magnitude_cut_threshold_is_exact_at_float_spacing():
