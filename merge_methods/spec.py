@@ -337,8 +337,8 @@ class SpanInputs:
     stack whole tensors: elementwise methods and the ``streamed`` implementations of the others.
 
     :meth:`read` gives span ``j`` of the base and of the models stacked ``(N, span)``, in a buffer that
-    the next :meth:`read` reuses; the caller may modify the stack in place but never the base slice
-    (it can be a view of the caller's tensor)."""
+    the next :meth:`read` reuses (the base's fp32 span too, unless it is a view of the caller's fp32
+    tensor); the caller may modify the stack in place but never the base slice."""
 
     def __init__(self, where: str, base: Optional[torch.Tensor], models: Sequence[torch.Tensor], check_finite: bool):
         self.where, self.check_finite = where, check_finite
@@ -353,11 +353,10 @@ class SpanInputs:
     def read(self, j: int, check: bool = False) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """Span ``j`` as ``(base fp32 or None, models stacked fp32)``; ``check`` also rejects NaN/Inf there
         (when the merge checks its inputs)."""
+        stacked, b32 = self._buffers(j)
         s, e = self.spans[j]
-        stacked = _stack_buffer((self.n_models, e - s), self.ref.device)
         for i, m in enumerate(self.models):
             stacked[i].copy_(m[s:e])
-        b32 = self.base[s:e].to(torch.float32) if self.base is not None else None
         if check and self.check_finite:
             try:
                 _check_finite(self.where, b32, stacked)
@@ -373,9 +372,8 @@ class SpanInputs:
         subtraction.  Needs a base.  ``check``: NaN/Inf in the inputs make every
         difference they touch non-finite, so only spans with a non-finite difference get the inputs
         checked (differences of finite weights that overflow are no error, as in :meth:`read`)."""
+        stacked, b32 = self._buffers(j)
         s, e = self.spans[j]
-        stacked = _stack_buffer((self.n_models, e - s), self.ref.device)
-        b32 = self.base[s:e].to(torch.float32)
         for i, m in enumerate(self.models):
             if m.dtype == torch.float32:
                 torch.sub(m[s:e], b32, out=stacked[i])
@@ -385,6 +383,19 @@ class SpanInputs:
             self.read(j, check=True)        # raises for NaN/Inf in an input; else (it reused the buffer)
             return self.read_deltas(j)      # the differences again
         return b32, stacked
+
+    def _buffers(self, j: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The (N, span) stack to fill for span ``j``, and the span of the base as fp32 (None without a base):
+        a view of the base when it is fp32, else converted into a row of the same reused buffer (a new
+        tensor per span would be mapped and faulted in anew: such a conversion costs 2-3x a copy)."""
+        s, e = self.spans[j]
+        convert = self.base is not None and self.base.dtype != torch.float32
+        buf = _stack_buffer((self.n_models + int(convert), e - s), self.ref.device)
+        if self.base is None:
+            return buf, None
+        if not convert:
+            return buf, self.base[s:e]
+        return buf[:self.n_models], buf[self.n_models].copy_(self.base[s:e])
 
     def deltas_finite(self, j: int, stacked: torch.Tensor, rows) -> bool:
         """Whether ``rows`` of span ``j``'s differences (from :meth:`read_deltas`) are free of NaN/Inf, or the

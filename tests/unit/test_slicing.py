@@ -39,8 +39,10 @@ def one_thread():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_sliced_merge_is_bit_identical(name, monkeypatch, one_thread):
-    base, models = _inputs(name, 40 * SMALL + 37, torch.float32, seed=11)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sliced_merge_is_bit_identical(name, dtype, monkeypatch, one_thread):
+    """Also with half-precision inputs, whose base is converted span by span into the reused buffer."""
+    base, models = _inputs(name, 40 * SMALL + 37, dtype, seed=11)
     whole = _merge(name, base, models, monkeypatch, 1 << 40)
     sliced = _merge(name, base, models, monkeypatch, SMALL)
     assert torch.equal(whole, sliced), f"{name}: {(whole != sliced).sum()} elements differ"
