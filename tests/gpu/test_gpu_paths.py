@@ -80,8 +80,25 @@ def run_twice_clean(harness, graph):
     before = gpu_allocated()
     res = harness.run_ok(harness.with_defaults(graph))
     after = gpu_allocated()
-    assert after == before, f"{after - before} bytes left allocated on the GPU by the run"
+    assert after == before, f"{after - before} bytes left allocated on the GPU by the run; {cuda_tensors()}"
     return res.captured
+
+
+def cuda_tensors(most: int = 12) -> str:
+    """The CUDA tensors alive now (shape, dtype), the largest first: what a failed memory check left."""
+    import gc
+    import warnings
+    found = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # isinstance() on some lazy torch objects warns
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.is_cuda:
+                    found.append((obj.numel() * obj.element_size(), tuple(obj.shape), str(obj.dtype)))
+            except Exception:
+                continue
+    found.sort(reverse=True)
+    return f"{len(found)} CUDA tensors alive: " + ", ".join(f"{shape} {dtype}" for _, shape, dtype in found[:most])
 
 
 class Weights:
