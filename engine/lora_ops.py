@@ -17,6 +17,7 @@ import torch
 
 from ..merge_methods import MergeError, MergeMethod, key_seed
 from .lora import (Lora, LoraError, LoraLayer, LayerKey, arch_of, key_text, merge_arch)
+from .precision import full_fp32_matmul
 from .weights import CLIP_OPTIONAL_SUFFIXES
 from .lora_svd import (RankSpec, SVDOptions, as_matrix, factorize, factorize_product,
                        single_thread_if_small)
@@ -163,6 +164,7 @@ def _pair_keys(tuned_src, base_src, what: str) -> List[str]:
 
 
 @torch.no_grad()
+@full_fp32_matmul()
 def extract_lora(tuned_model=None, base_model=None, tuned_clip=None, base_clip=None,
                  opts: ExtractOptions = ExtractOptions(), name: str = "extracted",
                  progress: Optional[Callable[[int, int], None]] = None) -> Tuple[Lora, str]:
@@ -308,6 +310,7 @@ def _describe_inputs(plans) -> Dict[str, Any]:
 # -- resize -------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+@full_fp32_matmul()
 def resize_lora(lora: Lora, spec: RankSpec, device: str = "auto", clamp_quantile: Optional[float] = None,
                 svd: SVDOptions = SVDOptions(), seed: int = 0, name: Optional[str] = None,
                 progress: Optional[Callable[[int, int], None]] = None) -> Tuple[Lora, str]:
@@ -438,6 +441,7 @@ def linear_coefficients(method: MergeMethod, per_model: Mapping[str, List[Any]],
 
 
 @torch.no_grad()
+@full_fp32_matmul()
 def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: RankSpec,
                 svd: SVDOptions = SVDOptions(), seed: int = 0, device: str = "auto",
                 clamp_quantile: Optional[float] = None, name: str = "merged",

@@ -17,6 +17,7 @@ import torch
 
 from ..merge_methods import MergeError, MergeMethod, create, reuse_buffers
 from .alloc import recycled_memory
+from .precision import full_fp32_matmul
 from .recipe import record_merge
 from .weights import CLIP_OPTIONAL_SUFFIXES, KeySource, all_finite, is_clip, model_family, patcher_of, storage_dtype
 
@@ -136,6 +137,7 @@ def resolve_params(method: MergeMethod, inputs: List[MergeInput], factors: Dict[
 
 
 @torch.no_grad()
+@full_fp32_matmul()
 def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, options: MergeOptions):
     """Merge ``inputs`` (and ``base``) with ``method``; returns a patched clone of the base (or of
     the first input when no base is given).  Works for MODEL patchers and CLIP objects alike."""

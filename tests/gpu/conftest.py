@@ -1,6 +1,6 @@
 """The GPU suite's ComfyUI: booted without --cpu when MERGELAB_GPU_TESTS=1, so ComfyUI's torch device is
 the GPU and the nodes' compute device "gpu" means it; with MERGELAB_GPU_TESTS=cpu everything runs on the
-CPU ("gpu" is replaced by "auto") and the GPU-memory checks are skipped."""
+CPU ("gpu" is replaced by "auto") and the GPU-memory checks are skipped.  TF32 is turned on for the session."""
 import os
 import sys
 
@@ -27,5 +27,10 @@ def harness():
     want = "cuda" if ON_GPU else "cpu"
     assert mm.get_torch_device().type == want, f"ComfyUI's device is {mm.get_torch_device()}, expected {want}"
     fixtures.register_test_nodes(h)
+    # TF32 on, as many users' setups have it for sampling: MergeLab must still compute in full fp32
+    # (engine/precision.py), so the comparisons with the CPU keep their tolerances
+    prev = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = True
     yield h
+    torch.set_float32_matmul_precision(prev)
     h.close()
