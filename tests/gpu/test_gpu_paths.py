@@ -70,17 +70,21 @@ def gpu_allocated() -> int:
     return torch.cuda.memory_allocated()
 
 
-def run_twice_clean(harness, graph):
+def run_twice_clean(harness, graph, peak_below=None):
     """Run ``graph`` once to warm up (library workspaces, kernels), then again; the second run must leave
-    exactly the GPU memory it found allocated.  Returns the second run's captures.  (One run in the dry
-    run on the CPU.)"""
+    exactly the GPU memory it found allocated, and allocate at most ``peak_below`` bytes more at any
+    time when given.  Returns the second run's captures.  (One run in the dry run on the CPU.)"""
     if not ON_GPU:
         return harness.run_ok(harness.with_defaults(graph)).captured
     harness.run_ok(harness.with_defaults(graph))
     before = gpu_allocated()
+    torch.cuda.reset_peak_memory_stats()
     res = harness.run_ok(harness.with_defaults(graph))
     after = gpu_allocated()
     assert after == before, f"{after - before} bytes left allocated on the GPU by the run; {cuda_tensors()}"
+    if peak_below is not None:
+        peak = torch.cuda.max_memory_allocated() - before
+        assert peak <= peak_below, f"the run took {peak} bytes of GPU memory at its peak (limit {peak_below})"
     return res.captured
 
 
@@ -137,10 +141,14 @@ def _compare(name, got, want, base, rtol, atol, masking):
 def test_every_method_on_gpu_equals_cpu(harness, method):
     spec = pack(harness, "merge_methods").get_spec(method)
     n, with_base = n_models(spec), spec.base != "none"
-    cpu = harness.run_ok(harness.with_defaults(merge_graph(method, n, with_base, "cpu"))).captured["out"]
-    gpu = run_twice_clean(harness, merge_graph(method, n, with_base, GPU_CHOICE))["out"]
-    merged_patches_on_offload_device(gpu, torch.float32)
     base = fixtures.small_model(ARCH)
+    cpu = harness.run_ok(harness.with_defaults(merge_graph(method, n, with_base, "cpu"))).captured["out"]
+    # key by key: the GPU holds a few tensors of one key at a time, never the inputs whole.  The bound,
+    # one model's fp32 size, is 33 times the largest tensor (streaming needs about 4 per input) and a
+    # half to a quarter of what holding the 2-4 inputs would take.
+    one_model = sum(t.numel() * 4 for k, t in base.model.state_dict().items() if k.startswith("diffusion_model."))
+    gpu = run_twice_clean(harness, merge_graph(method, n, with_base, GPU_CHOICE), peak_below=one_model)["out"]
+    merged_patches_on_offload_device(gpu, torch.float32)
     b, c, g = Weights(harness, base), Weights(harness, cpu), Weights(harness, gpu)
     keys = [k for k in b.src.keys() if k in gpu.patches]
     assert keys
