@@ -66,7 +66,7 @@ def test_merge_and_extract_without_tf32_then_setting_restored(harness, monkeypat
         assert {w for w, _ in seen} == {"merge", "extract"}
         assert all(p == "ieee" for _, p in seen), seen           # full fp32 while computing
     finally:
-        MATMUL.fp32_precision = before[1]
+        # back to the start: the legacy setter (which also sets the new API's value), then the new one's
         torch.set_float32_matmul_precision(before[0])
         MATMUL.fp32_precision = before[1]
     assert torch.get_float32_matmul_precision() == before[0]
