@@ -27,38 +27,15 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from peak_rss import PeakRSS  # noqa: E402  (benchmarks/, the script's folder)
+
 VARIANTS = ["random", "mag_tensor", "mag_model", "mag_block", "ops"]
 PKG = "mergelab_bench_pack"
-
-
-class PeakRSS:
-    def __init__(self):
-        import psutil
-        self.proc = psutil.Process()
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def _masks_module():

@@ -30,42 +30,14 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from peak_rss import PeakRSS  # noqa: E402  (benchmarks/, the script's folder)
+
 VARIANTS = ["comfy_checkpoint", "ours_checkpoint", "comfy_model", "ours_model"]
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampling thread, 5 ms)."""
-
-    def __init__(self, interval=0.005):
-        import psutil
-        self.proc = psutil.Process()
-        self.interval = interval
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            rss = self.proc.memory_info().rss
-            if rss > self.peak:
-                self.peak = rss
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def _merge_graph(a, b, merge):
