@@ -44,6 +44,14 @@ def cap(src, name, index=0):
 _SOURCES = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_sources():
+    """Let go of the models read by :func:`read` with this module: held until interpreter exit, ComfyUI's
+    ``ModelPatcher.__del__`` runs when its modules are already torn down and prints tracebacks."""
+    yield
+    _SOURCES.clear()
+
+
 def read(harness, obj, key):
     """The effective weight of ``key`` (one KeySource per model object: building one walks every key)."""
     src = _SOURCES.get(id(obj))
