@@ -618,6 +618,11 @@ def _unpatch_clones(patcher) -> None:
                 lm.model_unload()
             except Exception:  # pragma: no cover - defensive: a half-dead entry
                 m.detach(True)
+    # A clone that was loaded and then garbage collected detaches without unpatching (ModelPatcher.__del__
+    # calls detach(unpatch_all=False)); its backup of the original weights is shared by every clone, so
+    # the cached patcher can still restore them.
+    if patcher.backup or patcher.object_patches_backup:
+        patcher.unpatch_model(unpatch_weights=True)
 
 
 _small_cache: Dict[Tuple, Any] = {}
