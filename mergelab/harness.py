@@ -95,6 +95,31 @@ class CaptureNode:
         return {}
 
 
+def widget_defaults(cls) -> Dict[str, Any]:
+    """The value the editor fills in for each widget input of node class ``cls``: its default, or the
+    first choice of a required combo without one."""
+    spec = cls.INPUT_TYPES()
+    out: Dict[str, Any] = {}
+    for section in ("required", "optional"):
+        for name, item in (spec.get(section) or {}).items():
+            typ = item[0]
+            opts = item[1] if len(item) > 1 and isinstance(item[1], dict) else {}
+            if "default" in opts:
+                out[name] = opts["default"]
+            elif section == "required":
+                choices = typ if isinstance(typ, list) else opts.get("options") if typ == "COMBO" else None
+                if choices:
+                    out[name] = choices[0]
+    return out
+
+
+def api_node(class_type: str, **inputs: Any) -> Dict[str, Any]:
+    """One API-format node: ``inputs`` plus every other widget at its default (ComfyUI must be booted)."""
+    import nodes
+    return {"class_type": class_type,
+            "inputs": {**widget_defaults(nodes.NODE_CLASS_MAPPINGS[class_type]), **inputs}}
+
+
 class Harness:
     """Boot ComfyUI once, load the pack, run prompts.
 
@@ -174,20 +199,8 @@ class Harness:
         out = {}
         for nid, node in prompt.items():
             cls = self.nodes.NODE_CLASS_MAPPINGS.get(node["class_type"])
-            inputs = dict(node.get("inputs", {}))
-            if cls is not None:
-                spec = cls.INPUT_TYPES()
-                for section in ("required", "optional"):
-                    for name, item in (spec.get(section) or {}).items():
-                        if name in inputs:
-                            continue
-                        typ = item[0]
-                        opts = item[1] if len(item) > 1 and isinstance(item[1], dict) else {}
-                        if "default" in opts:
-                            inputs[name] = opts["default"]
-                        elif isinstance(typ, list) and typ and section == "required":
-                            inputs[name] = typ[0]
-            out[nid] = {**node, "inputs": inputs}
+            defaults = widget_defaults(cls) if cls is not None else {}
+            out[nid] = {**node, "inputs": {**defaults, **node.get("inputs", {})}}
         return out
 
     # -- running -----------------------------------------------------------------------------

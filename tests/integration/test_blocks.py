@@ -9,6 +9,7 @@ import pytest
 
 from engine import blocks as B
 from mergelab import REPO_ROOT, fixtures
+from mergelab.harness import api_node
 
 P = "diffusion_model."
 # (fixture arch, block-table arch, expected block groups {stack: count})
@@ -173,15 +174,7 @@ def test_check_against_real_model():
 
 # -- nodes in ComfyUI ---------------------------------------------------------------------------------
 def _defaults(class_type):
-    import nodes
-    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
-    out = {}
-    for name, (typ, opts) in cls.INPUT_TYPES()["required"].items():
-        if typ == "COMBO" or isinstance(typ, list):
-            out[name] = opts.get("default", (opts.get("options") if typ == "COMBO" else typ)[0])
-        elif "default" in opts:
-            out[name] = opts["default"]
-    return out
+    return api_node(class_type)["inputs"]
 
 
 def _capture(node_id, **inputs):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mergelab import fixtures
+from mergelab.harness import api_node
 
 DELTA = 0.02
 CPU = torch.device("cpu")
@@ -13,22 +14,6 @@ CPU = torch.device("cpu")
 
 def pack(harness, sub):
     return importlib.import_module(f"{harness.pack_module_name}.{sub}")
-
-
-def _defaults(class_type):
-    import nodes
-    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
-    out = {}
-    for name, (typ, opts) in cls.INPUT_TYPES()["required"].items():
-        if typ == "COMBO" or isinstance(typ, list):
-            out[name] = opts.get("default", (opts.get("options") if typ == "COMBO" else typ)[0])
-        elif "default" in opts:
-            out[name] = opts["default"]
-    return out
-
-
-def node(class_type, **inputs):
-    return {"class_type": class_type, "inputs": {**_defaults(class_type), **inputs}}
 
 
 def small(arch="SD15", delta_seed=0, seed=0):
@@ -75,11 +60,11 @@ def test_mask_nodes_registered(harness):
 def _merge_graph(mask_nodes, with_mask=True):
     """base + two tuned SD1.5 models merged with task arithmetic, optionally through a mask."""
     g = {"base": small(), "m1": small(delta_seed=1), "m2": small(delta_seed=2),
-         "in1": node("MergeLab_MergeInput", model=["m1", 0]),
-         "in2": node("MergeLab_MergeInput", model=["m2", 0], models=["in1", 0], weight=0.7),
-         "method": node("MergeLab_Method_task_arithmetic"),
+         "in1": api_node("MergeLab_MergeInput", model=["m1", 0]),
+         "in2": api_node("MergeLab_MergeInput", model=["m2", 0], models=["in1", 0], weight=0.7),
+         "method": api_node("MergeLab_Method_task_arithmetic"),
          **mask_nodes}
-    merger = node("MergeLab_ModelMerger", base=["base", 0], method=["method", 0], models=["in2", 0], seed=3)
+    merger = api_node("MergeLab_ModelMerger", base=["base", 0], method=["method", 0], models=["in2", 0], seed=3)
     if with_mask:
         merger["inputs"]["mask"] = ["mask", 0]
     g["merge"] = merger
@@ -91,9 +76,9 @@ def _merge_graph(mask_nodes, with_mask=True):
 
 def test_masked_merge_changes_exactly_the_masked_entries(harness):
     """Model Merger + mask = where(mask, unmasked merge, base), entry by entry; unselected keys = base."""
-    masks = {"rand": node("MergeLab_RandomMasker", model=["base", 0], density=0.3, seed=11),
-             "blocks": node("MergeLab_BlockMasker", model=["base", 0], blocks="middle_block.*\nout"),
-             "mask": node("MergeLab_MaskOperations", mask_a=["rand", 0], mask_b=["blocks", 0], operation="difference")}
+    masks = {"rand": api_node("MergeLab_RandomMasker", model=["base", 0], density=0.3, seed=11),
+             "blocks": api_node("MergeLab_BlockMasker", model=["base", 0], blocks="middle_block.*\nout"),
+             "mask": api_node("MergeLab_MaskOperations", mask_a=["rand", 0], mask_b=["blocks", 0], operation="difference")}
     res = harness.run_ok(_merge_graph(masks))
     masked, mask = res.captured["out"], res.captured["mask"]
     plain = harness.run_ok(_merge_graph({}, with_mask=False)).captured["out"]
@@ -116,8 +101,8 @@ def test_masked_merge_changes_exactly_the_masked_entries(harness):
 def test_masked_model_merger(harness):
     """where(mask, ratio·A + (1 - ratio)·B, A) with a magnitude mask made from the two models."""
     g = {"a": small(), "b": small(delta_seed=3),
-         "mask": node("MergeLab_MagnitudeMasker", model_a=["b", 0], model_b=["a", 0], quantile=0.8, select="above"),
-         "mm": node("MergeLab_MaskedModelMerger", model_a=["a", 0], model_b=["b", 0], mask=["mask", 0], ratio=0.25),
+         "mask": api_node("MergeLab_MagnitudeMasker", model_a=["b", 0], model_b=["a", 0], quantile=0.8, select="above"),
+         "mm": api_node("MergeLab_MaskedModelMerger", model_a=["a", 0], model_b=["b", 0], mask=["mask", 0], ratio=0.25),
          "c1": cap("mm", "out"), "c2": cap("mask", "mask")}
     res = harness.run_ok(g)
     out, mask = res.captured["out"], res.captured["mask"]
@@ -136,7 +121,7 @@ def test_magnitude_masker_selects_the_requested_fraction(harness, arch):
     q = 0.3
     g = {"a": small(arch), "b": small(arch, delta_seed=4), "c_above": cap("above", "above"), "c_below": cap("below", "below")}
     for select in ("above", "below"):
-        g[select] = node("MergeLab_MagnitudeMasker", model_a=["b", 0], model_b=["a", 0], quantile=q, select=select,
+        g[select] = api_node("MergeLab_MagnitudeMasker", model_a=["b", 0], model_b=["a", 0], quantile=q, select=select,
                          scope="tensor")
     res = harness.run_ok(g)
     a, b = fixtures.small_model(arch), fixtures.small_model(arch, delta_seed=4, delta_scale=DELTA)
@@ -158,8 +143,8 @@ def test_magnitude_masker_selects_the_requested_fraction(harness, arch):
 
 def test_magnitude_masker_whole_model_and_block_scopes(harness):
     g = {"a": small(), "b": small(delta_seed=5),
-         "mm": node("MergeLab_MagnitudeMasker", model_a=["b", 0], model_b=["a", 0], quantile=0.9, scope="model"),
-         "mb": node("MergeLab_MagnitudeMasker", model_a=["b", 0], quantile=0.5, select="below", scope="block"),
+         "mm": api_node("MergeLab_MagnitudeMasker", model_a=["b", 0], model_b=["a", 0], quantile=0.9, scope="model"),
+         "mb": api_node("MergeLab_MagnitudeMasker", model_a=["b", 0], quantile=0.5, select="below", scope="block"),
          "c1": cap("mm", "model"), "c2": cap("mb", "block")}
     res = harness.run_ok(g)
     whole, per_block = res.captured["model"], res.captured["block"]
@@ -182,8 +167,8 @@ def test_magnitude_masker_whole_model_and_block_scopes(harness):
 
 def test_mask_report_text_and_image(harness):
     g = {"a": small(),
-         "bm": node("MergeLab_BlockMasker", model=["a", 0], blocks="input_blocks.4, output_blocks.1*"),
-         "rep": node("MergeLab_MaskReport", mask=["bm", 0]),
+         "bm": api_node("MergeLab_BlockMasker", model=["a", 0], blocks="input_blocks.4, output_blocks.1*"),
+         "rep": api_node("MergeLab_MaskReport", mask=["bm", 0]),
          "c1": cap("rep", "text", 0), "c2": cap("rep", "image", 1), "c3": cap("bm", "names", 1)}
     res = harness.run_ok(g)
     text, image, names = res.captured["text"], res.captured["image"], res.captured["names"]
@@ -199,8 +184,8 @@ def test_mask_report_text_and_image(harness):
 
 
 def test_random_masker_report_fraction(harness):
-    g = {"a": small(), "r": node("MergeLab_RandomMasker", model=["a", 0], density=0.25, seed=1),
-         "rep": node("MergeLab_MaskReport", mask=["r", 0]), "c": cap("r", "mask"), "t": cap("rep", "text")}
+    g = {"a": small(), "r": api_node("MergeLab_RandomMasker", model=["a", 0], density=0.25, seed=1),
+         "rep": api_node("MergeLab_MaskReport", mask=["r", 0]), "c": cap("r", "mask"), "t": cap("rep", "text")}
     res = harness.run_ok(g)
     mask = res.captured["mask"]
     sel, total = mask.selected_total()
@@ -214,15 +199,15 @@ def test_random_masker_report_fraction(harness):
 def test_mask_from_another_architecture_is_an_error(harness):
     # through the Masked Model Merger: checked up front
     g = {"a": small("SD15"), "b": small("SD15", delta_seed=1), "x": small("SDXL"),
-         "mask": node("MergeLab_RandomMasker", model=["x", 0]),
-         "mm": node("MergeLab_MaskedModelMerger", model_a=["a", 0], model_b=["b", 0], mask=["mask", 0]),
+         "mask": api_node("MergeLab_RandomMasker", model=["x", 0]),
+         "mm": api_node("MergeLab_MaskedModelMerger", model_a=["a", 0], model_b=["b", 0], mask=["mask", 0]),
          "c": cap("mm", "out")}
     res = harness.run(g)
     assert not res.success
     err = res.error_text()
     assert "does not fit model_a" in err and "SDXL" in err and "SD15" in err
     # through the Model Merger's mask input
-    res = harness.run(_merge_graph({"x": small("SDXL"), "mask": node("MergeLab_RandomMasker", model=["x", 0])}))
+    res = harness.run(_merge_graph({"x": small("SDXL"), "mask": api_node("MergeLab_RandomMasker", model=["x", 0])}))
     assert not res.success
     assert "mask" in res.error_text() and ("no entry for key" in res.error_text() or "shape" in res.error_text())
 
@@ -231,10 +216,10 @@ def test_mask_with_missing_keys_is_an_error(harness):
     """A mask made from FLUX schnell (no guidance_in) used on a FLUX dev merge."""
     g = {"base": small("Flux"), "m1": small("Flux", delta_seed=1),
          "s": small("FluxSchnell"),
-         "mask": node("MergeLab_RandomMasker", model=["s", 0]),
-         "in1": node("MergeLab_MergeInput", model=["m1", 0]),
-         "method": node("MergeLab_Method_task_arithmetic"),
-         "merge": node("MergeLab_ModelMerger", base=["base", 0], method=["method", 0], models=["in1", 0],
+         "mask": api_node("MergeLab_RandomMasker", model=["s", 0]),
+         "in1": api_node("MergeLab_MergeInput", model=["m1", 0]),
+         "method": api_node("MergeLab_Method_task_arithmetic"),
+         "merge": api_node("MergeLab_ModelMerger", base=["base", 0], method=["method", 0], models=["in1", 0],
                        mask=["mask", 0]),
          "c": cap("merge", "out")}
     res = harness.run(g)
@@ -244,19 +229,19 @@ def test_mask_with_missing_keys_is_an_error(harness):
 
 def test_mask_operation_between_different_models_is_an_error(harness):
     g = {"a": small("SD15"), "x": small("SDXL"),
-         "m1": node("MergeLab_RandomMasker", model=["a", 0]), "m2": node("MergeLab_RandomMasker", model=["x", 0]),
-         "op": node("MergeLab_MaskOperations", mask_a=["m1", 0], mask_b=["m2", 0], operation="union"),
+         "m1": api_node("MergeLab_RandomMasker", model=["a", 0]), "m2": api_node("MergeLab_RandomMasker", model=["x", 0]),
+         "op": api_node("MergeLab_MaskOperations", mask_a=["m1", 0], mask_b=["m2", 0], operation="union"),
          "c": cap("op", "m")}
     res = harness.run(g)
     assert not res.success and "made for different models" in res.error_text()
-    g["op"] = node("MergeLab_MaskOperations", mask_a=["m1", 0], operation="xor")
+    g["op"] = api_node("MergeLab_MaskOperations", mask_a=["m1", 0], operation="xor")
     res = harness.run(g)
     assert not res.success and "needs two masks" in res.error_text()
 
 
 @pytest.mark.parametrize("q", [-0.1, 1.5])
 def test_quantile_outside_unit_interval(harness, q):
-    g = {"a": small(), "mask": node("MergeLab_MagnitudeMasker", model_a=["a", 0], quantile=q), "c": cap("mask", "m")}
+    g = {"a": small(), "mask": api_node("MergeLab_MagnitudeMasker", model_a=["a", 0], quantile=q), "c": cap("mask", "m")}
     res = harness.run(g)
     assert not res.success and "quantile" in res.error_text()       # rejected by ComfyUI's validation
     M = pack(harness, "engine.masks")
@@ -266,7 +251,7 @@ def test_quantile_outside_unit_interval(harness, q):
 
 
 def test_block_masker_unknown_block(harness):
-    g = {"a": small(), "bm": node("MergeLab_BlockMasker", model=["a", 0], blocks="input_blocks.40"),
+    g = {"a": small(), "bm": api_node("MergeLab_BlockMasker", model=["a", 0], blocks="input_blocks.40"),
          "c": cap("bm", "m")}
     res = harness.run(g)
     assert not res.success

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mergelab import fixtures
+from mergelab.harness import api_node
 
 
 def pack(harness, sub):
@@ -343,15 +344,7 @@ def test_mode_all_scales_every_layer_to_b(harness, N):
 
 
 def _node_defaults(class_type):
-    import nodes
-    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
-    out = {}
-    for name, (typ, opts) in cls.INPUT_TYPES()["required"].items():
-        if typ == "COMBO" or isinstance(typ, list):
-            out[name] = opts.get("default", (opts.get("options") if typ == "COMBO" else typ)[0])
-        elif "default" in opts:
-            out[name] = opts["default"]
-    return out
+    return api_node(class_type)["inputs"]
 
 
 def _small(nid, arch="SD15", seed=0, delta_seed=0, delta_scale=0.0):

@@ -12,28 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mergelab.harness import api_node
+
 SMALL = {"class_type": "MergeLabTest_SmallModel"}
 
 
 def pack(harness, name):
     return importlib.import_module(f"{harness.pack_module_name}.{name}")
-
-
-def with_defaults(class_type, **inputs):
-    """An API-format node with every required widget not given set to its default."""
-    import nodes
-    req = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES().get("required", {})
-    full = {}
-    for name, spec in req.items():
-        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-        if name in inputs:
-            full[name] = inputs[name]
-        elif "default" in opts:
-            full[name] = opts["default"]
-        elif isinstance(spec[0], list) and spec[0]:
-            full[name] = spec[0][0]
-    full.update(inputs)
-    return {"class_type": class_type, "inputs": full}
 
 
 def small(arch, seed=0, delta_seed=0, delta_scale=0.0, dtype="fp32"):
@@ -201,10 +186,10 @@ def test_model_save_with_set_patches_and_lora_matches_modelsave(harness, dtype):
     before = outputs_in(harness.output_dir)
     prompt = {
         "1": small("SD15", dtype=dtype), "2": small("SD15", delta_seed=2, delta_scale=0.05, dtype=dtype),
-        "m": with_defaults("MergeLab_Method_linear"),
-        "i1": with_defaults("MergeLab_MergeInput", model=["1", 0]),
-        "i2": with_defaults("MergeLab_MergeInput", model=["2", 0], models=["i1", 0], weight=0.25),
-        "3": with_defaults("MergeLab_ModelMerger", method=["m", 0], models=["i2", 0], seed=0, device="cpu"),
+        "m": api_node("MergeLab_Method_linear"),
+        "i1": api_node("MergeLab_MergeInput", model=["1", 0]),
+        "i2": api_node("MergeLab_MergeInput", model=["2", 0], models=["i1", 0], weight=0.25),
+        "3": api_node("MergeLab_ModelMerger", method=["m", 0], models=["i2", 0], seed=0, device="cpu"),
         "4": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["3", 0], "lora_name": os.path.basename(lora_path),
                                                              "strength_model": 0.7}},
         "5": {"class_type": "MergeLab_SaveModel", "inputs": {"model": ["4", 0], "filename_prefix": f"ours/lora_{dtype}",
