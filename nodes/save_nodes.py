@@ -116,6 +116,20 @@ def _fail(e: Exception):
     raise e
 
 
+def _save_checkpoint(cls, node_id, default_prefix, model, clip, vae, filename_prefix, dtype, save_recipe,
+                     hash_input_files):
+    """One file holding ``model`` (and ``clip`` / ``vae`` when given), with the recipe when asked."""
+    inputs = {k: v for k, v in (("model", model), ("clip", clip), ("vae", vae)) if v is not None}
+    fn, holder = _recipe_metadata(cls, node_id, inputs, dtype, save_recipe, hash_input_files)
+    try:
+        res = saving.save_checkpoint(model, clip, vae, filename_prefix, dtype, prompt=cls.hidden.prompt,
+                                     extra_pnginfo=cls.hidden.extra_pnginfo, metadata_fn=fn,
+                                     default_prefix=default_prefix, progress=saving.comfy_progress())
+    except (saving.SaveError, stw.SafetensorsFormatError) as e:
+        _fail(e)
+    return io.NodeOutput(res.relpath, ui={"text": [_summary([res], holder.get("recipe"))]})
+
+
 class SaveCheckpointNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -142,16 +156,8 @@ class SaveCheckpointNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, filename_prefix, dtype="keep", save_recipe=True, hash_input_files=True):
-        fn, holder = _recipe_metadata(cls, "MergeLab_SaveCheckpoint", {"model": model, "clip": clip, "vae": vae},
-                                      dtype, save_recipe, hash_input_files)
-        try:
-            res = saving.save_checkpoint(model, clip, vae, filename_prefix, dtype, prompt=cls.hidden.prompt,
-                                         extra_pnginfo=cls.hidden.extra_pnginfo, metadata_fn=fn,
-                                         default_prefix="checkpoints/MergeLab", progress=saving.comfy_progress())
-        except (saving.SaveError, stw.SafetensorsFormatError) as e:
-            _fail(e)
-        text = _summary([res], holder.get("recipe"))
-        return io.NodeOutput(res.relpath, ui={"text": [text]})
+        return _save_checkpoint(cls, "MergeLab_SaveCheckpoint", "checkpoints/MergeLab", model, clip, vae,
+                                filename_prefix, dtype, save_recipe, hash_input_files)
 
 
 class SaveModelNode(io.ComfyNode):
@@ -175,16 +181,8 @@ class SaveModelNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, filename_prefix, dtype="keep", save_recipe=True, hash_input_files=True):
-        fn, holder = _recipe_metadata(cls, "MergeLab_SaveModel", {"model": model}, dtype, save_recipe,
-                                      hash_input_files)
-        try:
-            res = saving.save_checkpoint(model, None, None, filename_prefix, dtype, prompt=cls.hidden.prompt,
-                                         extra_pnginfo=cls.hidden.extra_pnginfo, metadata_fn=fn,
-                                         default_prefix="diffusion_models/MergeLab", progress=saving.comfy_progress())
-        except (saving.SaveError, stw.SafetensorsFormatError) as e:
-            _fail(e)
-        text = _summary([res], holder.get("recipe"))
-        return io.NodeOutput(res.relpath, ui={"text": [text]})
+        return _save_checkpoint(cls, "MergeLab_SaveModel", "diffusion_models/MergeLab", model, None, None,
+                                filename_prefix, dtype, save_recipe, hash_input_files)
 
 
 class SaveCLIPNode(io.ComfyNode):
