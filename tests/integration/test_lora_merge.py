@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mergelab import fixtures
+from mergelab.harness import api_node
 
 from lora_testing import VALUES, LoraValueNode, pack  # noqa: E402  (shared LoRA test helpers)
 
@@ -61,7 +62,7 @@ def merge_graph(method_node, method_inputs, entries, rank, rank_mode="fixed", ra
         inputs = {"lora": [f"v{i}", 0], "weight": 1.0, "density": 1.0, **params}
         if prev:
             inputs["loras"] = [prev, 0]
-        g[f"in{i}"] = {"class_type": "MergeLab_LoRAMergeInput", "inputs": _with_pm_defaults(inputs)}
+        g[f"in{i}"] = api_node("MergeLab_LoRAMergeInput", **inputs)
         prev = f"in{i}"
     g["merge"] = {"class_type": "MergeLab_MergeLoRAs", "inputs": {
         "method": ["method", 0], "loras": [prev, 0], "rank_mode": rank_mode, "rank": rank, "rank_param": rank_param,
@@ -71,28 +72,8 @@ def merge_graph(method_node, method_inputs, entries, rank, rank_mode="fixed", ra
     return g
 
 
-_PM_DEFAULTS = {}
-
-
-def _with_pm_defaults(inputs):
-    return {**_PM_DEFAULTS, **inputs}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _pm_defaults(harness):
-    cls = harness.nodes.NODE_CLASS_MAPPINGS["MergeLab_LoRAMergeInput"]
-    for name, item in cls.INPUT_TYPES()["required"].items():
-        if len(item) > 1 and isinstance(item[1], dict) and "default" in item[1]:
-            _PM_DEFAULTS[name] = item[1]["default"]
-
-
 def method_inputs(harness, node):
-    cls = harness.nodes.NODE_CLASS_MAPPINGS[node]
-    out = {}
-    for name, item in cls.INPUT_TYPES().get("required", {}).items():
-        if len(item) > 1 and isinstance(item[1], dict) and "default" in item[1]:
-            out[name] = item[1]["default"]
-    return out
+    return api_node(node)["inputs"]
 
 
 def deltas(lora):
