@@ -124,6 +124,36 @@ def test_per_model_parameters_and_inputs_untouched(harness):
     assert out.patches and all(p[0][1][0] == "set" for p in out.patches.values())
 
 
+@pytest.mark.parametrize("method_name", ["task_arithmetic", "ties", "dare_ties", "multislerp"])
+def test_eight_models_with_their_own_parameters(harness, method_name):
+    """A base and 8 models, each with its own weight and density, merge as merge_methods does directly."""
+    mm = pack(harness, "merge_methods")
+    arch, n = "SD15", 8
+    weights = [1.0 - 0.1 * i for i in range(n)]
+    densities = [0.2 + 0.1 * i for i in range(n)]
+    per_model = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    res = harness.run_ok(merge_graph(arch, f"MergeLab_Method_{method_name}", {}, n, True, per_model))
+    out = res.captured["out"]
+    for i in range(1, n + 1):
+        assert f"model {i}" in res.captured["report"]
+    base = fixtures.small_model(arch)
+    models = [fixtures.small_model(arch, delta_seed=i + 1, delta_scale=DELTA) for i in range(n)]
+    spec = mm.get_spec(method_name)
+    declared = {p.name for p in spec.per_model_params}
+    params = {k: v for k, v in (("weight", weights), ("density", densities)) if k in declared}
+    method = mm.create(method_name)
+    keys = [k for k in base.model.state_dict() if k.startswith("diffusion_model.")]
+    for key in sample_keys(keys, 16):
+        want = method.merge(base.model.state_dict()[key], [m.model.state_dict()[key] for m in models], key=key,
+                            seed=7, **params)
+        got = effective(out, key, harness)
+        assert torch.equal(got, want), key
+        # every model counts: dropping the last one changes the result
+        fewer = method.merge(base.model.state_dict()[key], [m.model.state_dict()[key] for m in models[:-1]],
+                             key=key, seed=7, **{k: v[:-1] for k, v in params.items()})
+        assert not torch.equal(got, fewer), key
+
+
 def test_same_seed_is_bit_identical_and_seed_matters(harness):
     g = merge_graph("SD15", "MergeLab_Method_dare_linear", {}, 2, True, [{"density": 0.5}, {"density": 0.5}])
     a = harness.run_ok(g).captured["out"]
