@@ -207,6 +207,43 @@ def test_block_weights_equal_modelmergesd1(harness):
                                    atol=1e-7, msg=key)
 
 
+@pytest.mark.parametrize("method_name,method_inputs,param,models,n", [
+    ("ties", {}, "density", "2", 2),            # a per-model parameter, for the second model only
+    ("slerp", {"t": 0.6}, "t", "all", 1),       # a global parameter
+])
+def test_block_rules_scale_other_parameters(harness, method_name, method_inputs, param, models, n):
+    """Block weights scale any numeric parameter: attn2 keys get it x0.5, attn1 keys x0, the rest as set."""
+    mm = pack(harness, "merge_methods")
+    per_model = [{"weight": 1.0, "density": 0.6} for _ in range(n)]
+    g = _merge_graph("SD15", f"MergeLab_Method_{method_name}", method_inputs, n, True, per_model,
+                     extra={"block_weights": ["bw", 0]})
+    g["bw"] = {"class_type": "MergeLab_BlockRules",
+               "inputs": {"rules": "re:attn2=0.5\nre:attn1=0\n", "param": param, "models": models}}
+    out = harness.run_ok(harness.with_defaults(g)).captured["out"]
+    base = fixtures.small_model("SD15")
+    tuned = [fixtures.small_model("SD15", delta_seed=i + 1, delta_scale=DELTA) for i in range(n)]
+    method = mm.create(method_name, **method_inputs)
+    keys = [k for k in base.model.state_dict() if k.startswith("diffusion_model.")]
+    picked = {"attn2": [], "attn1": [], "other": []}
+    for k in keys:
+        picked["attn2" if "attn2" in k else "attn1" if "attn1" in k else "other"].append(k)
+    for group, factor in (("attn2", 0.5), ("attn1", 0.0), ("other", 1.0)):
+        assert picked[group], group
+        for key in sample_keys(picked[group], 6):
+            b = base.model.state_dict()[key]
+            xs = [m.model.state_dict()[key] for m in tuned]
+            if param == "density":
+                want = method.merge(b, xs, key=key, seed=7, weight=[1.0, 1.0], density=[0.6, 0.6 * factor])
+            else:
+                want = mm.create(method_name, t=0.6 * factor).merge(b, xs, key=key, seed=7)
+            got = effective(out, key, harness)
+            assert torch.equal(got, want), (group, key)
+            if param == "t" and factor == 0.0:
+                assert torch.equal(got, b.float()), key          # t = 0 is the base itself
+            if param == "density" and factor == 0.0:             # model 2 drops out: TIES of model 1 alone
+                assert torch.equal(got, method.merge(b, xs[:1], key=key, seed=7, weight=[1.0], density=[0.6]))
+
+
 def test_different_architectures_fail_before_merging(harness):
     g = merge_graph("SD15", "MergeLab_Method_linear", {}, 2, False)
     g.update(loader("other", "SDXL", delta_seed=5))
