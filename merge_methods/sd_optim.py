@@ -102,7 +102,7 @@ def geometric_median_of(points: torch.Tensor, weights: Optional[torch.Tensor] = 
         c = c / c.sum()
     else:
         c = weiszfeld_coefficients(gram64(flat, chunk_size), weights, eps, maxiter, ftol)
-    c = c.to(device=points.device, dtype=torch.float32)
+    c = c.to(device=points.device, dtype=points.dtype)
     return torch.tensordot(c, points, dims=1)
 
 

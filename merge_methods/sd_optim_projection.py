@@ -48,7 +48,7 @@ def frequency_aligned(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, margin_
     spec_b = torch.fft.rfft(b.reshape(-1))
     spec_c = torch.fft.rfft(c.reshape(-1))
     n_freq = spec_b.shape[0]
-    idx = torch.arange(n_freq, device=b.device, dtype=torch.float32)
+    idx = torch.arange(n_freq, device=b.device, dtype=b.dtype)
     freqs = idx / n_freq
     mag_a, mag_b, mag_c = spec_a.abs(), spec_b.abs(), spec_c.abs()
     ca, cb, cc = (_spectral_centroid(m, freqs) for m in (mag_a, mag_b, mag_c))
@@ -231,7 +231,7 @@ def lowrank_part(x: torch.Tensor, q: int, niter: int, generator: torch.Generator
     if 2 * p >= r:
         u, s, vh = torch.linalg.svd(x, full_matrices=False)
         return (u[:, :q] * s[:q]) @ vh[:q]
-    omega = torch.randn((n, p), generator=generator, dtype=torch.float32).to(x.device)
+    omega = torch.randn((n, p), generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
     basis = torch.linalg.qr(x @ omega).Q
     for _ in range(niter):
         z = torch.linalg.qr(x.T @ basis).Q

@@ -260,8 +260,9 @@ class MergeMethod:
     def merge(self, base: Optional[torch.Tensor], models: Sequence[torch.Tensor], *, key: str = "",
               seed: int = 0, check_finite: bool = True, **per_model_params: Any) -> torch.Tensor:
         """Merge one tensor.  Returns a tensor with base's dtype and device (models[0]'s without base).
-        Runs without autograd: model weights are often parameters with requires_grad set, and the
-        methods work in place on their buffers."""
+        The math runs in fp32, or in fp64 when the base or a model is fp64 (a caller's choice of a wider
+        compute dtype).  Runs without autograd: model weights are often parameters with requires_grad set,
+        and the methods work in place on their buffers."""
         spec = self.spec
         where = f"merge method '{self.name}'" + (f", key '{key}'" if key else "")
         if isinstance(models, torch.Tensor):
@@ -290,26 +291,28 @@ class MergeMethod:
 
         device = ref.device
         work_device = device
+        work_dtype = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in [base] + models) \
+            else torch.float32
         pm_args: Dict[str, Any] = {}
         for p in spec.per_model_params:
             if p.kind in (FLOAT, INT):
-                pm_args[p.name] = torch.tensor(pm[p.name], dtype=torch.float32, device=work_device)
+                pm_args[p.name] = torch.tensor(pm[p.name], dtype=work_dtype, device=work_device)
             else:
                 pm_args[p.name] = tuple(pm[p.name])
         ctx = MergeContext(key=key, seed=int(seed), device=work_device, host=pm)
-        if device.type == "cpu" and ref.numel() > SLICE:
+        if device.type == "cpu" and ref.numel() > SLICE and work_dtype == torch.float32:
             if spec.elementwise:
                 return self._merge_sliced(SpanInputs(where, base, models, check_finite), ctx, glob, pm_args)
             if spec.streamed is not None:
                 out = spec.streamed(SpanInputs(where, base, models, check_finite), ctx, **glob, **pm_args)
                 if out is not None:
                     return out
-        stacked = _stack_buffer((n,) + tuple(ref.shape), work_device)
+        stacked = _stack_buffer((n,) + tuple(ref.shape), work_device, work_dtype)
         for i, m in enumerate(models):
             stacked[i].copy_(m)
         b32 = None
         if base is not None:
-            b32 = base.to(device=work_device, dtype=torch.float32)
+            b32 = base.to(device=work_device, dtype=work_dtype)
         if check_finite:
             _check_finite(where, b32, stacked)
         out = spec.fn(b32, stacked, ctx, **glob, **pm_args)
@@ -465,10 +468,10 @@ def slices(n: int, device: torch.device, length: Optional[int] = None) -> List[T
 _BUFFER_MAX = 64 << 20     # elements (256 MiB): larger stacks get their own tensor, freed at once
 
 
-def _stack_buffer(shape: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+def _stack_buffer(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     numel = math.prod(shape)
-    if _WS.buffers is None or numel > _BUFFER_MAX:
-        return torch.empty(shape, dtype=torch.float32, device=device)
+    if _WS.buffers is None or numel > _BUFFER_MAX or dtype != torch.float32:
+        return torch.empty(shape, dtype=dtype, device=device)
     buf = _WS.buffers.get(device)
     if buf is None or buf.numel() < numel:
         _WS.buffers[device] = None

@@ -306,5 +306,5 @@ def karcher(base, models, ctx, *, max_iter, tol):
     flat = models.reshape(n_models, -1)
     gram = _gram(flat).to(device="cpu", dtype=torch.float64)   # the one host transfer per tensor
     coef = karcher_coefficients(gram, int(max_iter), float(tol))
-    coef = coef.to(device=flat.device, dtype=torch.float32)
+    coef = coef.to(device=flat.device, dtype=flat.dtype)
     return _combine(coef, flat).view(models.shape[1:])

@@ -1,0 +1,73 @@
+"""fp64 inputs are merged in fp64 (the mergers' compute_dtype fp64); everything else in fp32."""
+import pytest
+import torch
+
+import merge_methods as mm
+
+
+def _inputs(shape, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g) * 0.02
+    return base, [base + 0.002 * torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def _count(spec):
+    return spec.max_models if spec.max_models is not None and spec.max_models < 3 else max(3, spec.min_models)
+
+
+def test_linear_in_fp64_is_the_fp64_formula():
+    """Σ wᵢxᵢ / Σ wᵢ evaluated in fp64, bit for bit; the same inputs in fp32 give the fp32 rounding of it."""
+    _, xs = _inputs((4096,), 3)
+    xs64 = [x.double() for x in xs]
+    w = [0.3, 0.5, 0.2]
+    got = mm.create("linear").merge(None, xs64, weight=w)
+    w64 = torch.tensor(w, dtype=torch.float64)
+    want = torch.tensordot(w64, torch.stack(xs64), dims=1) / w64.sum()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+    got32 = mm.create("linear").merge(None, xs, weight=w)
+    assert got32.dtype == torch.float32
+    # fp32 math loses what fp64 keeps: the fp32 result is further from the exact value
+    assert (got32.double() - want).abs().max() > (got - want).abs().max()
+
+
+def _check_fp64(spec, shape):
+    base, xs = _inputs(shape, _count(spec))
+    b = base if spec.base != "none" else None
+    m = mm.create(spec.name, **({"ratio": 0.3} if spec.name == "weighted_sum" else {}))
+    out32 = m.merge(b, xs, key="k", seed=3)
+    out64 = m.merge(None if b is None else b.double(), [x.double() for x in xs], key="k", seed=3)
+    assert out64.dtype == torch.float64 and out64.shape == out32.shape
+    assert torch.isfinite(out64).all()
+    close = torch.isclose(out64, out32.double(), rtol=1e-5, atol=1e-8)
+    # arcee_fusion's importance threshold may flip a few entries that sit on it
+    assert close.float().mean() >= (0.9 if spec.name == "arcee_fusion" else 1.0), spec.name
+    # computed in fp64, not widened from fp32: bits beyond fp32's (but for methods that pick input entries)
+    if spec.name not in ("passthrough", "arcee_fusion"):
+        assert not torch.equal(out64, out64.float().double()), spec.name
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (3000,), (40, 8, 3, 3)])
+@pytest.mark.parametrize("spec", mm.all_specs(), ids=lambda s: s.name)
+def test_every_method_runs_in_fp64(spec, shape):
+    """Every method runs on fp64 inputs: fp64 out, near the fp32 result (within what fp32 rounding and
+    thresholds flipping at the margin allow)."""
+    _check_fp64(spec, shape)
+
+
+@pytest.mark.parametrize("name", ["linear", "ties", "task_arithmetic", "weighted_sum"])
+def test_large_cpu_tensors_in_fp64(name):
+    """Above one slice on the CPU, fp64 takes the whole-tensor path (the sliced and streamed paths are
+    fp32-only) and still merges in fp64."""
+    _check_fp64(mm.get_spec(name), ((1 << 20) + 5,))
+
+
+def test_mixed_precision_inputs_compute_in_fp64_when_one_is_fp64():
+    base, xs = _inputs((4096,), 2)
+    m = mm.create("task_arithmetic")
+    mixed = m.merge(base, [xs[0].double(), xs[1]])
+    assert mixed.dtype == torch.float32          # the base's dtype, computed in fp64
+    b64 = base.double()
+    want = (b64 + ((xs[0].double() - b64) + (xs[1].double() - b64))).float()
+    assert torch.equal(mixed, want)
+    assert not torch.equal(m.merge(base, xs), want)     # fp32 math rounds differently somewhere
