@@ -177,7 +177,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
 
     if device.type != "cpu":
         biggest = max((ref_src.raw(k).numel() for k in keys), default=0)
-        mm.free_memory(biggest * 4 * (len(inputs) + 4), device)
+        mm.free_memory(biggest * work_dtype.itemsize * (len(inputs) + 4), device)
     pbar = comfy.utils.ProgressBar(len(keys))
     merged: Dict[str, torch.Tensor] = {}
     memory = contextlib.ExitStack()

@@ -54,9 +54,9 @@ class KeySource:
 
     def read_only(self) -> "KeySource":
         """A KeySource whose :meth:`read` may return the stored weight itself (no copy, in its stored
-        dtype) when it has no patches, no conversion and is already on the device: for callers that only
-        read the result (a merge stacks its inputs into a new fp32 tensor anyway).  Never write into what
-        it returns."""
+        dtype) when it has no patches, no conversion, is already on the device and is stored in a dtype
+        that serves the requested one (``_AS_IS``): for callers that only read the result (a merge stacks
+        its inputs into a new fp32 or fp64 tensor anyway).  Never write into what it returns."""
         return KeySource(self.entries, self.model, copies=False)
 
     def _plain(self, key: str) -> bool:
@@ -97,7 +97,8 @@ class KeySource:
         convert = convert or _identity
         if weight.device.type == "meta":
             raise RuntimeError(f"weight '{key}' is not materialized (meta device); load the model first")
-        if not self.copies and len(entry) == 1 and weight.device == device and weight.is_floating_point() \
+        if not self.copies and len(entry) == 1 and weight.device == device \
+                and weight.dtype in _AS_IS.get(dtype, ()) \
                 and type(weight) in (torch.Tensor, torch.nn.Parameter) and self._plain(key):
             return weight.detach()          # see read_only()
         t = mm.cast_to_device(weight, device, torch.float32, copy=True)
@@ -107,6 +108,13 @@ class KeySource:
         if dtype != torch.float32:
             t = t.to(dtype)
         return t
+
+
+# Stored dtypes that read_only() hands over as they are, per requested dtype: a merge method computes in
+# fp32 from any of the first, in fp64 from fp64 inputs, and returns its result in the stored dtype, which
+# must hold the merged value as well as the result's own storage_dtype would: fp8 does not (its results
+# are kept in bf16), so fp8 is always read as a copy in the requested dtype.
+_AS_IS = {torch.float32: (torch.float16, torch.bfloat16, torch.float32), torch.float64: (torch.float64,)}
 
 
 def _raw(entry) -> torch.Tensor:

@@ -76,7 +76,8 @@ def _torch_dtype(dtype):
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp8_e4m3fn": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn}
     try:
         return names[str(dtype).lower()]
     except KeyError:
@@ -749,7 +750,7 @@ class SmallModelLoader:
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
             "delta_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
             "delta_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.0001}),
-            "dtype": (["fp32", "fp16", "bf16"], {"default": "fp32"}),
+            "dtype": (["fp32", "fp16", "bf16", "fp8_e4m3fn"], {"default": "fp32"}),
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP")

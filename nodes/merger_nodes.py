@@ -74,7 +74,8 @@ def _common_inputs(kind: str) -> List[Any]:
         io.Combo.Input("device", options=["auto", "cpu", "gpu"], default="auto",
                        tooltip="Where the math runs: auto = ComfyUI's device (the GPU when there is one)."),
         io.Combo.Input("compute_dtype", options=["fp32", "fp64"], default="fp32",
-                       tooltip="Precision of the math; results are stored in the base's dtype."),
+                       tooltip="Precision of the math: fp32, or fp64 (slower; every method then computes in "
+                               "fp64). Results are rounded once to the base's dtype (bf16 for an fp8 base)."),
         io.Combo.Input("on_mismatch", options=["error", "skip"], default="error",
                        tooltip="Keys missing from a model or with another shape: stop with a list of them, or "
                                "skip them (they keep the base) with one warning."),

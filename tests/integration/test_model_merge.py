@@ -182,6 +182,73 @@ def test_weighted_sum_equals_modelmergesimple(harness):
         assert torch.equal(a.half().float(), a)
 
 
+@pytest.mark.parametrize("base_dtype,model_dtype", [("fp8_e4m3fn", "fp8_e4m3fn"), ("fp32", "fp8_e4m3fn")])
+def test_fp8_weights_are_dequantized_and_kept_in_a_dtype_comfyui_patches(harness, base_dtype, model_dtype):
+    """fp8 weights (kept as UNETLoader's weight_dtype fp8_e4m3fn keeps them: fp8 storage, manual-cast layers)
+    are merged from their fp32 values; an fp8 base's results are kept in bf16, which ComfyUI casts into the
+    fp8 layer when it patches, a float base's in its own dtype."""
+    mm = pack(harness, "merge_methods")
+    per_model = [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}]
+    g = _merge_graph("SD15", "MergeLab_Method_ties", {}, 2, True, per_model, dtype=model_dtype)
+    g["base"]["inputs"]["dtype"] = base_dtype
+    out = harness.run_ok(harness.with_defaults(g)).captured["out"]
+    base = fixtures.small_model("SD15", dtype=base_dtype)
+    models = [fixtures.small_model("SD15", dtype=model_dtype, delta_seed=i + 1, delta_scale=DELTA) for i in range(2)]
+    assert models[0].model.state_dict()[KEY_FP8].dtype == torch.float8_e4m3fn
+    stored = torch.bfloat16 if base_dtype == "fp8_e4m3fn" else torch.float32
+    method = mm.create("ties")
+    keys = [k for k in base.model.state_dict() if k.startswith("diffusion_model.")]
+    for key in sample_keys(keys, 16):
+        xs = [m.model.state_dict()[key].float() for m in models]
+        want = method.merge(base.model.state_dict()[key].float(), xs, key=key, seed=7, weight=[1.0, 0.5],
+                            density=[0.5, 0.5])
+        assert not torch.equal(want, xs[0]) and torch.isfinite(want).all(), key
+        patch = out.patches[key][-1][1][1][0]
+        assert patch.dtype == stored, key
+        assert torch.equal(patch, want.to(stored)), key
+    # ComfyUI patches the result into the layer's own storage (fp8 stays fp8), and unpatching restores it
+    before = base.model.state_dict()[KEY_FP8].clone()
+    try:
+        with torch.no_grad():           # as ComfyUI patches when it loads a model
+            out.patch_weight_to_device(KEY_FP8)
+        layer = out.model.state_dict()[KEY_FP8]
+        assert layer.dtype == before.dtype
+        want = out.patches[KEY_FP8][-1][1][1][0].float()
+        step = (want.abs() * 2.0 ** -3 + 2.0 ** -9) if base_dtype == "fp8_e4m3fn" else 0.0
+        assert ((layer.float() - want).abs() <= step).all()
+    finally:
+        out.unpatch_model()
+    assert torch.equal(base.model.state_dict()[KEY_FP8], before)
+
+
+KEY_FP8 = "diffusion_model.input_blocks.1.1.proj_in.weight"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_compute_dtype_fp64_merges_in_fp64(harness, dtype):
+    """compute_dtype fp64: every key is merge_methods applied to the fp64 weights, rounded once to the
+    base's dtype; and it is not the fp32 merge (which rounds differently on some keys)."""
+    mm = pack(harness, "merge_methods")
+    per_model = [{"weight": 0.7}, {"weight": 0.2}, {"weight": 0.4}]
+    g = merge_graph("SD15", "MergeLab_Method_linear", {}, 3, False, per_model, dtype=dtype,
+                    extra={"compute_dtype": "fp64"})
+    g64 = harness.run_ok(g).captured["out"]
+    g["merge"]["inputs"]["compute_dtype"] = "fp32"
+    g32 = harness.run_ok(g).captured["out"]
+    models = [fixtures.small_model("SD15", dtype=dtype, delta_seed=i + 1, delta_scale=DELTA) for i in range(3)]
+    method = mm.create("linear")
+    sds = [m.model.state_dict() for m in models]
+    differ = 0
+    for key in g64.patches:
+        xs = [sd[key].double() for sd in sds]
+        want = method.merge(None, xs, key=key, seed=7, weight=[0.7, 0.2, 0.4])
+        got = g64.patches[key][-1][1][1][0]
+        assert got.dtype == sds[0][key].dtype, key
+        assert torch.equal(got, want.to(got.dtype)), key
+        differ += not torch.equal(got, g32.patches[key][-1][1][1][0])
+    assert differ > 0
+
+
 def test_block_weights_equal_modelmergesd1(harness):
     """weighted_sum scaled by per-block factors == ComfyUI's ModelMergeSD1 with the same block ratios."""
     import nodes as comfy_nodes
