@@ -348,20 +348,23 @@ def resize_lora(lora: Lora, spec: RankSpec, device: str = "auto", clamp_quantile
 
 
 def _resize_one(k, layer, spec, svd, seed, clamp_quantile, dev, out, stats) -> None:
-    if layer.kind == "diff":
-        out[k] = layer
+    if layer.kind == "diff" and len(layer.shape) < 2:
+        out[k] = layer                                      # a bias or norm difference: nothing to factorize
         stats.append(LayerStat(k, layer.shape, "diff", note="kept"))
         return
-    if layer.kind == "patch":
+    if layer.kind in ("diff", "patch"):
+        # a full difference (one a LoRA file holds, or LoRA Stack's sum of a LoHa/LoKr with others) or an
+        # opaque patch: its ΔW is factorized to the rank like any other layer
+        what = "factorized diff" if layer.kind == "diff" else "converted patch"
         delta = layer.delta(dev, torch.float32, k)
         if delta.dim() < 2:
             out[k] = LoraLayer.from_diff(delta.cpu())
-            stats.append(LayerStat(k, layer.shape, "diff", note="converted patch"))
+            stats.append(LayerStat(k, layer.shape, "diff", note=what))
         else:
             f = factorize(as_matrix(delta), spec, svd, seed=key_seed(seed, key_text(k)),
                           clamp_quantile=clamp_quantile)
             out[k] = LoraLayer.from_factors(layer.shape, f.up.cpu(), f.down.cpu())
-            stats.append(LayerStat(k, layer.shape, "lora", f.rank, f.rel_error, f.norm, "converted patch"))
+            stats.append(LayerStat(k, layer.shape, "lora", f.rank, f.rel_error, f.norm, what))
         return
     if spec.mode == "fixed" and layer.rank <= spec.rank and clamp_quantile is None:
         out[k] = layer
@@ -527,7 +530,8 @@ def _merge_one(key, shape, inputs, m, per_model, coeffs, spec, svd, seed, dev, c
     present = [(j, inp.lora.layers[key]) for j, inp in enumerate(inputs) if key in inp.lora.layers]
     layer, st = None, None
     if coeffs is not None:
-        layer, st = _linear_layer(key, shape, [(l, coeffs[j]) for j, l in present], spec, dev, clamp_quantile)
+        layer, st = _linear_layer(key, shape, [(l, coeffs[j]) for j, l in present], spec, svd, seed, dev,
+                                  clamp_quantile)
     else:
         deltas = []
         for j in range(n):
@@ -554,7 +558,8 @@ def _merge_one(key, shape, inputs, m, per_model, coeffs, spec, svd, seed, dev, c
     return layer, st
 
 
-def _linear_layer(key, shape, parts: Sequence[Tuple[LoraLayer, float]], spec: RankSpec, dev, clamp):
+def _linear_layer(key, shape, parts: Sequence[Tuple[LoraLayer, float]], spec: RankSpec, svd: SVDOptions, seed: int,
+                  dev, clamp):
     parts = [(l, c) for l, c in parts if c != 0.0]
     if not parts:
         return None, None
@@ -579,8 +584,8 @@ def _linear_layer(key, shape, parts: Sequence[Tuple[LoraLayer, float]], spec: Ra
     for l, c in parts:
         d = l.delta(dev, torch.float32, key) * c
         total = d if total is None else total.add_(d)
-    if len(shape) >= 2 and "lora" in kinds:
-        f = factorize(as_matrix(total), spec, SVDOptions(), seed=key_seed(0, key_text(key)), clamp_quantile=clamp)
+    if len(shape) >= 2 and kinds != {"diff"}:     # as on the ΔW path: low-rank inputs give a low-rank layer
+        f = factorize(as_matrix(total), spec, svd, seed=key_seed(seed, key_text(key)), clamp_quantile=clamp)
         return (LoraLayer.from_factors(shape, f.up.cpu(), f.down.cpu()),
                 LayerStat(key, shape, "lora", f.rank, f.rel_error, f.norm))
     return LoraLayer.from_diff(total.cpu()), LayerStat(key, shape, "diff")

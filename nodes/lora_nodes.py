@@ -303,7 +303,10 @@ class ResizeLoraNode(io.ComfyNode):
             display_name="Resize LoRA",
             category=CATEGORY,
             description="Change a LoRA's rank, keeping its strength: each layer's ΔW is re-factorized exactly "
-                        "(SVD of its factors) and truncated to the rank the mode chooses; alpha/rank is kept.",
+                        "(SVD of its factors) and truncated to the rank the mode chooses; alpha/rank is kept. "
+                        "LoHa/LoKr layers and full differences of 2-D and conv weights (as LoRA Stack makes of a "
+                        "LoHa at a strength other than 1) are factorized too; 1-D differences (biases, norms) "
+                        "are kept.",
             inputs=[LoraType.Input("lora", tooltip="The LoRA to resize.")] + _rank_inputs(16)
                    + [_clamp_input(), _device_input()],
             outputs=[LoraType.Output(display_name="LORA"),

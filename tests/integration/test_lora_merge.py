@@ -222,3 +222,74 @@ def test_resize_keeps_strength_and_truncates_optimally(harness):
             want = scaled.layers[k].delta()
             err = float(torch.linalg.norm(l.delta() - want) / torch.linalg.norm(want))
             assert err <= math.sqrt(1 - 0.81) + 1e-4
+
+
+T_ATTN = "diffusion_model.output_blocks.5.1.transformer_blocks.0.attn1.to_q.weight"     # 96 x 96
+
+
+def _loha_and_lora(harness, tmp_path):
+    """A LoHa (hada factors of rank 8) and a plain rank-8 LoRA on the same 96 x 96 weight of the small SD15."""
+    import safetensors.torch
+    lio = pack(harness, "engine.lora_io")
+    base = fixtures.small_model("SD15")
+    name = sorted(n for n, t in lio.key_map_for(base).items() if t == T_ATTN and n.startswith("lora_unet_"))[0]
+    g = torch.Generator().manual_seed(0)
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    loha = {f"{name}.hada_w1_a": rn(96, 8), f"{name}.hada_w1_b": rn(8, 96), f"{name}.hada_w2_a": rn(96, 8),
+            f"{name}.hada_w2_b": rn(8, 96), f"{name}.alpha": torch.tensor(8.0)}
+    plain = {f"{name}.lora_up.weight": rn(96, 8), f"{name}.lora_down.weight": rn(8, 96), f"{name}.alpha": torch.tensor(8.0)}
+    out = []
+    for tag, tensors in (("loha", loha), ("plain", plain)):
+        path = str(tmp_path / f"{tag}.safetensors")
+        safetensors.torch.save_file(tensors, path)
+        out.append(lio.load_lora_file(path, base, name=tag))
+    assert out[0].layers[T_ATTN].kind == "patch" and out[1].layers[T_ATTN].kind == "lora"
+    return out
+
+
+def test_linear_merge_factorizes_loha_layers_to_the_rank(harness, tmp_path):
+    """A linear-family merge of layers that are not all LoRA factors (a LoHa, alone or with a LoRA) is
+    factorized to the chosen rank, optimally, with the merger's seed; only plain differences stay full."""
+    svd = pack(harness, "engine.lora_svd")
+    loha, plain = _loha_and_lora(harness, tmp_path)
+    VALUES.update(loha=loha, plain=plain)
+    mi = dict(method_inputs(harness, "MergeLab_Method_linear"))
+    for entries in ([("loha", {})], [("loha", {"weight": 0.7}), ("plain", {"weight": 0.3})]):
+        runs = [harness.run_ok(merge_graph("MergeLab_Method_linear", mi, entries, rank=4, seed=s)).captured["lora"]
+                for s in (0, 0, 7)]
+        layer = runs[0].layers[T_ATTN]
+        assert layer.kind == "lora" and layer.rank == 4, entries
+        lorae = [VALUES[k] for k, _ in entries]
+        w = [p.get("weight", 1.0) for _, p in entries]
+        normalize = mi.get("normalize", True)
+        want = sum(wi * l.layers[T_ATTN].delta() for wi, l in zip(w, lorae)) / (sum(w) if normalize else 1.0)
+        err = float(torch.linalg.norm(layer.delta() - want) / torch.linalg.norm(want))
+        assert err == pytest.approx(svd.optimal_rank_error(want, 4), rel=2e-3), entries
+        assert torch.equal(runs[0].layers[T_ATTN].delta(), runs[1].layers[T_ATTN].delta())
+        # the seed drives the randomized SVD
+        assert not torch.equal(runs[0].layers[T_ATTN].delta(), runs[2].layers[T_ATTN].delta())
+
+
+def test_resize_factorizes_full_differences(harness, tmp_path):
+    """LoRA Stack turns a LoHa at strength 0.5 into a full difference; Resize then factorizes it to the rank
+    (optimally), as it does the LoHa itself."""
+    lora_mod = pack(harness, "engine.lora")
+    svd = pack(harness, "engine.lora_svd")
+    loha, _ = _loha_and_lora(harness, tmp_path)
+    stacked = lora_mod.stack_loras([(loha, 0.5, 1.0)])
+    assert stacked.layers[T_ATTN].kind == "diff"
+    for tag, src in (("stacked", stacked), ("loha", loha)):
+        VALUES["r"] = src
+        g = {"v": {"class_type": "MergeLabTest_LoraValue", "inputs": {"key": "r"}},
+             "r": {"class_type": "MergeLab_ResizeLoRA", "inputs": {"lora": ["v", 0], "rank_mode": "fixed", "rank": 4,
+                                                                   "rank_param": 0.9, "clamp_quantile": 1.0,
+                                                                   "device": "auto"}},
+             "cap": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["r", 0], "name": "out"}}}
+        layer = harness.run_ok(g).captured["out"].layers[T_ATTN]
+        assert layer.kind == "lora" and layer.rank == 4, tag
+        want = src.layers[T_ATTN].delta()
+        err = float(torch.linalg.norm(layer.delta() - want) / torch.linalg.norm(want))
+        assert err == pytest.approx(svd.optimal_rank_error(want, 4), rel=2e-3), tag
