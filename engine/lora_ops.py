@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..merge_methods import MergeError, MergeMethod, key_seed
-from .lora import (Lora, LoraError, LoraLayer, LayerKey, arch_of, key_text, merge_arch)
+from .lora import (Lora, LoraError, LoraLayer, LayerKey, arch_of, base_key, key_text, merge_arch)
 from .precision import full_fp32_matmul
 from .weights import CLIP_OPTIONAL_SUFFIXES
 from .lora_svd import (RankSpec, SVDOptions, as_matrix, factorize, factorize_product,
@@ -483,6 +483,9 @@ def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: Ran
             elif tuple(l.shape) != shapes[k]:
                 raise LoraError(f"layer {key_text(k)} has shape {tuple(l.shape)} in one LoRA and {shapes[k]} in another: "
                                 "the LoRAs were made for different architectures")
+    whole: Dict[str, Dict[int, List[LayerKey]]] = {}
+    if coeffs is None:
+        keys, shapes, whole = _whole_weight_groups(inputs, keys, shapes)
     if spec.mode == "fixed":
         _check_rank_fits(spec, [shapes[k] for k in keys], "LoRA")
     dev = _device(device)
@@ -497,7 +500,7 @@ def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: Ran
             prog.check()
             with single_thread_if_small(_numel(shapes[key]), dev):
                 layer, st = _merge_one(key, shapes[key], inputs, m, per_model, coeffs, spec, svd, seed, dev,
-                                       clamp_quantile, base_needed)
+                                       clamp_quantile, base_needed, whole.get(key))
             if layer is None:
                 dropped += 1
             else:
@@ -525,9 +528,62 @@ def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: Ran
     return merged_lora, "\n".join(lines)
 
 
-def _merge_one(key, shape, inputs, m, per_model, coeffs, spec, svd, seed, dev, clamp_quantile, base_needed):
+def _whole_weight_groups(inputs, keys: List[LayerKey], shapes: Dict[LayerKey, Tuple[int, ...]]):
+    """For the ΔW path: the weights that the LoRAs address under different key forms (one as slices of a
+    fused weight, e.g. a diffusers Flux LoRA's q/k/v of ``img_attn.qkv``, another with the fused key) are
+    merged on the whole weight's ΔW, not slice by slice against zeros (which a non-linear method gets
+    wrong).  Returns the keys (such a weight once, as its plain key), their shapes, and per such weight the
+    layer keys of each input that fill it."""
+    per_weight: Dict[str, List[LayerKey]] = {}
+    for k in keys:
+        per_weight.setdefault(base_key(k), []).append(k)
+    whole: Dict[str, Dict[int, List[LayerKey]]] = {}
+    for w, ks in per_weight.items():
+        forms = {frozenset(k for k in ks if k in i.lora.layers) for i in inputs} - {frozenset()}
+        if len(forms) <= 1:
+            continue
+        if w not in shapes:
+            raise LoraError(f"the LoRAs address {w} in different slices and none of them covers it whole, so it "
+                            "cannot be merged with a non-linear method; use linear, task arithmetic or "
+                            "passthrough")
+        whole[w] = {j: [k for k in ks if k in i.lora.layers] for j, i in enumerate(inputs)}
+    if not whole:
+        return keys, shapes, whole
+    out_keys: List[LayerKey] = []
+    for k in keys:
+        w = base_key(k)
+        if w not in whole:
+            out_keys.append(k)
+        elif w not in out_keys:
+            out_keys.append(w)
+    return out_keys, {k: shapes[k] for k in out_keys}, whole
+
+
+def _input_delta(inp, key: LayerKey, shape, dev, parts: Optional[List[LayerKey]]) -> Optional[torch.Tensor]:
+    """One input's ΔW for ``key`` (None when it has none); ``parts``: the layer keys that fill a whole weight
+    (slices placed where they belong, see :func:`_whole_weight_groups`)."""
+    if parts is None:
+        l = inp.lora.layers.get(key)
+        return None if l is None else l.delta(dev, torch.float32, key)
+    if not parts:
+        return None
+    total = torch.zeros(shape, device=dev, dtype=torch.float32)
+    for k in parts:
+        d = inp.lora.layers[k].delta(dev, torch.float32, k)
+        if isinstance(k, tuple):
+            dim, offset, size = k[1]
+            total.narrow(dim, offset, size).add_(d)
+        else:
+            total.add_(d)
+    return total
+
+
+def _merge_one(key, shape, inputs, m, per_model, coeffs, spec, svd, seed, dev, clamp_quantile, base_needed,
+               whole: Optional[Dict[int, List[LayerKey]]] = None):
     n = len(inputs)
     present = [(j, inp.lora.layers[key]) for j, inp in enumerate(inputs) if key in inp.lora.layers]
+    if whole is not None:
+        present = [(j, inputs[j].lora.layers[k]) for j in range(n) for k in whole[j]]
     layer, st = None, None
     if coeffs is not None:
         layer, st = _linear_layer(key, shape, [(l, coeffs[j]) for j, l in present], spec, svd, seed, dev,
@@ -535,9 +591,8 @@ def _merge_one(key, shape, inputs, m, per_model, coeffs, spec, svd, seed, dev, c
     else:
         deltas = []
         for j in range(n):
-            l = inputs[j].lora.layers.get(key)
-            deltas.append(l.delta(dev, torch.float32, key) if l is not None
-                          else torch.zeros(shape, device=dev, dtype=torch.float32))
+            d = _input_delta(inputs[j], key, shape, dev, None if whole is None else whole[j])
+            deltas.append(d if d is not None else torch.zeros(shape, device=dev, dtype=torch.float32))
         base = torch.zeros(shape, device=dev, dtype=torch.float32) if base_needed else None
         try:
             merged = m.merge(base, deltas, key=key_text(key), seed=seed, **per_model)

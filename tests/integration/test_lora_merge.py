@@ -293,3 +293,43 @@ def test_resize_factorizes_full_differences(harness, tmp_path):
         want = src.layers[T_ATTN].delta()
         err = float(torch.linalg.norm(layer.delta() - want) / torch.linalg.norm(want))
         assert err == pytest.approx(svd.optimal_rank_error(want, 4), rel=2e-3), tag
+
+
+def test_nonlinear_merge_of_sliced_and_fused_keys_runs_on_the_whole_weight(harness, tmp_path):
+    """A diffusers Flux LoRA (q/k/v apart: slices of the fused img_attn.qkv) and one with the fused key: a
+    non-linear method runs on each LoRA's whole ΔW of that weight, as ComfyUI applies them, not on the
+    slices against zeros."""
+    import safetensors.torch
+    lora_mod, lio, weights = pack(harness, "engine.lora"), pack(harness, "engine.lora_io"), pack(harness, "engine.weights")
+    mm = pack(harness, "merge_methods")
+    base = fixtures.small_model("Flux")
+    q = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    shape = lora_mod.weight_shapes(base)[q]
+    g = torch.Generator().manual_seed(0)
+    split = {}
+    for part in ("to_q", "to_k", "to_v"):
+        n = f"transformer.transformer_blocks.0.attn.{part}"
+        split[n + ".lora_A.weight"] = torch.randn(4, shape[1], generator=g) * 0.1
+        split[n + ".lora_B.weight"] = torch.randn(shape[0] // 3, 4, generator=g) * 0.1
+    safetensors.torch.save_file(split, str(tmp_path / "split.safetensors"))
+    a = lio.load_lora_file(str(tmp_path / "split.safetensors"), base, name="split")
+    assert all(isinstance(k, tuple) for k in a.layers)
+    fused = lora_mod.LoraLayer.from_factors(shape, torch.randn(shape[0], 4, generator=g) * 0.1,
+                                            torch.randn(4, shape[1], generator=g) * 0.1)
+    b = lora_mod.Lora.make({q: fused}, {}, dict(a.arch), {"kind": "test", "name": "fused"})
+    VALUES.update(split=a, fused=b)
+
+    def applied(lora):
+        patched = lora_mod.apply_lora(lora, base, None, 1.0, 0)[0]
+        cpu = torch.device("cpu")
+        return weights.KeySource.of(patched).read(q, cpu) - weights.KeySource.of(base).read(q, cpu)
+
+    mi = dict(method_inputs(harness, "MergeLab_Method_ties"))
+    res = harness.run_ok(merge_graph("MergeLab_Method_ties", mi, [("split", {"density": 0.5}), ("fused", {"density": 0.5})],
+                                     rank=min(shape)))
+    out = res.captured["lora"]
+    assert list(out.layers) == [q]
+    want = mm.create("ties", **mi).merge(torch.zeros(shape), [applied(a), applied(b)], key=q, seed=0,
+                                         weight=[1.0, 1.0], density=[0.5, 0.5])
+    got = applied(out)
+    assert float(torch.linalg.norm(got - want)) <= 1e-4 * float(torch.linalg.norm(want)), q
