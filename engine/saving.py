@@ -35,14 +35,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from . import safetensors_writer as stw
-from .weights import KeySource, UNET_PREFIX, storage_dtype
+from .weights import KeySource, UNET_PREFIX, is_quantized as _is_quantized, quant_scale_keys, storage_dtype
 
 log = logging.getLogger("MergeLab")
 
 DTYPE_CHOICES = ("keep", "fp16", "bf16", "fp32")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _STD_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_QUANT_SIBLINGS = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale")
 # CLIPSave's split of a CLIP's state dict into one file per text encoder (ComfyUI 0.3.64 / 0.3.75)
 CLIP_FILE_PREFIXES = ("clip_l.", "clip_g.", "clip_h.", "t5xxl.", "pile_t5xl.", "mt5xl.", "umt5xxl.", "t5base.",
                       "gemma2_2b.", "llama.", "hydit_clip.", "")
@@ -78,15 +77,6 @@ class Part:
     items: Dict[str, _Item] = field(default_factory=dict)
 
 
-def _is_quantized(t) -> bool:
-    return type(t).__name__ == "QuantizedTensor"
-
-
-def _is_float8(dtype) -> bool:
-    return dtype in tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                                                       "float8_e5m2fnuz") if hasattr(torch, n))
-
-
 def _cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     """``t`` on the CPU in ``dtype`` (floats only); no copy when it already is."""
     t = t.detach()
@@ -117,26 +107,10 @@ def _lone_set_patch(entry, raw) -> Optional[torch.Tensor]:
     return t
 
 
-def _quant_dropped(keys: Iterable[str], raw_of: Callable[[str], Any]) -> set:
-    """Scale keys of fp8 / quantized layers: dropped, since those weights are saved dequantized."""
-    keys = list(keys)
-    ks = set(keys)
-    out = set()
-    for k in keys:
-        for suf in _QUANT_SIBLINGS:
-            if k.endswith(suf):
-                w = k[: -len(suf)] + ".weight"
-                if w in ks:
-                    r = raw_of(w)
-                    if _is_float8(getattr(r, "dtype", None)) or _is_quantized(r):
-                        out.add(k)
-    return out
-
-
 def part_from_keysource(name: str, ks: KeySource, strip: str = "") -> Part:
     """The tensors of a MODEL (``strip="diffusion_model."``) or CLIP, with their patches applied."""
     part = Part(name)
-    dropped = _quant_dropped(ks.entries.keys(), ks.raw)
+    dropped = quant_scale_keys(ks.entries.keys(), ks.raw)
     cpu = torch.device("cpu")
     for key, entry in ks.entries.items():
         if key in dropped:

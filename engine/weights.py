@@ -70,7 +70,11 @@ class KeySource:
             return False
 
     def keys(self) -> List[str]:
-        return [k for k, e in self.entries.items() if _mergeable(k, _raw(e))]
+        """The keys to merge: float (or quantized) weights, without the scales of fp8 / quantized layers
+        (:func:`quant_scale_keys`)."""
+        keys = [k for k, e in self.entries.items() if _mergeable(k, _raw(e))]
+        scales = quant_scale_keys(keys, self.raw)
+        return [k for k in keys if k not in scales] if scales else keys
 
     def raw(self, key: str) -> torch.Tensor:
         return _raw(self.entries[key])
@@ -128,8 +132,35 @@ def _mergeable(key: str, t: torch.Tensor) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or _is_quantized(t))
 
 
-def _is_quantized(t) -> bool:
+def is_quantized(t) -> bool:
     return type(t).__name__ == "QuantizedTensor"
+
+
+_is_quantized = is_quantized
+
+_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                if hasattr(torch, n))
+# the per-layer scales that scaled-fp8 / quantized checkpoints store beside a layer's weight
+QUANT_SIBLINGS = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale")
+
+
+def quant_scale_keys(keys, raw_of) -> set:
+    """The scale keys of fp8 / quantized layers among ``keys`` (``raw_of(key)``: the stored tensor).  The
+    weight a KeySource reads is already dequantized by them, so they are neither merged nor saved: a merged
+    scale would be swapped in after ComfyUI re-quantized the merged weight with the old one, and a saved
+    file holds dequantized weights."""
+    keys = list(keys)
+    present = set(keys)
+    out = set()
+    for k in keys:
+        for suf in QUANT_SIBLINGS:
+            if k.endswith(suf):
+                w = k[: -len(suf)] + ".weight"
+                if w in present:
+                    r = raw_of(w)
+                    if getattr(r, "dtype", None) in _FLOAT8 or is_quantized(r):
+                        out.add(k)
+    return out
 
 
 def storage_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -678,6 +678,37 @@ def _build_small_model(arch, seed, dtype=None, delta_seed=None, delta_scale=0.0)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
 
 
+def small_scaled_fp8_model(arch: str, seed: int = 0, delta_seed: Optional[int] = None, delta_scale: float = 0.0,
+                           scale_mult: float = 1.0):
+    """An uncached small model stored as scaled fp8, as "fp8_scaled" checkpoints load in ComfyUI: each
+    linear layer keeps its weight in fp8 e4m3fn divided by a per-layer fp32 ``scale_weight`` (its largest
+    magnitude / 448, times ``scale_mult``); the effective weights are the :func:`small_model` values
+    rounded through that storage."""
+    torch = _comfy()
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    delta_seed, delta_scale = _norm_delta(delta_seed, delta_scale)
+    cls = config_class(arch)
+    cfg = small_unet_config(arch)
+    model_config = cls(cfg)
+    model_config.unet_config.update(cfg)
+    model_config.scaled_fp8 = torch.float8_e4m3fn
+    model_config.set_inference_dtype(torch.float32, None)
+    with _quiet(), torch.inference_mode(False):
+        model = _get_model(cls, model_config, mm.unet_offload_device())
+        _fill_module(model, seed, delta_seed, delta_scale, only_prefix="diffusion_model.")
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                w = getattr(module, "weight", None)
+                if hasattr(module, "scale_weight") and w is not None and w.dtype == torch.float8_e4m3fn:
+                    value = fill_value(name + ".weight", w.shape, seed, delta_seed, delta_scale)
+                    scale = value.abs().max() / 448.0 * scale_mult
+                    w.data.copy_((value / scale).to(torch.float8_e4m3fn))
+                    module.scale_weight.data.copy_(scale)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def small_clip(arch: str, seed: int = 0, dtype=None, delta_seed: Optional[int] = None, delta_scale: float = 0.0):
     """A small real ``comfy.sd.CLIP`` with the text encoders of ``arch`` (SD15: clip_l; SDXL: clip_l +
     clip_g; Flux: clip_l + t5xxl).  Built through ComfyUI's own path (the config class's ``clip_target``

@@ -224,6 +224,87 @@ def test_fp8_weights_are_dequantized_and_kept_in_a_dtype_comfyui_patches(harness
 KEY_FP8 = "diffusion_model.input_blocks.1.1.proj_in.weight"
 
 
+class _ScaledFp8Loader:
+    """Test node: the small SD15 stored as scaled fp8 (fixtures.small_scaled_fp8_model); b is a tuned copy
+    whose scales are twice as large."""
+    _cache = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"which": (["a", "b"],)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, which):
+        if which not in self._cache:
+            self._cache[which] = (fixtures.small_scaled_fp8_model("SD15") if which == "a" else
+                                  fixtures.small_scaled_fp8_model("SD15", delta_seed=1, delta_scale=0.005,
+                                                                  scale_mult=2.0))
+        return (self._cache[which].clone(),)
+
+
+def _sampled_weights(patcher, keys):
+    """The weights ComfyUI computes with after patching the model (full load on the CPU): dequantized by
+    each scaled-fp8 layer's scale_weight."""
+    import comfy.utils
+    with torch.no_grad():
+        patcher.patch_model(device_to=torch.device("cpu"))
+    try:
+        out = {}
+        for k in keys:
+            module = comfy.utils.get_attr(patcher.model, k.rpartition(".")[0])
+            t = module.weight.detach().float().clone()
+            if t.dtype != module.weight.dtype and hasattr(module, "scale_weight"):
+                t = t * module.scale_weight.detach().float()
+            out[k] = t
+        return out
+    finally:
+        patcher.unpatch_model()
+
+
+def test_scaled_fp8_layers_merge_to_what_comfyui_samples_with(harness):
+    """Scaled-fp8 layers: the dequantized weights are merged and their scales are left alone (a merged
+    scale would be swapped in after ComfyUI re-quantized the merged weight with the old one), so the model
+    ComfyUI samples with is the merge, to fp8 precision; the same for the Masked Model Merger."""
+    harness.register_test_node("MergeLabTest_ScaledFp8", _ScaledFp8Loader)
+    g = {"a": {"class_type": "MergeLabTest_ScaledFp8", "inputs": {"which": "a"}},
+         "b": {"class_type": "MergeLabTest_ScaledFp8", "inputs": {"which": "b"}},
+         "in0": {"class_type": "MergeLab_MergeInput", "inputs": {"model": ["a", 0], "weight": 0.5}},
+         "in1": {"class_type": "MergeLab_MergeInput", "inputs": {"model": ["b", 0], "weight": 0.5,
+                                                                 "models": ["in0", 0]}},
+         "method": {"class_type": "MergeLab_Method_linear", "inputs": {}},
+         "merge": {"class_type": "MergeLab_ModelMerger", "inputs": {"method": ["method", 0], "models": ["in1", 0],
+                                                                    "device": "cpu"}},
+         "blk": {"class_type": "MergeLab_BlockMasker", "inputs": {"model": ["a", 0], "blocks": "*"}},
+         "masked": {"class_type": "MergeLab_MaskedModelMerger", "inputs": {"model_a": ["a", 0], "model_b": ["b", 0],
+                                                                          "mask": ["blk", 0], "ratio": 0.5,
+                                                                          "device": "cpu"}},
+         "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 0], "name": "merge"}},
+         "c2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["masked", 0], "name": "masked"}},
+         "ca": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["a", 0], "name": "a"}},
+         "cb": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["b", 0], "name": "b"}}}
+    got = harness.run_ok(harness.with_defaults(g)).captured
+    sd = got["a"].model.state_dict()
+    scaled = [k[: -len("scale_weight")] + "weight" for k in sd if k.endswith(".scale_weight")]
+    assert scaled and sd[scaled[0]].dtype == torch.float8_e4m3fn
+    cpu = torch.device("cpu")
+    ka, kb = (pack(harness, "engine.weights").KeySource.of(got[n]) for n in ("a", "b"))
+    keys = sample_keys(scaled, 12)
+    before = {k: sd[k].float().clone() for k in keys}
+    for name in ("merge", "masked"):
+        out = got[name]
+        assert not [k for k in out.patches if k.endswith(".scale_weight")], name
+        sampled = _sampled_weights(out, keys)
+        for k in keys:
+            want = 0.5 * ka.read(k, cpu) + 0.5 * kb.read(k, cpu)
+            rel = float(torch.linalg.norm(sampled[k] - want) / torch.linalg.norm(want))
+            assert rel < 0.05, (name, k, rel)          # fp8 rounding with a's scale: a few percent at most
+    after = got["a"].model.state_dict()
+    assert all(torch.equal(after[k].float(), before[k]) for k in keys)     # unpatched: the input is intact
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_compute_dtype_fp64_merges_in_fp64(harness, dtype):
     """compute_dtype fp64: every key is merge_methods applied to the fp64 weights, rounded once to the
