@@ -668,9 +668,11 @@ def save_clip(clip, filename_prefix: str = "clip/MergeLab", dtype: str = "keep",
               extra_metadata: Optional[Dict[str, str]] = None, output_dir: Optional[str] = None,
               default_prefix: str = "clip/MergeLab",
               progress_factory: Optional[Callable[[int], Callable[[int, int], None]]] = None,
-              threaded: bool = True, fsync: bool = True) -> List[SaveResult]:
+              threaded: bool = True, fsync: bool = True,
+              metadata_fn: Optional[Callable[[Destination], Dict[str, str]]] = None) -> List[SaveResult]:
     """Stream a CLIP to one file per text encoder, as ComfyUI's CLIPSave does
-    (``<prefix>_<encoder>_<counter>_.safetensors``, prefix and ``transformer.`` stripped)."""
+    (``<prefix>_<encoder>_<counter>_.safetensors``, prefix and ``transformer.`` stripped).
+    ``metadata_fn(dest)``: more metadata for each file (e.g. a recipe naming it)."""
     if clip is None or not hasattr(clip, "cond_stage_model"):
         raise SaveError("connect a text encoder (CLIP) to save")
     metadata: Dict[str, str] = {}
@@ -687,5 +689,6 @@ def save_clip(clip, filename_prefix: str = "clip/MergeLab", dtype: str = "keep",
         dest = destination(p, default_prefix, output_dir)
         plan = plan_clip_file(prefix, part, dtype)
         prog = progress_factory(len(plan.tensors)) if progress_factory else None
-        results.append(write_plan(plan, dest, metadata, progress=prog, threaded=threaded, fsync=fsync))
+        file_metadata = dict(metadata, **metadata_fn(dest)) if metadata_fn is not None else metadata
+        results.append(write_plan(plan, dest, file_metadata, progress=prog, threaded=threaded, fsync=fsync))
     return results

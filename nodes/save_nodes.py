@@ -85,9 +85,11 @@ def _recipe_metadata(cls, node_id: str, parts: Dict[str, Any], dtype: str, save_
             return {}
         name = dest_or_name if isinstance(dest_or_name, str) else os.path.relpath(
             dest_or_name.final_path, dest_or_name.output_dir).replace(os.sep, "/")
-        graph = rcp.graph_provenance(cls.hidden.prompt, cls.hidden.unique_id, dynprompt=cls.hidden.dynprompt,
-                                     hash_files=hash_input_files, check=_interrupt_check(),
-                                     progress_factory=_hash_progress)
+        if "graph" not in holder:           # once per node run, however many files it writes
+            holder["graph"] = rcp.graph_provenance(cls.hidden.prompt, cls.hidden.unique_id,
+                                                   dynprompt=cls.hidden.dynprompt, hash_files=hash_input_files,
+                                                   check=_interrupt_check(), progress_factory=_hash_progress)
+        graph = holder["graph"]
         saved = {"node": node_id, "file": name, "dtype": dtype,
                  "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                  "comfyui_version": _comfy_version()}
@@ -208,12 +210,11 @@ class SaveCLIPNode(io.ComfyNode):
     @classmethod
     def execute(cls, clip, filename_prefix, dtype="keep", save_recipe=True, hash_input_files=True):
         fn, holder = _recipe_metadata(cls, "MergeLab_SaveCLIP", {"clip": clip}, dtype, save_recipe, hash_input_files)
-        extra = fn(saving.sanitize_prefix(filename_prefix, "clip/MergeLab")) if save_recipe else {}
         try:
             results = saving.save_clip(clip, filename_prefix, dtype, prompt=cls.hidden.prompt,
-                                       extra_pnginfo=cls.hidden.extra_pnginfo, extra_metadata=extra,
-                                       default_prefix="clip/MergeLab",
-                                       progress_factory=lambda n: saving.comfy_progress(n))
+                                       extra_pnginfo=cls.hidden.extra_pnginfo, default_prefix="clip/MergeLab",
+                                       progress_factory=lambda n: saving.comfy_progress(n),
+                                       metadata_fn=fn if save_recipe else None)
         except (saving.SaveError, stw.SafetensorsFormatError) as e:
             _fail(e)
         text = _summary(results, holder.get("recipe"))

@@ -244,6 +244,8 @@ def test_clip_save_matches_comfyui_clipsave(harness, arch):
         b, tmeta = read_all(os.path.join(harness.output_dir, "comfy", name))
         assert_same_tensors(a, b, name)
         assert meta["format"] == "pt" and "mergelab.recipe" in meta
+        # each file's recipe names that file
+        assert json.loads(meta["mergelab.recipe"])["saved"]["file"] == f"ours/{name}"
 
 
 def test_output_dtype_conversion_rounds_once(harness):
