@@ -227,6 +227,13 @@ def _check_block_params(bw, method: MergeMethod) -> None:
         if param not in names:
             raise MergeError(f"block weights scale '{param}', but merge method '{method.name}' has no numeric "
                              f"parameter of that name (its numeric parameters: {', '.join(sorted(names)) or 'none'})")
+    global_names = {p.name for p in method.spec.global_params}
+    for entry in bw.entries:
+        if entry.param in global_names and entry.models is not None:
+            chosen = ", ".join(str(m) for m in entry.models)
+            raise MergeError(f"block weights scale '{entry.param}' for model(s) {chosen} only, but '{entry.param}' is "
+                             f"a global parameter of '{method.name}' (one value for all models): set 'models' to "
+                             f"'all' on that block-weights node ({entry.label})")
 
 
 def _patched_clone(obj, merged: Dict[str, torch.Tensor]):

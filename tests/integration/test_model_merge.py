@@ -1,6 +1,7 @@
 """Model and CLIP merging through ComfyUI's executor, checked against merge_methods applied directly."""
 import importlib
 import math
+import re
 
 import pytest
 import torch
@@ -390,6 +391,19 @@ def test_block_rules_scale_other_parameters(harness, method_name, method_inputs,
                 assert torch.equal(got, b.float()), key          # t = 0 is the base itself
             if param == "density" and factor == 0.0:             # model 2 drops out: TIES of model 1 alone
                 assert torch.equal(got, method.merge(b, xs[:1], key=key, seed=7, weight=[1.0], density=[0.6]))
+
+
+def test_block_weights_on_a_global_parameter_for_some_models_only_are_refused(harness):
+    """lambda is one value for the whole merge: block weights that scale it for model 2 only cannot be
+    honoured, so the merge stops with a message (they silently used model 1's factor)."""
+    g = _merge_graph("SD15", "MergeLab_Method_task_arithmetic", {}, 2, True, extra={"block_weights": ["bw", 0]})
+    g["bw"] = {"class_type": "MergeLab_BlockRules", "inputs": {"rules": "re:attn2=0\n", "param": "lambda",
+                                                              "models": "2"}}
+    res = harness.run(harness.with_defaults(g))
+    assert not res.success
+    assert re.search(r"'lambda' for model\(s\) 2 only.*global parameter.*set 'models' to 'all'", res.error_text())
+    g["bw"]["inputs"]["models"] = "all"
+    harness.run_ok(harness.with_defaults(g))
 
 
 def test_different_architectures_fail_before_merging(harness):
