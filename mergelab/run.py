@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mergelab.run", description=__doc__.split("\n\n")[0])
     p.add_argument("workflow", help="workflow JSON (saved from the editor, or API format)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                   help="override an input; NODE is a node id, title or unique type; VALUE is JSON or text")
+                   help="override an input; NODE is a node id, title or unique type; VALUE is JSON or text; "
+                        "INPUT may hold dots (block widgets: 9.input_blocks.4.=0)")
     p.add_argument("--models", help="models folder (with checkpoints/, loras/, ...); default: ComfyUI's own")
     p.add_argument("--output", help="output folder; default: ComfyUI's own output folder")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")

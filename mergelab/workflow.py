@@ -153,16 +153,36 @@ def to_api(workflow: dict, node_classes: Dict[str, Any]) -> Dict[str, Dict[str, 
     return prompt
 
 
+def _nodes_named(prompt: Dict[str, Dict[str, Any]], ref: str) -> List[str]:
+    """Node ids whose id, else title, else class type is ``ref``."""
+    return [nid for nid in prompt if nid == ref] or \
+        [nid for nid, n in prompt.items() if (n.get("_meta") or {}).get("title") == ref] or \
+        [nid for nid, n in prompt.items() if n["class_type"] == ref]
+
+
+def _split_target(prompt: Dict[str, Dict[str, Any]], target: str):
+    """``NODE.INPUT`` split at the dot that names a node and one of its inputs: input names may hold dots
+    (the block widgets ``input_blocks.4.``), and so may titles.  Without such a split, the last dot that
+    names a node (a new input), else the last dot."""
+    splits = [(target[:i], target[i + 1:]) for i, ch in enumerate(target) if ch == "." and i + 1 < len(target)]
+    named = [(ref, name, _nodes_named(prompt, ref)) for ref, name in splits]
+    named = [c for c in named if c[2]]
+    known = [c for c in named if len(c[2]) == 1 and c[1] in prompt[c[2][0]].get("inputs", {})]
+    if known:
+        return known[0]
+    if named:
+        return named[-1]
+    ref, _, name = target.rpartition(".")
+    return ref, name, []
+
+
 def apply_overrides(prompt: Dict[str, Dict[str, Any]], overrides: List[str]) -> None:
     """``NODE.INPUT=VALUE`` overrides; NODE is a node id, a title or a class type (when unique)."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise WorkflowError(f"--set expects NODE.INPUT=VALUE, got {item!r}")
         target, raw = item.split("=", 1)
-        node_ref, input_name = target.rsplit(".", 1)
-        ids = [nid for nid, n in prompt.items() if nid == node_ref] or \
-              [nid for nid, n in prompt.items() if (n.get("_meta") or {}).get("title") == node_ref] or \
-              [nid for nid, n in prompt.items() if n["class_type"] == node_ref]
+        node_ref, input_name, ids = _split_target(prompt, target)
         if not ids:
             raise WorkflowError(f"--set {item!r}: no node with id, title or type {node_ref!r}")
         if len(ids) > 1:

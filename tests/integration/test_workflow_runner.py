@@ -86,6 +86,18 @@ def test_converter_follows_reroutes_primitives_bypass_and_seed_controls(harness)
         apply_overrides(p, ["Nope.cfg=1"])
 
 
+def test_overrides_reach_inputs_and_titles_with_dots():
+    """Block-weight widgets are named like ``input_blocks.4.``, and titles may hold dots too."""
+    p = {"9": {"class_type": "MergeLab_BlockWeightsSD1", "inputs": {"input_blocks.4.": 1.0, "models": "all"},
+               "_meta": {"title": "blocks v1.5"}},
+         "10": {"class_type": "KSampler", "inputs": {"cfg": 8.0}}}
+    apply_overrides(p, ["9.input_blocks.4.=0", "blocks v1.5.models=2", "KSampler.cfg=3", "10.new_input=1"])
+    assert p["9"]["inputs"] == {"input_blocks.4.": 0, "models": 2}
+    assert p["10"]["inputs"] == {"cfg": 3, "new_input": 1}
+    with pytest.raises(WorkflowError, match="no node"):
+        apply_overrides(p, ["9x.input_blocks.4.=0"])
+
+
 def test_runner_errors(harness, tmp_path, capsys):
     # unknown node type
     code = run_workflow({"nodes": [_node(1, "NoSuchNode")], "links": []}, [], harness, quiet=True)
