@@ -140,11 +140,14 @@ def _mbw_node() -> type:
                 io.Combo.Input("preset", options=presets, default="none",
                                tooltip="A supermerger preset (26 SD1 values, first = BASE); SDXL uses "
                                        "supermerger's weighttoxl rule, other architectures a linear "
-                                       "resampling in block order. The string below overrides it."),
+                                       "resampling in block order. Named values in the string below "
+                                       "override single blocks of it; a full list or one value for all "
+                                       "needs preset none."),
                 io.String.Input("mbw", default="",
                                 tooltip="Empty (preset only), one value per MBW name ('0,1,1,...'), one value "
-                                        "for all, or named values and ranges: 'IN00:0.3, M00:1, OUT03-OUT05:0'. "
-                                        "Names not given keep the preset's value (or 1)."),
+                                        "for all (these two with preset none), or named values and ranges: "
+                                        "'IN00:0.3, M00:1, OUT03-OUT05:0'. Names not given keep the preset's "
+                                        "value (or 1)."),
                 _param_input(), _models_input(), _combine_input()],
             outputs=[_output()])
 
