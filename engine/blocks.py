@@ -968,8 +968,13 @@ class BlockWeights:
         warnings: List[str] = []
         present = set(block_counts(keys)) if keys is not None else None
         unet_keys = keys is not None and any(k.startswith(UNET_PREFIX) for k in keys)
+        # a CLIP is known by its class, which several architectures share (KOALA's is SDXL's, SD x4
+        # upscaler's SD2's): for a CLIP, block weights of any architecture with its text-encoder names fit
+        clip = hasattr(model_or_arch, "cond_stage_model") or (keys is not None and not unet_keys and bool(keys))
         for e in self.entries:
-            if e.arch is not None and arch is not None and e.arch != arch:
+            if e.arch is not None and arch is not None and e.arch != arch and not (
+                    clip and TEXT_ENCODER_NAMES.get(e.arch) is not None
+                    and TEXT_ENCODER_NAMES.get(e.arch) == TEXT_ENCODER_NAMES.get(arch)):
                 raise ValueError(
                     f"block weights '{e.label or e.param}' were made for {arch_label(e.arch)}, but the model is "
                     f"{arch_label(arch)}; use the {arch} block-weights node (or the MBW node with arch {arch})")

@@ -491,6 +491,28 @@ def test_clip_merger(harness):
         assert torch.equal(src.read(key, torch.device("cpu")), want), key
 
 
+def test_mbw_of_an_architecture_sharing_the_clip_class(harness):
+    """KOALA's CLIP is ComfyUI's SDXL CLIP class: the KOALA MBW node's BASE (clip_l + clip_g) applies to it,
+    as documented, while a KOALA MBW on an SDXL UNet is still refused."""
+    g = merge_graph("SDXL", "MergeLab_Method_task_arithmetic", {}, 1, True, clip=True,
+                    extra={"block_weights": ["bw", 0]})
+    g["bw"] = {"class_type": "MergeLab_BlockWeightsMBW",
+               "inputs": {"arch": "KOALA", "preset": "none", "mbw": "BASE:0", "param": "weight", "models": "all"}}
+    out = harness.run_ok(harness.with_defaults(g)).captured["out"]
+    base = fixtures.small_clip("SDXL")
+    sd = base.get_sd()
+    src = pack(harness, "engine.weights").KeySource.of(out)
+    keys = [k for k in sd if k.startswith(("clip_l.", "clip_g.")) and sd[k].is_floating_point()
+            and ".position_ids" not in k and ".logit_scale" not in k]
+    for key in sample_keys(keys, 12):
+        assert torch.equal(src.read(key, torch.device("cpu")), sd[key].float()), key     # weight 0: the base
+    g = merge_graph("SDXL", "MergeLab_Method_task_arithmetic", {}, 1, True, extra={"block_weights": ["bw", 0]})
+    g["bw"] = {"class_type": "MergeLab_BlockWeightsMBW",
+               "inputs": {"arch": "KOALA", "preset": "none", "mbw": "BASE:0", "param": "weight", "models": "all"}}
+    res = harness.run(harness.with_defaults(g))
+    assert not res.success and "made for KOALA" in res.error_text()
+
+
 def test_clip_merge_copes_with_weights_the_checkpoint_does_not_hold(harness):
     """SD1.5 checkpoints hold no CLIP-L text_projection: ComfyUI leaves it uninitialized (any bytes, NaN
     included) and drops it on save.  Such a key is kept as is instead of failing the merge; logit_scale and
