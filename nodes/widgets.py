@@ -25,10 +25,17 @@ def widget_input(param: mspec.Param, name: str | None = None, optional: bool = F
     name = name or param.name
     tip = tooltip(param)
     if param.kind == mspec.FLOAT:
+        step = param.step or 0.001
         lo = -1e9 if param.min is None else param.min
         hi = 1e9 if param.max is None else param.max
+        # the widget's bounds are inclusive: an excluded bound moves in by one step, so the widget never
+        # offers a value the method refuses
+        if param.min is not None and param.min_exclusive:
+            lo = param.min + step
+        if param.max is not None and param.max_exclusive:
+            hi = param.max - step
         return io.Float.Input(name, default=float(param.default), min=lo, max=hi,
-                              step=param.step or 0.001, round=False, tooltip=tip, optional=optional)
+                              step=step, round=False, tooltip=tip, optional=optional)
     if param.kind == mspec.INT:
         lo = -(2**31) if param.min is None else int(param.min)
         hi = 2**31 - 1 if param.max is None else int(param.max)

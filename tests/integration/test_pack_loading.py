@@ -47,6 +47,31 @@ def test_bad_widget_value_is_rejected_by_validation(harness):
     assert "lambda" in res.error_text()
 
 
+def test_method_widgets_offer_only_values_the_method_accepts(harness):
+    """At both ends of every numeric widget of every method node, the method node runs (an excluded bound,
+    such as eps > 0, is not offered by the widget)."""
+    import nodes
+    import importlib
+    mm = importlib.import_module(f"{harness.pack_module_name}.merge_methods")
+    failures = []
+    for spec in mm.all_specs():
+        node = f"MergeLab_Method_{spec.name}"
+        required = nodes.NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["required"]
+        for p in spec.global_params:
+            kind, opts = required[p.name][0], required[p.name][1]
+            if kind not in ("FLOAT", "INT"):
+                continue
+            for end in ("min", "max"):
+                if abs(opts[end]) >= 1e9 or abs(opts[end]) >= 2 ** 31 - 1:
+                    continue
+                res = harness.run(harness.with_defaults({
+                    "1": {"class_type": node, "inputs": {p.name: opts[end]}},
+                    "2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "m"}}}))
+                if not res.success:
+                    failures.append(f"{spec.name}.{p.name} = {opts[end]} ({end}): {res.error_text()[:160]}")
+    assert not failures, "\n".join(failures)
+
+
 def test_comfyui_path_not_comfyui_is_reported(tmp_path, monkeypatch):
     (tmp_path / "README.md").write_text("not comfy")
     monkeypatch.setenv("COMFYUI_PATH", str(tmp_path))
