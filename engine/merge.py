@@ -153,6 +153,12 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
         base_for_method = base
     objs = ([base] if base is not None else []) + [i.model for i in inputs]
     names = (["base"] if base is not None else []) + [i.name or f"model {n + 1}" for n, i in enumerate(inputs)]
+    # each input's own values, checked before any computation, naming the input (the per-key check
+    # would stop at the first key without saying which input it was)
+    for inp, name in zip(inputs, names[len(names) - len(inputs):]):
+        for p in spec.per_model_params:
+            if p.name in inp.params:
+                p.coerce(inp.params[p.name], f"merge method '{method.name}', {name}")
     if len({is_clip(o) for o in objs}) > 1:
         raise MergeError("cannot merge a CLIP with a MODEL")
     check_architectures(objs, names)

@@ -406,6 +406,16 @@ def test_block_weights_on_a_global_parameter_for_some_models_only_are_refused(ha
     harness.run_ok(harness.with_defaults(g))
 
 
+def test_a_per_model_value_out_of_the_method_range_names_its_input(harness):
+    """Merge Input's weight widget allows negative values; geometric_median does not: the merge stops before
+    any computation, naming the input."""
+    g = merge_graph("SD15", "MergeLab_Method_geometric_median", {}, 3, False,
+                    [{"weight": 1.0}, {"weight": -0.5}, {"weight": 1.0}])
+    res = harness.run(g)
+    assert not res.success
+    assert re.search(r"geometric_median', model 2: parameter 'weight' = -0.5 is outside its range", res.error_text())
+
+
 def test_different_architectures_fail_before_merging(harness):
     g = merge_graph("SD15", "MergeLab_Method_linear", {}, 2, False)
     g.update(loader("other", "SDXL", delta_seed=5))
