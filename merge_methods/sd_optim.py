@@ -327,7 +327,9 @@ def della_offsets(flat: torch.Tensor, della_eps: float) -> torch.Tensor:
          "same when della_eps = 0 and the probabilities are equal); masks come from the seeded per-key "
          "generator; sd-optim's extra lambda_scale = 2 is not applied. " + _TIES_DIFF,
     params=(Param("probability", FLOAT, 0.9, "Drop probability of each task-vector entry (1 = drop this model "
-                  "entirely).", min=0.0, max=1.0, step=0.01, per_model=True),
+                  "entirely, when della_eps is 0: a della_eps shifts the largest entries' keep probability above 0 "
+                  "and divides them by it). k, a fraction of all entries, then changes the result only when it is "
+                  "below the surviving fraction, about 1 − probability.", min=0.0, max=1.0, step=0.01, per_model=True),
             Param("della_eps", FLOAT, 0.0, "DELLA: spread of the keep probability over magnitude ranks (positive "
                   "keeps larger entries more; negative inverts, as sd-optim's code; 0 = plain DARE).",
                   min=-1.0, max=1.0, step=0.01),
