@@ -581,8 +581,9 @@ def _input_delta(inp, key: LayerKey, shape, dev, parts: Optional[List[LayerKey]]
 def _merge_one(key, shape, inputs, m, per_model, coeffs, spec, svd, seed, dev, clamp_quantile, base_needed,
                whole: Optional[Dict[int, List[LayerKey]]] = None):
     n = len(inputs)
-    present = [(j, inp.lora.layers[key]) for j, inp in enumerate(inputs) if key in inp.lora.layers]
-    if whole is not None:
+    if whole is None:
+        present = [(j, inp.lora.layers[key]) for j, inp in enumerate(inputs) if key in inp.lora.layers]
+    else:
         present = [(j, inputs[j].lora.layers[k]) for j in range(n) for k in whole[j]]
     layer, st = None, None
     if coeffs is not None:

@@ -30,12 +30,12 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from . import safetensors_writer as stw
-from .weights import KeySource, UNET_PREFIX, is_quantized as _is_quantized, quant_scale_keys, storage_dtype
+from .weights import KeySource, UNET_PREFIX, is_quantized, quant_scale_keys, storage_dtype
 
 log = logging.getLogger("MergeLab")
 
@@ -119,7 +119,7 @@ def part_from_keysource(name: str, ks: KeySource, strip: str = "") -> Part:
         raw = ks.raw(key)
         if not isinstance(raw, torch.Tensor):
             continue
-        is_float = _is_quantized(raw) or raw.is_floating_point()
+        is_float = is_quantized(raw) or raw.is_floating_point()
         dtype = storage_dtype(raw.dtype) if is_float else raw.dtype
 
         def produce(target, key=key, raw=raw, is_float=is_float, dtype=dtype):
@@ -127,7 +127,7 @@ def part_from_keysource(name: str, ks: KeySource, strip: str = "") -> Part:
             if not is_float:
                 return raw.detach().to(cpu)
             tgt = target or dtype
-            if len(entry) == 1 and raw.dtype in _STD_FLOATS and not _is_quantized(raw):
+            if len(entry) == 1 and raw.dtype in _STD_FLOATS and not is_quantized(raw):
                 if raw.device.type == "meta":
                     raise SaveError(f"weight '{key}' is not materialized (meta device); it cannot be saved")
                 return _cast(raw, tgt)

@@ -129,14 +129,11 @@ def _raw(entry) -> torch.Tensor:
 def _mergeable(key: str, t: torch.Tensor) -> bool:
     if key.endswith(CLIP_SKIP_SUFFIXES):
         return False
-    return isinstance(t, torch.Tensor) and (t.is_floating_point() or _is_quantized(t))
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or is_quantized(t))
 
 
 def is_quantized(t) -> bool:
     return type(t).__name__ == "QuantizedTensor"
-
-
-_is_quantized = is_quantized
 
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                 if hasattr(torch, n))

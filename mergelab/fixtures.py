@@ -658,8 +658,9 @@ def small_model(arch: str, seed: int = 0, dtype=None, delta_seed: Optional[int] 
         return patcher.clone()
 
 
-def _build_small_model(arch, seed, dtype=None, delta_seed=None, delta_scale=0.0):
-    """Build an uncached small model (see :func:`small_model`)."""
+def _build_small_model(arch, seed, dtype=None, delta_seed=None, delta_scale=0.0, scaled_fp8=None):
+    """Build an uncached small model (see :func:`small_model`); ``scaled_fp8``: see
+    :func:`small_scaled_fp8_model` (its ``scale_mult``)."""
     torch = _comfy()
     dtype = _torch_dtype(dtype) or torch.float32
     delta_seed, delta_scale = _norm_delta(delta_seed, delta_scale)
@@ -669,13 +670,31 @@ def _build_small_model(arch, seed, dtype=None, delta_seed=None, delta_scale=0.0)
     cfg = small_unet_config(arch)
     model_config = cls(cfg)
     model_config.unet_config.update(cfg)     # ours wins over the class's unet_extra_config
+    if scaled_fp8 is not None:
+        model_config.scaled_fp8 = torch.float8_e4m3fn
     load_device = mm.get_torch_device()
     manual_cast = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(dtype, manual_cast)
     with _quiet(), torch.inference_mode(False):
         model = _get_model(cls, model_config, mm.unet_offload_device())
         _fill_module(model, seed, delta_seed, delta_scale, only_prefix="diffusion_model.")
+        if scaled_fp8 is not None:
+            _store_scaled_fp8(model, seed, delta_seed, delta_scale, scaled_fp8)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+
+
+def _store_scaled_fp8(model, seed, delta_seed, delta_scale, scale_mult: float) -> None:
+    """Each scaled-fp8 layer's weight as value / scale in fp8 e4m3fn, scale = its largest magnitude / 448 ×
+    ``scale_mult``."""
+    torch = _comfy()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            w = getattr(module, "weight", None)
+            if hasattr(module, "scale_weight") and w is not None and w.dtype == torch.float8_e4m3fn:
+                value = fill_value(name + ".weight", w.shape, seed, delta_seed, delta_scale)
+                scale = value.abs().max() / 448.0 * scale_mult
+                w.data.copy_((value / scale).to(torch.float8_e4m3fn))
+                module.scale_weight.data.copy_(scale)
 
 
 def small_scaled_fp8_model(arch: str, seed: int = 0, delta_seed: Optional[int] = None, delta_scale: float = 0.0,
@@ -684,29 +703,7 @@ def small_scaled_fp8_model(arch: str, seed: int = 0, delta_seed: Optional[int] =
     linear layer keeps its weight in fp8 e4m3fn divided by a per-layer fp32 ``scale_weight`` (its largest
     magnitude / 448, times ``scale_mult``); the effective weights are the :func:`small_model` values
     rounded through that storage."""
-    torch = _comfy()
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    delta_seed, delta_scale = _norm_delta(delta_seed, delta_scale)
-    cls = config_class(arch)
-    cfg = small_unet_config(arch)
-    model_config = cls(cfg)
-    model_config.unet_config.update(cfg)
-    model_config.scaled_fp8 = torch.float8_e4m3fn
-    model_config.set_inference_dtype(torch.float32, None)
-    with _quiet(), torch.inference_mode(False):
-        model = _get_model(cls, model_config, mm.unet_offload_device())
-        _fill_module(model, seed, delta_seed, delta_scale, only_prefix="diffusion_model.")
-        with torch.no_grad():
-            for name, module in model.named_modules():
-                w = getattr(module, "weight", None)
-                if hasattr(module, "scale_weight") and w is not None and w.dtype == torch.float8_e4m3fn:
-                    value = fill_value(name + ".weight", w.shape, seed, delta_seed, delta_scale)
-                    scale = value.abs().max() / 448.0 * scale_mult
-                    w.data.copy_((value / scale).to(torch.float8_e4m3fn))
-                    module.scale_weight.data.copy_(scale)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return _build_small_model(arch, seed, None, delta_seed, delta_scale, scaled_fp8=scale_mult)
 
 
 def small_clip(arch: str, seed: int = 0, dtype=None, delta_seed: Optional[int] = None, delta_scale: float = 0.0):

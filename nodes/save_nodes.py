@@ -80,11 +80,10 @@ def _recipe_metadata(cls, node_id: str, parts: Dict[str, Any], dtype: str, save_
     """A ``metadata_fn(dest)`` for the saving engine that adds the recipe (or nothing)."""
     holder: Dict[str, Any] = {}
 
-    def fn(dest_or_name) -> Dict[str, str]:
+    def fn(dest) -> Dict[str, str]:
         if not save_recipe:
             return {}
-        name = dest_or_name if isinstance(dest_or_name, str) else os.path.relpath(
-            dest_or_name.final_path, dest_or_name.output_dir).replace(os.sep, "/")
+        name = os.path.relpath(dest.final_path, dest.output_dir).replace(os.sep, "/")
         if "graph" not in holder:           # once per node run, however many files it writes
             holder["graph"] = rcp.graph_provenance(cls.hidden.prompt, cls.hidden.unique_id,
                                                    dynprompt=cls.hidden.dynprompt, hash_files=hash_input_files,

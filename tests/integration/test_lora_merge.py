@@ -72,6 +72,15 @@ def merge_graph(method_node, method_inputs, entries, rank, rank_mode="fixed", ra
     return g
 
 
+def resize_graph(key, rank, rank_mode="fixed", rank_param=0.9):
+    """Resize LoRA on the LoRA ``VALUES[key]``, its output captured as ``out``."""
+    return {"v": {"class_type": "MergeLabTest_LoraValue", "inputs": {"key": key}},
+            "r": {"class_type": "MergeLab_ResizeLoRA", "inputs": {"lora": ["v", 0], "rank_mode": rank_mode,
+                                                                  "rank": rank, "rank_param": rank_param,
+                                                                  "clamp_quantile": 1.0, "device": "auto"}},
+            "cap": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["r", 0], "name": "out"}}}
+
+
 def method_inputs(harness, node):
     return api_node(node)["inputs"]
 
@@ -198,11 +207,7 @@ def test_resize_keeps_strength_and_truncates_optimally(harness):
     for k in list(src.layers)[:5]:
         assert_close(scaled.layers[k].delta(), src.layers[k].delta(), k)
     VALUES["s"] = scaled
-    g = {"v": {"class_type": "MergeLabTest_LoraValue", "inputs": {"key": "s"}},
-         "r": {"class_type": "MergeLab_ResizeLoRA", "inputs": {"lora": ["v", 0], "rank_mode": "fixed", "rank": 3,
-                                                               "rank_param": 0.9, "clamp_quantile": 1.0,
-                                                               "device": "auto"}},
-         "cap": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["r", 0], "name": "out"}}}
+    g = resize_graph("s", 3)
     out = harness.run_ok(g).captured["out"]
     for k, l in out.layers.items():
         old = scaled.layers[k]
@@ -215,8 +220,7 @@ def test_resize_keeps_strength_and_truncates_optimally(harness):
         err = float(torch.linalg.norm(l.delta() - want) / torch.linalg.norm(want))
         assert err == pytest.approx(svd.optimal_rank_error(want, l.rank), rel=1e-3, abs=1e-5), k
     # dynamic: sv_fro keeps 90 % of every layer's norm
-    g["r"]["inputs"].update(rank_mode="sv_fro", rank=8, rank_param=0.9)
-    out = harness.run_ok(g).captured["out"]
+    out = harness.run_ok(resize_graph("s", 8, "sv_fro", 0.9)).captured["out"]
     for k, l in out.layers.items():
         if l.kind == "lora":
             want = scaled.layers[k].delta()
@@ -283,12 +287,7 @@ def test_resize_factorizes_full_differences(harness, tmp_path):
     assert stacked.layers[T_ATTN].kind == "diff"
     for tag, src in (("stacked", stacked), ("loha", loha)):
         VALUES["r"] = src
-        g = {"v": {"class_type": "MergeLabTest_LoraValue", "inputs": {"key": "r"}},
-             "r": {"class_type": "MergeLab_ResizeLoRA", "inputs": {"lora": ["v", 0], "rank_mode": "fixed", "rank": 4,
-                                                                   "rank_param": 0.9, "clamp_quantile": 1.0,
-                                                                   "device": "auto"}},
-             "cap": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["r", 0], "name": "out"}}}
-        layer = harness.run_ok(g).captured["out"].layers[T_ATTN]
+        layer = harness.run_ok(resize_graph("r", 4)).captured["out"].layers[T_ATTN]
         assert layer.kind == "lora" and layer.rank == 4, tag
         want = src.layers[T_ATTN].delta()
         err = float(torch.linalg.norm(layer.delta() - want) / torch.linalg.norm(want))
