@@ -7,7 +7,9 @@
 //    input, its own widgets are never serialized (neither into the prompt nor into widgets_values), so
 //    API-format graphs and saved workflows are exactly what they are without this extension.
 // 2. Method help: nodes of the category "MergeLab/methods" show their description (from the Python
-//    parameter spec) as wrapped text inside the node; a click on its header folds it.
+//    parameter spec) as wrapped text inside the node; a click on its header folds it (kept in the node's
+//    properties, so a saved workflow keeps it folded).
+// In "Nodes 2.0" (DOM-rendered nodes) the curve and the help are left out; the preset menu stays.
 //
 // Everything is derived at run time from the node definitions the server sends (/object_info): which
 // nodes, which widgets, the MBW name of each block (from the widget's display name) and the preset names
@@ -23,8 +25,29 @@ const MBW_NODE = "MergeLab_BlockWeightsMBW";
 const CURVE_TYPE = "MERGELAB_BLOCK_CURVE";
 const HELP_TYPE = "MERGELAB_METHOD_HELP";
 const PRESET_PLACEHOLDER = "choose…";
+// transforms of the current values (v: one value per block widget; blocks: their {name, group})
 const ACTIONS = { "reset (all 1)": (v) => v.map(() => 1), "invert (1 − v)": (v) => v.map((x) => 1 - x),
-                  "mirror (reverse order)": (v) => [...v].reverse() };
+                  "mirror (reverse order)": (v, blocks) => mirrorByGroup(v, blocks) };
+
+/** The values in reverse order of their MBW groups: group i of n takes the values of group n − 1 − i
+ *  (IN08 ↔ OUT00 on SDXL, M00 stays), each group's blocks in reverse order.  A plain reversal of the block
+ *  list is the same only where mirrored groups hold as many blocks: SDXL's IN00 holds 3 (time_embed.,
+ *  label_emb., input_blocks.0.) and OUT08 2 (output_blocks.8., out.), which shifted every OUT value by one
+ *  block.  Where the counts differ, the target's blocks take the source's at the same relative position. */
+function mirrorByGroup(values, blocks) {
+    const groups = [];
+    blocks.forEach((b, i) => {
+        if (!groups.length || groups.at(-1).name !== b.group) groups.push({ name: b.group, at: [] });
+        groups.at(-1).at.push(i);
+    });
+    const out = [...values];
+    groups.forEach((g, gi) => {
+        const src = [...groups[groups.length - 1 - gi].at].reverse();
+        const k = g.at.length, m = src.length;
+        g.at.forEach((idx, j) => { out[idx] = values[src[k > 1 ? Math.round((j * (m - 1)) / (k - 1)) : 0]]; });
+    });
+    return out;
+}
 
 const nodeDefs = {};   // MergeLab node definitions by name, from addCustomNodeDefs
 
@@ -99,6 +122,15 @@ function fmt(v) {
     return (Math.round(v * 100) / 100).toString();
 }
 
+/** "Nodes 2.0" (DOM-rendered nodes, LiteGraph.vueNodesMode) cannot give a canvas-drawn widget its height:
+ *  the curve and the help were drawn under the block widgets there.  In that mode they are hidden (the
+ *  DOM node skips widgets whose options say hidden) and draw nothing; the preset menu stays. */
+const vueNodes = () => !!LG().vueNodesMode;
+
+function widgetOptions() {
+    return { serialize: false, get hidden() { return vueNodes(); } };
+}
+
 function markChanged(node) {
     node.setDirtyCanvas?.(true, true);
     if (node.graph) node.graph._version = (node.graph._version ?? 0) + 1;
@@ -113,6 +145,7 @@ const MARGIN = 15;      // LiteGraph's widget margin
 const AXIS_W = 30;      // room for the value labels
 const HEAD_H = 20;      // title / hover read-out row
 const FOOT_H = 16;      // group labels under the plot
+const DRAG_SLOP = 3;    // pixels the pointer must move after a press before it changes a value
 
 class BlockCurveWidget {
     constructor(node, blocks) {
@@ -120,7 +153,7 @@ class BlockCurveWidget {
         this.name = "mergelab_block_curve";
         this.label = "block curve";
         this.serialize = false;                  // not in widgets_values
-        this.options = { serialize: false };     // not in the API prompt
+        this.options = widgetOptions();        // not in the API prompt; none in "Nodes 2.0"
         this.value = "";                        // nothing of its own: the FLOAT widgets hold the values
         this.y = 0;
         this.node = node;
@@ -177,7 +210,7 @@ class BlockCurveWidget {
 
     /** Applies a preset (or one of ACTIONS) by name; returns the number of changed widgets. */
     applyPreset(name, e) {
-        if (ACTIONS[name]) return this.setValues(ACTIONS[name](this.values()), e);
+        if (ACTIONS[name]) return this.setValues(ACTIONS[name](this.values(), this.blocks), e);
         const perName = presetForNames(name, this.bodyNames);
         if (!perName) throw new Error(`MergeLab: unknown block-weight preset ${name}`);
         const byGroup = Object.fromEntries(this.bodyNames.map((n, i) => [n, perName[i]]));
@@ -186,7 +219,7 @@ class BlockCurveWidget {
 
     // -- geometry (node-relative coordinates)
     computeSize(width) {
-        return [width ?? this.node.size[0], CURVE_HEIGHT];
+        return [width ?? this.node.size[0], vueNodes() ? 0 : CURVE_HEIGHT];
     }
 
     plotRect(width) {
@@ -237,6 +270,7 @@ class BlockCurveWidget {
 
     // -- drawing
     draw(ctx, node, width, y) {
+        if (vueNodes()) return;
         this.y = y;
         const r = this.plotRect(width);
         const values = this.values();
@@ -349,14 +383,19 @@ class BlockCurveWidget {
             if (!inside) return false;
             const values = this.values();
             const index = this.indexAt(x, r);
-            this.drag = { index, range: this.range(values), paint: !!event.shiftKey };
+            // a press only picks the point: values change once the pointer moves, so that a click
+            // (to select the node, say) changes nothing
+            this.drag = { index, range: this.range(values), paint: !!event.shiftKey, from: [x, y], moved: false };
             this.drag.value = this.valueAt(y, r, this.drag.range);
-            this.setValue(index, this.drag.value, event, true);
-            markChanged(node);
+            node.setDirtyCanvas?.(true, false);
             return true;
         }
         if (type === "pointermove" || type === "mousemove") {
             if (!this.drag) return this.hoverAt(pos);
+            if (!this.drag.moved) {
+                if (Math.hypot(x - this.drag.from[0], y - this.drag.from[1]) < DRAG_SLOP) return true;
+                this.drag.moved = true;
+            }
             const v = this.valueAt(y, r, this.drag.range);
             if (this.drag.paint || event.shiftKey) {
                 // paint: every point between the previous and the current position gets a value on
@@ -378,8 +417,9 @@ class BlockCurveWidget {
         }
         if (type === "pointerup" || type === "mouseup" || type === "pointercancel") {
             const was = !!this.drag;
+            const moved = !!this.drag?.moved;
             this.drag = null;
-            if (was) {
+            if (moved) {
                 markChanged(node);
                 app.graph?.change?.();
             }
@@ -408,6 +448,7 @@ function addPresetWidget(node, curve) {
 // ------------------------------------------------------------------------------------------------
 const HELP_FONT = "12px Arial, sans-serif";
 const HELP_LINE = 16;
+const HELP_FOLDED = "mergelab_help_folded";     // node property
 let measureCtx = null;
 
 function wrapText(text, width) {
@@ -437,12 +478,12 @@ class MethodHelpWidget {
         this.name = "mergelab_method_help";
         this.label = "method help";
         this.serialize = false;
-        this.options = { serialize: false };
+        this.options = widgetOptions();        // as the curve's
         this.value = "";
         this.y = 0;
         this.node = node;
         this.text = text;
-        this.folded = false;
+        this.folded = false;        // kept in node.properties (saved with the workflow, not in the prompt)
         this._cache = { width: -1, lines: [] };
         bindOwn(this, ["draw", "mouse", "computeSize"]);
     }
@@ -455,10 +496,12 @@ class MethodHelpWidget {
 
     computeSize(width) {
         const w = this.node.size?.[0] ?? width ?? 300;
+        if (vueNodes()) return [w, 0];
         return [w, this.folded ? HEAD_H + 6 : HEAD_H + 10 + this.lines(w).length * HELP_LINE];
     }
 
     draw(ctx, node, width, y) {
+        if (vueNodes()) return;
         this.y = y;
         const h = this.computeSize(width)[1] - 4;
         ctx.save();
@@ -485,6 +528,8 @@ class MethodHelpWidget {
         if (event.type !== "pointerdown" && event.type !== "mousedown") return false;
         if (pos[1] > this.y + HEAD_H + 2) return false;
         this.folded = !this.folded;
+        node.properties ??= {};
+        node.properties[HELP_FOLDED] = this.folded;
         const min = node.computeSize();
         node.setSize([node.size[0], this.folded ? min[1] : Math.max(node.size[1], min[1])]);
         markChanged(node);
@@ -559,6 +604,7 @@ app.registerExtension({
         // a workflow saved without this extension (or generated) gives the node the size it had without
         // the editor/help: grow it so that nothing is drawn outside the node
         chain(nodeType.prototype, "onConfigure", function () {
+            if (this.mergelabHelp) this.mergelabHelp.folded = !!this.properties?.[HELP_FOLDED];
             const min = this.computeSize();
             if (this.size[1] < min[1]) this.setSize([this.size[0], min[1]]);
         });

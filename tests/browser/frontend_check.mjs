@@ -314,6 +314,75 @@ async function runChecks() {
         return { ...info, afterClick: folded };
     });
 
+    await step("mirror", async () => {
+        // "mirror" on an SD1 and an SDXL node: a single 0 at IN08, and the GRAD_V preset, each mirrored
+        await resetGraph();
+        return page.evaluate(() => {
+            const out = {};
+            for (const t of ["MergeLab_BlockWeights_SD1", "MergeLab_BlockWeights_SDXL"]) {
+                const n = window.LiteGraph.createNode(t);
+                window.app.graph.add(n);
+                const c = n.mergelabCurve;
+                const mirror = "mirror (reverse order)";
+                const i8 = c.blocks.findIndex((b) => b.name === "input_blocks.8.");
+                c.setValue(i8, 0);
+                const single = c.values();
+                c.applyPreset(mirror);
+                const singleMirrored = c.values();
+                c.applyPreset("GRAD_V");
+                const grad = c.values();
+                c.applyPreset(mirror);
+                const gradMirrored = c.values();
+                c.applyPreset(mirror);
+                out[t] = { names: c.blocks.map((b) => b.name), groups: c.blocks.map((b) => b.group), single,
+                           singleMirrored, grad, gradMirrored, gradTwice: c.values() };
+                window.app.graph.remove(n);
+            }
+            return { nodes: out };
+        });
+    });
+
+    await step("click_without_drag", async () => {
+        // a click in the plot between two points (no movement) must not change any value
+        await resetGraph();
+        const id = await addNode("MergeLab_BlockWeights_SD1", [300, 80]);
+        await redraw();
+        const q = await page.evaluate((nid) => {
+            const c = window.app.graph.getNodeById(nid).mergelabCurve;
+            const a = c.pointPos(10), b = c.pointPos(11), r = c.plotRect();
+            return { at: [(a[0] + b[0]) / 2, r.y1 - 5], before: c.values() };
+        }, id);
+        const [x, y] = await clientPos(id, q.at);
+        await page.mouse.move(x, y);
+        await page.mouse.down();
+        await page.mouse.up();
+        await redraw();
+        const after = await page.evaluate((nid) => window.app.graph.getNodeById(nid).mergelabCurve.values(), id);
+        return { before: q.before, after };
+    });
+
+    await step("help_fold_reload", async () => {
+        // fold the method help, save the workflow, load it back: still folded, at the folded height
+        await resetGraph();
+        const id = await addNode("MergeLab_Method_ties", [200, 80]);
+        await redraw();
+        const helpY = await page.evaluate((nid) => {
+            const h = window.app.graph.getNodeById(nid).mergelabHelp;
+            return h.last_y ?? h.y;
+        }, id);
+        const [x, y] = await clientPos(id, [60, helpY + 10]);
+        await page.mouse.click(x, y);
+        await redraw();
+        return page.evaluate(async (nid) => {
+            const app = window.app;
+            const n = app.graph.getNodeById(nid);
+            const saved = { folded: n.mergelabHelp.folded, height: n.size[1] };
+            await app.loadGraphData(structuredClone(app.graph.serialize()), true, true, null);
+            const m = app.graph.getNodeById(nid);
+            return { saved, reloaded: { folded: m.mergelabHelp.folded, height: m.size[1] } };
+        }, id);
+    });
+
     await step("examples", async () => {
         const templates = await getJson("workflow_templates");
         const names = templates[PACK] ?? [];
@@ -326,6 +395,31 @@ async function runChecks() {
             log(`example ${name}: ${runs.at(-1).error ? "error" : "ok"} in ${(Date.now() - t0) / 1000} s`);
         }
         return { templates, names, runs };
+    });
+
+    await step("vue_nodes", async () => {
+        // "Nodes 2.0" (DOM-rendered nodes): the canvas-drawn editor and help are left out, everything else
+        // (the preset menu included) is there; the setting is switched back afterwards
+        const setting = (on) => page.evaluate((v) => window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", v), on);
+        await setting(true);
+        try {
+            await page.waitForTimeout(500);
+            await resetGraph();
+            const ids = [await addNode("MergeLab_BlockWeights_SDXL", [50, 60]), await addNode("MergeLab_Method_ties", [600, 60])];
+            await page.waitForFunction((n) => document.querySelectorAll("[data-node-id]").length >= n, ids.length, { timeout: 30000 });
+            await page.waitForTimeout(1000);
+            await shot("50_vue_nodes.png");
+            const nodes = await page.evaluate((list) => list.map((id) => {
+                const el = document.querySelector(`[data-node-id="${id}"]`);
+                const n = window.app.graph.getNodeById(id);
+                return { type: n.type, canvases: el?.querySelectorAll("canvas").length ?? null,
+                         widgetRows: el?.querySelectorAll(".lg-node-widget").length ?? null,
+                         widgets: n.widgets.map((w) => w.name), text: el?.innerText ?? "" };
+            }), ids);
+            return { nodes };
+        } finally {
+            await setting(false);
+        }
     });
 }
 

@@ -379,3 +379,46 @@ def test_example_workflows_open_from_templates_and_run(browser):
         else:
             print(f"{name}: ran in {run['seconds']:.1f} s; outputs of nodes {run['outputs']}")
     assert not failures, "\n".join(failures) + "\n--- server log ---\n" + browser["_server"]["log"]()
+
+
+def _mirrored_by_group(values, groups):
+    """The expected mirror: the MBW groups in reverse order (IN08 <-> OUT00 on SDXL, M00 stays)."""
+    order = list(dict.fromkeys(groups))
+    first = {g: values[groups.index(g)] for g in order}
+    return [first[order[len(order) - 1 - order.index(g)]] for g in groups]
+
+
+def test_mirror_swaps_mbw_groups(browser):
+    s = _step(browser, "mirror")["nodes"]
+    sdxl = s["MergeLab_BlockWeights_SDXL"]
+    # SDXL's IN00 has 3 blocks and OUT08 2: the single 0 at IN08 must land on OUT00, not in M00
+    assert [n for n, v in zip(sdxl["names"], sdxl["singleMirrored"]) if v != 1] == ["output_blocks.0."]
+    sd1 = s["MergeLab_BlockWeights_SD1"]
+    assert [n for n, v in zip(sd1["names"], sd1["singleMirrored"]) if v != 1] == ["output_blocks.3."]
+    for arch, r in s.items():
+        assert len(set(r["grad"])) > 5, arch
+        assert r["gradMirrored"] == _mirrored_by_group(r["grad"], r["groups"]), arch
+        assert r["gradTwice"] == r["grad"], arch
+
+
+def test_a_click_in_the_plot_changes_nothing(browser):
+    s = _step(browser, "click_without_drag")
+    assert s["after"] == s["before"]
+
+
+def test_folded_method_help_survives_a_reload(browser):
+    s = _step(browser, "help_fold_reload")
+    assert s["saved"]["folded"]
+    assert s["reloaded"] == s["saved"]
+
+
+def test_nodes_2_0_leave_out_the_canvas_widgets(browser):
+    s = _step(browser, "vue_nodes")
+    block, method = s["nodes"]
+    # our canvas-drawn widgets are the only canvases a node had in that mode (drawn under the block rows)
+    assert block["canvases"] == 0 and method["canvases"] == 0, s["nodes"]
+    assert "apply preset" in block["text"] and "input_blocks.8." in block["text"]
+    assert "lambda" in method["text"]
+    # every widget but the editor / help has its row
+    assert block["widgetRows"] == len(block["widgets"]) - 1, block
+    assert method["widgetRows"] == len(method["widgets"]) - 1, method
