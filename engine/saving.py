@@ -363,10 +363,14 @@ def _derived_producer(name: str, part: Part, keys: List[str], conv, tgt: torch.d
 
 
 def _drop_markers(sd: Dict[str, Any], parts: Dict[str, Part]) -> Dict[str, Any]:
-    """Drop ComfyUI's scaled-fp8 / quantization markers: MergeLab writes fp8 weights dequantized."""
-    if "scaled_fp8" in sd:
-        sd.pop("scaled_fp8")
-    sd.pop("_quantization_metadata", None)
+    """Drop ComfyUI's scaled-fp8 / quantization markers: MergeLab writes fp8 weights dequantized.
+
+    ``state_dict_for_saving`` adds them to the UNet dict before its keys get their prefix, so they arrive
+    as ``model.diffusion_model.scaled_fp8``: a file keeping that marker is loaded back as scaled fp8, its
+    dequantized weights pushed into fp8 layers with a scale of 1."""
+    markers = ("scaled_fp8", "_quantization_metadata")
+    for k in [k for k in sd if k.rsplit(".", 1)[-1] in markers]:
+        sd.pop(k)
     return sd
 
 

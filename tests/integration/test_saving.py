@@ -222,6 +222,51 @@ def test_model_save_with_set_patches_and_lora_matches_modelsave(harness, dtype):
     assert "mergelab.recipe" not in meta
 
 
+def test_scaled_fp8_model_saves_dequantized_and_reloads_as_saved(harness):
+    """A scaled-fp8 model is written dequantized, so the file must not carry ComfyUI's scaled-fp8 marker
+    (``model.diffusion_model.scaled_fp8``): with it, ComfyUI's loader builds fp8 layers with a scale of 1
+    and rounds the saved weights to fp8 (up to 4 % off).  The model: the UNet of the demo's small SD1.5
+    checkpoint (which ComfyUI's detection knows) with its 2-D weights stored as scaled fp8, loaded by
+    ComfyUI's loader.  Reloaded the same way, every weight equals the file's, which holds the weights
+    ComfyUI computes with (fp8 x scale) rounded once to bf16."""
+    import comfy.sd
+    from mergelab import demo
+    saving = pack(harness, "engine.saving")
+    weights = pack(harness, "engine.weights")
+    fp8 = {}
+    with safe_open(demo.small_sd15_checkpoint(), "pt") as f:
+        for k in f.keys():
+            if not k.startswith("model.diffusion_model."):
+                continue
+            t = f.get_tensor(k)
+            if k.endswith(".weight") and t.ndim == 2:
+                scale = t.float().abs().amax() / 448.0
+                fp8[k] = (t.float() / scale).to(torch.float8_e4m3fn)
+                fp8[k[: -len("weight")] + "scale_weight"] = scale.reshape(())
+            else:
+                fp8[k] = t
+    fp8["model.diffusion_model.scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    src_path = os.path.join(harness.base_dir, "small_sd15_unet_scaled_fp8.safetensors")
+    save_file(fp8, src_path)
+    model = comfy.sd.load_checkpoint_guess_config(src_path, output_vae=False, output_clip=False)[0]
+    assert model.model.model_config.scaled_fp8 == torch.float8_e4m3fn
+    res = saving.save_checkpoint(model, None, None, "fp8/scaled", "keep", default_prefix="fp8/x", fsync=False)
+    saved, _ = read_all(res.path)
+    assert not [k for k in saved if k.endswith("scaled_fp8") or k.endswith("scale_weight")]
+    reloaded = comfy.sd.load_checkpoint_guess_config(res.path, output_vae=False, output_clip=False)[0]
+    assert reloaded.model.model_config.scaled_fp8 is None
+    cpu = torch.device("cpu")
+    src, back = weights.KeySource.of(model), weights.KeySource.of(reloaded)
+    assert sorted(back.keys()) == sorted(src.keys())
+    quantized = [k for k in fp8 if k.endswith(".weight") and fp8[k].dtype == torch.float8_e4m3fn]
+    assert len(quantized) > 50
+    for k in src.keys():
+        assert torch.equal(back.read(k, cpu), saved["model." + k].float()), k
+    for k in quantized:
+        want = (fp8[k].float() * fp8[k[: -len("weight")] + "scale_weight"]).to(torch.bfloat16)
+        assert torch.equal(saved[k], want), k
+
+
 @pytest.mark.parametrize("arch", ["SDXL", "Flux"])
 def test_clip_save_matches_comfyui_clipsave(harness, arch):
     before = outputs_in(harness.output_dir)
