@@ -69,8 +69,9 @@ def dtype_code(dtype: torch.dtype) -> str:
         raise SafetensorsFormatError(f"safetensors cannot store dtype {dtype}") from None
 
 
-def build_header(plans: Sequence[TensorPlan], metadata: Optional[Dict[str, str]] = None) -> bytes:
-    """The padded JSON header (without the 8-byte length) for ``plans`` written in order."""
+def build_header(plans: Sequence[TensorPlan], metadata: Optional[Dict[str, str]] = None, slack: int = 0) -> bytes:
+    """The padded JSON header (without the 8-byte length) for ``plans`` written in order; ``slack``
+    more spaces at its end leave room for :func:`rewrite_metadata`."""
     header: Dict[str, object] = {}
     if metadata:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
@@ -85,7 +86,7 @@ def build_header(plans: Sequence[TensorPlan], metadata: Optional[Dict[str, str]]
         header[p.name] = {"dtype": dtype_code(p.dtype), "shape": [int(s) for s in p.shape],
                           "data_offsets": [offset, offset + n]}
         offset += n
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b" " * slack
     raw += b" " * (-len(raw) % 8)
     if len(raw) > _MAX_HEADER:
         raise SafetensorsFormatError(f"the header would be {len(raw)} bytes; safetensors allows at most "
@@ -93,8 +94,26 @@ def build_header(plans: Sequence[TensorPlan], metadata: Optional[Dict[str, str]]
     return raw
 
 
-def file_size(plans: Sequence[TensorPlan], metadata: Optional[Dict[str, str]] = None) -> int:
-    return 8 + len(build_header(plans, metadata)) + sum(p.nbytes for p in plans)
+def file_size(plans: Sequence[TensorPlan], metadata: Optional[Dict[str, str]] = None, slack: int = 0) -> int:
+    return 8 + len(build_header(plans, metadata, slack)) + sum(p.nbytes for p in plans)
+
+
+def rewrite_metadata(path: str, plans: Sequence[TensorPlan], metadata: Optional[Dict[str, str]],
+                     fsync: bool = True) -> bool:
+    """Replace the metadata of a file :func:`write_file` wrote from ``plans``, in place, when the new
+    header fits in the old one's length (the rest is space padding, which the format allows); False
+    (file unchanged) when it does not fit."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = build_header(plans, metadata)
+        if len(header) > n:
+            return False
+        f.seek(8)
+        f.write(header + b" " * (n - len(header)))
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    return True
 
 
 def tensor_bytes(t: torch.Tensor):
@@ -265,15 +284,16 @@ class _BackgroundWriter:
 def write_file(final_path: str, plans: Sequence[TensorPlan], metadata: Optional[Dict[str, str]] = None, *,
                on_tensor: Optional[Callable[[int, int, TensorPlan], None]] = None,
                threaded: bool = True, fsync: bool = True,
-               commit: Optional[Callable[[str], str]] = None) -> str:
+               commit: Optional[Callable[[str], str]] = None, header_slack: int = 0) -> str:
     """Write ``plans`` to ``final_path`` (streaming, atomic, never overwriting).
 
     ``on_tensor(i, total, plan)`` is called after each tensor is handed to the writer (progress and
     Cancel: let it raise to abort).  ``commit(tmp_path) -> final path`` replaces the default
     no-clobber commit (e.g. to pick another file name when the first one was taken meanwhile).
     Returns the final path.  Each produced tensor must have exactly the planned dtype and shape.
+    ``header_slack``: spaces left in the header for a commit that rewrites the metadata.
     """
-    header = build_header(plans, metadata)
+    header = build_header(plans, metadata, header_slack)
     folder = os.path.dirname(os.path.abspath(final_path))
     os.makedirs(folder, exist_ok=True)
     tmp = temp_path_for(final_path)

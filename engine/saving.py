@@ -30,7 +30,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -572,10 +572,16 @@ def destination(prefix: str, default: str, output_dir: Optional[str] = None) -> 
     return Destination(out, folder, filename, counter, subfolder)
 
 
-def _committer(dest: Destination) -> Callable[[str], str]:
+def _committer(dest: Destination, relabel: Optional[Callable[[str], None]] = None) -> Callable[[str], str]:
+    """Gives the written temporary file the first free name from ``dest.counter`` on.  When that is not
+    the name the file was written for (another program took it meanwhile), ``relabel(tmp)`` first
+    rewrites the metadata that names the file (title, recipe) for the new counter, set in ``dest``."""
     def commit(tmp: str) -> str:
-        counter = dest.counter
+        first = counter = dest.counter
         for _ in range(1000):
+            if counter != first and relabel is not None:
+                dest.counter = counter
+                relabel(tmp)
             final = dest.path(counter)
             try:
                 stw.commit_no_clobber(tmp, final)
@@ -611,12 +617,19 @@ def _check_space(folder: str, nbytes: int) -> None:
                         f"{free / 2**30:.2f} GiB are free. Free some space or save with dtype fp16/bf16.")
 
 
-def write_plan(plan: FilePlan, dest: Destination, metadata: Dict[str, str],
+_HEADER_SLACK = 64     # room in the header for metadata naming a later counter (see _committer)
+
+
+def write_plan(plan: FilePlan, dest: Destination, metadata: Union[Dict[str, str], Callable[[Destination], Dict[str, str]]],
                progress: Optional[Callable[[int, int], None]] = None, threaded: bool = True,
                fsync: bool = True) -> SaveResult:
     """Write ``plan`` to ``dest`` atomically; ``progress(i, n)`` after each tensor (it may raise to
-    cancel: nothing is left behind)."""
-    total_bytes = stw.file_size(plan.tensors, metadata)
+    cancel: nothing is left behind).  ``metadata``: a dict, or a function of the destination for
+    metadata that names the file: it is called again if the file ends up under another counter."""
+    meta_at = metadata if callable(metadata) else (lambda d, m=metadata: m)
+    first = meta_at(dest)
+    slack = _HEADER_SLACK if callable(metadata) else 0
+    total_bytes = stw.file_size(plan.tensors, first, slack)
     _check_space(dest.folder, total_bytes)
     t0 = time.perf_counter()
 
@@ -624,8 +637,17 @@ def write_plan(plan: FilePlan, dest: Destination, metadata: Dict[str, str],
         if progress is not None:
             progress(i, n)
 
-    path = stw.write_file(dest.final_path, plan.tensors, metadata, on_tensor=on_tensor, threaded=threaded,
-                          fsync=fsync, commit=_committer(dest))
+    planned = dest.counter
+
+    def relabel(tmp: str) -> None:
+        if not stw.rewrite_metadata(tmp, plan.tensors, meta_at(dest), fsync=fsync):
+            log.warning("MergeLab: %s takes counter %d (%d was taken meanwhile), but its metadata still names "
+                        "counter %d: the rewritten metadata did not fit in the header", dest.filename,
+                        dest.counter, planned, planned)
+
+    path = stw.write_file(dest.final_path, plan.tensors, first, on_tensor=on_tensor, threaded=threaded,
+                          fsync=fsync, commit=_committer(dest, relabel if callable(metadata) else None),
+                          header_slack=slack)
     rel = os.path.relpath(path, dest.output_dir).replace(os.sep, "/")
     return SaveResult(path, rel, total_bytes, len(plan.tensors), time.perf_counter() - t0, plan.dropped)
 
@@ -658,14 +680,18 @@ def save_checkpoint(model, clip=None, vae=None, filename_prefix: str = "checkpoi
     if model is None or not hasattr(model, "model") or not hasattr(model.model, "model_config"):
         raise SaveError("connect a diffusion model (MODEL) to save")
     dest = destination(filename_prefix, default_prefix, output_dir)
-    title = f"{dest.filename} {dest.counter}"
-    metadata, extra = checkpoint_metadata(model, title, prompt, extra_pnginfo)
+    _, extra = checkpoint_metadata(model, "", prompt, extra_pnginfo)
+
+    def metadata_at(d: Destination) -> Dict[str, str]:     # the title and the recipe name the file
+        metadata, _ = checkpoint_metadata(model, f"{d.filename} {d.counter}", prompt, extra_pnginfo)
+        if metadata_fn is not None:
+            metadata.update(metadata_fn(d))
+        if extra_metadata:
+            metadata.update(extra_metadata)
+        return metadata
+
     plan = plan_checkpoint(model, clip, vae, dtype, extra_keys=extra)
-    if metadata_fn is not None:
-        metadata.update(metadata_fn(dest))
-    if extra_metadata:
-        metadata.update(extra_metadata)
-    return write_plan(plan, dest, metadata, progress=progress, threaded=threaded, fsync=fsync)
+    return write_plan(plan, dest, metadata_at, progress=progress, threaded=threaded, fsync=fsync)
 
 
 def save_clip(clip, filename_prefix: str = "clip/MergeLab", dtype: str = "keep", prompt=None, extra_pnginfo=None,
@@ -693,6 +719,6 @@ def save_clip(clip, filename_prefix: str = "clip/MergeLab", dtype: str = "keep",
         dest = destination(p, default_prefix, output_dir)
         plan = plan_clip_file(prefix, part, dtype)
         prog = progress_factory(len(plan.tensors)) if progress_factory else None
-        file_metadata = dict(metadata, **metadata_fn(dest)) if metadata_fn is not None else metadata
+        file_metadata = (lambda d: dict(metadata, **metadata_fn(d))) if metadata_fn is not None else metadata
         results.append(write_plan(plan, dest, file_metadata, progress=prog, threaded=threaded, fsync=fsync))
     return results

@@ -507,12 +507,20 @@ def test_name_taken_while_writing_is_not_overwritten(harness, monkeypatch):
 
     monkeypatch.setattr(stw, "tensor_bytes", intruder)
     from mergelab import fixtures
-    res = saving.save_checkpoint(fixtures.small_model("SD15"), None, None, "race/r", "keep", default_prefix="race/x",
-                                 fsync=False)
+    model = fixtures.small_model("SD15")
+    res = saving.save_checkpoint(model, None, None, "race/r", "keep", default_prefix="race/x", fsync=False,
+                                 metadata_fn=lambda d: {"test.file": os.path.basename(d.final_path)})
     assert os.path.basename(res.path) == "r_00002_.safetensors"
     with open(os.path.join(folder, "r_00001_.safetensors"), "rb") as f:
         assert f.read() == b"someone else's"
     assert sorted(os.listdir(folder)) == ["r_00001_.safetensors", "r_00002_.safetensors"]
+    # the metadata that names the file names the one it is in (it was written for counter 1)
+    tensors, meta = read_all(res.path)
+    assert meta["modelspec.title"] == "r 2" and meta["test.file"] == "r_00002_.safetensors"
+    assert res.nbytes == os.path.getsize(res.path)
+    monkeypatch.setattr(stw, "tensor_bytes", real)
+    calm = saving.save_checkpoint(model, None, None, "race/calm", "keep", default_prefix="race/x", fsync=False)
+    assert_same_tensors(tensors, read_all(calm.path)[0], "race")
 
 
 @pytest.mark.parametrize("prefix, expect", [
