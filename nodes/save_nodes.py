@@ -41,7 +41,8 @@ def _recipe_inputs():
         io.Boolean.Input("save_recipe", default=True,
                          tooltip="Write the merge recipe into the file's metadata (methods, parameters, seeds, "
                                  "block weights, the graph upstream of this node and the input files' names and "
-                                 "sha256), so Load Merge Recipe can show how to repeat the merge."),
+                                 "sha256; no graph when ComfyUI runs with --disable-metadata), so Load Merge Recipe can show how "
+                                 "to repeat the merge."),
         io.Boolean.Input("hash_input_files", default=True,
                          tooltip="Compute the sha256 of every model file the graph loads (once per file and "
                                  "session; about 2 s per GB). Off: only hashes already computed are written."),
@@ -84,6 +85,8 @@ def _recipe_metadata(cls, node_id: str, parts: Dict[str, Any], dtype: str, save_
         if not save_recipe:
             return {}
         name = os.path.relpath(dest.final_path, dest.output_dir).replace(os.sep, "/")
+        if saving.metadata_disabled():      # --disable-metadata: no graph (as for the prompt); the merge stays
+            holder["graph"] = None
         if "graph" not in holder:           # once per node run, however many files it writes
             holder["graph"] = rcp.graph_provenance(cls.hidden.prompt, cls.hidden.unique_id,
                                                    dynprompt=cls.hidden.dynprompt, hash_files=hash_input_files,

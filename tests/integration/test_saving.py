@@ -597,6 +597,37 @@ def test_recipe_travels_with_clones_and_is_read_back(harness):
     assert out.outputs["1"]["text"][0] == text
 
 
+def test_disable_metadata_leaves_the_graph_out_of_the_recipe(harness, monkeypatch):
+    """--disable-metadata ("disable saving prompt metadata in files"): no prompt / workflow keys and no
+    graph in the recipe (node ids, widget values), as Save LoRA does; the merge's own recipe stays.  Without
+    the flag the same save writes both."""
+    from comfy.cli_args import args
+    prompt = {"1": small("SD15"), "2": small("SD15", delta_seed=2, delta_scale=0.05),
+              "m": api_node("MergeLab_Method_linear"),
+              "i1": api_node("MergeLab_MergeInput", model=["1", 0]),
+              "i2": api_node("MergeLab_MergeInput", model=["2", 0], models=["i1", 0]),
+              "3": api_node("MergeLab_ModelMerger", method=["m", 0], models=["i2", 0], seed=0, device="cpu"),
+              "4": {"class_type": "MergeLab_SaveModel", "inputs": {"model": ["3", 0], "filename_prefix": "nometa/m",
+                                                                  "dtype": "keep", "save_recipe": True,
+                                                                  "hash_input_files": False}}}
+    recipes = {}
+    for disabled in (False, True):
+        monkeypatch.setattr(args, "disable_metadata", disabled)
+        before = outputs_in(harness.output_dir)
+        prompt["4"]["inputs"]["filename_prefix"] = f"nometa/m{int(disabled)}"     # a new input: not cached
+        harness.run_ok(prompt)
+        (new,) = new_files(harness, before)
+        _, meta = read_all(os.path.join(harness.output_dir, new))
+        assert ("prompt" in meta) is not disabled
+        recipes[disabled] = json.loads(meta["mergelab.recipe"])
+    assert recipes[False]["graph"]["nodes"]
+    assert recipes[True].get("graph") is None
+    assert recipes[True]["parts"]["model"]["recipe"]["method"]["method"] == "linear"
+    merged = [{k: v for k, v in r["parts"]["model"]["recipe"].items() if k not in ("created", "patches_uuid")}
+              for r in (recipes[False], recipes[True])]
+    assert merged[0] == merged[1] and merged[0]["inputs"]
+
+
 def test_load_merge_recipe_on_a_file_without_recipe(harness):
     path = os.path.join(harness.base_dir, "plain_lora.safetensors")
     save_file({"x.lora_up.weight": torch.zeros(2, 2)}, path, metadata={"ss_network_dim": "4"})
