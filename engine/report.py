@@ -97,7 +97,8 @@ class MergeStats:
             for nm in self.input_names:
                 cells += [f"{r[f'rel_change[{nm}]']:.4f}", f"{r[f'cos[{nm}]']:.5f}"]
             lines.append(" | ".join(cells))
-        lines.append("Δ = ‖merged − other‖ / ‖other‖ over the block; cos = cosine similarity of the block's weights.")
+        lines.append("Δ = ‖merged − other‖ / ‖other‖ over the block; cos = cosine similarity of the block's weights "
+                     "(Δ inf: the other block is all zeros; cos nan: one of the two is).")
         return "\n".join(lines)
 
     def image(self) -> torch.Tensor:
@@ -112,11 +113,20 @@ class MergeStats:
 
 
 def _figures(mm: float, dd: float, xx: float, mx: float) -> Tuple[float, float]:
-    """(‖m−x‖/‖x‖, cos(m, x)) from ‖m‖², ‖m−x‖², ‖x‖², ⟨m,x⟩; NaN when a sum is not finite."""
+    """(‖m−x‖/‖x‖, cos(m, x)) from ‖m‖², ‖m−x‖², ‖x‖², ⟨m,x⟩; NaN when a sum is not finite.
+
+    Where a side is all zeros the figures that mean "unchanged" / "identical" would mislead: a change from
+    zeros is inf (0 when both are zero), and a cosine with exactly one zero side is NaN (1 when both are)."""
     if not all(math.isfinite(v) for v in (mm, dd, xx, mx)):
         return math.nan, math.nan
-    rel = (dd ** 0.5) / (xx ** 0.5) if xx > 0 else 0.0
-    cos = mx / ((mm * xx) ** 0.5) if mm > 0 and xx > 0 else 1.0
+    if xx > 0:
+        rel = (dd ** 0.5) / (xx ** 0.5)
+    else:
+        rel = math.inf if dd > 0 else 0.0
+    if mm > 0 and xx > 0:
+        cos = mx / ((mm * xx) ** 0.5)
+    else:
+        cos = 1.0 if mm == 0 and xx == 0 else math.nan
     return rel, cos
 
 

@@ -608,3 +608,26 @@ def test_report_with_weights_too_large_to_square(harness):
     assert "nan" in stats.text()
     img = stats.image()
     assert img.shape[0] == 1 and img.shape[-1] == 3 and torch.isfinite(img).all()
+
+
+def test_report_with_an_all_zero_side(harness):
+    """A block that is all zeros on one side (a passthrough at scale 0, a zero-initialized base block) has
+    no defined cosine and an infinite change from zeros: the report must not say "unchanged" (Δ 0) or
+    "identical" (cos 1) there.  Two zero blocks are identical: Δ 0, cos 1."""
+    rep = pack(harness, "engine.report")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, generator=g)
+    z = torch.zeros(300)
+    stats = rep.MergeStats(lambda k: k.split(".")[0], ["one"], has_base=True)
+    stats.add("merged_zero.w", z, x, [x])          # the merge is all zeros
+    stats.add("base_zero.w", x, z, [z])            # moved away from an all-zero base and input
+    stats.add("both_zero.w", z, z, [z])
+    rows = {r["block"]: r for r in stats.summary()}
+    assert rows["merged_zero"]["rel_change_base"] == pytest.approx(1.0)
+    assert math.isnan(rows["merged_zero"]["cos_base"]) and math.isnan(rows["merged_zero"]["cos[one]"])
+    assert rows["base_zero"]["rel_change_base"] == math.inf and math.isnan(rows["base_zero"]["cos_base"])
+    assert rows["both_zero"]["rel_change_base"] == 0.0 and rows["both_zero"]["cos_base"] == 1.0
+    text = stats.text()
+    assert "inf" in text and "nan" in text
+    img = stats.image()
+    assert img.shape[0] == 1 and img.shape[-1] == 3 and torch.isfinite(img).all()
