@@ -348,10 +348,16 @@ _BASE_VERSIONS = {"SD15": ("sd_v1", "stable-diffusion-v1"), "SD20": ("sd_v2", "s
 
 def lora_metadata(lora: Lora, key_format: str, dtype_name: str, recipe: Optional[Any] = None) -> Dict[str, str]:
     """safetensors metadata: kohya's ``ss_*`` fields, a modelspec block and the recipe (JSON)."""
-    alphas = sorted({float(l.alpha if l.alpha is not None else l.rank)
-                     for l in lora.layers.values() if l.kind == "lora"})
-    conv_ranks = sorted({l.rank for l in lora.layers.values() if l.kind == "lora" and l.is_conv})
-    lin_ranks = sorted({l.rank for l in lora.layers.values() if l.kind == "lora" and not l.is_conv})
+    def alpha(l) -> float:
+        return float(l.alpha if l.alpha is not None else l.rank)
+
+    # kohya: ss_network_dim / ss_network_alpha are the linear layers' (conv layers' only when there are no
+    # linear ones); conv_dim / conv_alpha go into ss_network_args
+    conv = [l for l in lora.layers.values() if l.kind == "lora" and l.is_conv]
+    lin = [l for l in lora.layers.values() if l.kind == "lora" and not l.is_conv]
+    conv_ranks = sorted({l.rank for l in conv})
+    lin_ranks = sorted({l.rank for l in lin})
+    alphas = sorted({alpha(l) for l in (lin or conv)})
     cfg = str(lora.arch.get("model_config", ""))
     version, spec_arch = _BASE_VERSIONS.get(cfg, (cfg.lower() or "unknown", cfg or "unknown"))
 
@@ -373,8 +379,7 @@ def lora_metadata(lora: Lora, key_format: str, dtype_name: str, recipe: Optional
         "mergelab.layers": str(len(lora.layers)),
     }
     if conv_ranks:
-        conv_alphas = sorted({float(l.alpha if l.alpha is not None else l.rank)
-                              for l in lora.layers.values() if l.kind == "lora" and l.is_conv})
+        conv_alphas = sorted({alpha(l) for l in conv})
         meta["ss_network_args"] = json.dumps({"conv_dim": _one_or_dynamic(conv_ranks, num),
                                               "conv_alpha": _one_or_dynamic(conv_alphas, num)})
     if recipe is not False:     # False: no recipe at all

@@ -317,10 +317,13 @@ def resize_lora(lora: Lora, spec: RankSpec, device: str = "auto", clamp_quantile
     """The LoRA at a new rank, keeping its effective strength: each layer's ``scale·up@down`` is
     re-factorized exactly (QR of the factors + SVD of the small core) and truncated; the new alpha is
     ``old scale × new rank`` so alpha/rank, and so the strength, stay the same."""
-    lora_layers = [l for l in lora.layers.values() if l.kind == "lora"]
     if not lora.layers:
         raise LoraError(f"LoRA '{lora.name}' has no layers")
-    if spec.mode == "fixed" and lora_layers:
+    # refused only when it would change nothing: LoRA layers (which keep a rank at or below the target)
+    # and 1-D differences; LoHa/LoKr and full differences are factorized to the rank whatever it is
+    lora_layers = [l for l in lora.layers.values() if l.kind == "lora"]
+    to_factorize = [l for l in lora.layers.values() if l.kind == "patch" or (l.kind == "diff" and len(l.shape) >= 2)]
+    if spec.mode == "fixed" and lora_layers and not to_factorize and clamp_quantile is None:
         top = max(l.rank for l in lora_layers)
         if spec.rank > top:
             raise LoraError(f"cannot resize LoRA '{lora.name}' to rank {spec.rank}: its largest rank is {top}, and "

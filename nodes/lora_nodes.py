@@ -45,7 +45,8 @@ def _rank_inputs(default_rank: int = 32, max_rank: int = 4096) -> List[Any]:
                                "modes never exceed 'rank'."),
         io.Int.Input("rank", default=default_rank, min=1, max=max_rank,
                      tooltip="The rank of every layer (fixed mode) or the maximum rank (other modes). Layers smaller "
-                             "than this keep their full rank, which is exact."),
+                             "than this keep their full rank, which is exact (Resize refuses a rank above every "
+                             "layer's when nothing would change: plain LoRA layers only, no clamp)."),
         io.Float.Input("rank_param", default=0.9, min=0.0, max=1000.0, step=0.01,
                        tooltip="sv_ratio: the ratio ≥ 1 (e.g. 20); sv_fro / sv_cumulative: the fraction in (0, 1] "
                                "(e.g. 0.9). Ignored in fixed mode."),

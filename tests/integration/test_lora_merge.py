@@ -294,6 +294,30 @@ def test_resize_factorizes_full_differences(harness, tmp_path):
         assert err == pytest.approx(svd.optimal_rank_error(want, 4), rel=2e-3), tag
 
 
+def test_resize_above_the_lora_layers_rank_still_factorizes_a_loha(harness, tmp_path):
+    """A LoHa layer beside a rank-8 LoRA layer, resized to rank 16 (above the LoRA layer's rank): the LoHa
+    is factorized to rank 16, optimally, and the LoRA layer is kept as it is (no refusal: something
+    changes).  A LoRA with LoRA layers only, at a rank above all of them, is still refused."""
+    lora_mod = pack(harness, "engine.lora")
+    svd = pack(harness, "engine.lora_svd")
+    loha, plain = _loha_and_lora(harness, tmp_path)
+    other = T_ATTN.replace("to_q", "to_k")
+    mixed = lora_mod.Lora.make({T_ATTN: loha.layers[T_ATTN], other: plain.layers[T_ATTN]}, {}, dict(loha.arch),
+                               {"name": "mixed"})
+    VALUES["r"] = mixed
+    out = harness.run_ok(resize_graph("r", 16)).captured["out"]
+    layer = out.layers[T_ATTN]
+    assert layer.kind == "lora" and layer.rank == 16
+    want = loha.layers[T_ATTN].delta()
+    assert int(torch.linalg.matrix_rank(want)) > 16
+    err = float(torch.linalg.norm(layer.delta() - want) / torch.linalg.norm(want))
+    assert err == pytest.approx(svd.optimal_rank_error(want, 16), rel=2e-3)
+    assert out.layers[other] is plain.layers[T_ATTN]
+    VALUES["r"] = plain
+    res = harness.run(resize_graph("r", 16))
+    assert not res.success and "its largest rank is 8" in res.error_text()
+
+
 def test_nonlinear_merge_of_sliced_and_fused_keys_runs_on_the_whole_weight(harness, tmp_path):
     """A diffusers Flux LoRA (q/k/v apart: slices of the fused img_attn.qkv) and one with the fused key: a
     non-linear method runs on each LoRA's whole ΔW of that weight, as ComfyUI applies them, not on the

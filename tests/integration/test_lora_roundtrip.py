@@ -230,6 +230,34 @@ def test_extract_save_comfy_loraloader_roundtrip(harness, arch):
     assert '"extract"' in text and '"rank": 4' in text
 
 
+def test_kohya_metadata_takes_the_linear_alpha(harness):
+    """kohya's ss_network_dim / ss_network_alpha are the linear layers' rank and alpha; conv layers' go into
+    ss_network_args (conv_dim / conv_alpha).  A LoRA with linear rank 8 / alpha 8 and conv rank 4 / alpha 1
+    is not "Dynamic"; a LoRA of conv layers only takes their values."""
+    import json
+    lora_mod = pack(harness, "engine.lora")
+    lio = pack(harness, "engine.lora_io")
+    g = torch.Generator().manual_seed(0)
+    L = lora_mod.LoraLayer
+
+    def lin(r, a):
+        return L.from_factors((32, 32), torch.randn(32, r, generator=g), torch.randn(r, 32, generator=g), alpha=a)
+
+    def conv(r, a):
+        return L.from_factors((64, 64, 3, 3), torch.randn(64, r, generator=g), torch.randn(r, 64 * 9, generator=g),
+                              alpha=a)
+
+    arch = {"model": "BaseModel:SD15", "model_config": "SD15"}
+    both = lora_mod.Lora.make({"diffusion_model.a.weight": lin(8, 8.0), "diffusion_model.b.weight": lin(8, 8.0),
+                               "diffusion_model.c.weight": conv(4, 1.0)}, {}, arch, {"name": "both"})
+    meta = lio.lora_metadata(both, "kohya", "fp16")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("8", "8")
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "1"}
+    only_conv = lora_mod.Lora.make({"diffusion_model.c.weight": conv(4, 2.0)}, {}, arch, {"name": "conv"})
+    meta = lio.lora_metadata(only_conv, "kohya", "fp16")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2")
+
+
 def test_fp16_file_roundtrip_and_comfyui_names(harness):
     """fp16 factors add only fp16 rounding; ComfyUI-native names load the same."""
     cap, path, name = run_extract(harness, "SD15", rank=6, dtype="fp16", key_format="comfyui",
