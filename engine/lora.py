@@ -14,7 +14,8 @@ Layer kinds:
 * ``diff``: a full difference tensor (biases, norm weights, full-rank layers).
 * ``patch``: another ComfyUI weight patch kept as it was loaded (LoHa, LoKr, OFT, DoRA, ``set``).
   It applies exactly as ComfyUI would; operations that need ΔW convert LoHa/LoKr through ComfyUI's
-  own formula and refuse what is not a difference (DoRA, set).
+  own formula and refuse what is not a difference (DoRA, set).  A patch that is not a difference
+  carries a ``strength`` (LoRA Stack's, applied as ComfyUI's loader applies its strength).
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ class LoraLayer:
     mid: Optional[torch.Tensor] = None
     diff: Optional[torch.Tensor] = None
     patch: Any = None
+    # a patch that is not a fixed difference (DoRA, OFT, ...) applies at this strength times the Apply
+    # strength, as ComfyUI's loader at that strength would: what LoRA Stack makes of one at a strength ≠ 1
+    strength: float = 1.0
 
     # -- construction ---------------------------------------------------------------------------
     @staticmethod
@@ -154,26 +158,35 @@ class LoraLayer:
                          mv(self.diff), None)
 
 
+def not_a_difference(patch) -> Optional[str]:
+    """Why a ComfyUI patch has no fixed difference ΔW (its result depends on the base weight), or None."""
+    from comfy.weight_adapter import WeightAdapterBase
+    if isinstance(patch, WeightAdapterBase):
+        weights = getattr(patch, "weights", None)
+        if getattr(patch, "name", "") == "lora" and weights is not None and weights[4] is not None:
+            return "DoRA: its change depends on the base weight"
+        if getattr(patch, "name", "") in ("oft", "boft"):
+            return f"{patch.name.upper()}: a rotation of the base weight, not a difference"
+        return None
+    if isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff":
+        return None
+    kind = patch[0] if isinstance(patch, tuple) and patch and isinstance(patch[0], str) else type(patch).__name__
+    return f"a '{kind}' patch (it replaces the weight), not a difference"
+
+
 def _patch_delta(patch, shape, device, dtype, key) -> torch.Tensor:
     """ΔW of an opaque ComfyUI patch, by ComfyUI's own formula on a zero weight."""
     from comfy.weight_adapter import WeightAdapterBase
     name = key_text(key)
+    why = not_a_difference(patch)
+    if why is not None:
+        raise LoraError(f"layer {name} is {why}; it has no fixed difference to merge, resize or save as LoRA "
+                        "factors")
     if isinstance(patch, WeightAdapterBase):
-        weights = getattr(patch, "weights", None)
-        if getattr(patch, "name", "") == "lora" and weights is not None and weights[4] is not None:
-            raise LoraError(f"layer {name} is DoRA: its change depends on the base weight, so it has no "
-                            "fixed difference to merge, resize or save as plain LoRA factors")
-        if getattr(patch, "name", "") in ("oft", "boft"):
-            raise LoraError(f"layer {name} is {patch.name.upper()}: a rotation of the base weight, not a "
-                            "difference; it cannot be merged or resized as LoRA factors")
         zero = torch.zeros(shape, device=device, dtype=torch.float32)
         out = patch.calculate_weight(zero, name, 1.0, 1.0, None, _identity, torch.float32, None)
         return out.to(dtype)
-    if isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff":
-        return patch[1][0].to(device=device, dtype=dtype).reshape(shape)
-    kind = patch[0] if isinstance(patch, tuple) and patch and isinstance(patch[0], str) else type(patch).__name__
-    raise LoraError(f"layer {name} is a '{kind}' patch (it replaces the weight), not a difference; it "
-                    "cannot be merged, resized or saved as LoRA factors")
+    return patch[1][0].to(device=device, dtype=dtype).reshape(shape)
 
 
 def _freeze_json(obj) -> str:
@@ -286,6 +299,14 @@ def concat_layers(parts: Sequence[Tuple[LoraLayer, float]], key: LayerKey) -> Lo
     kinds = {l.kind for l, _ in parts}
     if len(parts) == 1 and parts[0][1] == 1.0:
         return parts[0][0]
+    odd = [(l, c) for l, c in parts if l.kind == "patch" and not_a_difference(l.patch) is not None]
+    if odd:
+        if len(parts) == 1:     # alone on its weight: kept, at the product of the strengths
+            l, c = parts[0]
+            return LoraLayer("patch", l.shape, patch=l.patch, strength=l.strength * c)
+        raise LoraError(f"layer {key_text(key)}: a {not_a_difference(odd[0][0].patch)}, cannot be summed with "
+                        f"another LoRA's layer on the same weight; apply these LoRAs one after the other "
+                        "(Apply LoRA or ComfyUI's LoraLoader) instead of stacking them")
     if kinds == {"lora"}:
         ups, downs = [], []
         for l, c in parts:
@@ -383,14 +404,24 @@ def apply_lora(lora: Lora, model, clip, strength_model: float, strength_clip: fl
     if model is not None and strength_model != 0 and mkeys:
         found = check_fits(lora, model, mkeys, "MODEL")
         new_model = model.clone()
-        added = new_model.add_patches({k: lora.layers[k].comfy_patch() for k in found}, float(strength_model))
-        _report_not_added(lora, found, added, "MODEL")
+        _report_not_added(lora, found, _add_patches(new_model, lora, found, float(strength_model)), "MODEL")
     if clip is not None and strength_clip != 0 and ckeys:
         found = check_fits(lora, clip, ckeys, "CLIP")
         new_clip = clip.clone()
-        added = new_clip.add_patches({k: lora.layers[k].comfy_patch() for k in found}, float(strength_clip))
-        _report_not_added(lora, found, added, "CLIP")
+        _report_not_added(lora, found, _add_patches(new_clip, lora, found, float(strength_clip)), "CLIP")
     return new_model, new_clip
+
+
+def _add_patches(target, lora: Lora, keys, strength: float) -> List[LayerKey]:
+    """ComfyUI patches for ``keys``, one add_patches call per layer strength (1 except for a stacked DoRA)."""
+    by_strength: Dict[float, Dict[LayerKey, Any]] = {}
+    for k in keys:
+        layer = lora.layers[k]
+        by_strength.setdefault(layer.strength, {})[k] = layer.comfy_patch()
+    added: List[LayerKey] = []
+    for s, patches in by_strength.items():
+        added += target.add_patches(patches, strength * s)
+    return added
 
 
 def _report_not_added(lora: Lora, wanted, added, what: str) -> None:

@@ -126,7 +126,9 @@ class LoraStackNode(io.ComfyNode):
             category=CATEGORY,
             description="Add a LoRA to a stack with its own model and CLIP strengths. Chain several: the output "
                         "is one LORA equal to Σ strength·LoRA, exactly (the factors are concatenated, nothing "
-                        "is approximated).",
+                        "is approximated). DoRA and OFT layers change the weight depending on the weight itself: "
+                        "each is kept with its strength (applied as ComfyUI's LoraLoader applies one) and "
+                        "cannot share a weight with another LoRA of the stack.",
             inputs=[LoraType.Input("lora", tooltip="The LoRA to add."),
                     io.Float.Input("strength_model", default=1.0, min=-20.0, max=20.0, step=0.01,
                                    tooltip="Strength of its diffusion-model layers."),

@@ -244,6 +244,63 @@ def test_locon_tucker_file_matches_its_kohya_equivalent(harness, setup):
         close(e_re[k], e_locon[k], k, rtol=1e-4)
 
 
+def test_dora_stacks_at_any_strength_like_comfyuis_loader(harness, setup):
+    """A DoRA layer has no fixed ΔW (it renormalizes the patched weight), so LoRA Stack keeps it as a patch
+    at its strength: Stack at 0.8 (then times Apply's 0.5) then Apply gives the weights ComfyUI's LoraLoader
+    gives at 0.4, on DoRA and plain layers alike.  Summing it with another LoRA on the same weight is
+    refused with a message that says what to do instead; merging, resizing and saving it still are."""
+    import comfy.lora
+    base, clip = setup["base"], setup["clip"]
+    km = comfy.lora.model_lora_keys_unet(base.model, {})
+    inv = {}
+    for n, t in km.items():
+        inv.setdefault(t, []).append(n)
+    sd = base.model.state_dict()
+    linears = [k for k, t in sd.items() if k.startswith("diffusion_model.") and t.dim() == 2][:4]
+    g = torch.Generator().manual_seed(12)
+    dora = {}
+    for i, k in enumerate(linears):
+        name = min(n for n in inv[k] if n.startswith("lora_unet_"))
+        out_f, in_f = sd[k].shape
+        dora.update({name + ".lora_up.weight": torch.randn(out_f, 4, generator=g) * 0.1,
+                     name + ".lora_down.weight": torch.randn(4, in_f, generator=g) * 0.1,
+                     name + ".alpha": torch.tensor(4.0)})
+        if i % 2 == 0:
+            dora[name + ".dora_scale"] = torch.rand(out_f, 1, generator=g) + 0.5
+    n = write(harness, setup, "fmt_dora.safetensors", dora)
+    small = {"class_type": "MergeLabTest_SmallModel", "inputs": {"arch": "SD15", "seed": 0, "delta_seed": 0,
+                                                                 "delta_scale": 0.0, "dtype": "fp32"}}
+    g1 = {"m": small,
+          "l": {"class_type": "MergeLab_LoadLoRA", "inputs": {"model": ["m", 0], "clip": ["m", 1], "lora_name": n}},
+          "s": {"class_type": "MergeLab_LoRAStack", "inputs": {"lora": ["l", 0], "strength_model": 0.8,
+                                                              "strength_clip": 1.0}},
+          "a": {"class_type": "MergeLab_ApplyLoRA", "inputs": {"model": ["m", 0], "clip": ["m", 1], "lora": ["s", 0],
+                                                              "strength_model": 0.5, "strength_clip": 1.0}},
+          "ref": {"class_type": "LoraLoader", "inputs": {"model": ["m", 0], "clip": ["m", 1], "lora_name": n,
+                                                         "strength_model": 0.4, "strength_clip": 1.0}},
+          "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["a", 0], "name": "ours"}},
+          "c2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["ref", 0], "name": "comfy"}},
+          "c3": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["m", 0], "name": "base"}}}
+    got = harness.run_ok(harness.with_defaults(g1)).captured
+    ws = pack(harness, "engine.weights")
+    cpu = torch.device("cpu")
+    ours, comfy, b = (ws.KeySource.of(got[x]) for x in ("ours", "comfy", "base"))
+    for k in linears:
+        want = comfy.read(k, cpu)
+        assert not torch.equal(want, b.read(k, cpu)), k
+        close(ours.read(k, cpu), want, k, rtol=1e-6)
+    # with a second LoRA on the same weights: refused, saying what to do
+    g2 = {"m": small,
+          "l": g1["l"],
+          "s1": {"class_type": "MergeLab_LoRAStack", "inputs": {"lora": ["l", 0], "strength_model": 0.8,
+                                                               "strength_clip": 1.0}},
+          "s2": {"class_type": "MergeLab_LoRAStack", "inputs": {"lora": ["l", 0], "strength_model": 0.5,
+                                                               "strength_clip": 1.0, "stack": ["s1", 0]}},
+          "c": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["s2", 0], "name": "x"}}}
+    res = harness.run(g2)
+    assert not res.success and "DoRA" in res.error_text() and "one after the other" in res.error_text()
+
+
 def test_unmatched_keys_reported_once_with_a_count(harness, setup):
     lio = pack(harness, "engine.lora_io")
     sd = lio.lora_state_dict(setup["lora"], "kohya", torch.float32)
