@@ -446,6 +446,28 @@ def linear_coefficients(method: MergeMethod, per_model: Mapping[str, List[Any]],
     return coeffs
 
 
+def base_dependence(method: MergeMethod, per_model: Mapping[str, List[Any]], n: int) -> Optional[float]:
+    """How far ``method`` on differences against a zero base (what a LoRA merge computes) is from the
+    method on the models (base B, models B + ΔWᵢ, minus B), relative, on a random probe: about 0 for
+    the task-vector methods, large for those that look at the weights themselves (slerp: sin(tπ/2)·ΔW for
+    t·ΔW).  None when the probe cannot run."""
+    gen = torch.Generator().manual_seed(2024)
+    deltas = [0.1 * torch.randn(8, 16, generator=gen, dtype=torch.float64).float() for _ in range(n)]
+    b = torch.randn(8, 16, generator=gen, dtype=torch.float64).float()
+    zero = torch.zeros_like(b)
+    try:
+        if method.spec.base == "none":
+            on_deltas = method.merge(None, deltas, key="probe", seed=0, **per_model)
+            on_models = method.merge(None, [b + d for d in deltas], key="probe", seed=0, **per_model) - b
+        else:
+            on_deltas = method.merge(zero, deltas, key="probe", seed=0, **per_model)
+            on_models = method.merge(b, [b + d for d in deltas], key="probe", seed=0, **per_model) - b
+    except (MergeError, ValueError, RuntimeError):
+        return None
+    scale = max(float(torch.linalg.norm(on_models)), float(torch.linalg.norm(on_deltas)), 1e-12)
+    return float(torch.linalg.norm(on_deltas - on_models)) / scale
+
+
 @torch.no_grad()
 @full_fp32_matmul()
 def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: RankSpec,
@@ -527,6 +549,14 @@ def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: Ran
              f"{time.perf_counter() - t0:.2f} s on {dev.type}",
              f"{len(out)} layers ({dropped} all-zero after merging, dropped); "
              f"{merged_lora.numel() / 1e6:.2f} M values"]
+    gap = None if coeffs is not None else base_dependence(m, per_model, n)
+    if gap is not None and gap > 1e-2:
+        note = (f"note: {method.name} looks at the weights themselves, not only at their differences from a base: "
+                f"on LoRA differences (against a zero base) it gives something else than on the models (off by "
+                f"{gap:.0%} on a probe; slerp of one LoRA at t gives sin(tπ/2)·ΔW, not about t·ΔW). For model-like "
+                "results use a task-vector method (linear, task_arithmetic, ties, dare, ...)")
+        log.warning("MergeLab: %s", note)
+        lines.append(note)
     lines += _stats_text(stats)
     return merged_lora, "\n".join(lines)
 

@@ -220,7 +220,9 @@ class MergeLorasNode(io.ComfyNode):
                         "difference ΔW (zero base for methods that need one), layer by layer on the compute device; "
                         "the result is factorized back to the chosen rank. Linear, task arithmetic, passthrough "
                         "and weighted sum are computed exactly on the factors (no SVD loss while the summed rank "
-                        "fits).",
+                        "fits). Methods that look at the weights themselves, not only at differences (slerp, "
+                        "karcher, arcee_fusion, multi_domain_alignment), give something else on ΔW than on the "
+                        "models (slerp of one LoRA at t: sin(tπ/2)·ΔW); the report says so.",
             inputs=[MergeMethodType.Input("method", tooltip="A merge method from a MergeLab method node."),
                     LoraListType.Input("loras", tooltip="The LoRAs, from a chain of LoRA Merge Input nodes.")]
                    + _rank_inputs(64)

@@ -318,6 +318,41 @@ def test_resize_above_the_lora_layers_rank_still_factorizes_a_loha(harness, tmp_
     assert not res.success and "its largest rank is 8" in res.error_text()
 
 
+WEIGHT_SPACE = {"slerp", "karcher", "arcee_fusion", "multi_domain_alignment"}
+
+
+def test_methods_that_look_at_the_weights_are_flagged_on_loras(harness):
+    """A LoRA merge runs the method on differences against a zero base.  For task-vector methods that is
+    the method on the models (minus the base); for the ones that look at the weights themselves it is
+    not, and the report says so.  The probe tells them apart at the methods' defaults."""
+    ops = pack(harness, "engine.lora_ops")
+    mm = pack(harness, "merge_methods")
+    for name in mm.names():
+        m = mm.create(name)
+        n = 1 if m.spec.max_models == 1 else 2
+        gap = ops.base_dependence(m, m.per_model_values(n, {}), n)
+        assert gap is not None, name
+        if name in WEIGHT_SPACE:
+            assert gap > 0.05, (name, gap)
+        else:
+            assert gap < 1e-3, (name, gap)
+
+
+def test_slerp_of_one_lora_is_flagged_in_the_report(harness):
+    """slerp of one LoRA at t = 0.5 against a zero base gives sin(π/4)·ΔW (not ~0.5·ΔW as on the models):
+    the report says the method looks at the weights themselves."""
+    lora = make_lora(harness, 21, 4)
+    VALUES["one"] = lora
+    g = merge_graph("MergeLab_Method_slerp", {"t": 0.5}, [("one", {})], rank=4)
+    got = harness.run_ok(g).captured
+    report, out = got["report"], got["lora"]
+    assert "slerp looks at the weights themselves" in report
+    k = next(iter(lora.layers))
+    assert_close(out.layers[k].delta(), math.sin(math.pi / 4) * lora.layers[k].delta(), k)
+    g = merge_graph("MergeLab_Method_ties", method_inputs(harness, "MergeLab_Method_ties"), [("one", {})], rank=4)
+    assert "looks at the weights" not in harness.run_ok(g).captured["report"]
+
+
 def test_nonlinear_merge_of_sliced_and_fused_keys_runs_on_the_whole_weight(harness, tmp_path):
     """A diffusers Flux LoRA (q/k/v apart: slices of the fused img_attn.qkv) and one with the fused key: a
     non-linear method runs on each LoRA's whole ΔW of that weight, as ComfyUI applies them, not on the
