@@ -165,6 +165,10 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
 
     base_src = KeySource.of(base).read_only() if base is not None else None
     sources = [KeySource.of(i.model).read_only() for i in inputs]
+    # a method without a base returns model 1's dtype: where model 1 is stored in another dtype than the
+    # base (whose dtype the result is kept in), its weight is read as a copy in the compute dtype, so the
+    # result is rounded once, to the base's dtype (not first to model 1's bf16, say)
+    first_copy = KeySource.of(inputs[0].model) if base is not None and base_for_method is None else None
     keys = plan_keys(base_src, sources, names, options.on_mismatch)
     clip = is_clip(objs[0])
     ref_src = base_src if base_src is not None else sources[0]
@@ -196,6 +200,8 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
             m, per_model = resolve_params(method, inputs, factors)
             b = base_src.read(key, device, work_dtype) if base_src is not None else None
             xs = [s.read(key, device, work_dtype) for s in sources]
+            if first_copy is not None and xs[0].dtype not in (work_dtype, storage_dtype(ref_src.dtype(key))):
+                xs[0] = first_copy.read(key, device, work_dtype)
             if clip and key.endswith(CLIP_OPTIONAL_SUFFIXES) and not all_finite([b] + xs):
                 log.warning("MergeLab: %s kept as is: not finite in an input (a weight the checkpoint does not "
                             "hold, which ComfyUI leaves uninitialized and drops on save)", key)

@@ -222,6 +222,36 @@ def test_fp8_weights_are_dequantized_and_kept_in_a_dtype_comfyui_patches(harness
     assert torch.equal(base.model.state_dict()[KEY_FP8], before)
 
 
+@pytest.mark.parametrize("method_node,base_dtype", [("MergeLab_Method_linear", "fp32"),
+                                                     ("MergeLab_Method_karcher", "fp32"),
+                                                     ("MergeLab_Method_linear", "fp16")])
+def test_method_without_base_rounds_once_to_the_base_dtype(harness, method_node, base_dtype):
+    """A method that takes no base, with a base connected (the result is kept in the base's dtype) and model
+    1 stored in bf16, model 2 in fp32: the result is the method on the fp32 values rounded once to the
+    base's dtype, not first to model 1's bf16 (which held fp32 and fp16 bases to bf16 precision)."""
+    mm = pack(harness, "merge_methods")
+    g = _merge_graph("SD15", method_node, {}, 2, True, [{"weight": 1.0}, {"weight": 0.5}])
+    g["base"]["inputs"]["dtype"] = base_dtype
+    g["m0"]["inputs"]["dtype"] = "bf16"
+    out = harness.run_ok(harness.with_defaults(g)).captured["out"]
+    models = [fixtures.small_model("SD15", dtype=dt, delta_seed=i + 1, delta_scale=DELTA)
+              for i, dt in enumerate(("bf16", "fp32"))]
+    name = method_node[len("MergeLab_Method_"):]
+    method = mm.create(name)
+    per_model = {"weight": [1.0, 0.5]} if name == "linear" else {}
+    stored = torch.float16 if base_dtype == "fp16" else torch.float32
+    keys = [k for k in out.patches if k.startswith("diffusion_model.")]
+    coarse = 0
+    for key in sample_keys(keys, 16):
+        xs = [m.model.state_dict()[key].float() for m in models]
+        want = method.merge(None, xs, key=key, seed=7, **per_model).to(stored)
+        patch = out.patches[key][-1][1][1][0]
+        assert patch.dtype == stored, key
+        assert torch.equal(patch, want), key
+        coarse += int(not torch.equal(patch.bfloat16().to(stored), patch))
+    assert coarse > 0        # the results do hold more than bf16 precision
+
+
 KEY_FP8 = "diffusion_model.input_blocks.1.1.proj_in.weight"
 
 
