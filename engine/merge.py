@@ -58,10 +58,18 @@ def compute_device(choice: str) -> torch.device:
 
 
 def check_architectures(objs: Sequence[Any], names: Sequence[str]) -> None:
-    fams = [model_family(o).split(":")[0] for o in objs]
+    """Models of different model_base classes, or text encoders of different CLIP classes (SD1's clip_l
+    with Flux's clip_l + t5, SDXL's with SD1's...), cannot be merged: an error before any computation."""
+    if objs and is_clip(objs[0]):
+        fams = [model_family(o) for o in objs]                       # CLIP:<module>.<class>
+        shown = [f.rsplit(".", 1)[-1] for f in fams]
+        what = "text encoders (CLIP)"
+    else:
+        fams = shown = [model_family(o).split(":")[0] for o in objs]
+        what = "models"
     if len(set(fams)) > 1:
-        desc = ", ".join(f"{n}: {f}" for n, f in zip(names, fams))
-        raise MergeError(f"cannot merge models of different architectures ({desc})")
+        desc = ", ".join(f"{n}: {f}" for n, f in zip(names, shown))
+        raise MergeError(f"cannot merge {what} of different architectures ({desc})")
 
 
 def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[str], on_mismatch: str) -> List[str]:

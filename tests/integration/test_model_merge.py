@@ -455,6 +455,21 @@ def test_different_architectures_fail_before_merging(harness):
     assert "different architectures" in res.error_text()
 
 
+@pytest.mark.parametrize("other", ["SDXL", "Flux"])
+@pytest.mark.parametrize("on_mismatch", ["error", "skip"])
+def test_clips_of_different_architectures_fail_before_merging(harness, other, on_mismatch):
+    """SD1.5's CLIP (clip_l) with SDXL's (clip_l + clip_g) or Flux's (clip_l + t5): refused as different
+    text encoders, not as a list of missing keys, and not merged on the clip_l they share with 'skip'."""
+    g = merge_graph("SD15", "MergeLab_Method_linear", {}, 2, True, clip=True, extra={"on_mismatch": on_mismatch})
+    g.update(loader("other", other, delta_seed=5))
+    g["in1"]["inputs"]["clip"] = ["other", 1]
+    res = harness.run(g)
+    assert not res.success
+    text = res.error_text()
+    assert "cannot merge text encoders (CLIP) of different architectures" in text
+    assert "SD1ClipModel" in text
+
+
 def test_lora_on_an_input_is_part_of_the_merge(harness):
     """Patches already on an input model (a LoRA) are merged, not its raw weights."""
     eng = pack(harness, "engine.merge")
