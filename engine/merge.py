@@ -104,11 +104,14 @@ def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[s
     if on_mismatch != "skip":
         raise MergeError("the models do not have the same keys and shapes:\n  " + "\n  ".join(parts) +
                          "\nSet on_mismatch to 'skip' to merge only the keys they share (the rest keep the base).")
-    bad = {k for ks in missing.values() for k in ks} | {s.split(" ")[0] for ks in shape_bad.values() for s in ks}
-    n_skip = len(bad) + sum(len(v) for v in extra.values())
-    log.warning("MergeLab: skipping %d mismatched key(s) (%d missing, %d other shape, %d extra); they keep %s",
-                n_skip, sum(map(len, missing.values())), sum(map(len, shape_bad.values())),
-                sum(map(len, extra.values())), ref_name)
+    # counted once per key, however many inputs it is wrong in, so that the numbers add up
+    absent = {k for ks in missing.values() for k in ks}
+    other_shape = {s.split(" ")[0] for ks in shape_bad.values() for s in ks} - absent
+    bad = absent | other_shape
+    extra_keys = {k for ks in extra.values() for k in ks}
+    log.warning("MergeLab: skipping %d mismatched key(s) of %s (%d missing in an input, %d with other shapes): they "
+                "keep %s's values; %d key(s) that only other inputs have are left out", len(bad), ref_name,
+                len(absent), len(other_shape), ref_name, len(extra_keys))
     return [k for k in keys if k not in bad]
 
 

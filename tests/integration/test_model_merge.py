@@ -507,6 +507,33 @@ def test_mismatched_keys_error_or_skip(harness):
     assert "diffusion_model.out.2.weight" in out.patches
 
 
+def test_skip_warning_counts_each_key_once(harness, caplog):
+    """Two inputs lacking the same key and one key only an input has: one warning whose numbers add up
+    (the key missing in both counted once) and that says what becomes of each kind."""
+    import logging
+    eng = pack(harness, "engine.merge")
+    mm = pack(harness, "merge_methods")
+    base = fixtures.small_model("SD15")
+    odd = []
+    for seed in (1, 2):
+        m = fixtures._build_small_model("SD15", 0, None, seed, DELTA)
+        m.model.diffusion_model.out[2].bias = None
+        odd.append(m)
+    with caplog.at_level(logging.WARNING, logger="MergeLab"):
+        eng.merge_models(base, [eng.MergeInput(m, {}) for m in odd], mm.create("task_arithmetic"),
+                         eng.MergeOptions(on_mismatch="skip"))
+    msgs = [r.getMessage() for r in caplog.records if "mismatched" in r.getMessage()]
+    assert len(msgs) == 1, msgs
+    assert "skipping 1 mismatched key(s) of base (1 missing in an input, 0 with other shapes)" in msgs[0]
+    assert "0 key(s) that only other inputs have are left out" in msgs[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="MergeLab"):       # the input has a key the base lacks
+        eng.merge_models(odd[0], [eng.MergeInput(base, {}), eng.MergeInput(odd[1], {})],
+                         mm.create("task_arithmetic"), eng.MergeOptions(on_mismatch="skip"))
+    msgs = [r.getMessage() for r in caplog.records if "mismatched" in r.getMessage()]
+    assert len(msgs) == 1 and "skipping 0 mismatched" in msgs[0] and "1 key(s) that only other inputs" in msgs[0]
+
+
 def test_cancel_stops_the_merge(harness):
     import comfy.model_management as cmm
     import comfy.utils
