@@ -111,6 +111,10 @@ def boot(extra_args: Optional[List[str]] = None, base_dir: Optional[str] = None,
         folder_paths.set_temp_directory(os.path.join(base_dir, "temp"))
         if hasattr(folder_paths, "set_user_directory"):
             folder_paths.set_user_directory(os.path.join(base_dir, "user"))
+    # ComfyUI's top-level ``utils`` package, imported before ``nodes`` as main.py does: ``nodes`` puts comfy/
+    # first on sys.path, where ``utils`` is comfy/utils.py, and comfy_extras/nodes_images.py (ImageCrop,
+    # ImageStitch, SaveAnimatedWEBP, ...) then fails on ``from server import ...`` (utils.install_util)
+    import utils.extra_config  # noqa: F401
     import nodes
     import inspect
     kwargs = {"init_custom_nodes": False}
@@ -124,14 +128,17 @@ def boot(extra_args: Optional[List[str]] = None, base_dir: Optional[str] = None,
 
 
 def _redirect_models(folder_paths, models_dir: str) -> None:
-    """Make every model folder type look in ``models_dir/<type>`` (and nowhere else)."""
+    """Make every model folder type look in the same folders under ``models_dir`` as under ComfyUI's own
+    models folder (and nowhere else), legacy names included (``unet/`` beside ``diffusion_models/``,
+    ``clip/`` beside ``text_encoders/``).  No folder is created: a user's models folder stays as it is."""
+    old = os.path.abspath(folder_paths.models_dir)
     folder_paths.models_dir = models_dir
     for name, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
         if name in ("custom_nodes",):
             continue
-        target = os.path.join(models_dir, name)
-        os.makedirs(target, exist_ok=True)
-        folder_paths.folder_names_and_paths[name] = ([target], exts)
+        rel = [os.path.relpath(os.path.abspath(p), old) for p in paths]
+        rel = [r for r in rel if not r.startswith("..")] or [name]
+        folder_paths.folder_names_and_paths[name] = ([os.path.join(models_dir, r) for r in rel], exts)
     # the cache of file lists must not remember the old folders
     if hasattr(folder_paths, "filename_list_cache"):
         folder_paths.filename_list_cache.clear()

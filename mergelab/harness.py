@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -54,8 +55,10 @@ class RunResult:
 class _Server:
     """The few members of PromptServer that the executor and progress handlers use."""
 
+    CLIENT_ID = "mergelab-harness"
+
     def __init__(self):
-        self.client_id = "mergelab-harness"   # as a connected editor: the executor then sends "executing" events
+        self.client_id = self.CLIENT_ID       # as a connected editor: the executor then sends "executing" events
         self.last_node_id = None
         self.last_prompt_id = None
         self.sockets_metadata: Dict[str, Any] = {}
@@ -66,6 +69,11 @@ class _Server:
         self.events.append((event, data))
         for fn in self.listeners:
             fn(event, data)
+
+    def send_progress_text(self, text, node_id, sid=None):
+        """What nodes such as GetImageSize send through ``PromptServer.instance`` (a text under the node)."""
+        self.send_sync("progress_text", {"node": str(node_id), "text": text if isinstance(text, str) else
+                                         bytes(text).decode("utf-8", "replace")}, sid)
 
     def queue_updated(self):
         pass
@@ -138,6 +146,9 @@ class Harness:
         import nodes  # ComfyUI's
         self.nodes = nodes
         self.server = _Server()
+        server_module = sys.modules.get("server")       # ComfyUI's, when its nodes imported it
+        if server_module is not None and getattr(server_module.PromptServer, "instance", None) is None:
+            server_module.PromptServer.instance = self.server
         nodes.NODE_CLASS_MAPPINGS.setdefault("MergeLabTest_Capture", CaptureNode)
         self.pack_module_name: Optional[str] = None
         self.pack_path: Optional[str] = None
@@ -225,10 +236,12 @@ class Harness:
         if not ok:
             return RunResult(False, prompt_id, error=error, node_errors=node_errors or {})
         executor = self._executor()
+        # as a connected editor: without a client id the executor sends no "executing" events
+        data = {"client_id": _Server.CLIENT_ID, **(extra_data or {})}
         if listener:
             self.server.listeners.append(listener)
         try:
-            executor.execute(prompt, prompt_id, dict(extra_data or {}), outputs_to_run)
+            executor.execute(prompt, prompt_id, data, outputs_to_run)
         finally:
             if listener:
                 self.server.listeners.remove(listener)

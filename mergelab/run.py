@@ -9,6 +9,7 @@ missing model or any failure during execution.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -24,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="override an input; NODE is a node id, title or unique type; VALUE is JSON or text; "
                         "INPUT may hold dots (block widgets: 9.input_blocks.4.=0)")
-    p.add_argument("--models", help="models folder (with checkpoints/, loras/, ...); default: ComfyUI's own")
+    p.add_argument("--models", help="models folder (with checkpoints/, loras/, ...); default: ComfyUI's own, "
+                                    "with the folders its extra_model_paths.yaml adds")
     p.add_argument("--output", help="output folder; default: ComfyUI's own output folder")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -34,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
 class TextProgress:
     """Draws one line: the node running and its progress bar."""
 
-    def __init__(self, prompt, stream=sys.stderr, quiet=False):
-        self.prompt, self.stream, self.quiet = prompt, stream, quiet
+    def __init__(self, prompt, stream=None, quiet=False):
+        self.prompt, self.stream, self.quiet = prompt, stream or sys.stderr, quiet
         self.node = None
         self.t0 = time.time()
 
@@ -100,8 +102,8 @@ def execute_workflow(workflow, overrides: List[str], harness, quiet: bool = Fals
 
     try:
         data = load_json(workflow) if isinstance(workflow, str) else workflow
-        prompt = to_api(data, comfy_nodes.NODE_CLASS_MAPPINGS)
-        apply_overrides(prompt, overrides)
+        prompt = to_api(data, comfy_nodes.NODE_CLASS_MAPPINGS, getattr(comfy_nodes, "NODE_DISPLAY_NAME_MAPPINGS", {}))
+        apply_overrides(prompt, overrides, comfy_nodes.NODE_CLASS_MAPPINGS)
     except WorkflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return WorkflowRun(2, error=str(e))
@@ -114,12 +116,17 @@ def execute_workflow(workflow, overrides: List[str], harness, quiet: bool = Fals
 
     comfy.utils.set_progress_bar_global_hook(hook)
     t0 = time.time()
+    interrupted = []
     try:
-        res = harness.run(prompt, listener=progress.event)
+        with _ctrl_c_interrupts(interrupted):
+            res = harness.run(prompt, listener=progress.event)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         progress.done()
     seconds = time.time() - t0
+    if interrupted:
+        print(f"interrupted (Ctrl-C) after {seconds:.1f} s", file=sys.stderr)
+        return WorkflowRun(130, prompt, outputs=res.outputs, seconds=seconds, error="interrupted")
     if not res.success:
         text = res.error_text()
         print("error: the workflow failed:\n" + text, file=sys.stderr)
@@ -134,6 +141,35 @@ def execute_workflow(workflow, overrides: List[str], harness, quiet: bool = Fals
         if text:
             print(f"#{nid}: " + "\n".join(str(t) for t in text), file=out)
     return WorkflowRun(0, prompt, written, dict(res.outputs), seconds)
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts(flag: list):
+    """While a workflow runs: Ctrl-C interrupts ComfyUI's processing (the running node stops at its next
+    check, no further node starts) and is recorded in ``flag``; a second Ctrl-C stops at once.  Without
+    this, asyncio.run (inside ComfyUI's executor) took the signal and the run went on to the end."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import comfy.model_management as mm
+
+    def handler(signum, frame):
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(signum)
+        print("\ninterrupting (Ctrl-C again to stop at once)...", file=sys.stderr)
+        mm.interrupt_current_processing(True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if flag:
+            mm.interrupt_current_processing(False)
 
 
 def run_workflow(workflow, overrides: List[str], harness, quiet: bool = False, out=sys.stdout) -> int:
@@ -192,7 +228,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ComfyUINotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not args.models:
+        _load_extra_model_paths(root)
     return run_workflow(data, args.overrides, harness, quiet=args.quiet)
+
+
+def _load_extra_model_paths(root: str) -> None:
+    """The model folders ComfyUI's extra_model_paths.yaml adds, as ComfyUI's main.py loads them."""
+    path = os.path.join(root, "extra_model_paths.yaml")
+    if os.path.isfile(path):
+        import utils.extra_config  # ComfyUI's
+        utils.extra_config.load_extra_path_config(path)
 
 
 if __name__ == "__main__":

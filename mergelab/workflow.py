@@ -81,8 +81,41 @@ def widget_values(node: dict, node_cls) -> Dict[str, Any]:
     return out
 
 
-def to_api(workflow: dict, node_classes: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Convert an editor-format workflow to an API-format prompt."""
+def _connects(a: Any, b: Any) -> bool:
+    """LiteGraph's isValidConnection for two slot types: equal, a wildcard, or sharing a type of a
+    comma-separated list (case-insensitive)."""
+    if a in (None, "", "*", 0) or b in (None, "", "*", 0):
+        return True
+    a, b = str(a).upper(), str(b).upper()
+    return a == b or bool(set(a.split(",")) & set(b.split(",")))
+
+
+def _bypass_input(node: dict, slot: int, want: Any) -> Optional[int]:
+    """The input a bypassed node passes through to its output ``slot`` for a consumer of type ``want``,
+    as the frontend chooses it (ExecutableNodeDTO): the input at the same index when its type fits the
+    output's and the consumer's, else the first input of exactly the consumer's type, else the first that
+    fits both.  The input may be unconnected: then nothing is passed (the consumer's input is dropped)."""
+    ins = node.get("inputs") or []
+    outs = node.get("outputs") or []
+    if want in ("*", "", None):
+        return slot if len(ins) > slot else (0 if ins else None)
+    out_type = outs[slot].get("type") if slot < len(outs) else None
+    if slot < len(ins) and _connects(ins[slot].get("type"), out_type) and _connects(ins[slot].get("type"), want):
+        return slot
+    for i, inp in enumerate(ins):
+        if inp.get("type") == want:
+            return i
+    for i, inp in enumerate(ins):
+        if _connects(inp.get("type"), out_type) and _connects(inp.get("type"), want):
+            return i
+    return None
+
+
+def to_api(workflow: dict, node_classes: Dict[str, Any],
+           display_names: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
+    """Convert an editor-format workflow to an API-format prompt.  ``display_names`` (class type → the
+    editor's default title; the type itself where it has none) gives every node a ``_meta.title`` as the
+    frontend writes it."""
     if is_api_format(workflow):
         return workflow
     if not isinstance(workflow, dict) or "nodes" not in workflow:
@@ -99,23 +132,27 @@ def to_api(workflow: dict, node_classes: Dict[str, Any]) -> Dict[str, Dict[str, 
         else:
             links[link[0]] = (str(link[1]), int(link[2]))
 
-    def source_of(link_id: int, seen=()) -> Optional[Tuple[str, int]]:
-        """Follow reroutes and bypassed nodes back to a real output; None when nothing feeds it."""
+    def source_of(link_id: int, want: Any, seen=()) -> Optional[Tuple[str, int]]:
+        """Follow reroutes and bypassed nodes back to a real output; None when nothing feeds it.  ``want``:
+        the type of the input being fed (which input a bypassed node passes through depends on it)."""
         if link_id is None or link_id not in links:
             return None
         nid, slot = links[link_id]
         node = nodes.get(nid)
-        if node is None or nid in seen:
+        if node is None:
+            raise WorkflowError(f"link {link_id} comes from node {nid}, which is not in the workflow (a broken "
+                                "link: reconnect that input in the editor)")
+        if nid in seen:
             return None
         if node["type"] == "Reroute":
             ins = node.get("inputs") or []
-            return source_of(ins[0].get("link") if ins else None, seen + (nid,))
+            return source_of(ins[0].get("link") if ins else None, want, seen + (nid,))
         if node.get("mode") == BYPASSED:
-            out_type = (node.get("outputs") or [{}])[slot].get("type") if slot < len(node.get("outputs") or []) else None
-            for inp in node.get("inputs") or []:
-                if inp.get("link") is not None and inp.get("type") == out_type:
-                    return source_of(inp["link"], seen + (nid,))
-            return None
+            i = _bypass_input(node, slot, want)
+            if i is None:
+                return None
+            inp = (node.get("inputs") or [])[i]
+            return source_of(inp.get("link"), inp.get("type"), seen + (nid,))
         if node.get("mode") == MUTED:
             return None
         return nid, slot
@@ -126,6 +163,9 @@ def to_api(workflow: dict, node_classes: Dict[str, Any]) -> Dict[str, Dict[str, 
         if typ in NOTE_TYPES or typ in ("Reroute", "PrimitiveNode") or node.get("mode") in (MUTED, BYPASSED):
             continue
         cls = node_classes.get(typ)
+        if cls is None and isinstance(typ, str) and typ.startswith(("workflow>", "workflow/")):
+            raise WorkflowError(f"node {nid} is a group node ('{typ}'), which the converter does not support; "
+                                "convert it back to nodes in the editor (right click > Convert to nodes)")
         if cls is None:
             raise WorkflowError(f"node {nid} has unknown type '{typ}': is the custom node pack that provides it "
                                 "installed?")
@@ -141,14 +181,18 @@ def to_api(workflow: dict, node_classes: Dict[str, Any]) -> Dict[str, Dict[str, 
                 if vals:
                     inputs[inp["name"]] = vals[0]
                 continue
-            resolved = source_of(link_id)
+            if src_nid is not None and src is None:
+                raise WorkflowError(f"node {nid} ({typ}) input '{inp.get('name')}' is linked to node {src_nid}, "
+                                    "which is not in the workflow (a broken link: reconnect it in the editor)")
+            resolved = source_of(link_id, inp.get("type"))
             if resolved is not None:
                 inputs[inp["name"]] = [resolved[0], resolved[1]]
             else:
                 inputs.pop(inp["name"], None)
         entry: Dict[str, Any] = {"class_type": typ, "inputs": inputs}
-        if node.get("title"):
-            entry["_meta"] = {"title": node["title"]}
+        title = node.get("title") or (None if display_names is None else display_names.get(typ, typ))
+        if title:
+            entry["_meta"] = {"title": title}
         prompt[nid] = entry
     return prompt
 
@@ -176,8 +220,10 @@ def _split_target(prompt: Dict[str, Dict[str, Any]], target: str):
     return ref, name, []
 
 
-def apply_overrides(prompt: Dict[str, Dict[str, Any]], overrides: List[str]) -> None:
-    """``NODE.INPUT=VALUE`` overrides; NODE is a node id, a title or a class type (when unique)."""
+def apply_overrides(prompt: Dict[str, Dict[str, Any]], overrides: List[str],
+                    node_classes: Optional[Dict[str, Any]] = None) -> None:
+    """``NODE.INPUT=VALUE`` overrides; NODE is a node id, a title or a class type (when unique).  With
+    ``node_classes``, an INPUT the node's class does not have is an error naming the ones it has."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise WorkflowError(f"--set expects NODE.INPUT=VALUE, got {item!r}")
@@ -187,8 +233,15 @@ def apply_overrides(prompt: Dict[str, Dict[str, Any]], overrides: List[str]) -> 
             raise WorkflowError(f"--set {item!r}: no node with id, title or type {node_ref!r}")
         if len(ids) > 1:
             raise WorkflowError(f"--set {item!r}: {node_ref!r} matches nodes {ids}; use a node id")
+        node = prompt[ids[0]]
+        cls = (node_classes or {}).get(node["class_type"])
+        if cls is not None and input_name not in node.get("inputs", {}):
+            names = [n for n, _, _ in _input_spec(cls)]
+            if input_name not in names:
+                raise WorkflowError(f"--set {item!r}: node {ids[0]} ({node['class_type']}) has no input "
+                                    f"{input_name!r}; its inputs: {', '.join(names)}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        prompt[ids[0]]["inputs"][input_name] = value
+        node["inputs"][input_name] = value

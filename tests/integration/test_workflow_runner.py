@@ -119,3 +119,158 @@ def test_runner_cli_rejects_missing_and_invalid_files(tmp_path, content, expect)
     proc = subprocess.run([sys.executable, "-m", "mergelab.run", str(path)], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and expect in proc.stderr
+
+
+def _cond(nid, text, link):
+    return _node(nid, "CLIPTextEncode", [text], inputs=[{"name": "clip", "type": "CLIP", "link": None}],
+                 outputs=[{"name": "CONDITIONING", "type": "CONDITIONING", "links": [link]}])
+
+
+def test_bypass_passes_the_input_of_the_same_slot_as_the_frontend(harness):
+    """A bypassed node with two inputs of one type (ControlNetApplyAdvanced: positive, negative) passes
+    each output its own input, as the frontend's graphToPrompt does (the same slot first, then the type),
+    not the first input of that type to both; an unconnected same-slot input passes nothing."""
+    import nodes
+
+    cn_inputs = [{"name": "positive", "type": "CONDITIONING", "link": 1},
+                 {"name": "negative", "type": "CONDITIONING", "link": 2},
+                 {"name": "control_net", "type": "CONTROL_NET", "link": None},
+                 {"name": "image", "type": "IMAGE", "link": None}]
+    wf = {"nodes": [
+        _cond(2, "pos", 1), _cond(3, "neg", 2),
+        _node(4, "ControlNetApplyAdvanced", [1.0, 0.0, 1.0], inputs=cn_inputs, mode=4,
+              outputs=[{"name": "positive", "type": "CONDITIONING", "links": [3]},
+                       {"name": "negative", "type": "CONDITIONING", "links": [4]}]),
+        _node(5, "KSampler", [1, "fixed", 20, 8.0, "euler", "normal", 1.0],
+              inputs=[{"name": "positive", "type": "CONDITIONING", "link": 3},
+                      {"name": "negative", "type": "CONDITIONING", "link": 4}]),
+    ], "links": [[1, 2, 0, 4, 0, "CONDITIONING"], [2, 3, 0, 4, 1, "CONDITIONING"],
+                 [3, 4, 0, 5, 0, "CONDITIONING"], [4, 4, 1, 5, 1, "CONDITIONING"]]}
+    ks = to_api(wf, nodes.NODE_CLASS_MAPPINGS)["5"]["inputs"]
+    assert ks["positive"] == ["2", 0] and ks["negative"] == ["3", 0]
+    # ModelMergeSimple bypassed with model1 unconnected: its output passes model1 (nothing), not model2
+    wf = {"nodes": [
+        _node(1, "CheckpointLoaderSimple", ["a.safetensors"], outputs=[{"name": "MODEL", "type": "MODEL", "links": [1]}]),
+        _node(3, "ModelMergeSimple", [0.5], inputs=[{"name": "model1", "type": "MODEL", "link": None},
+                                                    {"name": "model2", "type": "MODEL", "link": 1}],
+              outputs=[{"name": "MODEL", "type": "MODEL", "links": [2]}], mode=4),
+        _node(4, "KSampler", [1, "fixed", 20, 8.0, "euler", "normal", 1.0],
+              inputs=[{"name": "model", "type": "MODEL", "link": 2}]),
+    ], "links": [[1, 1, 0, 3, 1, "MODEL"], [2, 3, 0, 4, 0, "MODEL"]]}
+    assert "model" not in to_api(wf, nodes.NODE_CLASS_MAPPINGS)["4"]["inputs"]
+
+
+def test_converter_errors_name_broken_links_and_group_nodes(harness):
+    import nodes
+
+    wf = {"nodes": [_node(4, "KSampler", [1, "fixed", 20, 8.0, "euler", "normal", 1.0],
+                          inputs=[{"name": "model", "type": "MODEL", "link": 9}])],
+          "links": [[9, 77, 0, 4, 0, "MODEL"]]}
+    with pytest.raises(WorkflowError, match="linked to node 77, which is not in the workflow"):
+        to_api(wf, nodes.NODE_CLASS_MAPPINGS)
+    with pytest.raises(WorkflowError, match="group node"):
+        to_api({"nodes": [_node(1, "workflow>my group")], "links": []}, nodes.NODE_CLASS_MAPPINGS)
+
+
+def test_overrides_check_input_names_and_default_titles(harness):
+    """A misspelt input is an error naming the node's inputs (it was added silently and ignored); nodes are
+    found by the title the editor shows even when the workflow does not save it (the display name)."""
+    import nodes
+
+    wf = {"nodes": [_node(1, "EmptyImage", [64, 64, 1, 0]), _node(2, "CheckpointLoaderSimple", ["a.safetensors"])],
+          "links": []}
+    p = to_api(wf, nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    title = nodes.NODE_DISPLAY_NAME_MAPPINGS.get("EmptyImage", "EmptyImage")
+    assert p["1"]["_meta"]["title"] == title
+    ckpt_title = nodes.NODE_DISPLAY_NAME_MAPPINGS["CheckpointLoaderSimple"]       # "Load Checkpoint"
+    assert p["2"]["_meta"]["title"] == ckpt_title != "CheckpointLoaderSimple"
+    apply_overrides(p, [f"{title}.width=32", f"{ckpt_title}.ckpt_name=b.safetensors"], nodes.NODE_CLASS_MAPPINGS)
+    assert p["1"]["inputs"]["width"] == 32 and p["2"]["inputs"]["ckpt_name"] == "b.safetensors"
+    with pytest.raises(WorkflowError, match="has no input 'widht'; its inputs: width, height"):
+        apply_overrides(p, ["1.widht=8"], nodes.NODE_CLASS_MAPPINGS)
+
+
+def test_core_image_nodes_run_and_progress_names_the_nodes(harness, capsys):
+    """comfy_extras' image nodes (ImageCrop, GetImageSize, ...: their module imports ComfyUI's server) are
+    there, and run; the progress line names each node as it starts (the executor's "executing" events)."""
+    import nodes
+
+    for t in ("ImageCrop", "ImageStitch", "GetImageSize", "SaveAnimatedWEBP", "ImageScaleToMaxDimension"):
+        assert t in nodes.NODE_CLASS_MAPPINGS, t
+    wf = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 0}},
+          "2": {"class_type": "ImageCrop", "inputs": {"image": ["1", 0], "width": 32, "height": 16, "x": 0, "y": 0}},
+          "3": {"class_type": "GetImageSize", "inputs": {"image": ["2", 0]}},
+          "4": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "runner/crop"}}}
+    run = __import__("mergelab.run", fromlist=["execute_workflow"]).execute_workflow(wf, [], harness)
+    err = capsys.readouterr().err
+    assert run.code == 0, run.error
+    assert any(p.endswith(".png") and "crop" in p for p in run.written)
+    assert "#2 ImageCrop" in err and "#4 SaveImage" in err
+
+
+def test_models_folder_keeps_legacy_names_and_creates_nothing(tmp_path):
+    """--models DIR: each model type looks in the same folders under DIR as under ComfyUI's models folder
+    (diffusion models in unet/ and diffusion_models/, text encoders in text_encoders/ and clip/), and no
+    folder is created in DIR."""
+    import types
+    from mergelab import comfy_env
+
+    old = str(tmp_path / "comfy_models")
+    fp = types.SimpleNamespace(models_dir=old, folder_names_and_paths={
+        "diffusion_models": ([os.path.join(old, "unet"), os.path.join(old, "diffusion_models")], {".safetensors"}),
+        "text_encoders": ([os.path.join(old, "text_encoders"), os.path.join(old, "clip")], {".safetensors"}),
+        "checkpoints": ([os.path.join(old, "checkpoints"), "/elsewhere/ckpts"], {".safetensors"}),
+        "custom_nodes": (["/x/custom_nodes"], set())})
+    new = str(tmp_path / "mine")
+    os.makedirs(new)
+    comfy_env._redirect_models(fp, new)
+    f = fp.folder_names_and_paths
+    assert f["diffusion_models"][0] == [os.path.join(new, "unet"), os.path.join(new, "diffusion_models")]
+    assert f["text_encoders"][0] == [os.path.join(new, "text_encoders"), os.path.join(new, "clip")]
+    assert f["checkpoints"][0] == [os.path.join(new, "checkpoints")]
+    assert f["custom_nodes"][0] == ["/x/custom_nodes"]
+    assert os.listdir(new) == []
+
+
+def test_runner_loads_extra_model_paths_yaml(harness, tmp_path):
+    import folder_paths
+    from mergelab import run as runner
+
+    extra = tmp_path / "more_checkpoints"
+    extra.mkdir()
+    (tmp_path / "extra_model_paths.yaml").write_text(f"mine:\n  base_path: {tmp_path}\n  checkpoints: more_checkpoints\n")
+    before = list(folder_paths.folder_names_and_paths["checkpoints"][0])
+    try:
+        runner._load_extra_model_paths(str(tmp_path))
+        assert str(extra) in folder_paths.get_folder_paths("checkpoints")
+    finally:
+        folder_paths.folder_names_and_paths["checkpoints"] = (before, folder_paths.folder_names_and_paths["checkpoints"][1])
+
+
+def test_ctrl_c_interrupts_the_run(tmp_path):
+    """SIGINT while a workflow runs stops it before its last node (exit 130, nothing saved); it was taken
+    by asyncio.run inside ComfyUI's executor and the run went on to the end with exit 0."""
+    import signal
+    import time
+
+    wf = {"1": {"class_type": "EmptyImage", "inputs": {"width": 768, "height": 768, "batch_size": 4, "color": 0}}}
+    prev = "1"
+    for i in range(2, 42):
+        wf[str(i)] = {"class_type": "ImageBlur", "inputs": {"image": [prev, 0], "blur_radius": 31, "sigma": 3.0}}
+        prev = str(i)
+    wf["99"] = {"class_type": "SaveImage", "inputs": {"images": [prev, 0], "filename_prefix": "ctrl_c/x"}}
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(wf))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mergelab.run", str(path), "--output", str(out), "--cpu"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    t0 = time.time()
+    while "ImageBlur" not in seen and time.time() - t0 < 120 and proc.poll() is None:
+        seen += proc.stderr.read1(4096) if hasattr(proc.stderr, "read1") else os.read(proc.stderr.fileno(), 4096).decode()
+    assert "ImageBlur" in seen, seen[-2000:]
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (stdout, seen + stderr)
+    assert "interrupted" in stderr
+    assert not glob.glob(str(out / "ctrl_c" / "*"))
