@@ -696,6 +696,15 @@ def parse_mbw(text: str, arch: str, preset: Optional[str] = None) -> Dict[str, f
         if preset and preset.strip().lower() not in ("", "none"):
             raise ValueError(f"{where}: give either a preset or a full list of {len(names)} values, not both")
         return {n: _number(t, where) for n, t in zip(names, tokens)}
+    if not any(re.search(r"[:=]", t) for t in tokens):
+        # no NAME:value anywhere: a list of values (after a preset, perhaps) with a typo in it
+        start = 1 if preset_name(tokens[0]) is not None else 0
+        rest = tokens[start:]
+        bad = [(i, t) for i, t in enumerate(tokens) if i >= start and not _NUM.match(t)]
+        if bad and len(rest) > 1 and any(_NUM.match(t) for t in rest):
+            i, t = bad[0]
+            raise ValueError(f"{where}: value {i + 1} of {len(tokens)}, {t!r}, is not a number; write "
+                             f"{len(names)} comma-separated values, NAME:value pairs or a preset name")
     index = {n.upper(): i for i, n in enumerate(names)}
     for pos, tok in enumerate(tokens):
         if pos == 0 and preset_name(tok) is not None and not re.search(r"[:=]", tok):

@@ -61,6 +61,17 @@ def methods_md() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _display_name(cls) -> str:
+    """The name the editor shows: a V3 node's schema display_name (V1: DISPLAY_NAME when set)."""
+    schema = getattr(cls, "GET_SCHEMA", None)
+    if schema is not None:
+        try:
+            return schema().display_name or ""
+        except Exception:  # noqa: BLE001 - a schema that cannot be built: fall back to the id
+            return ""
+    return getattr(cls, "DISPLAY_NAME", "") or ""
+
+
 def nodes_md(node_classes: Dict[str, type]) -> str:
     """The node reference from the node definitions ComfyUI serves."""
     out = ["# Nodes", "", "Generated from the node definitions (the same data ComfyUI's `/object_info` serves) by "
@@ -72,7 +83,7 @@ def nodes_md(node_classes: Dict[str, type]) -> str:
     for cat in sorted(groups):
         out += [f"## {cat}", ""]
         for nid, cls in groups[cat]:
-            title = getattr(cls, "DISPLAY_NAME", None) or nid
+            title = _display_name(cls) or nid
             desc = (getattr(cls, "DESCRIPTION", "") or "").strip()
             out += [f"### {title} (`{nid}`)", ""]
             if desc:

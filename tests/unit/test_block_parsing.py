@@ -134,6 +134,8 @@ def test_named_values_ranges_and_defaults():
     ("IN00:abc", "not a number"),
     ("IN00 0.5", "cannot read"),
     ("IN00:nan", "not a number"),
+    ("1,1,x", r"value 3 of 3, 'x', is not a number"),          # a typo in a list names the typo
+    ("GRAD_V, 1, 0.5x", r"value 3 of 3, '0.5x', is not a number"),
 ])
 def test_mbw_errors(text, match):
     with pytest.raises(ValueError, match=match):
