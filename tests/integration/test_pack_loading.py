@@ -90,3 +90,16 @@ def test_comfyui_path_missing_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "nope"))
     with pytest.raises(comfy_env.ComfyUINotFound, match="does not exist"):
         comfy_env.comfyui_root()
+
+
+def test_registry_metadata_points_at_files_the_pack_has():
+    """pyproject.toml's [tool.comfy] Icon is a URL into this repository's main branch: the file must exist."""
+    import re
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        text = f.read()
+    m = re.search(r'^Icon\s*=\s*"https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/([^"]+)"', text, re.M)
+    assert m, "no Icon URL into the repository in pyproject.toml"
+    path = os.path.join(REPO_ROOT, m.group(1))
+    assert os.path.isfile(path), m.group(1)
+    with open(path, encoding="utf-8") as f:
+        assert f.read().lstrip().startswith("<svg")
