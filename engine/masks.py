@@ -328,6 +328,12 @@ class ModelMask:
             return "all" if part.inverted else "none"
         if isinstance(part, _Random) and part.density > 1.0 - 2 ** -25:   # u < 1 always
             return "none" if part.inverted else "all"
+        if isinstance(part, _Bits):         # a magnitude mask may select nothing (or all) of a key
+            c = popcount(part.bits)
+            if c == 0:
+                return "none"
+            if c == self.layout.numels[self.layout.index[key]]:
+                return "all"
         return "some"
 
     def dense(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -209,6 +209,18 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
             mm.throw_exception_if_processing_interrupted()
             factors = bw.factors(key, len(inputs)) if bw is not None else {}
             m, per_model = resolve_params(method, inputs, factors)
+            if options.mask is not None and options.mask.state(key) == "none":
+                # the mask selects nothing here: the key keeps the base's (model 1's) value, which the
+                # result, a clone of it, already has: no computation, and no patch holding a copy
+                if options.stats is not None:
+                    b = base_src.read(key, device, work_dtype) if base_src is not None else None
+                    xs = [s.read(key, device, work_dtype) for s in sources]
+                    options.stats.add(key, b if b is not None else xs[0], b, xs)
+                    del b, xs
+                pbar.update(1)
+                if options.progress:
+                    options.progress(i + 1, len(keys))
+                continue
             b = base_src.read(key, device, work_dtype) if base_src is not None else None
             xs = [s.read(key, device, work_dtype) for s in sources]
             if first_copy is not None and xs[0].dtype not in (work_dtype, storage_dtype(ref_src.dtype(key))):

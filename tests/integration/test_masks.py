@@ -94,8 +94,42 @@ def test_masked_merge_changes_exactly_the_masked_entries(harness):
         n_changed += int((m != b).sum())
         if ".middle_block." in key or key.startswith("diffusion_model.out."):
             assert mask.state(key) == "none" and torch.equal(m, b)   # difference removed those blocks
+            # ... and the result holds no patch (no copy, no computation) for a key nothing selects
+            assert key not in masked.patches, key
     total = sum(read(harness, base, k).numel() for k in keys)
     assert 0.2 * total < n_sel < 0.3 * total and n_changed > 0.9 * n_sel
+
+
+def test_masked_merge_of_one_block_patches_only_that_block(harness):
+    """A Block Masker selecting `out.` and the Masked Model Merger: the result holds patches for the 4 keys
+    of `out.` only (it held a full copy of all 686), with the values of where(mask, merge, A); the merge
+    report still covers every block.  A magnitude mask that selects nothing in a key (bits all 0) is
+    skipped too."""
+    g = {"a": small(), "b": small(delta_seed=3),
+         "bm": api_node("MergeLab_BlockMasker", model=["a", 0], blocks="out"),
+         "mm": api_node("MergeLab_MaskedModelMerger", model_a=["a", 0], model_b=["b", 0], mask=["bm", 0], ratio=0.25),
+         "c1": cap("mm", "out")}
+    out = harness.run_ok(g).captured["out"]
+    a, b = fixtures.small_model("SD15"), fixtures.small_model("SD15", delta_seed=3, delta_scale=DELTA)
+    keys = pack(harness, "engine.weights").KeySource.of(a).keys()
+    outs = [k for k in keys if k.startswith("diffusion_model.out.")]
+    assert sorted(out.patches) == sorted(outs) and len(outs) == 4
+    for key in outs:
+        torch.testing.assert_close(read(harness, out, key), 0.25 * read(harness, a, key) + 0.75 * read(harness, b, key))
+    masks = pack(harness, "engine.masks")
+    eng = pack(harness, "engine.merge")
+    mm = pack(harness, "merge_methods")
+    rep = pack(harness, "engine.report")
+    mask = masks.ModelMask(masks.MaskLayout.of(a), {k: masks._Bits(masks.pack_bits(
+        torch.zeros(int(read(harness, a, k).numel()), dtype=torch.bool)) if k not in outs else
+        masks.pack_bits(torch.ones(int(read(harness, a, k).numel()), dtype=torch.bool))) for k in keys})
+    assert mask.state(keys[0]) == "none" and mask.state(outs[0]) == "all"
+    stats = rep.MergeStats(lambda k: k.split(".")[1], ["model 1"], has_base=True)
+    res = eng.merge_models(a, [eng.MergeInput(b, {})], mm.create("task_arithmetic"),
+                           eng.MergeOptions(device="cpu", mask=mask, stats=stats))
+    assert sorted(res.patches) == sorted(outs)
+    rows = {r["block"]: r for r in stats.summary()}
+    assert rows["input_blocks"]["rel_change_base"] == 0.0 and rows["out"]["rel_change_base"] > 0
 
 
 def test_masked_model_merger(harness):
