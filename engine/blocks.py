@@ -166,8 +166,13 @@ def arch_of(model: Any) -> Optional[str]:
     """The arch id of a MODEL patcher (``type(model.model.model_config).__name__`` through the family
     table) or of a CLIP (its text-encoder class); None when it cannot be told."""
     if hasattr(model, "cond_stage_model") and hasattr(model, "patcher"):       # comfy.sd.CLIP
-        for cls in type(model.cond_stage_model).__mro__:
+        own = type(model.cond_stage_model)
+        for cls in own.__mro__:
             if cls.__name__ in ARCH_OF_CLIP:
+                # SD1ClipModel is the base class of most single-encoder models (Wan's umt5, Chroma's t5,
+                # Lumina's gemma, Qwen-Image's qwen...): only the class itself is SD 1.x
+                if cls.__name__ == "SD1ClipModel" and cls is not own:
+                    return None
                 return ARCH_OF_CLIP[cls.__name__]
         return None
     inner = getattr(model, "model", None)

@@ -306,3 +306,80 @@ def test_block_weighted_merge_end_to_end(harness):
     prompt["bw"]["inputs"]["mbw"] = "IN04:0"
     res = harness.run(prompt)
     assert not res.success and re.search(r"made for SDXL, but the model is SD 1\.x", res.error_text())
+
+
+def _small_te_clip(config_name, te_name, seed):
+    """A small real text encoder of a model whose CLIP class derives from SD1ClipModel (Chroma's t5, Wan's
+    umt5): ComfyUI's own classes with tiny T5 widths, random weights."""
+    import torch
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models as sm
+    cls = getattr(sm, config_name)
+    cfg = cls.__new__(cls)
+    cfg.unet_config = {}
+    target = cfg.clip_target({})
+    clip = comfy.sd.CLIP(no_init=True)
+    with torch.inference_mode(False):
+        g = torch.Generator().manual_seed(seed)
+        csm = target.clip(dtype=torch.float32, model_options={
+            f"{te_name}_model_config": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4}})
+        for p in csm.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    clip.cond_stage_model = csm
+    clip.patcher = comfy.model_patcher.ModelPatcher(csm, load_device=torch.device("cpu"),
+                                                   offload_device=torch.device("cpu"))
+    clip.tokenizer, clip.tokenizer_options, clip.layer_idx = None, {}, None      # what CLIP.clone copies
+    clip.use_clip_schedule, clip.apply_hooks_to_conds = False, None
+    return clip
+
+
+@pytest.mark.parametrize("config_name, te_name, prefix", [("Chroma", "t5xxl", "t5xxl."), ("WAN21_T2V", "umt5xxl", "umt5xxl.")])
+def test_text_encoders_derived_from_sd1clip_are_not_sd1(harness, config_name, te_name, prefix):
+    """Chroma's and Wan's text encoders subclass ComfyUI's SD1ClipModel: they are not SD 1.x.  Flux's `T5`
+    block weights apply to Chroma's t5xxl (the same keys); SD1's BASE (clip_l.) is refused as matching no
+    key (it was accepted and did nothing), and Flux's T5 on Wan's umt5xxl likewise."""
+    import importlib
+    import torch
+    E, MM, PB = (importlib.import_module(f"{harness.pack_module_name}.{m}")
+                 for m in ("engine.merge", "merge_methods", "engine.blocks"))
+    a, b = _small_te_clip(config_name, te_name, 0), _small_te_clip(config_name, te_name, 1)
+    assert PB.arch_of(a) is None
+    keys = list(a.patcher.get_key_patches())
+    assert keys and all(k.startswith(prefix) for k in keys)
+    meth = MM.create("task_arithmetic")
+    plain = E.merge_models(a, [E.MergeInput(b, {}, "b")], meth, E.MergeOptions(device="cpu"))
+    with pytest.raises(ValueError, match="none of"):
+        E.merge_models(a, [E.MergeInput(b, {}, "b")], meth,
+                       E.MergeOptions(device="cpu", block_weights=PB.BlockWeights.from_mbw("SD1", "BASE:0")))
+    flux_t5 = PB.BlockWeights.from_mbw("Flux", "T5:0")
+    if config_name == "Chroma":
+        out = E.merge_models(a, [E.MergeInput(b, {}, "b")], meth, E.MergeOptions(device="cpu", block_weights=flux_t5))
+        k = next(k for k in keys if k.endswith(".weight") and k in plain.patcher.patches)
+        assert torch.equal(out.patcher.patches[k][-1][1][1][0], a.patcher.model.state_dict()[k])   # factor 0: a
+        assert not torch.equal(plain.patcher.patches[k][-1][1][1][0], a.patcher.model.state_dict()[k])
+    else:
+        with pytest.raises(ValueError, match="none of"):
+            E.merge_models(a, [E.MergeInput(b, {}, "b")], meth, E.MergeOptions(device="cpu", block_weights=flux_t5))
+
+
+@pytest.mark.parametrize("method, params, mbw, param", [
+    ("ties", {"density": 0.8}, "OUT11:2", "density"),
+    ("slerp", {"t": 0.5}, "OUT11:3", "t"),
+])
+def test_block_factors_out_of_a_parameter_range_fail_before_merging(harness, method, params, mbw, param):
+    """ties with density 0.8 and an OUT11 factor of 2 on density (1.6), slerp with t 0.5 times 3: refused
+    before any key is merged (it stopped at the last block), naming the block."""
+    import importlib
+    E, MM, PB = (importlib.import_module(f"{harness.pack_module_name}.{m}")
+                 for m in ("engine.merge", "merge_methods", "engine.blocks"))
+    base = fixtures.small_model("SD15")
+    tuned = fixtures.small_model("SD15", delta_seed=5, delta_scale=0.01)
+    glob = {k: v for k, v in params.items() if not MM.create(method).spec.param(k).per_model}
+    per = {k: v for k, v in params.items() if k not in glob}
+    bw = PB.BlockWeights.from_mbw("SD1", mbw, param=param)
+    done = []
+    with pytest.raises(MM.MergeError, match=rf"block 'output_blocks\.11\.'.*{param}"):
+        E.merge_models(base, [E.MergeInput(tuned, per, "model 1")], MM.create(method, **glob),
+                       E.MergeOptions(device="cpu", block_weights=bw, progress=lambda i, n: done.append(i)))
+    assert done == []
