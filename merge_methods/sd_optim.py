@@ -304,10 +304,13 @@ def della_offsets(flat: torch.Tensor, della_eps: float) -> torch.Tensor:
     entry's index): the stable order, with an ordinary (faster) sort, identical on every device.
     """
     n_pts, n = flat.shape
-    keys = flat.abs().view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
-    keys.add_(torch.arange(n, dtype=torch.int64, device=flat.device))
-    order = torch.sort(keys, dim=1).indices
-    del keys
+    if flat.dtype == torch.float32:
+        keys = flat.abs().view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
+        keys.add_(torch.arange(n, dtype=torch.int64, device=flat.device))
+        order = torch.sort(keys, dim=1).indices
+        del keys
+    else:           # fp64 (compute_dtype fp64): no room for the index beside the bits; the same order
+        order = torch.argsort(flat.abs(), dim=1, stable=True)
     ranks = torch.arange(1, n + 1, dtype=torch.float64, device=flat.device)
     vals = ((ranks / n - (n + 1) / (2.0 * n)) * della_eps).to(flat.dtype)
     out = torch.empty_like(flat)

@@ -289,6 +289,8 @@ class MergeMethod:
             if problem:
                 raise MergeError(f"{where}: {problem}")
 
+        if ref.numel() == 0:            # nothing to merge (some methods' 2-D views cannot take 0 columns)
+            return torch.empty_like(ref)
         device = ref.device
         work_device = device
         work_dtype = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in [base] + models) \

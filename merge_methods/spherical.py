@@ -196,7 +196,8 @@ def _check_multislerp(glob, per_model) -> Optional[str]:
                   per_model=True),
             Param("normalize_weights", BOOL, True, "Divide the weights by their sum."),
             Param("eps", FLOAT, 1e-8, "Stabilizer added to norms; a weighted mean shorter than this "
-                                      "uses the linear fallback.", min=0.0, max=1e-2, step=1e-8)),
+                                      "uses the linear fallback (> 0: a zero task vector would divide 0 by 0).",
+                  min=0.0, max=1e-2, step=1e-8, min_exclusive=True)),
     check=_check_multislerp,
 )
 def multislerp(base, models, ctx, *, weight, normalize_weights, eps):

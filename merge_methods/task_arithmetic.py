@@ -180,6 +180,15 @@ def sparsify_(deltas: torch.Tensor, ctx, method: str, density: Sequence[float], 
                 if after is not None:
                     after += part.abs().sum()
             del u
+        elif x.dtype != torch.float32:
+            # the span-wise cut reads fp32 bit patterns: fp64 (compute_dtype fp64) takes the plain definition
+            if before is not None:
+                before += x.abs().sum()
+            keep = magnitude_mask(x, d) if method == "magnitude" else outlier_mask(x, d, float(gamma[i]))
+            if keep is not None:
+                x.masked_fill_(~keep, 0.0)
+            if after is not None:
+                after += x.abs().sum()
         else:
             top = _outlier_count(n, d, float(gamma[i])) if method == "outliers" else 0
             cut = magnitude_cut(x, int(d * n) + top, spans)

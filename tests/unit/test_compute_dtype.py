@@ -71,3 +71,55 @@ def test_mixed_precision_inputs_compute_in_fp64_when_one_is_fp64():
     want = (b64 + ((xs[0].double() - b64) + (xs[1].double() - b64))).float()
     assert torch.equal(mixed, want)
     assert not torch.equal(m.merge(base, xs), want)     # fp32 math rounds differently somewhere
+
+
+@pytest.mark.parametrize("name, params", [
+    ("ties", {}), ("breadcrumbs", {"gamma": 0.05}), ("breadcrumbs_ties", {"gamma": 0.05}),
+])
+@pytest.mark.parametrize("shape", [(300, 300), (40, 50)])
+def test_magnitude_pruning_in_fp64_keeps_exactly_the_top_entries(name, params, shape):
+    """Pruned methods at density 0.2 on fp64 inputs keep the same entries as on the fp32 inputs they were
+    made from: exactly int(density·n) per model (the span-wise cut read fp64 as fp32 bit patterns and kept
+    everything or nothing above 65,536 entries)."""
+    base, xs = _inputs(shape, 2)
+    m = mm.create(name)
+    kw = dict(key="k", seed=0, weight=[1.0, 0.5], density=[0.2, 0.2], **{k: [v, v] for k, v in params.items()})
+    out32 = m.merge(base, xs, **kw)
+    out64 = m.merge(base.double(), [x.double() for x in xs], **kw)
+    assert out64.dtype == torch.float64
+    changed32, changed64 = out32 != base, out64 != base.double()
+    assert torch.equal(changed32, changed64)
+    n = base.numel()
+    assert 0.2 * n <= int(changed64.sum()) <= 0.4 * n          # two models' top 20 %, overlapping
+    torch.testing.assert_close(out64, out32.double(), rtol=1e-5, atol=1e-9)
+
+
+def test_ties_sum_with_dropout_della_eps_in_fp64():
+    """della_eps ranks magnitudes by their bits: fp64 inputs (no room for the index beside 64 bits) take a
+    stable sort with the same order; the result is the fp32 one computed in fp64."""
+    base, xs = _inputs((50, 60), 3)
+    m = mm.create("ties_sum_with_dropout", della_eps=0.1)
+    out32 = m.merge(base, xs, key="k", seed=4)
+    out64 = m.merge(base.double(), [x.double() for x in xs], key="k", seed=4)
+    assert out64.dtype == torch.float64
+    assert torch.equal(out64 != base.double(), out32 != base)          # the same entries kept
+    torch.testing.assert_close(out64, out32.double(), rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(0,), (4, 0), (0, 4), (2, 0, 3, 3)])
+def test_every_method_merges_empty_tensors(shape):
+    for name in mm.names():
+        spec = mm.create(name).spec
+        n = _count(spec)
+        base = torch.zeros(shape, dtype=torch.float16)
+        xs = [torch.zeros(shape, dtype=torch.float16) for _ in range(n)]
+        m = mm.create(name, **({"ratio": 0.3} if name == "weighted_sum" else {}))
+        out = m.merge(base if spec.base != "none" else None, xs, key="k", seed=0)
+        assert out.shape == torch.Size(shape) and out.dtype == torch.float16, name
+
+
+def test_multislerp_eps_must_be_positive():
+    """eps 0 divided a zero task vector's 0 by 0 (all NaN, as mergekit): it is refused."""
+    with pytest.raises(mm.MergeError, match="eps"):
+        mm.create("multislerp", eps=0.0)
+    mm.create("multislerp", eps=1e-8)
