@@ -323,19 +323,45 @@ def concat_layers(parts: Sequence[Tuple[LoraLayer, float]], key: LayerKey) -> Lo
     return LoraLayer.from_diff(total)
 
 
+def block_factors(lora: Lora, block_weights) -> Dict[LayerKey, float]:
+    """Per layer, the factor block weights (a BLOCK_WEIGHTS value scaling ``weight``) give this LoRA's
+    strength (LoRA Block Weight): the factor of the block the layer's weight is in; text-encoder layers
+    take the text-encoder names' factors (MBW BASE).  Checked against the LoRA's architecture."""
+    from .blocks import arch_of_config
+    params = block_weights.params()
+    if any(p != "weight" for p in params):
+        raise LoraError(f"block weights on a LoRA scale its strength: set their param to 'weight' (these scale "
+                        f"{', '.join(params)})")
+    cfg = lora.arch.get("model_config")
+    arch = arch_of_config(cfg) if cfg and cfg != "?" else None
+    keys = [base_key(k) for k in lora.layers]
+    try:
+        block_weights.check(arch, keys)
+        out = {}
+        for k in lora.layers:
+            f = block_weights.factors(base_key(k), 1).get("weight")
+            out[k] = float(f[0]) if f else 1.0
+    except ValueError as e:
+        raise LoraError(f"LoRA '{lora.name}': {e}") from None
+    return out
+
+
 @torch.no_grad()
-def stack_loras(entries: Sequence[Tuple[Lora, float, float]], name: str = "stack") -> Lora:
+def stack_loras(entries: Sequence[Tuple], name: str = "stack") -> Lora:
     """``Σ strength·LoRA``: the model strength scales diffusion-model layers, the CLIP strength the
-    text-encoder layers.  Exact (factors concatenated)."""
-    entries = [(l, float(sm), float(sc)) for l, sm, sc in entries]
+    text-encoder layers.  Exact (factors concatenated).  An entry is ``(lora, strength_model,
+    strength_clip)`` or ``(lora, strength_model, strength_clip, block_weights)``: block weights scale each
+    layer's strength by its block's factor (see :func:`block_factors`)."""
+    entries = [(e[0], float(e[1]), float(e[2]), e[3] if len(e) > 3 else None) for e in entries]
     if not entries:
         raise LoraError("LoRA stack: no LoRA given")
-    arch = merge_arch([l.arch for l, _, _ in entries], [l.name for l, _, _ in entries])
+    arch = merge_arch([l.arch for l, _, _, _ in entries], [l.name for l, _, _, _ in entries])
     keys: Dict[LayerKey, List[Tuple[LoraLayer, float]]] = {}
     names: Dict[LayerKey, str] = {}
-    for l, sm, sc in entries:
+    for l, sm, sc, bw in entries:
+        per_layer = block_factors(l, bw) if bw is not None else {}
         for k, layer in l.layers.items():
-            c = sm if is_model_key(k) else sc
+            c = (sm if is_model_key(k) else sc) * per_layer.get(k, 1.0)
             keys.setdefault(k, []).append((layer, c))
         for k, n in l.names.items():
             names.setdefault(k, n)
@@ -344,9 +370,13 @@ def stack_loras(entries: Sequence[Tuple[Lora, float, float]], name: str = "stack
         if all(c == 0.0 for _, c in parts):
             continue
         layers[k] = concat_layers(parts, k)
-    src = {"kind": "stack", "name": name,
-           "parts": [{"strength_model": sm, "strength_clip": sc, "lora": l.source} for l, sm, sc in entries]}
-    return Lora.make(layers, names, arch, src)
+    parts = []
+    for l, sm, sc, bw in entries:
+        part = {"strength_model": sm, "strength_clip": sc, "lora": l.source}
+        if bw is not None:
+            part["block_weights"] = bw.to_dict()
+        parts.append(part)
+    return Lora.make(layers, names, arch, {"kind": "stack", "name": name, "parts": parts})
 
 
 # -- applying -------------------------------------------------------------------------------------

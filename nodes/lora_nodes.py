@@ -15,7 +15,7 @@ from ..engine.lora_io import KEY_FORMATS, SAVE_DTYPES, load_lora_file, save_lora
 from ..engine.lora_ops import ExtractOptions, LoraMergeInput, extract_lora, merge_loras, resize_lora
 from ..engine.lora_svd import RANK_MODES, SVD_METHODS, RankError, RankSpec, SVDOptions
 from .comfy_api_compat import io
-from .types import LoraType, MergeMethodType
+from .types import BlockWeightsType, LoraType, MergeMethodType
 from .widgets import widget_input
 
 CATEGORY = "MergeLab/lora"
@@ -126,7 +126,7 @@ class LoraStackNode(io.ComfyNode):
             category=CATEGORY,
             description="Add a LoRA to a stack with its own model and CLIP strengths. Chain several: the output "
                         "is one LORA equal to Σ strength·LoRA, exactly (the factors are concatenated, nothing "
-                        "is approximated). DoRA and OFT layers change the weight depending on the weight itself: "
+                        "is approximated). Block weights give a LoRA per-block strengths. DoRA and OFT layers change the weight depending on the weight itself: "
                         "each is kept with its strength (applied as ComfyUI's LoraLoader applies one) and "
                         "cannot share a weight with another LoRA of the stack.",
             inputs=[LoraType.Input("lora", tooltip="The LoRA to add."),
@@ -134,16 +134,22 @@ class LoraStackNode(io.ComfyNode):
                                    tooltip="Strength of its diffusion-model layers."),
                     io.Float.Input("strength_clip", default=1.0, min=-20.0, max=20.0, step=0.01,
                                    tooltip="Strength of its text-encoder layers."),
-                    LoraType.Input("stack", optional=True, tooltip="The stack so far (another LoRA Stack's output).")],
+                    LoraType.Input("stack", optional=True, tooltip="The stack so far (another LoRA Stack's output)."),
+                    BlockWeightsType.Input(
+                        "block_weights", optional=True,
+                        tooltip="Per-block strength of this LoRA (LoRA Block Weight): each layer's strength times the "
+                                "factor of its block, from a Block Weights node of the LoRA's architecture with "
+                                "param 'weight' (MBW BASE: the text-encoder layers). A factor of 0 drops the block's "
+                                "layers.")],
             outputs=[LoraType.Output(display_name="LORA", tooltip="The stack, as one LoRA.")],
         )
 
     @classmethod
-    def execute(cls, lora, strength_model, strength_clip, stack=None):
+    def execute(cls, lora, strength_model, strength_clip, stack=None, block_weights=None):
         entries = []
         if stack is not None:
             entries.append((stack, 1.0, 1.0))
-        entries.append((lora, strength_model, strength_clip))
+        entries.append((lora, strength_model, strength_clip, block_weights))
         try:
             out = stack_loras(entries, name=(f"{stack.name}+{lora.name}" if stack is not None else lora.name))
         except LoraError as e:

@@ -391,3 +391,42 @@ def test_nonlinear_merge_of_sliced_and_fused_keys_runs_on_the_whole_weight(harne
                                          weight=[1.0, 1.0], density=[0.5, 0.5])
     got = applied(out)
     assert float(torch.linalg.norm(got - want)) <= 1e-4 * float(torch.linalg.norm(want)), q
+
+
+def test_lora_stack_block_weights_scale_each_blocks_strength(harness):
+    """LoRA Block Weight: LoRA Stack with MBW block weights (IN04:0, OUT11:0.5, BASE:0.25) at strengths 0.8 /
+    1.0: the layers of input_blocks.4 are dropped, those of output_blocks.11 and out. carry 0.4·ΔW, the text
+    encoder's 0.25·ΔW, the rest 0.8·ΔW, exactly.  Block weights of another architecture, or scaling another
+    parameter than the strength, are refused."""
+    lora = make_lora(harness, 31, 4)
+    VALUES["lbw"] = lora
+
+    def graph(arch, mbw, param="weight"):
+        return {"v": {"class_type": "MergeLabTest_LoraValue", "inputs": {"key": "lbw"}},
+                "bw": api_node("MergeLab_BlockWeightsMBW", arch=arch, mbw=mbw, param=param),
+                "s": api_node("MergeLab_LoRAStack", lora=["v", 0], strength_model=0.8, strength_clip=1.0,
+                              block_weights=["bw", 0]),
+                "cap": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["s", 0], "name": "out"}}}
+
+    out = harness.run_ok(graph("SD1", "IN04:0, OUT11:0.5, BASE:0.25")).captured["out"]
+    seen = set()
+    for k, layer in lora.layers.items():
+        key = k[0] if isinstance(k, tuple) else k
+        if key.startswith("diffusion_model.input_blocks.4."):
+            assert k not in out.layers, k
+            seen.add("in4")
+            continue
+        if key.startswith(("diffusion_model.output_blocks.11.", "diffusion_model.out.")):
+            c = 0.4
+            seen.add("out11")
+        elif key.startswith("diffusion_model."):
+            c = 0.8
+        else:
+            c = 0.25
+            seen.add("clip")
+        assert_close(out.layers[k].delta(), c * layer.delta(), k)
+    assert seen == {"in4", "out11", "clip"}
+    assert out.source["parts"][0]["block_weights"]["entries"]
+    for args, match in ((("SDXL", "IN04:0"), "made for SDXL"), (("SD1", "IN04:0", "density"), "param to 'weight'")):
+        res = harness.run(graph(*args))
+        assert not res.success and match in res.error_text(), res.error_text()
