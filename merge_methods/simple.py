@@ -71,8 +71,9 @@ def passthrough(base, models, ctx, *, scale):
     "weighted_sum", base=BASE_NONE, min_models=2, max_models=2, source="ComfyUI", elementwise=True,
     help="ComfyUI's ModelMergeSimple: ratio·model₁ + (1 − ratio)·model₂. The ratio is the weight of the "
          "FIRST model (ratio 1 returns model₁), the opposite of supermerger/sd-mecha's alpha.",
-    params=(Param("ratio", FLOAT, 1.0, "Weight of the first model; the second gets 1 − ratio.",
-                  min=0.0, max=1.0, step=0.01),),
+    params=(Param("ratio", FLOAT, 1.0, "Weight of the first model; the second gets 1 − ratio. Outside [0, 1] "
+                  "it extrapolates (1.5: half a step beyond model₁, away from model₂).",
+                  min=-1.0, max=2.0, step=0.01),),
 )
 def weighted_sum(base, models, ctx, *, ratio):
     # lerp(start=model₂, end=model₁, ratio) returns the exact inputs at ratio 0 and 1

@@ -88,8 +88,8 @@ def _combine(coef: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
          "comes from the whole-tensor normalized dot product and the raw (un-normalized) tensors are "
          "combined, so norms are not interpolated; nearly parallel tensors (|cos| > 0.9995) are lerped. "
          "Computed in torch on the merge device (mergekit round-trips through numpy on the CPU).",
-    params=(Param("t", FLOAT, 0.5, "Interpolation factor: 0 gives the base, 1 gives the model.",
-                  min=0.0, max=1.0, step=0.01),),
+    params=(Param("t", FLOAT, 0.5, "Interpolation factor: 0 gives the base, 1 gives the model; outside [0, 1] "
+                  "it extrapolates along the same arc.", min=-1.0, max=2.0, step=0.01),),
 )
 def slerp(base, models, ctx, *, t):
     v0 = base

@@ -300,8 +300,9 @@ class MaskedModelMergerNode(io.ComfyNode):
                 io.Model.Input("model_b", tooltip="Model B: blended in where the mask selects."),
                 ModelMaskType.Input("mask", tooltip="Which parameters change (made from model A or a model of the "
                                                     "same architecture and keys)."),
-                io.Float.Input("ratio", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Share of model A inside the mask (ComfyUI's convention: 1 = A, 0 = B)."),
+                io.Float.Input("ratio", default=0.0, min=-1.0, max=2.0, step=0.01,
+                               tooltip="Share of model A inside the mask (ComfyUI's convention: 1 = A, 0 = B); "
+                                       "outside [0, 1] it extrapolates (-0.5: half a step beyond B, away from A)."),
                 _device_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],

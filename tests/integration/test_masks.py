@@ -148,6 +148,12 @@ def test_masked_model_merger(harness):
         assert torch.allclose(to[sel], 0.25 * ta[sel] + 0.75 * tb[sel], rtol=1e-6, atol=1e-7), key
         n = ta.numel()
         assert abs(int(sel.sum()) - 0.2 * n) <= 0.5, key          # top 20% of |A - B| in every tensor
+    # a ratio outside [0, 1] extrapolates: 1.5·A − 0.5·B inside the mask
+    g["mm"]["inputs"]["ratio"] = 1.5
+    out = harness.run_ok(g).captured["out"]
+    key = next(k for k in out.patches if k.endswith(".weight"))
+    ta, tb, to, sel = read(harness, a, key), read(harness, b, key), read(harness, out, key), mask.dense(key)
+    assert torch.allclose(to[sel], 1.5 * ta[sel] - 0.5 * tb[sel], rtol=1e-6, atol=1e-7) and sel.any()
 
 
 @pytest.mark.parametrize("arch", ["SD15", "Flux"])

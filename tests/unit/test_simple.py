@@ -172,7 +172,10 @@ def test_weighted_sum_errors_and_dtype():
     m1, m2 = r(2, 2), r(2, 2)
     assert run("weighted_sum", None, [m1.half(), m2.half()], {"ratio": 0.5}).dtype == torch.float16
     with pytest.raises(MergeError, match="ratio"):
-        mm.create("weighted_sum", ratio=1.5)
+        mm.create("weighted_sum", ratio=2.5)
+    # inside [-1, 2] a ratio beyond [0, 1] extrapolates: 1.5·m1 − 0.5·m2
+    torch.testing.assert_close(run("weighted_sum", None, [m1, m2], {"ratio": 1.5}), 1.5 * m1 - 0.5 * m2)
+    torch.testing.assert_close(run("weighted_sum", None, [m1, m2], {"ratio": -0.5}), -0.5 * m1 + 1.5 * m2)
     with pytest.raises(MergeError, match="model"):
         run("weighted_sum", None, [m1])
     with pytest.raises(MergeError, match="base"):

@@ -130,7 +130,7 @@ def test_slerp_endpoints_exact():
     assert torch.equal(run("slerp", base, [model], t=1.0), model)
 
 
-@pytest.mark.parametrize("t", [0.1, 0.5, 0.8])
+@pytest.mark.parametrize("t", [0.1, 0.5, 0.8, 1.5, -0.5])
 def test_slerp_equal_norms_stays_on_sphere_and_splits_angle(t):
     r = gen(1)
     a, b = r(40), r(40)
@@ -139,7 +139,11 @@ def test_slerp_equal_norms_stays_on_sphere_and_splits_angle(t):
     assert abs(float(out.norm()) - 3.0) < 1e-5
     theta = math.acos(float(a @ b) / 9)
     ang0 = math.acos(max(-1.0, min(1.0, float(out @ a) / (float(out.norm()) * 3))))
-    assert abs(ang0 - t * theta) < 1e-4
+    if 0 <= t <= 1:
+        assert abs(ang0 - t * theta) < 1e-4
+    else:       # extrapolated along the arc: |t|·θ from a (on the far side of a for t < 0)
+        assert abs(ang0 - abs(t) * theta) < 1e-4
+        torch.testing.assert_close(out, (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta))
 
 
 def test_slerp_nearly_parallel_and_antipodal_are_lerped():
@@ -192,7 +196,7 @@ def test_slerp_errors():
     with pytest.raises(MergeError, match="model"):
         run("slerp", b, [m, m])
     with pytest.raises(MergeError, match="'t'"):
-        run("slerp", b, [m], t=1.5)
+        run("slerp", b, [m], t=2.5)
     with pytest.raises(MergeError, match="shape"):
         run("slerp", b, [r(3, 4)])
     with pytest.raises(MergeError, match="NaN"):
