@@ -106,8 +106,9 @@ def slerp(base, models, ctx, *, t):
     # keep the unselected spherical branch finite (theta = 0 there)
     theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
     sin_theta = torch.sin(theta)
-    c0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta).float()
-    c1 = torch.where(linear, t, torch.sin(t * theta) / sin_theta).float()
+    # the coefficients in the compute dtype (fp64 inputs: fp64, as every method computes then)
+    c0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta).to(v0.dtype)
+    c1 = torch.where(linear, t, torch.sin(t * theta) / sin_theta).to(v0.dtype)
     return (v0 * c0).addcmul_(v1, c1)
 
 
@@ -133,8 +134,8 @@ def _nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tens
     colinear = (1 - cos.square()) <= _NUSLERP_COLINEAR
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     sin_theta = torch.sin(theta)
-    c0 = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / sin_theta).float()
-    c1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta) / sin_theta).float()
+    c0 = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / sin_theta).to(v0.dtype)
+    c1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta) / sin_theta).to(v0.dtype)
     return (v0 * c0).addcmul_(v1, c1)
 
 
@@ -208,10 +209,10 @@ def multislerp(base, models, ctx, *, weight, normalize_weights, eps):
     x = models if base is None else models - base
     flat = x.reshape(n_models, -1)
     w = weight / weight.sum() if normalize_weights else weight
-    norms = _sumsq_rows(flat).sqrt().float()
+    norms = _sumsq_rows(flat).sqrt().to(flat.dtype)
     c = w / (norms + eps)                 # unit-vector weights: mean = Σ c_i·x_i
     mean = _combine(c, flat)
-    mean_norm = _sumsq(mean).sqrt().float()
+    mean_norm = _sumsq(mean).sqrt().to(flat.dtype)
     del mean
     # fall back where the unit mean (nearly) cancels: below eps as mergekit, or below 1e-6·Σ|w|, where
     # the fp32 rounding of the sum (~1e-7·Σ|w|) dominates its direction

@@ -100,7 +100,10 @@ def nodes_md(node_classes: Dict[str, type]) -> str:
             if rows and len(rows) <= 30:
                 out += ["| input | type | default | help |", "|---|---|---|---|", *rows, ""]
             elif rows:
-                out += [f"{len(rows)} inputs (one per block); see [blocks.md](blocks.md).", ""]
+                blocks = [r for r in rows if "| FLOAT" in r]
+                others = [r.split("`")[1] for r in rows if "| FLOAT" not in r]
+                out += [f"{len(blocks)} block inputs (one per block; see [blocks.md](blocks.md)), plus "
+                        f"{', '.join(f'`{o}`' for o in others)}.", ""]
             outs = getattr(cls, "RETURN_TYPES", ())
             if outs:
                 out += ["Outputs: " + ", ".join(f"`{o}`" for o in outs), ""]

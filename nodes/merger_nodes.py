@@ -78,7 +78,7 @@ def _common_inputs(kind: str) -> List[Any]:
                                "fp64). Results are rounded once to the base's dtype (bf16 for an fp8 base)."),
         io.Combo.Input("on_mismatch", options=["error", "skip"], default="error",
                        tooltip="Keys missing from a model or with another shape: stop with a list of them, or "
-                               "skip them (they keep the base) with one warning."),
+                               "skip them (they keep the base, or model 1 without a base) with one warning."),
         BlockWeightsType.Input("block_weights", optional=True,
                                tooltip="Per-block factors on a parameter (weight, density, t, ...)."),
         ModelMaskType.Input("mask", optional=True,

@@ -123,3 +123,24 @@ def test_multislerp_eps_must_be_positive():
     with pytest.raises(mm.MergeError, match="eps"):
         mm.create("multislerp", eps=0.0)
     mm.create("multislerp", eps=1e-8)
+
+
+def test_slerp_family_coefficients_stay_in_fp64():
+    """slerp / nuslerp / multislerp in fp64 evaluate their interpolation coefficients in fp64 (they were
+    rounded to fp32: 1e-8 relative error on fp64 inputs)."""
+    import math
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(5000, generator=g, dtype=torch.float64), torch.randn(5000, generator=g, dtype=torch.float64)
+    t = 0.3
+    theta = math.acos(float(a @ b) / (float(a.norm()) * float(b.norm())))
+    want = (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+    got = mm.create("slerp", t=t).merge(a, [b])
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-13
+    got = mm.create("nuslerp", nuslerp_flatten=True).merge(None, [a, b], weight=[1 - t, t])
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-13
+    # multislerp of two unit vectors: the normalized weighted mean of the unit vectors, times the mean norm
+    ua, ub = a / a.norm(), b / b.norm()
+    m = 0.5 * ua + 0.5 * ub
+    want = m / m.norm() * 1.0
+    got = mm.create("multislerp").merge(None, [ua, ub], weight=[0.5, 0.5])
+    assert float((got - want).abs().max()) < 1e-13
