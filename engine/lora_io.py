@@ -408,7 +408,8 @@ def save_lora(lora: Lora, filename_prefix: str, output_dir: str, key_format: str
     """Write ``lora`` to ``output_dir/<prefix>_NNNNN_.safetensors`` (the next free counter), atomically:
     a temporary file in the same folder, then a no-replace link (or a checked ``os.replace``).
     Returns the path written.  Never overwrites a file; on any failure nothing is left behind.
-    ``recipe``: the provenance to store (JSON-able); None: the LoRA's own; False: none."""
+    ``recipe``: the provenance to store (JSON-able), or a function of the file's path relative to
+    ``output_dir`` giving it; None: the LoRA's own; False: none."""
     import folder_paths
     import safetensors.torch
 
@@ -417,9 +418,14 @@ def save_lora(lora: Lora, filename_prefix: str, output_dir: str, key_format: str
     if not lora.layers:
         raise LoraError(f"LoRA '{lora.name}' has no layers: nothing to save")
     sd = lora_state_dict(lora, key_format, SAVE_DTYPES[dtype_name])
-    meta = lora_metadata(lora, key_format, dtype_name, recipe)
-    if extra_metadata:
-        meta.update({str(k): str(v) for k, v in extra_metadata.items()})
+
+    def metadata_for(path: str) -> Dict[str, str]:
+        rec = recipe(os.path.relpath(path, output_dir).replace(os.sep, "/")) if callable(recipe) else recipe
+        meta = lora_metadata(lora, key_format, dtype_name, rec)
+        if extra_metadata:
+            meta.update({str(k): str(v) for k, v in extra_metadata.items()})
+        return meta
+
     try:
         folder, filename, counter, _sub, _pref = folder_paths.get_save_image_path(filename_prefix, output_dir)
     except Exception as e:
@@ -430,9 +436,12 @@ def save_lora(lora: Lora, filename_prefix: str, output_dir: str, key_format: str
     fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        safetensors.torch.save_file(sd, tmp, metadata=meta)
+        written_for = None
         while True:
             path = next_free_path(folder, filename, counter)
+            if path != written_for:         # the metadata (recipe) names the file it is in
+                safetensors.torch.save_file(sd, tmp, metadata=metadata_for(path))
+                written_for = path
             try:
                 os.link(tmp, path)          # fails if the name was taken meanwhile
                 os.unlink(tmp)

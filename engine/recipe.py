@@ -133,8 +133,11 @@ def describe_source(obj) -> Dict[str, Any]:
     if rec is not None:
         out["recipe"] = _trim(rec, MAX_DEPTH)
         recorded = rec.get("patches_uuid")
-        if recorded is not None and recorded != str(getattr(mp, "patches_uuid", "")):
-            # patches were added after the merge (a LoRA, a ComfyUI merge node...): the graph has them
+        if recorded is not None and recorded != str(getattr(mp, "patches_uuid", "")) \
+                and rec.get("patch_entries") != _patch_entries(mp):
+            # patches were added after the merge (a LoRA, a ComfyUI merge node...): the graph has them.
+            # ComfyUI renews the uuid on every add_patches, also one that matched no key (a UNet-only
+            # LoRA on a CLIP), so the number of patch entries must have changed too
             out["changed_after_recipe"] = True
     patches = getattr(mp, "patches", None)
     if isinstance(patches, dict):
@@ -142,6 +145,50 @@ def describe_source(obj) -> Dict[str, Any]:
         if n:
             out["patched_keys"] = n
     return out
+
+
+def _patch_entries(mp) -> Optional[int]:
+    patches = getattr(mp, "patches", None)
+    return sum(len(v) for v in patches.values()) if isinstance(patches, dict) else None
+
+
+def _dedupe_sources(rec: Dict[str, Any]) -> None:
+    """A merge whose base and inputs carry the same recipe (a merge result wired as base and as models)
+    stores it once: the others say ``{"same_as": <label>}``.  Without this every level held it three
+    times, so reusing results grew the recipe about 3x per merge (12 merges: a 200 MB header)."""
+    seen: Dict[str, str] = {}
+    slots = []
+    if isinstance(rec.get("base"), dict):
+        slots.append(("base", rec["base"]))
+    for i in rec.get("inputs") or []:
+        if isinstance(i.get("source"), dict):
+            slots.append((i.get("name", "?"), i["source"]))
+    for label, src in slots:
+        sub = src.get("recipe")
+        if not isinstance(sub, dict):
+            continue
+        ident = sub.get("patches_uuid") or json.dumps(sub, sort_keys=True)
+        if ident in seen:
+            src["recipe"] = {"same_as": seen[ident]}
+        else:
+            seen[ident] = label
+
+
+MAX_RECIPE_CHARS = 1 << 20           # a record larger than this keeps fewer levels of nested records
+
+
+def _bounded(rec: Dict[str, Any]) -> Dict[str, Any]:
+    """``rec`` with nested merge records cut at the depth that keeps it under MAX_RECIPE_CHARS (a DAG of
+    merges that share ancestors repeats them); says so in ``nested_trimmed``."""
+    if len(json.dumps(rec)) <= MAX_RECIPE_CHARS:
+        return rec
+    for depth in (16, 8, 4, 2, 1, 0):
+        cut = _trim(rec, depth + 1)
+        cut["nested_trimmed"] = (f"merge records more than {depth} level(s) down were left out: the recipe "
+                                 f"exceeded {MAX_RECIPE_CHARS // 1024} KB")
+        if len(json.dumps(cut)) <= MAX_RECIPE_CHARS:
+            return cut
+    return cut
 
 
 def _trim(rec: Dict[str, Any], depth: int) -> Dict[str, Any]:
@@ -193,9 +240,12 @@ def record_merge(result, method, inputs, options=None, *, base=None, keys: Optio
         rec["keys_merged"] = sum(1 for _ in keys)
     if extra:
         rec.update(jsonable(extra))
+    _dedupe_sources(rec)
+    rec = _bounded(rec)
     uid = getattr(_patcher(result), "patches_uuid", None)
     if uid is not None:
         rec["patches_uuid"] = str(uid)
+        rec["patch_entries"] = _patch_entries(_patcher(result))
     set_recipe(result, rec)
     return rec
 
@@ -424,12 +474,15 @@ def _describe_merge(rec: Dict[str, Any], indent: str, lines: List[str], depth: i
         lines.append(f"{indent}  mask: {json.dumps(rec['mask'])[:400]}")
 
     def src_line(label, src):
-        src = src or {}
+        src = src if isinstance(src, dict) else {}
         fam = src.get("family", "")
-        lines.append(f"{indent}  {label}: {fam}" + (f" (+{src['patched_keys']} patched keys)" if src.get("patched_keys") else ""))
-        if isinstance(src.get("recipe"), dict) and depth < MAX_DEPTH:
-            if src["recipe"].get("op") == "merge":
-                _describe_merge(src["recipe"], indent + "    ", lines, depth + 1)
+        sub = src.get("recipe")
+        same = f" (the same merge as {sub['same_as']})" if isinstance(sub, dict) and "same_as" in sub else ""
+        cut = " (its merge record was left out: too deep)" if isinstance(sub, dict) and sub.get("truncated") else ""
+        lines.append(f"{indent}  {label}: {fam}" + (f" (+{src['patched_keys']} patched keys)" if src.get("patched_keys") else "")
+                     + same + cut)
+        if isinstance(sub, dict) and depth < MAX_DEPTH and sub.get("op") == "merge":
+            _describe_merge(sub, indent + "    ", lines, depth + 1)
 
     if isinstance(rec.get("base"), dict):
         src_line("base", rec["base"])
@@ -455,10 +508,57 @@ def describe(recipe: Optional[Dict[str, Any]], metadata: Optional[Dict[str, str]
     if "error" in recipe:
         lines.append(recipe["error"])
         return "\n".join(lines)
+    try:
+        _describe_file(recipe, lines)
+    except (AttributeError, TypeError, KeyError, ValueError):
+        lines.append("The recipe's structure is not one MergeLab writes (edited, or from another tool): see "
+                     "the JSON output.")
+    return "\n".join(lines)
+
+
+def _describe_lora(src: Dict[str, Any], indent: str, lines: List[str], depth: int = 0) -> None:
+    """A LoRA's own record (engine.lora*: extract / merge / resize / stack / load) in a few lines."""
+    kind = src.get("kind", "?")
+    name = src.get("name", "")
+    bits = []
+    if isinstance(src.get("method"), dict):
+        m = src["method"]
+        p = _fmt_params(m.get("params"))
+        bits.append(f"{m.get('method', '?')}" + (f"({p})" if p else ""))
+    elif isinstance(src.get("method"), str):
+        bits.append(src["method"])
+    if isinstance(src.get("options"), dict):
+        bits.append(_fmt_params(src["options"])[:400])
+    for k in ("rank", "seed", "file", "key_format"):
+        v = src.get(k)
+        if v not in (None, "", {}):
+            bits.append(f"{k} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    lines.append(f"{indent}{kind}" + (f" '{name}'" if name else "") + (": " + ", ".join(bits) if bits else ""))
+    if depth >= MAX_DEPTH:
+        return
+    subs = []
+    for key in ("inputs", "parts"):
+        for item in src.get(key) or []:
+            if isinstance(item, dict) and isinstance(item.get("lora"), dict):
+                strength = {k: item[k] for k in ("strength_model", "strength_clip", "params") if k in item}
+                subs.append((item.get("name") or "", strength, item["lora"]))
+    if isinstance(src.get("lora"), dict):
+        subs.append(("", {}, src["lora"]))
+    for label, strength, sub in subs:
+        extra = _fmt_params(strength)
+        lines.append(f"{indent}  from {label or 'a LoRA'}" + (f" [{extra}]" if extra else "") + ":")
+        _describe_lora(sub, indent + "    ", lines, depth + 1)
+
+
+def _describe_file(recipe: Dict[str, Any], lines: List[str]) -> None:
     saved = recipe.get("saved") or {}
     if saved:
         lines.append("Saved: " + ", ".join(f"{k}={v}" for k, v in saved.items() if v not in (None, "")))
     for part, src in (recipe.get("parts") or {}).items():
+        if part == "lora" and "family" not in src:
+            lines.append("lora:")
+            _describe_lora(src, "  ", lines)
+            continue
         lines.append(f"{part}: {src.get('family', '')}" +
                      (f" (+{src['patched_keys']} patched keys)" if src.get("patched_keys") else "") +
                      (" - changed after its last MergeLab merge (LoRA / other merge; see the graph)"
@@ -485,7 +585,6 @@ def describe(recipe: Optional[Dict[str, Any]], metadata: Optional[Dict[str, str]
                 if links:
                     s += " <- " + ", ".join(f"{k}: #{v}" for k, v in links.items())
                 lines.append(s)
-    return "\n".join(lines)
 
 
 def _size(n) -> str:

@@ -341,25 +341,26 @@ def _hidden():
     return hs
 
 
-def _file_recipe(cls, lora, relname: str, key_format: str, dtype: str, hash_files: bool) -> Optional[Dict[str, Any]]:
-    """The provenance written into the file: engine.recipe's format (the graph upstream of this node with
-    its input files) when that module is there, with the LoRA's own provenance as its 'lora' part."""
-    try:
-        from ..engine import recipe as rcp
-    except Exception:   # noqa: BLE001 - recipe support is optional
-        return None
+def _file_recipe(cls, lora, key_format: str, dtype: str, hash_files: bool):
+    """The provenance written into the file, as a function of the file's name (relative to the output
+    folder): engine.recipe's format, with the LoRA's own provenance as its 'lora' part and the graph
+    upstream of this node with its input files (no graph under --disable-metadata, as for Save Model)."""
+    from ..engine import recipe as rcp
     from comfy.cli_args import args
-    if getattr(args, "disable_metadata", False):
-        return {"lora": lora.source}
-    import comfy.model_management as mm
-    graph = rcp.graph_provenance(cls.hidden.prompt, cls.hidden.unique_id,
-                                 dynprompt=getattr(cls.hidden, "dynprompt", None), hash_files=hash_files,
-                                 check=mm.throw_exception_if_processing_interrupted)
-    saved = {"node": "MergeLab_SaveLoRA", "file": relname, "dtype": dtype, "key_format": key_format,
-             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    rec = rcp.build_file_recipe({}, saved, graph)
-    rec.setdefault("parts", {})["lora"] = lora.source
-    return rec
+    graph = None
+    if not getattr(args, "disable_metadata", False):
+        import comfy.model_management as mm
+        graph = rcp.graph_provenance(cls.hidden.prompt, cls.hidden.unique_id,
+                                     dynprompt=getattr(cls.hidden, "dynprompt", None), hash_files=hash_files,
+                                     check=mm.throw_exception_if_processing_interrupted)
+
+    def for_file(relname: str) -> Dict[str, Any]:
+        saved = {"node": "MergeLab_SaveLoRA", "file": relname, "dtype": dtype, "key_format": key_format,
+                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        rec = rcp.build_file_recipe({}, saved, graph)
+        rec.setdefault("parts", {})["lora"] = lora.source
+        return rec
+    return for_file
 
 
 class SaveLoraNode(io.ComfyNode):
@@ -400,7 +401,7 @@ class SaveLoraNode(io.ComfyNode):
         out_dir = folder_paths.get_output_directory()
         prefix = (filename_prefix or "").strip() or "loras/MergeLab_lora"
         try:
-            recipe = _file_recipe(cls, lora, prefix, key_format, dtype, hash_input_files) if save_recipe else False
+            recipe = _file_recipe(cls, lora, key_format, dtype, hash_input_files) if save_recipe else False
             path = save_lora(lora, prefix, out_dir, key_format=key_format, dtype_name=dtype, recipe=recipe)
         except LoraError as e:
             _fail(e)

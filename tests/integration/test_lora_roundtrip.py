@@ -313,3 +313,24 @@ def test_dynamic_rank_modes(harness):
         if mode == "sv_fro":   # every layer keeps ≥ 95 % of its Frobenius norm
             errs = [float(x.split("|")[4]) for x in rep.splitlines() if x.count("|") == 5 and "| lora |" in x]
             assert errs and max(errs) <= math.sqrt(1 - 0.95 ** 2) + 1e-4
+
+
+def test_save_lora_recipe_names_its_file_and_respects_disable_metadata(harness, monkeypatch):
+    """The recipe in a saved LoRA names the file written (it named the prefix), and Load Merge Recipe's
+    text says how the LoRA was made; under --disable-metadata the recipe keeps its structure (format,
+    saved, parts) without the graph (it was the bare LoRA record, which the text could not show)."""
+    import json
+    import safetensors
+    from comfy.cli_args import args
+    recipe = pack(harness, "engine.recipe")
+    for disabled in (False, True):
+        monkeypatch.setattr(args, "disable_metadata", disabled)
+        cap, path, _ = run_extract(harness, "SD15", 4, prefix=f"loras/named_{int(disabled)}")
+        with safetensors.safe_open(path, "pt") as f:
+            meta = f.metadata()
+        rec = json.loads(meta["mergelab.recipe"])
+        assert rec["saved"]["file"] == cap["path"] and cap["path"].endswith("_00001_.safetensors")
+        assert rec["parts"]["lora"]["kind"] == "extract"
+        assert ("graph" in rec) is not disabled
+        text = recipe.describe(rec, meta)
+        assert "extract" in text and "rank" in text

@@ -679,3 +679,83 @@ def test_streaming_writer_round_trips_through_safetensors(harness, tmp_path):
         stw.write_file(path, plans[:1])
     assert stw.read_metadata(path) == {"a": "b", "unicode": "ü"}
     assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]
+
+
+def test_recipes_of_reused_merge_results_stay_small(harness, monkeypatch):
+    """A merge result wired as the base and both models of the next merge, 14 times: each level stores the
+    previous record once (the others say 'same as base'), so the recipe grows linearly (it grew ~3x per
+    merge: a 200 MB header at the 12th, which the save refused).  Merges that share ancestors without being
+    the same (R_k = merge(R_k-1, R_k-2)) are cut to a bounded size, saying so."""
+    from mergelab import fixtures
+    recipe = pack(harness, "engine.recipe")
+    merge = pack(harness, "engine.merge")
+    mm = pack(harness, "merge_methods")
+    lin = mm.create("linear")
+    opts = merge.MergeOptions(seed=1, device="cpu")
+
+    def record(base, models):
+        out = base.clone()
+        out.add_patches({"diffusion_model.out.2.bias": (torch.zeros(4),)}, 1.0)      # a new uuid, as a merge gives
+        inputs = [merge.MergeInput(m, {"weight": 1.0}, f"model {i + 1}") for i, m in enumerate(models)]
+        recipe.record_merge(out, lin, inputs, opts, base=base)
+        return out
+
+    r = fixtures.small_model("SD15")
+    sizes = []
+    for _ in range(14):
+        r = record(r, [r, r])
+        sizes.append(len(json.dumps(recipe.get_recipe(r))))
+    assert all(b - a < 4 * sizes[0] for a, b in zip(sizes, sizes[1:])), sizes        # linear, not 3x
+    rec = recipe.get_recipe(r)
+    assert rec["inputs"][0]["source"]["recipe"] == {"same_as": "base"}
+    text = recipe.describe(recipe.build_file_recipe({"model": r}, {"node": "test"}, None))
+    assert "the same merge as base" in text
+    prev, cur = fixtures.small_model("SD15"), fixtures.small_model("SD15", delta_seed=1, delta_scale=0.01)
+    for _ in range(16):
+        prev, cur = cur, record(cur, [cur, prev])
+    assert 60_000 < len(json.dumps(recipe.get_recipe(cur))) <= recipe.MAX_RECIPE_CHARS
+    monkeypatch.setattr(recipe, "MAX_RECIPE_CHARS", 50_000)          # one more merge must fit a smaller bound
+    prev, cur = cur, record(cur, [cur, prev])
+    rec = recipe.get_recipe(cur)
+    assert len(json.dumps(rec)) <= 50_000 and "nested_trimmed" in rec
+    monkeypatch.undo()
+    saving = pack(harness, "engine.saving")
+    res = saving.save_checkpoint(cur, None, None, "recipes/deep", "fp16", default_prefix="recipes/x", fsync=False,
+                                 metadata_fn=lambda d: {recipe.METADATA_KEY: recipe.recipe_to_metadata(
+                                     recipe.build_file_recipe({"model": cur}, {"node": "test"}, None))})
+    assert len(read_all(res.path)[1][recipe.METADATA_KEY]) <= 2 * recipe.MAX_RECIPE_CHARS
+
+
+def test_changed_after_recipe_only_when_patches_were_added(harness):
+    """ComfyUI renews a patcher's uuid on every add_patches, also one that matched no key (a UNet-only LoRA
+    on a CLIP): the recipe flags a change after the merge only when patch entries were added."""
+    from mergelab import fixtures
+    recipe = pack(harness, "engine.recipe")
+    merge = pack(harness, "engine.merge")
+    mm = pack(harness, "merge_methods")
+    a, b = fixtures.small_clip("SD15"), fixtures.small_clip("SD15")
+    m = merge.merge_models(a, [merge.MergeInput(b, {"weight": 1.0}, "model 1")], mm.create("task_arithmetic"),
+                           merge.MergeOptions(device="cpu"))
+    nothing = m.clone()
+    assert nothing.add_patches({"diffusion_model.out.2.bias": (torch.zeros(4),)}, 1.0) == []
+    assert "changed_after_recipe" not in recipe.describe_source(nothing)
+    k = next(iter(m.patcher.patches))
+    some = m.clone()
+    assert some.add_patches({k: (torch.zeros_like(m.patcher.patches[k][0][1][1][0]),)}, 1.0) == [k]
+    assert recipe.describe_source(some)["changed_after_recipe"] is True
+
+
+def test_load_merge_recipe_text_for_loras_and_odd_recipes(harness):
+    """Load Merge Recipe's text: a LoRA file's part says how the LoRA was made (kind, method, rank, its
+    inputs); a recipe of an unexpected shape (valid JSON) gives a message instead of a crash."""
+    recipe = pack(harness, "engine.recipe")
+    lora_src = {"kind": "merge", "name": "m", "method": {"method": "ties", "params": {"density": 0.5}},
+                "rank": {"mode": "fixed", "rank": 16}, "seed": 3,
+                "inputs": [{"name": "a", "params": {"weight": 1.0}, "lora": {"kind": "extract", "name": "a", "rank": {"rank": 32}}}]}
+    text = recipe.describe({"format": recipe.FORMAT, "saved": {"file": "loras/x_00001_.safetensors"},
+                            "parts": {"lora": lora_src}})
+    assert "merge 'm': ties(density=0.5)" in text and "seed 3" in text and "extract 'a'" in text
+    for odd in ({"parts": ["x"]}, {"parts": {"model": "x"}}, {"saved": "x"},
+                {"graph": {"nodes": ["x"]}}):
+        text = recipe.describe(odd)
+        assert "not one MergeLab writes" in text, odd
