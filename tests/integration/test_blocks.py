@@ -365,10 +365,10 @@ def test_text_encoders_derived_from_sd1clip_are_not_sd1(harness, config_name, te
 
 @pytest.mark.parametrize("method, params, mbw, param", [
     ("ties", {"density": 0.8}, "OUT11:2", "density"),
-    ("slerp", {"t": 0.5}, "OUT11:3", "t"),
+    ("slerp", {"t": 0.5}, "OUT11:5", "t"),          # 2.5: beyond the extrapolation range [-1, 2]
 ])
 def test_block_factors_out_of_a_parameter_range_fail_before_merging(harness, method, params, mbw, param):
-    """ties with density 0.8 and an OUT11 factor of 2 on density (1.6), slerp with t 0.5 times 3: refused
+    """ties with density 0.8 and an OUT11 factor of 2 on density (1.6), slerp with t 0.5 times 5: refused
     before any key is merged (it stopped at the last block), naming the block."""
     import importlib
     E, MM, PB = (importlib.import_module(f"{harness.pack_module_name}.{m}")
