@@ -201,6 +201,11 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
         biggest = max((ref_src.raw(k).numel() for k in keys), default=0)
         mm.free_memory(biggest * work_dtype.itemsize * (len(inputs) + 4), device)
     pbar = comfy.utils.ProgressBar(len(keys))
+
+    def advance(i: int) -> None:        # key i is done (merged or kept)
+        pbar.update(1)
+        if options.progress:
+            options.progress(i + 1, len(keys))
     merged: Dict[str, torch.Tensor] = {}
     memory = contextlib.ExitStack()
     memory.enter_context(recycled_memory())
@@ -218,9 +223,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
                     xs = [s.read(key, device, work_dtype) for s in sources]
                     options.stats.add(key, b if b is not None else xs[0], b, xs)
                     del b, xs
-                pbar.update(1)
-                if options.progress:
-                    options.progress(i + 1, len(keys))
+                advance(i)
                 continue
             b = base_src.read(key, device, work_dtype) if base_src is not None else None
             xs = [s.read(key, device, work_dtype) for s in sources]
@@ -230,9 +233,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
                 log.warning("MergeLab: %s kept as is: not finite in an input (a weight the checkpoint does not "
                             "hold, which ComfyUI leaves uninitialized and drops on save)", key)
                 del b, xs
-                pbar.update(1)
-                if options.progress:
-                    options.progress(i + 1, len(keys))
+                advance(i)
                 continue
             out = m.merge(b if base_for_method is not None else None, xs, key=key, seed=options.seed,
                           **per_model)
@@ -245,9 +246,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
                 options.stats.add(key, out, b, xs)
             merged[key] = out.to(device=offload, dtype=storage_dtype(ref_src.dtype(key)))
             del out, b, xs
-            pbar.update(1)
-            if options.progress:
-                options.progress(i + 1, len(keys))
+            advance(i)
     finally:
         memory.close()
         if device.type != "cpu":

@@ -346,9 +346,9 @@ def _file_recipe(cls, lora, key_format: str, dtype: str, hash_files: bool):
     folder): engine.recipe's format, with the LoRA's own provenance as its 'lora' part and the graph
     upstream of this node with its input files (no graph under --disable-metadata, as for Save Model)."""
     from ..engine import recipe as rcp
-    from comfy.cli_args import args
+    from ..engine.saving import metadata_disabled
     graph = None
-    if not getattr(args, "disable_metadata", False):
+    if not metadata_disabled():
         import comfy.model_management as mm
         graph = rcp.graph_provenance(cls.hidden.prompt, cls.hidden.unique_id,
                                      dynprompt=getattr(cls.hidden, "dynprompt", None), hash_files=hash_files,

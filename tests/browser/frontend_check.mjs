@@ -108,6 +108,17 @@ async function addNode(type, pos) {
     }, [type, pos]);
 }
 
+// a real click on the header of a method node's help (folds / unfolds it)
+async function clickHelpHeader(nodeId) {
+    const helpY = await page.evaluate((nid) => {
+        const h = window.app.graph.getNodeById(nid).mergelabHelp;
+        return h.last_y ?? h.y;
+    }, nodeId);
+    const [x, y] = await clientPos(nodeId, [60, helpY + 10]);
+    await page.mouse.click(x, y);
+    await redraw();
+}
+
 async function redraw() {
     await page.evaluate(() => window.app.canvas.draw(true, true));
     await page.waitForTimeout(50);
@@ -304,9 +315,7 @@ async function runChecks() {
         }, id);
         await shot("30_method_help.png");
         // a click on the help header folds the text away
-        const [x, y] = await clientPos(id, [60, info.helpY + 10]);
-        await page.mouse.click(x, y);
-        await redraw();
+        await clickHelpHeader(id);
         const folded = await page.evaluate((nid) => {
             const n = window.app.graph.getNodeById(nid);
             return { folded: n.mergelabHelp.folded, height: n.size[1] };
@@ -366,13 +375,7 @@ async function runChecks() {
         await resetGraph();
         const id = await addNode("MergeLab_Method_ties", [200, 80]);
         await redraw();
-        const helpY = await page.evaluate((nid) => {
-            const h = window.app.graph.getNodeById(nid).mergelabHelp;
-            return h.last_y ?? h.y;
-        }, id);
-        const [x, y] = await clientPos(id, [60, helpY + 10]);
-        await page.mouse.click(x, y);
-        await redraw();
+        await clickHelpHeader(id);
         return page.evaluate(async (nid) => {
             const app = window.app;
             const n = app.graph.getNodeById(nid);
