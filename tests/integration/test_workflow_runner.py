@@ -209,27 +209,23 @@ def test_core_image_nodes_run_and_progress_names_the_nodes(harness, capsys):
 
 
 def test_models_folder_keeps_legacy_names_and_creates_nothing(tmp_path):
-    """--models DIR: each model type looks in the same folders under DIR as under ComfyUI's models folder
-    (diffusion models in unet/ and diffusion_models/, text encoders in text_encoders/ and clip/), and no
-    folder is created in DIR."""
-    import types
-    from mergelab import comfy_env
-
-    old = str(tmp_path / "comfy_models")
-    fp = types.SimpleNamespace(models_dir=old, folder_names_and_paths={
-        "diffusion_models": ([os.path.join(old, "unet"), os.path.join(old, "diffusion_models")], {".safetensors"}),
-        "text_encoders": ([os.path.join(old, "text_encoders"), os.path.join(old, "clip")], {".safetensors"}),
-        "checkpoints": ([os.path.join(old, "checkpoints"), "/elsewhere/ckpts"], {".safetensors"}),
-        "custom_nodes": (["/x/custom_nodes"], set())})
-    new = str(tmp_path / "mine")
-    os.makedirs(new)
-    comfy_env._redirect_models(fp, new)
-    f = fp.folder_names_and_paths
-    assert f["diffusion_models"][0] == [os.path.join(new, "unet"), os.path.join(new, "diffusion_models")]
-    assert f["text_encoders"][0] == [os.path.join(new, "text_encoders"), os.path.join(new, "clip")]
-    assert f["checkpoints"][0] == [os.path.join(new, "checkpoints")]
-    assert f["custom_nodes"][0] == ["/x/custom_nodes"]
-    assert os.listdir(new) == []
+    """python -m mergelab.run --models DIR in a real ComfyUI: a diffusion model in DIR/unet/ (ComfyUI's legacy
+    folder beside diffusion_models/) is found (the file here is not a model, so loading it fails after
+    validation accepted its name), and no folder is created in DIR (about 20 were)."""
+    models = tmp_path / "models"
+    (models / "unet").mkdir(parents=True)
+    (models / "unet" / "legacy_unet.safetensors").write_bytes(b"not a model")
+    wf = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "legacy_unet.safetensors",
+                                                       "weight_dtype": "default"}},
+          "2": {"class_type": "ModelSave", "inputs": {"model": ["1", 0], "filename_prefix": "x"}}}
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(wf))
+    proc = subprocess.run([sys.executable, "-m", "mergelab.run", str(path), "--models", str(models), "--output",
+                           str(tmp_path / "out"), "--cpu", "--quiet"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "not in" not in proc.stderr and "UNETLoader" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(os.listdir(models)) == ["unet"]
 
 
 def test_runner_loads_extra_model_paths_yaml(harness, tmp_path):
