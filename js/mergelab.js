@@ -433,7 +433,17 @@ function addPresetWidget(node, curve) {
     const names = [PRESET_PLACEHOLDER, ...Object.keys(ACTIONS), ...presetNames()];
     const w = node.addWidget("combo", "mergelab_block_preset", PRESET_PLACEHOLDER, (value) => {
         if (value && value !== PRESET_PLACEHOLDER) curve.applyPreset(value);
-        w.value = PRESET_PLACEHOLDER;
+        if (!vueNodes() || value === PRESET_PLACEHOLDER) {
+            w.value = PRESET_PLACEHOLDER;
+            return;
+        }
+        // a DOM node's select shows what it last saw in the widget: let it see the preset's name first,
+        // then the placeholder (a change it follows), so the menu is ready for the next pick
+        w.value = value;
+        setTimeout(() => {
+            if (typeof w.setValue === "function" && app.canvas) w.setValue(PRESET_PLACEHOLDER, { node, canvas: app.canvas });
+            else w.value = PRESET_PLACEHOLDER;
+        }, 0);
     }, { values: names, serialize: false });
     w.label = "apply preset";
     w.serialize = false;

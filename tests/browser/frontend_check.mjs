@@ -419,7 +419,24 @@ async function runChecks() {
                          widgetRows: el?.querySelectorAll(".lg-node-widget").length ?? null,
                          widgets: n.widgets.map((w) => w.name), text: el?.innerText ?? "" };
             }), ids);
-            return { nodes };
+            // the preset menu, used as a user does there: open the select, pick; twice, so the second pick
+            // needs the menu back at its placeholder
+            const rows = page.locator(`[data-node-id="${ids[0]}"] .lg-node-widget`);
+            const picks = [];
+            for (const name of ["GRAD_V", "GRAD_A"]) {
+                await rows.filter({ hasText: "apply preset" }).first().locator("[role=combobox], .p-select").first().click();
+                await page.locator("[role=option]", { hasText: new RegExp(`^${name}$`) }).first().click();
+                await page.waitForTimeout(500);
+                picks.push(await page.evaluate(([nid, preset]) => {
+                    const el = document.querySelector(`[data-node-id="${nid}"]`);
+                    const n = window.app.graph.getNodeById(nid);
+                    const row = (label) => [...el.querySelectorAll(".lg-node-widget")].find((r) => r.innerText.includes(label));
+                    return { preset, menuShows: row("apply preset")?.innerText.replace(/\s+/g, " ").trim(),
+                             values: n.mergelabCurve.values(), names: n.mergelabCurve.blocks.map((b) => b.name),
+                             shown: n.mergelabCurve.blocks.map((b) => Number(row(b.name)?.querySelector("input")?.value)) };
+                }, [ids[0], name]));
+            }
+            return { nodes, picks };
         } finally {
             await setting(false);
         }

@@ -422,3 +422,17 @@ def test_nodes_2_0_leave_out_the_canvas_widgets(browser):
     # every widget but the editor / help has its row
     assert block["widgetRows"] == len(block["widgets"]) - 1, block
     assert method["widgetRows"] == len(method["widgets"]) - 1, method
+
+
+def test_nodes_2_0_preset_menu_applies_and_returns_to_its_placeholder(browser):
+    from engine import blocks as B
+
+    s = _step(browser, "vue_nodes")
+    for pick in s["picks"]:
+        expected = _python_preset(B, "SDXL", pick["preset"], pick["names"])
+        assert pick["values"] == pytest.approx(expected, abs=0.005 + 1e-9), pick
+        # what the node shows: the new values (its inputs show 3 decimals of the exact preset, the widget
+        # holds them at its 0.01 precision), and the menu ready for the next pick
+        assert pick["shown"] == pytest.approx(pick["values"], abs=0.005 + 1e-9), pick
+        assert pick["menuShows"].endswith("choose…"), pick
+    assert s["picks"][0]["values"] != s["picks"][1]["values"]
