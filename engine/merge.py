@@ -19,7 +19,9 @@ from ..merge_methods import MergeError, MergeMethod, create, reuse_buffers
 from .alloc import recycled_memory
 from .precision import full_fp32_matmul
 from .recipe import record_merge
-from .weights import CLIP_OPTIONAL_SUFFIXES, KeySource, all_finite, is_clip, model_family, patcher_of, storage_dtype
+from .settings import settings_not_kept
+from .weights import (CLIP_OPTIONAL_SUFFIXES, KeySource, all_finite, drop_wrappers, is_clip, model_family, patcher_of,
+                      storage_dtype)
 
 log = logging.getLogger("MergeLab")
 
@@ -173,6 +175,11 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     if len({is_clip(o) for o in objs}) > 1:
         raise MergeError("cannot merge a CLIP with a MODEL")
     check_architectures(objs, names)
+    ref_obj = base if base is not None else inputs[0].model
+    for note in settings_not_kept(ref_obj, names[0], list(zip(objs, names))):
+        log.warning("MergeLab: %s", note)
+        if options.stats is not None:
+            options.stats.notes.append(note)
 
     base_src = KeySource.of(base).read_only() if base is not None else None
     sources = [KeySource.of(i.model).read_only() for i in inputs]
@@ -183,7 +190,6 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     keys = plan_keys(base_src, sources, names, options.on_mismatch)
     clip = is_clip(objs[0])
     ref_src = base_src if base_src is not None else sources[0]
-    ref_obj = base if base is not None else inputs[0].model
 
     bw = options.block_weights
     if bw is not None:
@@ -292,13 +298,14 @@ def _check_block_params(bw, method: MergeMethod) -> None:
 
 
 def _patched_clone(obj, merged: Dict[str, torch.Tensor]):
-    """A clone of ``obj`` whose merged keys are replaced (``set`` patches, earlier patches dropped: the
-    merged values already include them)."""
+    """A clone of ``obj`` whose merged keys are replaced (``set`` patches, earlier patches and weight
+    wrappers dropped: the merged values already include them)."""
     import uuid
 
     clone = obj.clone()
     mp = patcher_of(clone)
     for key, t in merged.items():
         mp.patches[key] = [(1.0, ("set", (t,)), 1.0, None, None)]
+    drop_wrappers(mp, merged)        # the merged values include the reference's weight wrappers too
     mp.patches_uuid = uuid.uuid4()
     return clone

@@ -416,7 +416,7 @@ def normalize_model(model_a, model_b, mode: str = "attn_only", strength: float =
     import comfy.model_management as mm
 
     from .merge import compute_device, plan_keys
-    from .weights import KeySource, is_clip, model_family, patcher_of, storage_dtype
+    from .weights import KeySource, drop_wrappers, is_clip, model_family, patcher_of, storage_dtype
 
     for obj, name in ((model_a, "model_a"), (model_b, "model_b")):
         if obj is None or is_clip(obj) or not hasattr(obj, "get_key_patches"):
@@ -451,8 +451,16 @@ def normalize_model(model_a, model_b, mode: str = "attn_only", strength: float =
     finally:
         if dev.type != "cpu":
             mm.soft_empty_cache()
+    for key in [k for k in partial if k in src_a.wrappers]:
+        # rows of a weight with a weight wrapper (applied after the patches): the whole wrapped weight is
+        # set instead, as the rows already hold wrapped values
+        t = src_a.read(key, torch.device("cpu"))
+        for start, length, rows in partial.pop(key):
+            t.narrow(0, start, length).copy_(rows)
+        full[key] = t.to(device=offload, dtype=storage_dtype(src_a.dtype(key)))
     clone = model_a.clone()
     mp = patcher_of(clone)
+    drop_wrappers(mp, full)
     for key, t in full.items():
         mp.patches[key] = [(1.0, ("set", (t,)), 1.0, None, None)]
     for key, pieces in partial.items():

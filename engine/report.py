@@ -57,6 +57,7 @@ class MergeStats:
         self.input_names = list(input_names)
         self.has_base = has_base
         self.blocks: Dict[str, BlockStats] = {}
+        self.notes: List[str] = []          # warnings of the merge, shown under the table
 
     def add(self, key: str, merged: torch.Tensor, base: Optional[torch.Tensor], inputs: List[torch.Tensor]) -> None:
         row = _sums(merged.reshape(-1), None if base is None else base.reshape(-1), [x.reshape(-1) for x in inputs])
@@ -99,6 +100,7 @@ class MergeStats:
             lines.append(" | ".join(cells))
         lines.append("Δ = ‖merged − other‖ / ‖other‖ over the block; cos = cosine similarity of the block's weights "
                      "(Δ inf: the other block is all zeros; cos nan: one of the two is).")
+        lines += [f"warning: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def image(self) -> torch.Tensor:

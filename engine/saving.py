@@ -127,6 +127,8 @@ def part_from_keysource(name: str, ks: KeySource, strip: str = "") -> Part:
             if not is_float:
                 return raw.detach().to(cpu)
             tgt = target or dtype
+            if key in ks.wrappers:
+                return ks.read(key, cpu, torch.float32).to(tgt)
             if len(entry) == 1 and raw.dtype in _STD_FLOATS and not is_quantized(raw):
                 if raw.device.type == "meta":
                     raise SaveError(f"weight '{key}' is not materialized (meta device); it cannot be saved")

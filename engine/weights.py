@@ -6,8 +6,8 @@ time, on the device we choose, in fp32, without touching the model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, List
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -45,19 +45,24 @@ class KeySource:
     entries: Dict[str, list]
     model: Any = None                   # the torch module the keys belong to
     copies: bool = True                 # False: see read_only()
+    # ComfyUI's weight wrappers (a TrainLoraNode LoRA, ...): applied after the patches, as ComfyUI's ops do
+    wrappers: Dict[str, list] = field(default_factory=dict)
 
     @classmethod
     def of(cls, obj) -> "KeySource":
         mp = patcher_of(obj)
         prefix = None if is_clip(obj) else UNET_PREFIX
-        return cls(mp.get_key_patches(prefix), mp.model)
+        entries = mp.get_key_patches(prefix)
+        wrappers = {k: list(v) for k, v in (getattr(mp, "weight_wrapper_patches", None) or {}).items()
+                    if v and k in entries}
+        return cls(entries, mp.model, wrappers=wrappers)
 
     def read_only(self) -> "KeySource":
         """A KeySource whose :meth:`read` may return the stored weight itself (no copy, in its stored
         dtype) when it has no patches, no conversion, is already on the device and is stored in a dtype
         that serves the requested one (``_AS_IS``): for callers that only read the result (a merge stacks
         its inputs into a new fp32 or fp64 tensor anyway).  Never write into what it returns."""
-        return KeySource(self.entries, self.model, copies=False)
+        return KeySource(self.entries, self.model, copies=False, wrappers=self.wrappers)
 
     def _plain(self, key: str) -> bool:
         """No conversion function on this weight's layer (get_key_patches gives every key one)."""
@@ -86,7 +91,8 @@ class KeySource:
         return self.raw(key).dtype
 
     def has_patches(self, key: str) -> bool:
-        return len(self.entries[key]) > 1
+        """Patches or weight wrappers change the stored weight of ``key``."""
+        return len(self.entries[key]) > 1 or key in self.wrappers
 
     @torch.no_grad()
     def read(self, key: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -101,7 +107,7 @@ class KeySource:
         convert = convert or _identity
         if weight.device.type == "meta":
             raise RuntimeError(f"weight '{key}' is not materialized (meta device); load the model first")
-        if not self.copies and len(entry) == 1 and weight.device == device \
+        if not self.copies and not self.has_patches(key) and weight.device == device \
                 and weight.dtype in _AS_IS.get(dtype, ()) \
                 and type(weight) in (torch.Tensor, torch.nn.Parameter) and self._plain(key):
             return weight.detach()          # see read_only()
@@ -109,9 +115,40 @@ class KeySource:
         t = convert(t, inplace=True)
         if len(entry) > 1:
             t = comfy.lora.calculate_weight(entry[1:], t, key, intermediate_dtype=torch.float32)
+        for f in self.wrappers.get(key, ()):
+            t = _wrapped(f, t)
         if dtype != torch.float32:
             t = t.to(dtype)
         return t
+
+
+def _wrapped(f, t: torch.Tensor) -> torch.Tensor:
+    """``f(t)`` for a weight wrapper ``f``, run where the wrapper's own tensors are (they are never moved:
+    the wrapper belongs to the input model), the result back on ``t``'s device in fp32."""
+    dev = _tensor_device(f) or t.device
+    out = f(t.to(dev))
+    return out.to(device=t.device, dtype=torch.float32)
+
+
+def _tensor_device(f) -> Optional[torch.device]:
+    if isinstance(f, torch.nn.Module):
+        for p in f.parameters():
+            return p.device
+        for b in f.buffers():
+            return b.device
+    for v in getattr(f, "__dict__", {}).values():
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return None
+
+
+def drop_wrappers(patcher, keys) -> None:
+    """Remove the weight wrappers of ``keys`` from ``patcher`` (a clone whose ``set`` patches on those keys
+    already hold the wrapped values); the dict is replaced, never changed, as clones share it."""
+    old = getattr(patcher, "weight_wrapper_patches", None)
+    if old and any(k in old for k in keys):
+        keys = set(keys)
+        patcher.weight_wrapper_patches = {k: v for k, v in old.items() if k not in keys}
 
 
 # Stored dtypes that read_only() hands over as they are, per requested dtype: a merge method computes in

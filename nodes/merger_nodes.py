@@ -117,10 +117,13 @@ class ModelMergerNode(io.ComfyNode):
             display_name="Model Merger",
             category=CATEGORY,
             description="Merge any number of models with a merge method, key by key. The result is a copy of "
-                        "the base with the merged weights; the inputs are never modified.",
+                        "the base with the merged weights; the inputs are never modified. It keeps the base's "
+                        "settings (prediction type, ModelSampling and other sampling patches such as FreeU); "
+                        "other inputs' settings are not merged, and a warning names those that differ.",
             inputs=[io.Model.Input("base", optional=True,
                                    tooltip="The base model (task vectors are taken relative to it). Optional for "
-                                           "methods that need none; the result then copies model 1's settings.")]
+                                           "methods that need none; the result then copies model 1's settings "
+                                           "(prediction type, sampling patches).")]
                    + _common_inputs("model"),
             outputs=[io.Model.Output(display_name="MODEL"), *REPORT_OUTPUTS],
         )
@@ -139,8 +142,12 @@ class CLIPMergerNode(io.ComfyNode):
             node_id="MergeLab_CLIPMerger",
             display_name="CLIP Merger",
             category=CATEGORY,
-            description="Merge the text encoders (CLIP) of the Merge Inputs with a merge method, key by key.",
-            inputs=[io.Clip.Input("base", optional=True, tooltip="The base text encoder.")]
+            description="Merge the text encoders (CLIP) of the Merge Inputs with a merge method, key by key. "
+                        "The result keeps the base's (or model 1's) settings: CLIP last layer, tokenizer options "
+                        "and hooks (SetClipHooks, which are applied when encoding and are not weights); a "
+                        "warning names other inputs whose settings differ.",
+            inputs=[io.Clip.Input("base", optional=True, tooltip="The base text encoder (its settings are kept; "
+                                                                 "without a base, model 1's).")]
                    + _common_inputs("clip"),
             outputs=[io.Clip.Output(display_name="CLIP"), *REPORT_OUTPUTS],
         )
