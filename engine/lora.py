@@ -202,19 +202,26 @@ class Lora:
     names: Mapping[LayerKey, str] = field(default_factory=dict)
     arch: Mapping[str, Any] = field(default_factory=dict)
     source_json: str = "{}"
+    # the shapes of the weights that layers address in slices (a diffusers Flux LoRA's q/k/v of the fused
+    # img_attn.qkv): what a file needs to write the slices as one layer of the whole weight
+    whole_shapes: Mapping[str, Tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
         object.__setattr__(self, "names", MappingProxyType(dict(self.names)))
         object.__setattr__(self, "arch", MappingProxyType(dict(self.arch)))
+        object.__setattr__(self, "whole_shapes", MappingProxyType(
+            {k: tuple(v) for k, v in dict(self.whole_shapes).items()}))
 
     @property
     def source(self) -> Dict[str, Any]:
         return json.loads(self.source_json)
 
     @staticmethod
-    def make(layers, names, arch, source: Dict[str, Any]) -> "Lora":
-        return Lora(layers, names, arch, _freeze_json(source))
+    def make(layers, names, arch, source: Dict[str, Any], whole_shapes=None) -> "Lora":
+        sliced = {base_key(k) for k in layers if isinstance(k, tuple)}
+        shapes = {k: v for k, v in dict(whole_shapes or {}).items() if k in sliced}
+        return Lora(layers, names, arch, _freeze_json(source), shapes)
 
     @property
     def name(self) -> str:
@@ -358,7 +365,9 @@ def stack_loras(entries: Sequence[Tuple], name: str = "stack") -> Lora:
     arch = merge_arch([l.arch for l, _, _, _ in entries], [l.name for l, _, _, _ in entries])
     keys: Dict[LayerKey, List[Tuple[LoraLayer, float]]] = {}
     names: Dict[LayerKey, str] = {}
+    whole: Dict[str, Tuple[int, ...]] = {}
     for l, sm, sc, bw in entries:
+        whole.update(l.whole_shapes)
         per_layer = block_factors(l, bw) if bw is not None else {}
         for k, layer in l.layers.items():
             c = (sm if is_model_key(k) else sc) * per_layer.get(k, 1.0)
@@ -376,7 +385,7 @@ def stack_loras(entries: Sequence[Tuple], name: str = "stack") -> Lora:
         if bw is not None:
             part["block_weights"] = bw.to_dict()
         parts.append(part)
-    return Lora.make(layers, names, arch, {"kind": "stack", "name": name, "parts": parts})
+    return Lora.make(layers, names, arch, {"kind": "stack", "name": name, "parts": parts}, whole)
 
 
 # -- applying -------------------------------------------------------------------------------------

@@ -235,11 +235,15 @@ def lora_from_state_dict(sd: Mapping[str, torch.Tensor], model=None, clip=None, 
         k = base_key(t)
         if isinstance(t, str) and k.endswith(".bias"):
             wkeys.add(k[:-len(".bias")] + ".weight")
+        if isinstance(t, tuple):
+            wkeys.add(k)            # the whole weight's name: a file writes its slices as one layer
     names = kohya_names(model, clip, wkeys, arch)
+    whole = {base_key(t): tuple(shapes[base_key(t)]) for t in layers
+             if isinstance(t, tuple) and base_key(t) in shapes}
     src = dict(source or {"kind": "file", "name": name})
     src.setdefault("name", name)
     src["ignored_keys"] = len(unmatched)
-    return Lora.make(layers, names, arch, src)
+    return Lora.make(layers, names, arch, src, whole)
 
 
 def _what(model, clip) -> str:
@@ -291,10 +295,14 @@ def _fit_problem(layer: LoraLayer, shape) -> Optional[str]:
 
 def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = torch.float16
                     ) -> Dict[str, torch.Tensor]:
-    """The tensors of a LoRA file.  kohya: ``lora_unet_…``/``lora_te…`` names where ComfyUI's key map
-    has one (ComfyUI-native names for the rest); comfyui: ``diffusion_model.…``/``text_encoders.…``."""
+    """The tensors of a LoRA file.  kohya: ``lora_unet_…``/``lora_te…`` names (layers without such a name
+    are left out: see :func:`kohya_unnamed`); comfyui: ``diffusion_model.…``/``text_encoders.…``.  Layers
+    on slices of one weight (a diffusers Flux LoRA's q/k/v of ``img_attn.qkv``) are written as one layer
+    of the whole weight, the way kohya's own Flux files hold them."""
     if key_format not in KEY_FORMATS:
         raise LoraError(f"unknown key format {key_format!r}; choose one of {', '.join(KEY_FORMATS)}")
+    layers = _whole_weight_layers(lora)
+    skip = set(kohya_unnamed(lora)) if key_format == "kohya" else set()
 
     def prefix_for(k: LayerKey) -> str:
         if key_format == "kohya" and k in lora.names:
@@ -310,7 +318,9 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
         owner[name] = k
         out[name] = t.detach().to(device="cpu").contiguous()
 
-    for k, layer in lora.layers.items():
+    for k, layer in layers.items():
+        if k in skip:
+            continue
         bk = base_key(k)
         if layer.kind == "patch":
             try:
@@ -334,7 +344,80 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
             put(p + ".lora_mid.weight", layer.mid.to(dtype), k)
         alpha = layer.alpha if layer.alpha is not None else float(layer.rank)
         put(p + ".alpha", torch.tensor(float(alpha), dtype=torch.float32), k)
+    if not out:
+        raise LoraError(f"none of the {len(layers)} layers of LoRA '{lora.name}' has a kohya name (lora_unet_…, "
+                        "lora_te…): save it with key_format 'comfyui'")
     return out
+
+
+def kohya_unnamed(lora: Lora) -> List[LayerKey]:
+    """The layers a kohya-format file leaves out: those no kohya-style name exists for (token and position
+    embeddings, SD3's pos_embed, norms...).  kohya, A1111 and Forge would skip them anyway, and diffusers
+    refuses a whole file that mixes in other names; the comfyui format keeps them."""
+    out = []
+    for k in _file_layer_keys(lora):
+        bk = base_key(k)
+        named = k if not (isinstance(k, str) and bk.endswith(".bias")) else bk[:-len(".bias")] + ".weight"
+        if named not in lora.names:
+            out.append(k)
+    return out
+
+
+def left_out_text(keys: List[LayerKey]) -> str:
+    shown = ", ".join(key_text(k) for k in keys[:3]) + (f", ... (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    return (f"{len(keys)} layer(s) have no kohya name and are not in the kohya-format file ({shown}); "
+            "key_format 'comfyui' keeps them (ComfyUI loads those files)")
+
+
+def _file_layer_keys(lora: Lora) -> Dict[LayerKey, List[LayerKey]]:
+    """The layers of a file, each with the LoRA's layers it is made of: one of its own, or, for a weight
+    that layers address in slices (and maybe whole), where the weight's shape is known, all of them (in
+    the order of the first)."""
+    sliced = {k[0] for k in lora.layers if isinstance(k, tuple) and k[0] in lora.whole_shapes}
+    sliced -= {k[0] for k in lora.layers if isinstance(k, tuple) and k[1][0] != 0}     # rows only
+    out: Dict[LayerKey, List[LayerKey]] = {}
+    for k in lora.layers:
+        bk = base_key(k)
+        out.setdefault(bk if bk in sliced else k, []).append(k)
+    return out
+
+
+def _whole_weight_layers(lora: Lora) -> Dict[LayerKey, LoraLayer]:
+    """The layers of a file (see :func:`_file_layer_keys`): a weight's slices joined into one layer of the
+    whole weight, the LoRA factors side by side (downs stacked, each up in its rows: ΔW is the same), or
+    their summed difference when a part is not a plain linear LoRA."""
+    return {k: lora.layers[parts[0]] if parts == [k] else
+            _join_slices(lora.whole_shapes[base_key(k)], [(p, lora.layers[p]) for p in parts])
+            for k, parts in _file_layer_keys(lora).items()}
+
+
+def _rows(key: LayerKey, shape) -> Tuple[int, int]:
+    return (key[1][1], key[1][2]) if isinstance(key, tuple) else (0, shape[0])
+
+
+@torch.no_grad()
+def _join_slices(shape: Tuple[int, ...], parts: List[Tuple[LayerKey, LoraLayer]]) -> LoraLayer:
+    cpu = torch.device("cpu")
+    if all(l.kind == "lora" and l.mid is None and len(l.shape) == 2 for _, l in parts) and len(shape) == 2:
+        scales = {l.scale for _, l in parts}
+        same = len(scales) == 1
+        total = sum(l.rank for _, l in parts)
+        dtype = parts[0][1].up.dtype
+        up = torch.zeros(shape[0], total, dtype=torch.float32)
+        downs, col = [], 0
+        for k, l in parts:
+            start, size = _rows(k, shape)
+            u = l.up.reshape(l.up.shape[0], -1).float() if same else l.factors_2d(cpu)[0]
+            up[start:start + size, col:col + l.rank] += u
+            downs.append(l.down.reshape(l.rank, -1).float())
+            col += l.rank
+        alpha = (next(iter(scales)) if same else 1.0) * total
+        return LoraLayer("lora", tuple(shape), up=up.to(dtype), down=torch.cat(downs).to(dtype), alpha=alpha)
+    diff = torch.zeros(shape, dtype=torch.float32)
+    for k, l in parts:
+        start, size = _rows(k, shape)
+        diff.narrow(0, start, size).add_(l.delta(cpu, torch.float32, k))
+    return LoraLayer.from_diff(diff)
 
 
 _BASE_VERSIONS = {"SD15": ("sd_v1", "stable-diffusion-v1"), "SD20": ("sd_v2", "stable-diffusion-v2-512"),
@@ -418,6 +501,9 @@ def save_lora(lora: Lora, filename_prefix: str, output_dir: str, key_format: str
     if not lora.layers:
         raise LoraError(f"LoRA '{lora.name}' has no layers: nothing to save")
     sd = lora_state_dict(lora, key_format, SAVE_DTYPES[dtype_name])
+    left_out = kohya_unnamed(lora) if key_format == "kohya" else []
+    if left_out:
+        log.warning("MergeLab: %s", left_out_text(left_out))
 
     def metadata_for(path: str) -> Dict[str, str]:
         rec = recipe(os.path.relpath(path, output_dir).replace(os.sep, "/")) if callable(recipe) else recipe

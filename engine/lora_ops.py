@@ -343,7 +343,7 @@ def resize_lora(lora: Lora, spec: RankSpec, device: str = "auto", clamp_quantile
         _release(dev)
     src = {"kind": "resize", "name": name or f"{lora.name}_resized", "rank": spec.to_dict(),
            "clamp_quantile": clamp_quantile, "input": lora.source}
-    new_lora = Lora.make(out, lora.names, lora.arch, src)
+    new_lora = Lora.make(out, lora.names, lora.arch, src, lora.whole_shapes)
     lines = [f"MergeLab LoRA resize of '{lora.name}': {spec.describe()} (exact SVD of each layer's factors), "
              f"{time.perf_counter() - t0:.2f} s; {lora.numel() / 1e6:.2f} M → {new_lora.numel() / 1e6:.2f} M values"]
     lines += _stats_text(stats)
@@ -537,13 +537,15 @@ def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: Ran
     if not out:
         raise LoraError(f"merging with '{method.name}' left every layer zero: nothing to keep")
     lnames: Dict[LayerKey, str] = {}
+    whole_shapes: Dict[str, Tuple[int, ...]] = {}
     for i in inputs:
         for k, nm in i.lora.names.items():
             lnames.setdefault(k, nm)
+        whole_shapes.update(i.lora.whole_shapes)
     src = {"kind": "merge", "name": name, "method": m.to_dict(), "per_model": per_model, "seed": seed,
            "rank": spec.to_dict(), "svd": svd.to_dict(), "clamp_quantile": clamp_quantile,
            "inputs": [{"name": nm, "params": dict(i.params), "lora": i.lora.source} for i, nm in zip(inputs, names)]}
-    merged_lora = Lora.make(out, lnames, arch, src)
+    merged_lora = Lora.make(out, lnames, arch, src, whole_shapes)
     path = "exact on the factors (linear in the models)" if coeffs is not None else "on each layer's full ΔW"
     lines = [f"MergeLab LoRA merge: {method!r} of {n} LoRA(s), {path}; {spec.describe()}; "
              f"{time.perf_counter() - t0:.2f} s on {dev.type}",

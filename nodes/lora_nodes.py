@@ -11,7 +11,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from ..engine.lora import LoraError, apply_lora, stack_loras
-from ..engine.lora_io import KEY_FORMATS, SAVE_DTYPES, load_lora_file, save_lora
+from ..engine.lora_io import KEY_FORMATS, SAVE_DTYPES, kohya_unnamed, left_out_text, load_lora_file, save_lora
 from ..engine.lora_ops import ExtractOptions, LoraMergeInput, extract_lora, merge_loras, resize_lora
 from ..engine.lora_svd import RANK_MODES, SVD_METHODS, RankError, RankSpec, SVDOptions
 from .comfy_api_compat import io
@@ -380,7 +380,9 @@ class SaveLoraNode(io.ComfyNode):
                                     tooltip="Folder and name under the output folder; _00001_ etc. is appended."),
                     io.Combo.Input("key_format", options=list(KEY_FORMATS), default="kohya",
                                    tooltip="kohya: lora_unet_/lora_te names (SD1 UNet by diffusers paths, as kohya "
-                                           "writes); comfyui: diffusion_model./text_encoders. names."),
+                                           "writes); layers without such a name (token/position embeddings, "
+                                           "norms) are left out, with a warning. comfyui: "
+                                           "diffusion_model./text_encoders. names, every layer."),
                     io.Combo.Input("dtype", options=list(SAVE_DTYPES), default="fp16",
                                    tooltip="Dtype of the factors in the file (alpha is stored as fp32)."),
                     io.Boolean.Input("save_recipe", default=True, optional=True,
@@ -410,7 +412,11 @@ class SaveLoraNode(io.ComfyNode):
                 raise ValueError(f"filename_prefix '{filename_prefix}' points outside the output folder") from None
             raise
         rel = os.path.relpath(path, out_dir).replace(os.sep, "/")
-        return io.NodeOutput(rel, ui={"text": [f"Saved output/{rel} ({lora.summary()})"]})
+        text = f"Saved output/{rel} ({lora.summary()})"
+        left_out = kohya_unnamed(lora) if key_format == "kohya" else []
+        if left_out:
+            text += "\nwarning: " + left_out_text(left_out)
+        return io.NodeOutput(rel, ui={"text": [text]})
 
 
 LORA_NODES = [LoadLoraNode, LoraStackNode, ApplyLoraNode, LoraMergeInputNode, MergeLorasNode, ExtractLoraNode,

@@ -174,7 +174,7 @@ def test_save_never_overwrites_and_leaves_nothing_half_written(harness, sd15_lor
     k = next(iter(sd15_lora.layers))
     bad = lm.Lora.make({k: lm.LoraLayer("patch", sd15_lora.layers[k].shape,
                                         patch=("set", (torch.zeros(sd15_lora.layers[k].shape),)))},
-                       {}, sd15_lora.arch, {"name": "bad"})
+                       {k: sd15_lora.names[k]}, sd15_lora.arch, {"name": "bad"})
     VALUES["bad"] = bad
     assert "replaces the weight" in failure(harness.run(save_graph("bad", "loras/nover")))
     assert _out_files(harness) == before

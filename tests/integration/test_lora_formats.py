@@ -152,15 +152,22 @@ def test_kohya_comfy_and_diffusers_files_load_to_the_same_delta(harness, setup):
     diffusers = write(harness, setup, "fmt_diffusers.safetensors", dsd)
 
     ref = load_node(harness, kohya)
-    assert set(ref.layers) == set(lora.layers)
+    # the kohya file leaves out the layers without a kohya name (here the CLIP's layer norms, which only
+    # ComfyUI-native names address, and its embedding tables); the comfyui file keeps them
+    left_out = set(lio.kohya_unnamed(lora))
+    assert left_out and all("layer_norm" in k or ".embeddings." in k for k in left_out), sorted(left_out)[:5]
+    assert set(ref.layers) == set(lora.layers) - left_out
     ref_d = {k: l.delta() for k, l in ref.layers.items()}
     for k, l in lora.layers.items():
-        close(ref_d[k], l.delta(), k)
+        if k not in left_out:
+            close(ref_d[k], l.delta(), k)
     comfy_ref, bad = comfy_effective(harness, setup, kohya, list(ref_d))
     assert bad == []
     for k in ref_d:
         close(comfy_ref[k], ref_d[k], k)
 
+    ref_d.update({k: lora.layers[k].delta() for k in left_out})
+    comfy_ref.update(comfy_effective(harness, setup, comfy, sorted(left_out))[0])
     for name, keys in ((comfy, set(lora.layers)), (diffusers, expressed)):
         got = load_node(harness, name)
         assert set(got.layers) == keys, name
@@ -303,7 +310,7 @@ def test_dora_stacks_at_any_strength_like_comfyuis_loader(harness, setup):
 
 def test_unmatched_keys_reported_once_with_a_count(harness, setup):
     lio = pack(harness, "engine.lora_io")
-    sd = lio.lora_state_dict(setup["lora"], "kohya", torch.float32)
+    sd = lio.lora_state_dict(setup["lora"], "comfyui", torch.float32)   # every layer
     sd["lora_unet_no_such_block.lora_up.weight"] = torch.zeros(4, 2)
     sd["lora_unet_no_such_block.lora_down.weight"] = torch.zeros(2, 4)
     sd["lora_te_no_such_layer.alpha"] = torch.tensor(2.0)
@@ -322,3 +329,65 @@ def test_unmatched_keys_reported_once_with_a_count(harness, setup):
     assert lora.clip_keys() == [] and lora.model_keys()
     ours = [m for m in msgs if "match no layer" in m]
     assert len(ours) == 1 and "connect the CLIP" in ours[0]
+
+
+@pytest.mark.parametrize("parts", ["qkv_mlp", "gap_and_alphas"])
+def test_split_flux_qkv_is_written_as_one_layer_of_the_fused_weight(harness, tmp_path, parts):
+    """A diffusers Flux LoRA holds q/k/v (and a single block's proj_mlp) apart: slices of the fused
+    img_attn.qkv / linear1.  Saved, each fused weight gets one layer under its own name (kohya:
+    lora_unet_double_blocks_0_img_attn_qkv, as kohya's Flux files; comfyui: diffusion_model.…qkv), the
+    slices' factors side by side; ComfyUI's LoraLoader gives the same weights as from the split file.
+    Also with a slice missing (its rows stay zero) and slices of different alpha."""
+    lio, weights = pack(harness, "engine.lora_io"), pack(harness, "engine.weights")
+    base = fixtures.small_model("Flux")
+    sd = base.model.state_dict()
+    qkv = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    lin1 = "diffusion_model.single_blocks.0.linear1.weight"
+    hidden = sd[qkv].shape[1]
+    g = torch.Generator().manual_seed(0)
+    split = {}
+
+    def layer(name, rows, rank, alpha=None):
+        split[name + ".lora_A.weight"] = torch.randn(rank, hidden, generator=g) * 0.1
+        split[name + ".lora_B.weight"] = torch.randn(rows, rank, generator=g) * 0.1
+        if alpha is not None:
+            split[name + ".alpha"] = torch.tensor(float(alpha))
+
+    wanted = ("to_q", "to_k", "to_v") if parts == "qkv_mlp" else ("to_q", "to_v")
+    for i, p in enumerate(wanted):
+        layer(f"transformer.transformer_blocks.0.attn.{p}", hidden, 4, None if parts == "qkv_mlp" else 2.0 * (i + 1))
+    for p in ("to_q", "to_k", "to_v"):
+        layer(f"transformer.single_transformer_blocks.0.attn.{p}", hidden, 2)
+    layer("transformer.single_transformer_blocks.0.proj_mlp", sd[lin1].shape[0] - 3 * hidden, 2)
+    src = tmp_path / f"split_{parts}.safetensors"
+    safetensors.torch.save_file(split, str(src))
+    name = harness.add_model_file("loras", str(src), name=src.name)
+    lora = lio.load_lora_file(str(src), base, name="split")
+    assert all(isinstance(k, tuple) for k in lora.layers) and set(lora.whole_shapes) == {qkv, lin1}
+
+    def effective(file_name):
+        with capture_log() as msgs:
+            m, _ = harness.nodes.LoraLoader().load_lora(base, None, file_name, 1.0, 0.0)
+        assert not [x for x in msgs if "lora key not loaded" in x or "NOT LOADED" in x]
+        cpu = torch.device("cpu")
+        return {k: weights.KeySource.of(m).read(k, cpu) - sd[k].float() for k in (qkv, lin1)}
+
+    want = effective(name)
+    assert all(float(d.abs().max()) > 0 for d in want.values())
+    for fmt, prefix in (("kohya", "lora_unet_"), ("comfyui", "diffusion_model.")):
+        tensors = lio.lora_state_dict(lora, fmt, torch.float32)
+        for k, n_parts in ((qkv, len(wanted)), (lin1, 4)):
+            stem = (lora.names[k] if fmt == "kohya" else k[:-len(".weight")])
+            assert stem.startswith(prefix)
+            up, down = tensors[stem + ".lora_up.weight"], tensors[stem + ".lora_down.weight"]
+            assert up.shape[0] == sd[k].shape[0] and down.shape == (up.shape[1], hidden)
+            assert up.shape[1] == (4 if k == qkv else 2) * n_parts
+        assert lora.names[qkv] == "lora_unet_double_blocks_0_img_attn_qkv"
+        assert len(tensors) == 2 * 3
+        out = tmp_path / f"fused_{parts}_{fmt}.safetensors"
+        safetensors.torch.save_file(tensors, str(out))
+        got = effective(harness.add_model_file("loras", str(out), name=out.name))
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    if parts == "gap_and_alphas":       # the k rows of qkv: nothing there
+        assert float(want[qkv][hidden:2 * hidden].abs().max()) == 0.0
