@@ -37,7 +37,7 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), (
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 TMP_SUFFIX = ".mergelab-tmp"
-_MAX_HEADER = 100 * 1024 * 1024      # the safetensors library refuses larger headers
+_MAX_HEADER = 100_000_000          # the safetensors library refuses larger headers (MAX_HEADER_SIZE in its tensor.rs)
 
 
 class SafetensorsFormatError(ValueError):

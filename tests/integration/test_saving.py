@@ -759,3 +759,20 @@ def test_load_merge_recipe_text_for_loras_and_odd_recipes(harness):
                 {"graph": {"nodes": ["x"]}}):
         text = recipe.describe(odd)
         assert "not one MergeLab writes" in text, odd
+
+
+def test_a_header_safetensors_would_refuse_is_refused_before_writing(harness, tmp_path):
+    """safetensors reads headers of at most 100,000,000 bytes (MAX_HEADER_SIZE): the writer refuses a larger
+    one (huge metadata) instead of writing a file nothing can open; just under the limit is written and
+    reads back."""
+    stw = pack(harness, "engine.safetensors_writer")
+    plans = [stw.TensorPlan("w", torch.float32, (2,), lambda: torch.ones(2))]
+    overhead = len(stw.build_header(plans, {"big": ""}))
+    fits = str(tmp_path / "fits.safetensors")
+    stw.write_file(fits, plans, {"big": "x" * (100_000_000 - overhead - 8)})
+    with safe_open(fits, "pt") as f:
+        assert torch.equal(f.get_tensor("w"), torch.ones(2))
+    too_big = str(tmp_path / "too_big.safetensors")
+    with pytest.raises(stw.SafetensorsFormatError, match="at most 100000000"):
+        stw.write_file(too_big, plans, {"big": "x" * (100_000_000 - overhead + 8)})
+    assert not os.path.exists(too_big)
