@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .ops import dot64, sumsq_rows
 from .spec import BOOL, Param, merge_method
 
 
@@ -20,11 +21,14 @@ def model_stock(base, models, ctx, *, filter_wise):
     off = models - base
     rows = filter_wise and base.dim() >= 1
     vec = off if rows else off.reshape(n, -1)
-    norms = torch.linalg.vector_norm(vec, dim=-1)
+    if rows:
+        norms = torch.linalg.vector_norm(vec, dim=-1)
+    else:               # whole-tensor reductions in fp64 chunks: the same for any thread count
+        norms = sumsq_rows(vec).sqrt()
     cos_sum = None
     for i in range(n):
         for j in range(i + 1, n):
-            dot = torch.linalg.vecdot(vec[i], vec[j], dim=-1)
+            dot = torch.linalg.vecdot(vec[i], vec[j], dim=-1) if rows else dot64(vec[i], vec[j])
             prod = norms[i] * norms[j]
             cos = torch.where(prod > 0, dot / torch.where(prod > 0, prod, torch.ones_like(prod)),
                               torch.zeros_like(dot)).clamp_(-1.0, 1.0)
@@ -33,6 +37,7 @@ def model_stock(base, models, ctx, *, filter_wise):
     den = 1.0 + (n - 1) * cos
     singular = den.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(den), den))
+    t = t.to(off.dtype)
     if rows:
         t = t.unsqueeze(-1)
     return off.mean(dim=0).mul_(t).add_(base)

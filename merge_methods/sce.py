@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import sign_consensus, topk_mask
+from .ops import sign_consensus, sumsq_rows, topk_mask
 from .spec import FLOAT, Param, merge_method
 
 
@@ -32,12 +32,12 @@ def sce(base, models, ctx, *, select_topk):
             del var
     agree = sign_consensus(tv, "sum")
     flat = tv.reshape(n, -1)
-    s = torch.linalg.vector_norm(flat, dim=1).square_()
+    s = sumsq_rows(flat)            # fp64, the same for any thread count
     if flat.shape[1]:
         s.div_(flat.shape[1])
     total = s.sum()
     s = torch.where(total > 0, s / torch.where(total > 0, total, torch.ones_like(total)),
-                    torch.full_like(s, 1.0 / n))
+                    torch.full_like(s, 1.0 / n)).to(tv.dtype)
     erased = agree.to(tv.dtype).mul_(s.view((-1,) + (1,) * (tv.dim() - 1)))
     del agree
     num = tv.mul_(erased).sum(dim=0)

@@ -76,8 +76,14 @@ def passthrough(base, models, ctx, *, scale):
                   min=-1.0, max=2.0, step=0.01),),
 )
 def weighted_sum(base, models, ctx, *, ratio):
-    # lerp(start=model₂, end=model₁, ratio) returns the exact inputs at ratio 0 and 1
-    return torch.lerp(models[1], models[0], float(ratio))
+    # ComfyUI's arithmetic (calculate_weight of ModelMergeSimple's patch): W₁·ratio, then + (1 − ratio)·W₂,
+    # two roundings in the compute dtype, so the weights are bit-identical to it; the exact input at 0 and 1
+    ratio = float(ratio)
+    if ratio == 1.0:
+        return models[0].clone()
+    if ratio == 0.0:
+        return models[1].clone()
+    return (models[0] * ratio).add_(models[1] * (1.0 - ratio))
 
 
 @merge_method(

@@ -256,6 +256,17 @@ class MergeMethod:
             out[p.name] = vals
         return out
 
+    def check_values(self, n_models: int, overrides: Mapping[str, Any], where: str = "") -> None:
+        """Raise MergeError unless the per-model values (and the method's own rule across parameters, such
+        as della's density ± epsilon) are valid for ``n_models`` models: what :meth:`merge` checks for
+        every tensor, checked once up front."""
+        where = where or f"merge method '{self.name}'"
+        pm = self.per_model_values(n_models, overrides, where)
+        if self.spec.check is not None:
+            problem = self.spec.check({p.name: self.get(p.name) for p in self.spec.global_params}, pm)
+            if problem:
+                raise MergeError(f"{where}: {problem}")
+
     @torch.no_grad()
     def merge(self, base: Optional[torch.Tensor], models: Sequence[torch.Tensor], *, key: str = "",
               seed: int = 0, check_finite: bool = True, **per_model_params: Any) -> torch.Tensor:
@@ -494,7 +505,8 @@ def _check_finite(where: str, base: Optional[torch.Tensor], stacked: torch.Tenso
     if not _all_finite(stacked):
         bad = ~torch.isfinite(stacked.reshape(stacked.shape[0], -1)).all(dim=1)
         idx = [i for i, b in enumerate(bad.tolist()) if b]
-        raise MergeError(f"{where}: model(s) {idx} contain NaN or Inf")
+        named = ", ".join(f"model {i + 1}" for i in idx)        # as the nodes number them, from 1
+        raise MergeError(f"{where}: {named} {'contains' if len(idx) == 1 else 'contain'} NaN or Inf")
 
 
 def create(name: str, **params: Any) -> MergeMethod:

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .ops import dot64 as _dot, sumsq as _sumsq, sumsq_rows as _sumsq_rows
 from .spec import BASE_NONE, BASE_OPTIONAL, BASE_REQUIRED, BOOL, FLOAT, INT, Param, merge_method
 
 _SLERP_DOT_THRESHOLD = 0.9995   # mergekit slerp: lerp when |cos| is above this
@@ -25,50 +26,6 @@ _NUSLERP_NORM_EPS = 1e-7        # mergekit nuslerp: norm clamp before normalizin
 # exactly colinear or antipodal rows (0-d tensors with opposite signs, v and -2v) are missed there and
 # blow up by 1/sin θ; slerp and lerp differ by < 1e-6 relative inside this band on the θ ≈ 0 side.
 _NUSLERP_COLINEAR = 1e-6
-
-
-_CHUNK = 4096   # reduction chunk: fp32 within a chunk, fp64 across chunks
-
-
-def _split(flat: torch.Tensor):
-    """(N, n) -> views (N, n // C, C) and (N, n % C) of the same storage."""
-    m = flat.shape[1] // _CHUNK * _CHUNK
-    return flat[:, :m].view(flat.shape[0], -1, _CHUNK), flat[:, m:]
-
-
-def _sumsq_rows(flat: torch.Tensor) -> torch.Tensor:
-    """Σ x² of every row of a 2-D tensor, as fp64 (N,).
-
-    Whole-tensor fp32 reductions are not accurate enough here: on CPU ``torch.linalg.vector_norm`` of
-    a 3e7-element tensor is off by ~1e-3 relative and ``torch.dot`` by ~3e-4.  Chunked norms (fp32
-    inside 4096-element chunks, fp64 across them) are accurate to ~1e-9 and as fast as a plain norm.
-    """
-    main, tail = _split(flat)
-    out = torch.linalg.vector_norm(tail, dim=1).double().square()
-    if main.shape[1]:
-        out = out + torch.linalg.vector_norm(main, dim=2).double().square().sum(dim=1)
-    return out
-
-
-def _sumsq(x: torch.Tensor) -> torch.Tensor:
-    """Σ x² over the whole tensor as an fp64 0-d tensor."""
-    return _sumsq_rows(x.reshape(1, -1))[0]
-
-
-def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x·y over whole (same-shape) tensors as an fp64 0-d tensor, accumulated chunk-wise."""
-    xm, xt = _split(x.reshape(1, -1))
-    ym, yt = _split(y.reshape(1, -1))
-    out = (xt * yt).sum(dtype=torch.float64)
-    if xm.shape[1]:
-        if x.device.type == "cpu":
-            # batched BLAS dots of 4096-element chunks: 3x faster than mul + sum on CPU, no temporary
-            # (not used on CUDA, where a TF32 matmul setting would round the inputs)
-            part = torch.bmm(xm[0].unsqueeze(1), ym[0].unsqueeze(2))
-        else:
-            part = (xm[0] * ym[0]).sum(dim=1)
-        out = out + part.double().sum()
-    return out
 
 
 def _combine(coef: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

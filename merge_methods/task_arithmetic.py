@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .ops import CutSearch, exact_cut, magnitude_cut, sample_stride, topk_mask
+from .ops import CutSearch, abs_sum64, exact_cut, magnitude_cut, sample_stride, topk_mask
 from .spec import BOOL, CHOICE, FLOAT, Param, SpanInputs, merge_method, slices
 
 # -- parameters (shared by every method of the family) ---------------------------------------------
@@ -165,7 +165,7 @@ def sparsify_(deltas: torch.Tensor, ctx, method: str, density: Sequence[float], 
             x.zero_()
             continue
         before = after = None
-        if rescale == "l1":         # norms: fp32 sums per span (see slices()), added up in fp64
+        if rescale == "l1":         # norms: fp64 sums of fp32 chunk sums (the same for any thread count)
             before = torch.zeros((), dtype=torch.float64, device=x.device)
             after = torch.zeros((), dtype=torch.float64, device=x.device)
         prob = None
@@ -175,20 +175,20 @@ def sparsify_(deltas: torch.Tensor, ctx, method: str, density: Sequence[float], 
             for s, e in spans:
                 part = x[s:e]
                 if before is not None:
-                    before += part.abs().sum()
+                    before += abs_sum64(part)
                 part.mul_(_below(u[s:e], prob[s:e] if prob is not None else d))
                 if after is not None:
-                    after += part.abs().sum()
+                    after += abs_sum64(part)
             del u
         elif x.dtype != torch.float32:
             # the span-wise cut reads fp32 bit patterns: fp64 (compute_dtype fp64) takes the plain definition
             if before is not None:
-                before += x.abs().sum()
+                before += abs_sum64(x)
             keep = magnitude_mask(x, d) if method == "magnitude" else outlier_mask(x, d, float(gamma[i]))
             if keep is not None:
                 x.masked_fill_(~keep, 0.0)
             if after is not None:
-                after += x.abs().sum()
+                after += abs_sum64(x)
         else:
             top = _outlier_count(n, d, float(gamma[i])) if method == "outliers" else 0
             cut = magnitude_cut(x, int(d * n) + top, spans)
@@ -196,10 +196,10 @@ def sparsify_(deltas: torch.Tensor, ctx, method: str, density: Sequence[float], 
             for j, (s, e) in enumerate(spans):
                 part = x[s:e]
                 if before is not None:
-                    before += part.abs().sum()
+                    before += abs_sum64(part)
                 _prune_span(part, j, cut, outliers)
                 if after is not None:
-                    after += part.abs().sum()
+                    after += abs_sum64(part)
         if rescale == "l1":
             ok = (before >= 1e-7) & (after >= 1e-7)
             scale = torch.where(ok, before / torch.where(ok, after, torch.ones_like(after)), torch.ones_like(after))
@@ -400,7 +400,7 @@ def _della_check(glob, pm) -> Optional[str]:
         d = float(dens[i if len(dens) > 1 else 0])
         e = float(eps[i if len(eps) > 1 else 0])
         if 0 < d < 1 and (d - e < 0 or d + e > 1):
-            return (f"density ± epsilon must lie in [0, 1] (model {i}: density {d:g}, epsilon {e:g}); "
+            return (f"density ± epsilon must lie in [0, 1] (model {i + 1}: density {d:g}, epsilon {e:g}); "
                     f"lower epsilon or move density away from 0 and 1")
     return None
 
