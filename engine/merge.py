@@ -21,7 +21,7 @@ from .precision import full_fp32_matmul
 from .recipe import record_merge
 from .settings import settings_not_kept
 from .weights import (CLIP_OPTIONAL_SUFFIXES, KeySource, all_finite, drop_wrappers, is_clip, model_family, patcher_of,
-                      storage_dtype)
+                      set_weights, storage_dtype)
 
 log = logging.getLogger("MergeLab")
 
@@ -47,9 +47,22 @@ class MergeOptions:
     progress: Optional[Callable[[int, int], None]] = None
 
 
+DEVICES = ("auto", "cpu", "gpu")
+COMPUTE_DTYPES = ("fp32", "fp64")
+ON_MISMATCH = ("error", "skip")
+
+
+def check_choice(what: str, value: Any, options: Sequence[str]) -> None:
+    """A combo value from an API prompt is not checked by ComfyUI (V3 combos): a typo must not silently
+    mean the default."""
+    if value not in options:
+        raise MergeError(f"{what} must be one of {', '.join(options)}, got {value!r}")
+
+
 def compute_device(choice: str) -> torch.device:
     import comfy.model_management as mm
 
+    check_choice("device", choice, DEVICES)
     if choice == "cpu":
         return torch.device("cpu")
     dev = mm.get_torch_device()
@@ -155,6 +168,8 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     """Merge ``inputs`` (and ``base``) with ``method``; returns a patched clone of the base (or of
     the first input when no base is given).  Works for MODEL patchers and CLIP objects alike."""
     spec = method.spec
+    check_choice("compute_dtype", options.compute_dtype, COMPUTE_DTYPES)
+    check_choice("on_mismatch", options.on_mismatch, ON_MISMATCH)
     if len(inputs) < spec.min_models or (spec.max_models is not None and len(inputs) > spec.max_models):
         raise MergeError(f"merge method '{method.name}' takes {spec.models_text()} model(s) besides the base, "
                          f"got {len(inputs)}")
@@ -172,6 +187,8 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
         for p in spec.per_model_params:
             if p.name in inp.params:
                 p.coerce(inp.params[p.name], f"merge method '{method.name}', {name}")
+    # the values as given (no block factors), with the method's rules across parameters, before any key
+    method.check_values(len(inputs), resolve_params(method, inputs, {})[1])
     if len({is_clip(o) for o in objs}) > 1:
         raise MergeError("cannot merge a CLIP with a MODEL")
     check_architectures(objs, names)
@@ -250,7 +267,10 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
                     out = torch.where(sel, out, keep)
             if options.stats is not None:
                 options.stats.add(key, out, b, xs)
-            merged[key] = out.to(device=offload, dtype=storage_dtype(ref_src.dtype(key)))
+            stored = storage_dtype(ref_src.dtype(key))
+            if stored == torch.float16:
+                _check_fits_fp16(key, out)
+            merged[key] = out.to(device=offload, dtype=stored)
             del out, b, xs
             advance(i)
     finally:
@@ -260,6 +280,20 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     result = _patched_clone(ref_obj, merged)
     record_merge(result, method, inputs, options, base=base, keys=keys)
     return result
+
+
+_FP16_OVERFLOW = 65520.0         # the smallest magnitude fp16 rounds to inf
+
+
+def _check_fits_fp16(key: str, out: torch.Tensor) -> None:
+    """A result kept in the base's fp16 must not round to ±inf (weights of 10 on large values can get
+    there): an error naming the key instead of a model that is silently broken."""
+    lo, hi = torch.aminmax(out)
+    big = torch.maximum(-lo, hi)
+    if bool(big >= _FP16_OVERFLOW):
+        raise MergeError(f"the merged values of {key} do not fit the base's fp16 (largest |value| "
+                         f"{float(big):.6g}, fp16 holds up to 65504): lower the weights, or merge into a bf16 or "
+                         "fp32 base")
 
 
 def _check_scaled_ranges(bw, method: MergeMethod, inputs: List[MergeInput], keys: List[str]) -> None:
@@ -275,7 +309,7 @@ def _check_scaled_ranges(bw, method: MergeMethod, inputs: List[MergeInput], keys
         seen.add(sig)
         try:
             m, per_model = resolve_params(method, inputs, factors)
-            m.per_model_values(len(inputs), per_model)
+            m.check_values(len(inputs), per_model)
         except (MergeError, ValueError) as e:
             scaled = ", ".join(f"{p} × {', '.join(f'{x:g}' for x in v)}" for p, v in factors.items())
             raise MergeError(f"block weights take a parameter out of its range in block '{block_of(key)}' "
@@ -304,8 +338,7 @@ def _patched_clone(obj, merged: Dict[str, torch.Tensor]):
 
     clone = obj.clone()
     mp = patcher_of(clone)
-    for key, t in merged.items():
-        mp.patches[key] = [(1.0, ("set", (t,)), 1.0, None, None)]
+    set_weights(mp, merged)
     drop_wrappers(mp, merged)        # the merged values include the reference's weight wrappers too
     mp.patches_uuid = uuid.uuid4()
     return clone

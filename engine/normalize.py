@@ -416,7 +416,7 @@ def normalize_model(model_a, model_b, mode: str = "attn_only", strength: float =
     import comfy.model_management as mm
 
     from .merge import compute_device, plan_keys
-    from .weights import KeySource, drop_wrappers, is_clip, model_family, patcher_of, storage_dtype
+    from .weights import KeySource, drop_wrappers, is_clip, model_family, patcher_of, set_weights, storage_dtype
 
     for obj, name in ((model_a, "model_a"), (model_b, "model_b")):
         if obj is None or is_clip(obj) or not hasattr(obj, "get_key_patches"):
@@ -461,8 +461,7 @@ def normalize_model(model_a, model_b, mode: str = "attn_only", strength: float =
     clone = model_a.clone()
     mp = patcher_of(clone)
     drop_wrappers(mp, full)
-    for key, t in full.items():
-        mp.patches[key] = [(1.0, ("set", (t,)), 1.0, None, None)]
+    set_weights(mp, full)
     for key, pieces in partial.items():
         lst = list(mp.patches.get(key, []))
         for start, length, t in pieces:

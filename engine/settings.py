@@ -48,7 +48,7 @@ def _model_features(mp, own: bool) -> List[str]:
         except Exception:
             pass
     for key, value in sorted(mp.object_patches.items()):
-        if key != "model_sampling":
+        if key != "model_sampling" and key not in mp.patches:      # not a merged weight (set_weights)
             feats.append(f"object patch {key} ({_name_of(value)})")
     options = {k: v for k, v in (mp.model_options or {}).items() if k != RECIPE_KEY}
     feats += [f"sampling option {path} ({what})" for path, what in _walk(options, "")]

@@ -142,6 +142,36 @@ def _tensor_device(f) -> Optional[torch.device]:
     return None
 
 
+def set_weights(patcher, values: Dict[str, torch.Tensor]) -> None:
+    """Give ``patcher`` (a clone) ``values`` as ``set`` patches, replacing the keys' earlier patches.  ComfyUI
+    applies patches only to parameters of modules without parameters of their own below them: a buffer, or
+    a parameter such as WAN's ``blocks.N.modulation`` or SD3's ``pos_embed``, would keep its stored value
+    when the model runs.  Those keys also get the value as an object patch, which ComfyUI swaps in while
+    the model is loaded (and back out after); the ``set`` patch stays, for readers of the patches."""
+    for key, t in values.items():
+        patcher.patches[key] = [(1.0, ("set", (t,)), 1.0, None, None)]
+        kind = _unpatched_kind(patcher.model, key)
+        if kind == "parameter":
+            patcher.add_object_patch(key, torch.nn.Parameter(t, requires_grad=False))
+        elif kind == "buffer":
+            patcher.add_object_patch(key, t)
+
+
+def _unpatched_kind(model, key: str) -> Optional[str]:
+    """'parameter' / 'buffer' for a key ComfyUI's loader leaves unpatched, else None."""
+    path, _, name = key.rpartition(".")
+    try:
+        module = model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+    if name in getattr(module, "_buffers", {}):
+        return "buffer"
+    if name in getattr(module, "_parameters", {}):
+        below = any(next(c.parameters(), None) is not None for c in module.children())
+        return "parameter" if below else None
+    return None
+
+
 def drop_wrappers(patcher, keys) -> None:
     """Remove the weight wrappers of ``keys`` from ``patcher`` (a clone whose ``set`` patches on those keys
     already hold the wrapped values); the dict is replaced, never changed, as clones share it."""

@@ -590,6 +590,11 @@ _SMALL_UNET: Dict[str, Dict[str, Any]] = {
                  vec_in_dim=_CLIP_L_SMALL["hidden_size"]),
 }
 _SMALL_UNET["FluxSchnell"] = dict(_SMALL_UNET["Flux"], guidance_embed=False)
+# MODEL only (no small CLIP, not offered by the loader node): architectures with parameters that ComfyUI's
+# loader does not patch (WAN's blocks.N.modulation, SD3's pos_embed)
+_SMALL_UNET["WAN21_T2V"] = dict(_WAN, dim=32, num_heads=2, ffn_dim=64, num_layers=2, freq_dim=32, text_dim=32)
+_SMALL_UNET["SD3"] = dict(_SD3, depth=2, context_embedder_config=_SD3_CTX(128), num_patches=256,
+                          pos_embed_max_size=16, adm_in_channels=64)
 _SMALL_CLIP_OPTIONS: Dict[str, Dict[str, Any]] = {
     "SD15": {"clip_l_model_config": _CLIP_L_SMALL},
     "SDXL": {"clip_l_model_config": _CLIP_L_SMALL, "clip_g_model_config": _CLIP_G_SMALL},

@@ -188,3 +188,53 @@ def test_clip_settings_the_result_does_not_keep_are_named(harness, case, caplog)
         assert r.captured["merge"].layer_idx == -2
     else:
         assert len(shown) == 1 and shown[0].startswith("warning: " + expect), shown
+
+
+class AnyArchModel:
+    """A small MODEL of any architecture of :mod:`mergelab.fixtures` (delta_seed 0: the base)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"arch": ("STRING", {"default": "SD15"}), "delta_seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "go"
+    CATEGORY = "testing"
+
+    def go(self, arch, delta_seed):
+        from mergelab import fixtures
+        return (fixtures.small_model(arch, delta_seed=delta_seed or None, delta_scale=0.5 if delta_seed else 0.0),)
+
+
+@pytest.mark.parametrize("arch,key", [("WAN21_T2V", "diffusion_model.blocks.0.modulation"),
+                                      ("SD3", "diffusion_model.pos_embed")])
+def test_merged_parameters_comfyui_does_not_patch_are_used_when_the_model_runs(harness, arch, key):
+    """ComfyUI's loader patches only parameters of modules without parameters below them, and no buffers:
+    WAN's blocks.N.modulation (a parameter) and SD3's pos_embed (a buffer) kept the base's value in the
+    loaded model (while a saved file held the merged one).  Loaded for sampling, the merged model now holds the merged values; loading the
+    base afterwards gives the base's back (the shared module is not changed for good)."""
+    import comfy.model_management as mm
+    harness.register_test_node("MergeLabTest_AnyArchModel", AnyArchModel)
+    g = {"a": {"class_type": "MergeLabTest_AnyArchModel", "inputs": {"arch": arch, "delta_seed": 0}},
+         "b": {"class_type": "MergeLabTest_AnyArchModel", "inputs": {"arch": arch, "delta_seed": 5}},
+         "ca": cap("a", "a"), "cb": cap("b", "b")}
+    g.update(weighted_sum("merge", "a", "b", 0.25))
+    r = harness.run_ok(harness.with_defaults(g))
+    a, b, merged = r.captured["a"], r.captured["b"], r.captured["merge"]
+    KeySource = pack(harness, "engine.weights").KeySource
+    cpu = torch.device("cpu")
+    want = 0.25 * KeySource.of(a).read(key, cpu) + 0.75 * KeySource.of(b).read(key, cpu)
+    base_value = KeySource.of(a).read(key, cpu)
+    assert not torch.allclose(want, base_value)
+    leaf = next(k for k in merged.patches if k.endswith(".weight") and k != key)
+
+    def live(patcher, k):
+        mm.load_models_gpu([patcher], force_full_load=True)
+        path, name = k.rsplit(".", 1)
+        return getattr(patcher.model.get_submodule(path), name).detach().float().clone()    # parameter or buffer
+
+    torch.testing.assert_close(live(merged, key), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(live(merged, leaf), KeySource.of(merged).read(leaf, cpu), rtol=0, atol=0)
+    torch.testing.assert_close(live(a, key), base_value, rtol=0, atol=0)
+    torch.testing.assert_close(live(merged, key), want, rtol=0, atol=1e-6)
+    mm.unload_all_models()
