@@ -781,6 +781,9 @@ def parse_rules(text: str) -> Tuple[Rule, ...]:
     return tuple(rules)
 
 
+MAX_MODELS = 64         # the most models a merger takes (a chain of Merge Input nodes)
+
+
 def parse_models(text: Any) -> Optional[Tuple[int, ...]]:
     """``"all"`` / ``""`` -> None (every model); ``"1,3"`` / ``"2-4"`` -> 1-based model indices."""
     if text is None:
@@ -800,6 +803,8 @@ def parse_models(text: Any) -> Optional[Tuple[int, ...]]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if lo < 1 or hi < lo:
             raise ValueError(f"models: {it!r}: model numbers start at 1 and ranges go up")
+        if hi > MAX_MODELS:
+            raise ValueError(f"models: {it!r}: a merger takes at most {MAX_MODELS} models")
         out.extend(range(lo, hi + 1))
     return tuple(sorted(set(out)))
 

@@ -114,8 +114,15 @@ def make_arch_node(arch: str) -> type:
                                              models=models, label=f"{arch} blocks")
         return io.NodeOutput(_with(bw, combine_with))
 
+    def validate(cls, models=None, **kw):
+        try:
+            blocks.parse_models(models if models is not None else "all")
+        except ValueError as e:
+            return str(e)
+        return True
+
     return _node(f"MergeLabBlockWeights_{arch}", define_schema, execute,
-                 f"Block-weights node for {title} (generated from the block table).")
+                 f"Block-weights node for {title} (generated from the block table).", validate)
 
 
 # ---------------------------------------------------------------------------------------------

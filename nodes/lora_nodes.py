@@ -14,6 +14,7 @@ from ..engine.lora import LoraError, apply_lora, stack_loras
 from ..engine.lora_io import KEY_FORMATS, SAVE_DTYPES, kohya_unnamed, left_out_text, load_lora_file, save_lora
 from ..engine.lora_ops import ExtractOptions, LoraMergeInput, extract_lora, merge_loras, resize_lora
 from ..engine.lora_svd import RANK_MODES, SVD_METHODS, RankError, RankSpec, SVDOptions
+from ..engine.merge import DEVICES
 from .comfy_api_compat import io
 from .types import BlockWeightsType, LoraType, MergeMethodType
 from .widgets import widget_input
@@ -60,8 +61,20 @@ def _rank_spec(rank_mode, rank, rank_param) -> RankSpec:
         _fail(e)
 
 
+def _validate_rank(cls, rank_mode=None, rank=None, rank_param=None, **kw):
+    """At validation, before anything upstream runs: rank_param's valid range depends on rank_mode (the
+    default 0.9 is no ratio for sv_ratio)."""
+    if rank_mode is None or rank is None or rank_param is None:     # linked: checked when it runs
+        return True
+    try:
+        RankSpec(rank_mode, int(rank), float(rank_param))
+    except (RankError, ValueError, TypeError) as e:
+        return str(e)
+    return True
+
+
 def _device_input():
-    return io.Combo.Input("device", options=["auto", "cpu", "gpu"], default="auto",
+    return io.Combo.Input("device", options=list(DEVICES), default="auto",
                           tooltip="Where the math runs: auto = ComfyUI's device (the GPU when there is one). "
                                   "Results are always kept on the CPU.")
 
@@ -240,6 +253,8 @@ class MergeLorasNode(io.ComfyNode):
                      io.String.Output(display_name="report", tooltip="Per-layer ranks and errors.")],
         )
 
+    validate_inputs = classmethod(_validate_rank)
+
     @classmethod
     def execute(cls, method, loras, rank_mode, rank, rank_param, seed, clamp_quantile, device):
         spec = _rank_spec(rank_mode, rank, rank_param)
@@ -291,6 +306,8 @@ class ExtractLoraNode(io.ComfyNode):
                      io.String.Output(display_name="report", tooltip="Per-layer ranks and relative errors.")],
         )
 
+    validate_inputs = classmethod(_validate_rank)
+
     @classmethod
     def execute(cls, rank_mode, rank, rank_param, svd, oversample, power_iterations, seed, clamp_quantile,
                 bias_diff, conv, min_diff, device, tuned_model=None, base_model=None, tuned_clip=None,
@@ -323,6 +340,8 @@ class ResizeLoraNode(io.ComfyNode):
             outputs=[LoraType.Output(display_name="LORA"),
                      io.String.Output(display_name="report", tooltip="Per-layer ranks and relative errors.")],
         )
+
+    validate_inputs = classmethod(_validate_rank)
 
     @classmethod
     def execute(cls, lora, rank_mode, rank, rank_param, clamp_quantile, device):

@@ -13,6 +13,7 @@ import torch
 
 from ..engine import masks as M
 from ..engine import normalize as N
+from ..engine.merge import DEVICES
 from ..merge_methods import MergeError
 from .comfy_api_compat import io
 from .types import ModelMaskType
@@ -24,7 +25,7 @@ _DEVICE_TIP = "Where the math runs: auto = ComfyUI's device (the GPU when there 
 
 
 def _device_input():
-    return io.Combo.Input("device", options=["auto", "cpu", "gpu"], default="auto", tooltip=_DEVICE_TIP)
+    return io.Combo.Input("device", options=list(DEVICES), default="auto", tooltip=_DEVICE_TIP)
 
 
 def _mask_output():

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from .. import merge_methods
-from ..engine.blocks import block_of
-from ..engine.merge import MergeInput, MergeOptions, merge_models
+from ..engine.blocks import MAX_MODELS, block_of
+from ..engine.merge import COMPUTE_DTYPES, DEVICES, ON_MISMATCH, MergeInput, MergeOptions, merge_models
 from ..engine.report import MergeStats
 from ..merge_methods import MergeError
 from .comfy_api_compat import io
@@ -19,7 +19,6 @@ from .types import BlockWeightsType, MergeMethodType, ModelListType, ModelMaskTy
 from .widgets import widget_input
 
 CATEGORY = "MergeLab/merge"
-MAX_MODELS = 64
 
 
 def per_model_params():
@@ -71,12 +70,12 @@ def _common_inputs(kind: str) -> List[Any]:
         ModelListType.Input("models", tooltip="The models to merge, from a chain of Merge Input nodes."),
         io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                      tooltip="Seed of the random methods (DARE, DELLA, ...); masks are seeded per key."),
-        io.Combo.Input("device", options=["auto", "cpu", "gpu"], default="auto",
+        io.Combo.Input("device", options=list(DEVICES), default="auto",
                        tooltip="Where the math runs: auto = ComfyUI's device (the GPU when there is one)."),
-        io.Combo.Input("compute_dtype", options=["fp32", "fp64"], default="fp32",
+        io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="fp32",
                        tooltip="Precision of the math: fp32, or fp64 (slower; every method then computes in "
                                "fp64). Results are rounded once to the base's dtype (bf16 for an fp8 base)."),
-        io.Combo.Input("on_mismatch", options=["error", "skip"], default="error",
+        io.Combo.Input("on_mismatch", options=list(ON_MISMATCH), default="error",
                        tooltip="Keys missing from a model or with another shape: stop with a list of them, or "
                                "skip them (they keep the base, or model 1 without a base) with one warning."),
         BlockWeightsType.Input("block_weights", optional=True,

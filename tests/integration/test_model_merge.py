@@ -166,9 +166,12 @@ def test_same_seed_is_bit_identical_and_seed_matters(harness):
     assert not torch.equal(effective(a, key, harness), effective(c, key, harness))
 
 
-def test_weighted_sum_equals_modelmergesimple(harness):
-    """Our weighted_sum reproduces ComfyUI's ModelMergeSimple (ratio = weight of model 1), fp16 models."""
-    g = merge_graph("SD15", "MergeLab_Method_weighted_sum", {"ratio": 0.3}, 2, False, dtype="fp16")
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_weighted_sum_equals_modelmergesimple(harness, dtype):
+    """Our weighted_sum reproduces ComfyUI's ModelMergeSimple (ratio = weight of model 1) bit for bit once
+    rounded to the models' dtype, as ComfyUI stores it when it patches the weights (it used torch.lerp,
+    an ulp off in about 0.2 % of the values)."""
+    g = merge_graph("SD15", "MergeLab_Method_weighted_sum", {"ratio": 0.3}, 2, False, dtype=dtype)
     g["core"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["m0", 0], "model2": ["m1", 0], "ratio": 0.3}}
     g["cap_core"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["core", 0], "name": "core"}}
     res = harness.run_ok(g)
@@ -178,9 +181,10 @@ def test_weighted_sum_equals_modelmergesimple(harness):
         a = effective(ours, key, harness)
         b = effective(core, key, harness)
         assert a.dtype == b.dtype == torch.float32
-        # ours is rounded to the base's fp16; ComfyUI's is computed in fp32 from the fp16 inputs
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=key)
-        assert torch.equal(a.half().float(), a)
+        # ours is kept in the models' dtype; ComfyUI's is computed in fp32 and rounded when it is patched in
+        stored = torch.float16 if dtype == "fp16" else torch.bfloat16
+        assert torch.equal(a.to(stored).float(), a)
+        assert torch.equal(a, b.to(stored).float()), key
 
 
 @pytest.mark.parametrize("base_dtype,model_dtype", [("fp8_e4m3fn", "fp8_e4m3fn"), ("fp32", "fp8_e4m3fn")])
@@ -703,3 +707,28 @@ def test_report_with_an_all_zero_side(harness):
     assert "inf" in text and "nan" in text
     img = stats.image()
     assert img.shape[0] == 1 and img.shape[-1] == 3 and torch.isfinite(img).all()
+
+
+def test_fp16_overflow_and_non_finite_inputs_are_errors_that_name_the_key_and_model(harness):
+    """Finite fp16 inputs whose merge does not fit fp16 (40000 + 40000 with linear, normalize off): an error
+    naming the key, not a model holding inf.  A NaN in model 2: the message says 'model 2', as the nodes
+    number the models (it said [1])."""
+    eng, mm = pack(harness, "engine.merge"), pack(harness, "merge_methods")
+    key = "diffusion_model.output_blocks.3.1.proj_out.weight"
+    big = [fixtures._build_small_model("SD15", 0, torch.float16, i + 1, DELTA) for i in range(2)]
+    with torch.no_grad():
+        for m in big:
+            m.model.state_dict()[key].view(-1)[:3] = 40000.0
+    linear = mm.create("linear", normalize=False)
+    # (without a base the method returns model 1's fp16 already: its largest value shows as inf)
+    with pytest.raises(mm.MergeError, match=r"merged values of " + re.escape(key) + r" do not fit the base's fp16 "
+                                            r"\(largest \|value\| (80000|inf)"):
+        eng.merge_models(None, [eng.MergeInput(m) for m in big], linear, eng.MergeOptions())
+    # at half the weight it fits, and is exact
+    out = eng.merge_models(None, [eng.MergeInput(m, {"weight": 0.5}) for m in big], linear, eng.MergeOptions())
+    got = pack(harness, "engine.weights").KeySource.of(out).read(key, torch.device("cpu"))
+    assert torch.isfinite(got).all() and float(got.view(-1)[0]) == 40000.0
+    with torch.no_grad():
+        big[1].model.state_dict()[key].view(-1)[5] = float("nan")
+    with pytest.raises(mm.MergeError, match=re.escape(key) + "': model 2 contains NaN or Inf"):
+        eng.merge_models(None, [eng.MergeInput(m, {"weight": 0.5}) for m in big], linear, eng.MergeOptions())
