@@ -403,6 +403,8 @@ def _join_slices(shape: Tuple[int, ...], parts: List[Tuple[LayerKey, LoraLayer]]
         same = len(scales) == 1
         total = sum(l.rank for _, l in parts)
         dtype = parts[0][1].up.dtype
+        for _, l in parts:              # the widest of the parts' dtypes (a stack may mix fp16 and fp32)
+            dtype = torch.promote_types(torch.promote_types(dtype, l.up.dtype), l.down.dtype)
         up = torch.zeros(shape[0], total, dtype=torch.float32)
         downs, col = [], 0
         for k, l in parts:

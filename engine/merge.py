@@ -268,7 +268,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
             if options.stats is not None:
                 options.stats.add(key, out, b, xs)
             stored = storage_dtype(ref_src.dtype(key))
-            if stored == torch.float16:
+            if stored == torch.float16 and out.numel():
                 _check_fits_fp16(key, out)
             merged[key] = out.to(device=offload, dtype=stored)
             del out, b, xs

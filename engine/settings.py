@@ -48,7 +48,7 @@ def _model_features(mp, own: bool) -> List[str]:
         except Exception:
             pass
     for key, value in sorted(mp.object_patches.items()):
-        if key != "model_sampling" and key not in mp.patches:      # not a merged weight (set_weights)
+        if key != "model_sampling":
             feats.append(f"object patch {key} ({_name_of(value)})")
     options = {k: v for k, v in (mp.model_options or {}).items() if k != RECIPE_KEY}
     feats += [f"sampling option {path} ({what})" for path, what in _walk(options, "")]
@@ -84,15 +84,21 @@ def _sampling_text(ms) -> str:
     return type(ms).__name__ + (f" ({', '.join(figures)})" if figures else "")
 
 
-def _walk(value, path: str) -> Iterable[Tuple[str, str]]:
+def _walk(value, path: str, seen=None) -> Iterable[Tuple[str, str]]:
     """(path, what) for every function, object or plain value in ``model_options`` (nested dicts and
-    lists); callables are named by their qualified name, since clones hold deep copies of them."""
+    lists, each container once: deep copies keep cycles); callables are named by their qualified name,
+    since clones hold deep copies of them."""
+    if isinstance(value, (dict, list, tuple)):
+        seen = set() if seen is None else seen
+        if id(value) in seen:
+            return
+        seen.add(id(value))
     if isinstance(value, dict):
         for k in sorted(value, key=str):
-            yield from _walk(value[k], f"{path}.{k}" if path else str(k))
+            yield from _walk(value[k], f"{path}.{k}" if path else str(k), seen)
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _walk(v, path)
+            yield from _walk(v, path, seen)
     elif value is not None:
         yield path, _name_of(value)
 

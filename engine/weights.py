@@ -144,17 +144,36 @@ def _tensor_device(f) -> Optional[torch.device]:
 
 def set_weights(patcher, values: Dict[str, torch.Tensor]) -> None:
     """Give ``patcher`` (a clone) ``values`` as ``set`` patches, replacing the keys' earlier patches.  ComfyUI
-    applies patches only to parameters of modules without parameters of their own below them: a buffer, or
-    a parameter such as WAN's ``blocks.N.modulation`` or SD3's ``pos_embed``, would keep its stored value
-    when the model runs.  Those keys also get the value as an object patch, which ComfyUI swaps in while
-    the model is loaded (and back out after); the ``set`` patch stays, for readers of the patches."""
+    applies patches only to parameters of modules without parameters below them: a buffer, or a parameter
+    such as WAN's ``blocks.N.modulation`` or SD3's ``pos_embed``, would keep its stored value when the model
+    runs.  For those keys a load callback patches the weight in place the way ComfyUI patches the others
+    (``patch_weight_to_device``: the stored value goes to the patcher's backup, where other readers of the
+    shared module find it, and is copied back when the model is unloaded)."""
+    unpatched = []
     for key, t in values.items():
         patcher.patches[key] = [(1.0, ("set", (t,)), 1.0, None, None)]
-        kind = _unpatched_kind(patcher.model, key)
-        if kind == "parameter":
-            patcher.add_object_patch(key, torch.nn.Parameter(t, requires_grad=False))
-        elif kind == "buffer":
-            patcher.add_object_patch(key, t)
+        if _unpatched_kind(patcher.model, key) is not None:
+            unpatched.append(key)
+    if unpatched:
+        _patch_on_load(patcher, unpatched)
+
+
+_ON_LOAD_KEY = "mergelab_unpatched_weights"
+
+
+def _patch_on_load(patcher, keys: List[str]) -> None:
+    from comfy.patcher_extension import CallbacksMP
+    earlier = [k for cb in patcher.callbacks.get(CallbacksMP.ON_LOAD, {}).get(_ON_LOAD_KEY, [])
+               for k in getattr(cb, "keys", ())]
+    keys = list(dict.fromkeys(earlier + list(keys)))
+
+    def patch_weights(mp, *args, **kwargs):
+        for key in keys:
+            if key in mp.patches and key not in mp.backup:
+                mp.patch_weight_to_device(key, device_to=None, inplace_update=True)
+    patch_weights.keys = tuple(keys)
+    patcher.remove_callbacks_with_key(CallbacksMP.ON_LOAD, _ON_LOAD_KEY)
+    patcher.add_callback_with_key(CallbacksMP.ON_LOAD, _ON_LOAD_KEY, patch_weights)
 
 
 def _unpatched_kind(model, key: str) -> Optional[str]:

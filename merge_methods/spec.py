@@ -289,10 +289,10 @@ class MergeMethod:
         ref = base if base is not None else models[0]
         for i, m in enumerate(models):
             if not isinstance(m, torch.Tensor):
-                raise MergeError(f"{where}: model {i} is not a tensor ({type(m).__name__})")
+                raise MergeError(f"{where}: model {i + 1} is not a tensor ({type(m).__name__})")
             if m.shape != ref.shape:
-                raise MergeError(f"{where}: shape mismatch: model {i} has shape {tuple(m.shape)}, "
-                                 f"{'base' if base is not None else 'model 0'} has {tuple(ref.shape)}")
+                raise MergeError(f"{where}: shape mismatch: model {i + 1} has shape {tuple(m.shape)}, "
+                                 f"{'base' if base is not None else 'model 1'} has {tuple(ref.shape)}")
         pm = self.per_model_values(n, per_model_params, where)
         glob = {p.name: self.get(p.name) for p in spec.global_params}
         if spec.check is not None:

@@ -234,7 +234,30 @@ def test_merged_parameters_comfyui_does_not_patch_are_used_when_the_model_runs(h
         return getattr(patcher.model.get_submodule(path), name).detach().float().clone()    # parameter or buffer
 
     torch.testing.assert_close(live(merged, key), want, rtol=0, atol=1e-6)
+    # while the merged model is loaded, the shared module holds its values: readers of the base still get
+    # the base's (a second merge, a save), and the merged model's patches still read as the merged values
+    torch.testing.assert_close(KeySource.of(a).read(key, cpu), base_value, rtol=0, atol=0)
+    torch.testing.assert_close(KeySource.of(merged).read(key, cpu), want, rtol=0, atol=1e-6)
     torch.testing.assert_close(live(merged, leaf), KeySource.of(merged).read(leaf, cpu), rtol=0, atol=0)
     torch.testing.assert_close(live(a, key), base_value, rtol=0, atol=0)
     torch.testing.assert_close(live(merged, key), want, rtol=0, atol=1e-6)
+    # a LoRA-style patch on top of the merged model is applied to such a key too (ComfyUI alone skips it)
+    on_top = merged.clone()
+    on_top.add_patches({key: ("diff", (torch.ones_like(want),))}, 1.0)
+    torch.testing.assert_close(live(on_top, key), want + 1, rtol=0, atol=1e-5)
     mm.unload_all_models()
+    torch.testing.assert_close(getattr(a.model.get_submodule(key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1]).float(),
+                               base_value, rtol=0, atol=0)
+
+
+def test_settings_of_an_input_with_a_cyclic_model_options_are_listed_once(harness):
+    """model_options that contain themselves (deep copies keep such cycles) do not stop the merge."""
+    from mergelab import fixtures
+    eng, mm = pack(harness, "engine.merge"), pack(harness, "merge_methods")
+    base, x = fixtures.small_model("SD15"), fixtures.small_model("SD15", delta_seed=1, delta_scale=0.02).clone()
+    x.model_options["loop"] = {"again": None}
+    x.model_options["loop"]["again"] = x.model_options["loop"]
+    stats = pack(harness, "engine.report").MergeStats(lambda k: "all", ["model 1"], has_base=True)
+    eng.merge_models(base, [eng.MergeInput(x, name="model 1")], mm.create("task_arithmetic"),
+                     eng.MergeOptions(stats=stats))
+    assert stats.notes == []          # a container with nothing but itself holds no setting

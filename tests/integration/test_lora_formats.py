@@ -391,3 +391,25 @@ def test_split_flux_qkv_is_written_as_one_layer_of_the_fused_weight(harness, tmp
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
     if parts == "gap_and_alphas":       # the k rows of qkv: nothing there
         assert float(want[qkv][hidden:2 * hidden].abs().max()) == 0.0
+
+
+def test_joined_slices_keep_the_widest_dtype_of_their_parts(harness):
+    """Slices of one weight in fp16 and fp32 (a stack of two LoRAs, say): the joined layer is not rounded to
+    the first part's fp16, so an fp32 file holds exactly the sum of the slices' ΔW."""
+    lm, lio = pack(harness, "engine.lora"), pack(harness, "engine.lora_io")
+    g = torch.Generator().manual_seed(3)
+    w = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    shape = (12, 8)
+    parts = {}
+    for i, dtype in enumerate((torch.float16, torch.float32)):
+        up, down = torch.randn(4, 2, generator=g), torch.randn(2, 8, generator=g)
+        parts[(w, (0, 4 * i, 4))] = lm.LoraLayer("lora", (4, 8), up=up.to(dtype), down=down.to(dtype), alpha=1.0)
+    lora = lm.Lora.make(parts, {w: "lora_unet_double_blocks_0_img_attn_qkv"}, {}, {"name": "mixed"}, {w: shape})
+    sd = lio.lora_state_dict(lora, "kohya", torch.float32)
+    up, down = sd["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"], sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    alpha = float(sd["lora_unet_double_blocks_0_img_attn_qkv.alpha"])
+    got = (up @ down) * (alpha / up.shape[1])
+    want = torch.zeros(shape)
+    for (k, (_, start, size)), layer in parts.items():
+        want[start:start + size] += layer.delta(dtype=torch.float32)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -732,3 +732,16 @@ def test_fp16_overflow_and_non_finite_inputs_are_errors_that_name_the_key_and_mo
         big[1].model.state_dict()[key].view(-1)[5] = float("nan")
     with pytest.raises(mm.MergeError, match=re.escape(key) + "': model 2 contains NaN or Inf"):
         eng.merge_models(None, [eng.MergeInput(m, {"weight": 0.5}) for m in big], linear, eng.MergeOptions())
+
+
+def test_fp16_models_with_an_empty_parameter_merge(harness):
+    """A zero-element weight in an fp16 model: the fp16 range check skips it (aminmax has nothing to
+    reduce) and the merge goes through."""
+    eng, mm = pack(harness, "engine.merge"), pack(harness, "merge_methods")
+    ms = [fixtures._build_small_model("SD15", 0, torch.float16, i + 1, DELTA) for i in range(2)]
+    for m in ms:
+        m.model.diffusion_model.out[2].register_parameter(
+            "empty", torch.nn.Parameter(torch.empty(0, dtype=torch.float16), requires_grad=False))
+    out = eng.merge_models(None, [eng.MergeInput(m) for m in ms], mm.create("weighted_sum", ratio=0.5),
+                           eng.MergeOptions(device="cpu"))
+    assert out.patches["diffusion_model.out.2.empty"][-1][1][1][0].shape == (0,)
