@@ -19,8 +19,8 @@ from ..merge_methods import MergeError, MergeMethod, key_seed
 from .lora import (Lora, LoraError, LoraLayer, LayerKey, arch_of, base_key, key_text, merge_arch)
 from .precision import full_fp32_matmul
 from .weights import CLIP_OPTIONAL_SUFFIXES
-from .lora_svd import (RankSpec, SVDOptions, as_matrix, factorize, factorize_product,
-                       single_thread_if_small)
+from .lora_svd import (RankError, RankSpec, SVDOptions, as_matrix, check_clamp_quantile, factorize,
+                       factorize_product, single_thread_if_small)
 
 log = logging.getLogger("MergeLab")
 
@@ -185,8 +185,10 @@ def extract_lora(tuned_model=None, base_model=None, tuned_clip=None, base_clip=N
         pairs.append(("CLIP", tuned_clip, base_clip))
     if not pairs:
         raise LoraError("nothing to extract: connect a tuned and a base MODEL and/or CLIP")
-    if opts.clamp_quantile is not None and not (0 < opts.clamp_quantile <= 1):
-        raise LoraError(f"clamp quantile must be in (0, 1] (1 = off), got {opts.clamp_quantile}")
+    try:
+        check_clamp_quantile(opts.clamp_quantile)
+    except RankError as e:
+        raise LoraError(str(e)) from None
 
     plans = []
     for what, tuned, base in pairs:
@@ -232,8 +234,8 @@ def extract_lora(tuned_model=None, base_model=None, tuned_clip=None, base_clip=N
         _release(device)
     elapsed = time.perf_counter() - t0
     if not layers:
-        raise LoraError("the tuned and base models are identical (every difference is at most "
-                        f"{opts.min_diff:g}): there is nothing to extract")
+        raise LoraError(f"the tuned and base models are identical within min_diff ({opts.min_diff:g}): no weight "
+                        "differs by more, so there is nothing to extract (lower min_diff if they do differ)")
 
     # names and architecture
     model_pair = next((p for p in plans if p[0] == "MODEL"), None)
@@ -317,6 +319,10 @@ def resize_lora(lora: Lora, spec: RankSpec, device: str = "auto", clamp_quantile
     """The LoRA at a new rank, keeping its effective strength: each layer's ``scale·up@down`` is
     re-factorized exactly (QR of the factors + SVD of the small core) and truncated; the new alpha is
     ``old scale × new rank`` so alpha/rank, and so the strength, stay the same."""
+    try:
+        check_clamp_quantile(clamp_quantile)
+    except RankError as e:
+        raise LoraError(str(e)) from None
     if not lora.layers:
         raise LoraError(f"LoRA '{lora.name}' has no layers")
     # refused only when it would change nothing: LoRA layers (which keep a rank at or below the target)
@@ -480,6 +486,10 @@ def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: Ran
     Methods linear in the models (linear, task_arithmetic, passthrough, weighted_sum) are computed
     exactly on the factors: concatenated when the summed rank fits the output rank, else re-factorized by
     an exact SVD of the concatenated factors (no full ΔW needed)."""
+    try:
+        check_clamp_quantile(clamp_quantile)
+    except RankError as e:
+        raise LoraError(str(e)) from None
     from .merge import MergeInput, resolve_params
 
     inputs = list(inputs)
@@ -573,10 +583,13 @@ def _whole_weight_groups(inputs, keys: List[LayerKey], shapes: Dict[LayerKey, Tu
     for k in keys:
         per_weight.setdefault(base_key(k), []).append(k)
     whole: Dict[str, Dict[int, List[LayerKey]]] = {}
+    shapes = dict(shapes)
     for w, ks in per_weight.items():
         forms = {frozenset(k for k in ks if k in i.lora.layers) for i in inputs} - {frozenset()}
         if len(forms) <= 1:
             continue
+        if w not in shapes:     # the whole weight's shape, as a LoRA loaded from a file knows it
+            shapes.update({w: i.lora.whole_shapes[w] for i in inputs if w in i.lora.whole_shapes})
         if w not in shapes:
             raise LoraError(f"the LoRAs address {w} in different slices and none of them covers it whole, so it "
                             "cannot be merged with a non-linear method; use linear, task arithmetic or "

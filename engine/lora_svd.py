@@ -232,6 +232,17 @@ def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> Tuple[torch.Te
     return u * root.unsqueeze(0), vh * root.unsqueeze(1)
 
 
+# kohya's clamp takes the quantile of the signed values: at 0.5 that is about 0 (every factor clamped to ~0),
+# below it often negative (clamp(-hi, hi) then sets every entry to hi).  Only quantiles near 1 are a clamp.
+CLAMP_QUANTILE_MIN = 0.9
+
+
+def check_clamp_quantile(q: Optional[float]) -> None:
+    if q is not None and not (CLAMP_QUANTILE_MIN <= q <= 1):
+        raise RankError(f"clamp_quantile must be in [{CLAMP_QUANTILE_MIN:g}, 1] (1 = off; kohya and ComfyUI use "
+                        f"0.99), got {q}: a lower quantile of the signed factors clamps them to about 0")
+
+
 def clamp_factors(up: torch.Tensor, down: torch.Tensor, quantile: float):
     """kohya's clamp: both factors limited to ±(the ``quantile`` of their concatenated values)."""
     hi = exact_quantile(torch.cat([up.reshape(-1), down.reshape(-1)]), quantile)

@@ -269,7 +269,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
                 options.stats.add(key, out, b, xs)
             stored = storage_dtype(ref_src.dtype(key))
             if stored == torch.float16 and out.numel():
-                _check_fits_fp16(key, out)
+                check_fits_fp16(key, out)
             merged[key] = out.to(device=offload, dtype=stored)
             del out, b, xs
             advance(i)
@@ -285,15 +285,14 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
 _FP16_OVERFLOW = 65520.0         # the smallest magnitude fp16 rounds to inf
 
 
-def _check_fits_fp16(key: str, out: torch.Tensor) -> None:
-    """A result kept in the base's fp16 must not round to ±inf (weights of 10 on large values can get
+def check_fits_fp16(key: str, out: torch.Tensor) -> None:
+    """A result kept in the model's fp16 must not round to ±inf (weights of 10 on large values can get
     there): an error naming the key instead of a model that is silently broken."""
     lo, hi = torch.aminmax(out)
     big = torch.maximum(-lo, hi)
     if bool(big >= _FP16_OVERFLOW):
-        raise MergeError(f"the merged values of {key} do not fit the base's fp16 (largest |value| "
-                         f"{float(big):.6g}, fp16 holds up to 65504): lower the weights, or merge into a bf16 or "
-                         "fp32 base")
+        raise MergeError(f"the new values of {key} do not fit the model's fp16 (largest |value| {float(big):.6g}, "
+                         "fp16 holds up to 65504): lower the weights or strength, or use a bf16 or fp32 base")
 
 
 def _check_scaled_ranges(bw, method: MergeMethod, inputs: List[MergeInput], keys: List[str]) -> None:

@@ -415,7 +415,7 @@ def normalize_model(model_a, model_b, mode: str = "attn_only", strength: float =
 
     import comfy.model_management as mm
 
-    from .merge import compute_device, plan_keys
+    from .merge import check_fits_fp16, compute_device, plan_keys
     from .weights import KeySource, drop_wrappers, is_clip, model_family, patcher_of, set_weights, storage_dtype
 
     for obj, name in ((model_a, "model_a"), (model_b, "model_b")):
@@ -439,7 +439,10 @@ def normalize_model(model_a, model_b, mode: str = "attn_only", strength: float =
     partial: Dict[str, List[Tuple[int, int, torch.Tensor]]] = {}
 
     def keep(c: Change) -> None:
-        t = c.tensor.to(device=offload, dtype=storage_dtype(src_a.dtype(c.key)))
+        stored = storage_dtype(src_a.dtype(c.key))
+        if stored == torch.float16 and c.tensor.numel():
+            check_fits_fp16(c.key, c.tensor)
+        t = c.tensor.to(device=offload, dtype=stored)
         if c.full:
             full[c.key] = t
         else:

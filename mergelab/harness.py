@@ -246,8 +246,11 @@ class Harness:
             if listener:
                 self.server.listeners.remove(listener)
         history = getattr(executor, "history_result", None) or {}
-        return RunResult(bool(executor.success), prompt_id, outputs=history.get("outputs", {}),
-                         messages=list(executor.status_messages), captured=dict(_CAPTURED))
+        # outputs that failed validation beside valid ones: ComfyUI runs only the valid ones; a test must
+        # not read that as a success
+        return RunResult(bool(executor.success) and not node_errors, prompt_id, outputs=history.get("outputs", {}),
+                         node_errors=node_errors or {}, messages=list(executor.status_messages),
+                         captured=dict(_CAPTURED))
 
     def run_ok(self, prompt: Dict[str, Any], **kw) -> RunResult:
         """Like :meth:`run` but raises AssertionError with ComfyUI's own messages on failure."""

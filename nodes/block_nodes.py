@@ -114,7 +114,7 @@ def make_arch_node(arch: str) -> type:
                                              models=models, label=f"{arch} blocks")
         return io.NodeOutput(_with(bw, combine_with))
 
-    def validate(cls, models=None, **kw):
+    def validate(cls, models=None):     # naming only 'models': ComfyUI still checks the others' ranges
         try:
             blocks.parse_models(models if models is not None else "all")
         except ValueError as e:
@@ -158,7 +158,7 @@ def _mbw_node() -> type:
                 _param_input(), _models_input(), _combine_input()],
             outputs=[_output()])
 
-    def validate(cls, arch=None, preset=None, mbw=None, models=None, **kw):
+    def validate(cls, arch=None, preset=None, mbw=None, models=None):     # no **kw: see the arch nodes
         if arch is None or preset is None or mbw is None:
             return True
         try:
@@ -197,7 +197,7 @@ def _rules_node() -> type:
                     _param_input(), _models_input(), _combine_input()],
             outputs=[_output()])
 
-    def validate(cls, rules=None, models=None, **kw):
+    def validate(cls, rules=None, models=None):
         if rules is None:
             return True
         try:

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from ..engine.lora import LoraError, apply_lora, stack_loras
 from ..engine.lora_io import KEY_FORMATS, SAVE_DTYPES, kohya_unnamed, left_out_text, load_lora_file, save_lora
 from ..engine.lora_ops import ExtractOptions, LoraMergeInput, extract_lora, merge_loras, resize_lora
-from ..engine.lora_svd import RANK_MODES, SVD_METHODS, RankError, RankSpec, SVDOptions
+from ..engine.lora_svd import CLAMP_QUANTILE_MIN, RANK_MODES, SVD_METHODS, RankError, RankSpec, SVDOptions
 from ..engine.merge import DEVICES
 from .comfy_api_compat import io
 from .types import BlockWeightsType, LoraType, MergeMethodType
@@ -36,6 +36,9 @@ def _fail(e: Exception):
 
 # -- shared widgets ------------------------------------------------------------------------------------
 
+_RANK_PARAM_RANGE = (0.0, 1000.0)
+
+
 def _rank_inputs(default_rank: int = 32, max_rank: int = 4096) -> List[Any]:
     return [
         io.Combo.Input("rank_mode", options=list(RANK_MODES), default="fixed",
@@ -48,7 +51,7 @@ def _rank_inputs(default_rank: int = 32, max_rank: int = 4096) -> List[Any]:
                      tooltip="The rank of every layer (fixed mode) or the maximum rank (other modes). Layers smaller "
                              "than this keep their full rank, which is exact (Resize refuses a rank above every "
                              "layer's when nothing would change: plain LoRA layers only, no clamp)."),
-        io.Float.Input("rank_param", default=0.9, min=0.0, max=1000.0, step=0.01,
+        io.Float.Input("rank_param", default=0.9, min=_RANK_PARAM_RANGE[0], max=_RANK_PARAM_RANGE[1], step=0.01,
                        tooltip="sv_ratio: the ratio ≥ 1 (e.g. 20); sv_fro / sv_cumulative: the fraction in (0, 1] "
                                "(e.g. 0.9). Ignored in fixed mode."),
     ]
@@ -61,13 +64,18 @@ def _rank_spec(rank_mode, rank, rank_param) -> RankSpec:
         _fail(e)
 
 
-def _validate_rank(cls, rank_mode=None, rank=None, rank_param=None, **kw):
+def _validate_rank(cls, rank_mode=None, rank_param=None):
     """At validation, before anything upstream runs: rank_param's valid range depends on rank_mode (the
-    default 0.9 is no ratio for sv_ratio)."""
-    if rank_mode is None or rank is None or rank_param is None:     # linked: checked when it runs
+    default 0.9 is no ratio for sv_ratio).  ComfyUI leaves the inputs a validate_inputs names to it (no
+    min / max / option check of its own): only these two are named, and their widget ranges checked here."""
+    if rank_mode is None or rank_param is None:     # linked: checked when it runs
         return True
     try:
-        RankSpec(rank_mode, int(rank), float(rank_param))
+        p = float(rank_param)
+        lo, hi = _RANK_PARAM_RANGE
+        if not lo <= p <= hi:
+            return f"rank_param {rank_param!r} is outside [{lo:g}, {hi:g}]"
+        RankSpec(rank_mode, 1, p)
     except (RankError, ValueError, TypeError) as e:
         return str(e)
     return True
@@ -80,7 +88,7 @@ def _device_input():
 
 
 def _clamp_input():
-    return io.Float.Input("clamp_quantile", default=1.0, min=0.5, max=1.0, step=0.001,
+    return io.Float.Input("clamp_quantile", default=1.0, min=CLAMP_QUANTILE_MIN, max=1.0, step=0.001,
                           tooltip="kohya's clamp of the factors to ± their quantile (kohya/ComfyUI use 0.99). "
                                   "1 = off (default): clamping only adds error. Exact at any size.")
 

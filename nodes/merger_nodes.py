@@ -80,9 +80,10 @@ def _common_inputs(kind: str) -> List[Any]:
                                "skip them (they keep the base, or model 1 without a base) with one warning."),
         BlockWeightsType.Input("block_weights", optional=True,
                                tooltip="Per-block factors on a parameter (weight, density, t, ...)."),
+    ] + ([] if kind == "clip" else [    # the maskers make masks of a MODEL's keys
         ModelMaskType.Input("mask", optional=True,
                             tooltip="Only selected parameters change; the rest keep the base (or model 1)."),
-    ]
+    ])
 
 
 def run_merge(kind: str, base, method, models, seed, device, compute_dtype, on_mismatch,
@@ -152,10 +153,9 @@ class CLIPMergerNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, method, models, seed, device, compute_dtype, on_mismatch, base=None, block_weights=None,
-                mask=None):
+    def execute(cls, method, models, seed, device, compute_dtype, on_mismatch, base=None, block_weights=None):
         return io.NodeOutput(*run_merge("clip", base, method, models, seed, device, compute_dtype, on_mismatch,
-                                        block_weights, mask))
+                                        block_weights))
 
 
 MERGER_NODES = [MergeInputNode, ModelMergerNode, CLIPMergerNode]

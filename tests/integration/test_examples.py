@@ -454,7 +454,8 @@ def _optimal_error(harness, d, rank):
 
 def test_07_extract_difference_lora(harness, extracted_loras):
     """The extracted LoRA loads with ComfyUI's LoraLoader (every key) and turns the base into the tuned
-    model as well as rank 32 allows (the Eckart–Young optimum, + fp16 rounding of the factors)."""
+    model as well as rank 32 allows (the Eckart–Young optimum, + fp16 rounding of the factors), except the
+    text encoder's embedding tables, which the kohya-format file leaves out."""
     ws = _weights(harness)
     cpu = torch.device("cpu")
     base_m, base_c = fixtures.small_model("SD15"), fixtures.small_clip("SD15")
@@ -472,6 +473,9 @@ def test_07_extract_difference_lora(harness, extracted_loras):
                 if d.dim() < 2:
                     continue
                 got = ls.read(key, cpu) - b
+                if ".embeddings." in key:       # no kohya name: the kohya-format file leaves them out
+                    assert float(got.abs().max()) == 0.0, key
+                    continue
                 err = float((got - d).norm() / d.norm())
                 opt = _optimal_error(harness, d, min(32, d.shape[0], d[0].numel()))
                 assert err <= 1.02 * opt + 2e-3, (key, err, opt)

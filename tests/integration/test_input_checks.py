@@ -73,3 +73,45 @@ def test_rank_param_out_of_its_modes_range_is_refused_at_validation(harness, mod
     res = harness.run(g)
     assert not res.success and res.node_errors
     assert message in res.error_text()
+
+
+def test_range_checks_stay_on_for_nodes_with_their_own_validation(harness):
+    """A validate_inputs that takes **kwargs (or names an input) switches off ComfyUI's own min / max / option
+    checks for those inputs: clamp_quantile 3, oversample -5 or a block factor of 1e6 went through validation.
+    Ours name only the inputs they check, so ComfyUI still checks the rest."""
+    g = {"a": small(1), "b": small(),
+         "x": api_node("MergeLab_ExtractLoRA", tuned_model=["a", 0], base_model=["b", 0], clamp_quantile=3.0,
+                       oversample=-5),
+         "c": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["x", 0], "name": "lora"}}}
+    res = harness.run(g)
+    assert not res.success and res.node_errors
+    text = res.error_text()
+    assert "bigger than max of 1.0" in text and "smaller than min of 0" in text
+    g = merge_graph()
+    g["bw"] = api_node("MergeLab_BlockWeights_SD1", **{"input_blocks.4.": 1e6})
+    g["merge"]["inputs"]["block_weights"] = ["bw", 0]
+    res = harness.run(g)
+    assert not res.success and res.node_errors and "bigger than max" in res.error_text()
+
+
+@pytest.mark.parametrize("q", [0.5, 0.7])
+def test_a_clamp_quantile_that_clamps_everything_is_refused(harness, q):
+    """kohya's clamp takes the quantile of the signed factors: at 0.5 about 0 (every factor clamped to ~0),
+    lower often negative (every entry set to one value).  Refused at validation, and by the engine."""
+    g = {"a": small(1), "b": small(),
+         "x": api_node("MergeLab_ExtractLoRA", tuned_model=["a", 0], base_model=["b", 0], clamp_quantile=q),
+         "c": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["x", 0], "name": "lora"}}}
+    res = harness.run(g)
+    assert not res.success and res.node_errors and "smaller than min of 0.9" in res.error_text()
+    ops = __import__(f"{harness.pack_module_name}.engine.lora_ops", fromlist=["ExtractOptions"])
+    with pytest.raises(ops.LoraError, match=r"clamp_quantile must be in \[0.9, 1\]"):
+        ops.resize_lora(None, None, clamp_quantile=q)
+
+
+def test_the_clip_merger_has_no_mask_input(harness):
+    """Every masker makes a mask of a MODEL's keys, so a mask on the CLIP Merger could only fail ('make the
+    mask from the model you merge', which no node can do): the input is gone."""
+    import nodes
+    clip_inputs = nodes.NODE_CLASS_MAPPINGS["MergeLab_CLIPMerger"].INPUT_TYPES()
+    model_inputs = nodes.NODE_CLASS_MAPPINGS["MergeLab_ModelMerger"].INPUT_TYPES()
+    assert "mask" not in clip_inputs.get("optional", {}) and "mask" in model_inputs["optional"]

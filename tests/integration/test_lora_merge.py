@@ -430,3 +430,41 @@ def test_lora_stack_block_weights_scale_each_blocks_strength(harness):
     for args, match in ((("SDXL", "IN04:0"), "made for SDXL"), (("SD1", "IN04:0", "density"), "param to 'weight'")):
         res = harness.run(graph(*args))
         assert not res.success and match in res.error_text(), res.error_text()
+
+
+def test_loras_splitting_a_fused_weight_differently_merge_on_the_whole_weight(harness, tmp_path):
+    """One diffusers Flux LoRA trains to_q/to_k/to_v, another only to_q/to_v of the same img_attn.qkv: a
+    non-linear method merged them only when some LoRA held the fused key; the whole weight's shape is now
+    taken from what the loaded LoRAs know of it."""
+    import safetensors.torch
+    lora_mod, lio, weights = pack(harness, "engine.lora"), pack(harness, "engine.lora_io"), pack(harness, "engine.weights")
+    mm = pack(harness, "merge_methods")
+    base = fixtures.small_model("Flux")
+    q = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    shape = lora_mod.weight_shapes(base)[q]
+    g = torch.Generator().manual_seed(1)
+    loaded = []
+    for name, parts in (("three", ("to_q", "to_k", "to_v")), ("two", ("to_q", "to_v"))):
+        sd = {}
+        for part in parts:
+            n = f"transformer.transformer_blocks.0.attn.{part}"
+            sd[n + ".lora_A.weight"] = torch.randn(4, shape[1], generator=g) * 0.1
+            sd[n + ".lora_B.weight"] = torch.randn(shape[0] // 3, 4, generator=g) * 0.1
+        safetensors.torch.save_file(sd, str(tmp_path / f"{name}.safetensors"))
+        loaded.append(lio.load_lora_file(str(tmp_path / f"{name}.safetensors"), base, name=name))
+    VALUES.update(three=loaded[0], two=loaded[1])
+
+    def applied(lora):
+        patched = lora_mod.apply_lora(lora, base, None, 1.0, 0)[0]
+        cpu = torch.device("cpu")
+        return weights.KeySource.of(patched).read(q, cpu) - weights.KeySource.of(base).read(q, cpu)
+
+    mi = dict(method_inputs(harness, "MergeLab_Method_ties"))
+    res = harness.run_ok(merge_graph("MergeLab_Method_ties", mi, [("three", {"density": 0.5}), ("two", {"density": 0.5})],
+                                     rank=min(shape)))
+    out = res.captured["lora"]
+    assert list(out.layers) == [q]
+    want = mm.create("ties", **mi).merge(torch.zeros(shape), [applied(a) for a in loaded], key=q, seed=0,
+                                         weight=[1.0, 1.0], density=[0.5, 0.5])
+    got = applied(out)
+    assert float(torch.linalg.norm(got - want)) <= 1e-4 * float(torch.linalg.norm(want)), q

@@ -721,7 +721,7 @@ def test_fp16_overflow_and_non_finite_inputs_are_errors_that_name_the_key_and_mo
             m.model.state_dict()[key].view(-1)[:3] = 40000.0
     linear = mm.create("linear", normalize=False)
     # (without a base the method returns model 1's fp16 already: its largest value shows as inf)
-    with pytest.raises(mm.MergeError, match=r"merged values of " + re.escape(key) + r" do not fit the base's fp16 "
+    with pytest.raises(mm.MergeError, match=r"new values of " + re.escape(key) + r" do not fit the model's fp16 "
                                             r"\(largest \|value\| (80000|inf)"):
         eng.merge_models(None, [eng.MergeInput(m) for m in big], linear, eng.MergeOptions())
     # at half the weight it fits, and is exact

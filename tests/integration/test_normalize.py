@@ -393,3 +393,19 @@ def test_normalize_bad_mode_and_strength(harness, N):
         N.normalize_tensors({}, None, None, "qk")
     with pytest.raises(N.NormalizeError, match="strength must be finite"):
         N.normalize_tensors({}, None, None, "all", float("inf"))
+
+
+def test_normalize_into_fp16_that_overflows_is_an_error(harness):
+    """Mode all at strength -2 against a model_b of 1e-4 A's scale asks for factors of 1e8: in an fp16 model_a
+    that is inf in every weight, which was kept without a word; now an error names the key (as the mergers)."""
+    normalize = pack(harness, "engine.normalize")
+    a = fixtures._build_small_model("SD15", 0, torch.float16, 1, 0.02)
+    b = fixtures._build_small_model("SD15", 0, torch.float32, 1, 0.02)
+    with torch.no_grad():
+        for k, t in b.model.state_dict().items():
+            if t.is_floating_point():
+                t.mul_(1e-4)
+    with pytest.raises(ValueError, match="diffusion_model.* do not fit the model's fp16"):
+        normalize.normalize_model(a, b, mode="all", strength=-2.0, device="cpu")
+    out, _ = normalize.normalize_model(a, b, mode="all", strength=1.0, device="cpu")
+    assert out.patches
