@@ -39,11 +39,29 @@ def weighted_sum(nid, first, second, ratio, kind="model", base=None):
     return g
 
 
-def trained_graph():
+class FreshModel:
+    """A small SD15 MODEL built anew (not the fixtures' cached one): training changes its module (it turns
+    requires_grad off on every weight), which must not leak into other tests' shared fixtures."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"delta_seed": ("INT", {"default": 1})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "go"
+    CATEGORY = "testing"
+
+    def go(self, delta_seed):
+        from mergelab import fixtures
+        return (fixtures._build_small_model("SD15", 0, None, delta_seed, 0.02),)
+
+
+def trained_graph(harness):
     """A LoRA trained for 3 steps by ComfyUI's TrainLoraNode on x1: it lives in weight_wrapper_patches."""
+    harness.register_test_node("MergeLabTest_FreshModel", FreshModel)
     return {
-        "x1": small(1), "x2": small(2),
-        "enc": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["x1", 1], "text": "a cat"}},
+        "x1": {"class_type": "MergeLabTest_FreshModel", "inputs": {"delta_seed": 1}}, "x2": small(2),
+        "enc": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["x2", 1], "text": "a cat"}},
         "lat2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
         # a list of latents (0.3.75's TrainLoraNode fails on a single LATENT: multi_res unbound)
         "rb": {"class_type": "RebatchLatents", "inputs": {"latents": ["lat2", 0], "batch_size": 1}},
@@ -60,7 +78,7 @@ def test_trained_lora_weight_wrappers_are_merged_in_either_order_and_saved(harne
     """weighted_sum(trained, x2, 0.3) and weighted_sum(x2, trained, 0.7) are the same merge: both include
     the trained LoRA at its share, and the result keeps no wrapper (which would apply it again at full
     strength).  Save Model writes the wrapped weights."""
-    g = trained_graph()
+    g = trained_graph(harness)
     g.update(weighted_sum("first", "train", "x2", 0.3))
     g.update(weighted_sum("second", "x2", "train", 0.7))
     g["save"] = {"class_type": "MergeLab_SaveModel", "inputs": {"model": ["train", 0], "filename_prefix": "state/trained",

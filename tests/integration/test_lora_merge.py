@@ -358,8 +358,7 @@ def test_nonlinear_merge_of_sliced_and_fused_keys_runs_on_the_whole_weight(harne
     non-linear method runs on each LoRA's whole ΔW of that weight, as ComfyUI applies them, not on the
     slices against zeros."""
     import safetensors.torch
-    lora_mod, lio, weights = pack(harness, "engine.lora"), pack(harness, "engine.lora_io"), pack(harness, "engine.weights")
-    mm = pack(harness, "merge_methods")
+    lora_mod, lio = pack(harness, "engine.lora"), pack(harness, "engine.lora_io")
     base = fixtures.small_model("Flux")
     q = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
     shape = lora_mod.weight_shapes(base)[q]
@@ -375,7 +374,15 @@ def test_nonlinear_merge_of_sliced_and_fused_keys_runs_on_the_whole_weight(harne
     fused = lora_mod.LoraLayer.from_factors(shape, torch.randn(shape[0], 4, generator=g) * 0.1,
                                             torch.randn(4, shape[1], generator=g) * 0.1)
     b = lora_mod.Lora.make({q: fused}, {}, dict(a.arch), {"kind": "test", "name": "fused"})
-    VALUES.update(split=a, fused=b)
+    _check_ties_on_the_whole_weight(harness, base, q, {"split": a, "fused": b})
+
+
+def _check_ties_on_the_whole_weight(harness, base, q, loras):
+    """Merge LoRAs (TIES, density 0.5, full rank) of ``loras`` (name → Lora) has one layer, on the whole
+    weight ``q``, equal to TIES of the ΔW each LoRA makes of ``q`` as ComfyUI applies it."""
+    lora_mod, weights, mm = pack(harness, "engine.lora"), pack(harness, "engine.weights"), pack(harness, "merge_methods")
+    shape = lora_mod.weight_shapes(base)[q]
+    VALUES.update(loras)
 
     def applied(lora):
         patched = lora_mod.apply_lora(lora, base, None, 1.0, 0)[0]
@@ -383,12 +390,12 @@ def test_nonlinear_merge_of_sliced_and_fused_keys_runs_on_the_whole_weight(harne
         return weights.KeySource.of(patched).read(q, cpu) - weights.KeySource.of(base).read(q, cpu)
 
     mi = dict(method_inputs(harness, "MergeLab_Method_ties"))
-    res = harness.run_ok(merge_graph("MergeLab_Method_ties", mi, [("split", {"density": 0.5}), ("fused", {"density": 0.5})],
+    res = harness.run_ok(merge_graph("MergeLab_Method_ties", mi, [(name, {"density": 0.5}) for name in loras],
                                      rank=min(shape)))
     out = res.captured["lora"]
     assert list(out.layers) == [q]
-    want = mm.create("ties", **mi).merge(torch.zeros(shape), [applied(a), applied(b)], key=q, seed=0,
-                                         weight=[1.0, 1.0], density=[0.5, 0.5])
+    want = mm.create("ties", **mi).merge(torch.zeros(shape), [applied(l) for l in loras.values()], key=q, seed=0,
+                                         weight=[1.0] * len(loras), density=[0.5] * len(loras))
     got = applied(out)
     assert float(torch.linalg.norm(got - want)) <= 1e-4 * float(torch.linalg.norm(want)), q
 
@@ -437,8 +444,7 @@ def test_loras_splitting_a_fused_weight_differently_merge_on_the_whole_weight(ha
     non-linear method merged them only when some LoRA held the fused key; the whole weight's shape is now
     taken from what the loaded LoRAs know of it."""
     import safetensors.torch
-    lora_mod, lio, weights = pack(harness, "engine.lora"), pack(harness, "engine.lora_io"), pack(harness, "engine.weights")
-    mm = pack(harness, "merge_methods")
+    lora_mod, lio = pack(harness, "engine.lora"), pack(harness, "engine.lora_io")
     base = fixtures.small_model("Flux")
     q = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
     shape = lora_mod.weight_shapes(base)[q]
@@ -452,19 +458,4 @@ def test_loras_splitting_a_fused_weight_differently_merge_on_the_whole_weight(ha
             sd[n + ".lora_B.weight"] = torch.randn(shape[0] // 3, 4, generator=g) * 0.1
         safetensors.torch.save_file(sd, str(tmp_path / f"{name}.safetensors"))
         loaded.append(lio.load_lora_file(str(tmp_path / f"{name}.safetensors"), base, name=name))
-    VALUES.update(three=loaded[0], two=loaded[1])
-
-    def applied(lora):
-        patched = lora_mod.apply_lora(lora, base, None, 1.0, 0)[0]
-        cpu = torch.device("cpu")
-        return weights.KeySource.of(patched).read(q, cpu) - weights.KeySource.of(base).read(q, cpu)
-
-    mi = dict(method_inputs(harness, "MergeLab_Method_ties"))
-    res = harness.run_ok(merge_graph("MergeLab_Method_ties", mi, [("three", {"density": 0.5}), ("two", {"density": 0.5})],
-                                     rank=min(shape)))
-    out = res.captured["lora"]
-    assert list(out.layers) == [q]
-    want = mm.create("ties", **mi).merge(torch.zeros(shape), [applied(a) for a in loaded], key=q, seed=0,
-                                         weight=[1.0, 1.0], density=[0.5, 0.5])
-    got = applied(out)
-    assert float(torch.linalg.norm(got - want)) <= 1e-4 * float(torch.linalg.norm(want)), q
+    _check_ties_on_the_whole_weight(harness, base, q, {"three": loaded[0], "two": loaded[1]})
