@@ -363,7 +363,11 @@ def kohya_unnamed(lora: Lora) -> List[LayerKey]:
     return out
 
 
-def left_out_text(keys: List[LayerKey]) -> str:
+def left_out_warning(lora: Lora, key_format: str) -> Optional[str]:
+    """What a file of ``key_format`` leaves out of ``lora`` (kohya: :func:`kohya_unnamed`), or None."""
+    keys = kohya_unnamed(lora) if key_format == "kohya" else []
+    if not keys:
+        return None
     shown = ", ".join(key_text(k) for k in keys[:3]) + (f", ... (+{len(keys) - 3} more)" if len(keys) > 3 else "")
     return (f"{len(keys)} layer(s) have no kohya name and are not in the kohya-format file ({shown}); "
             "key_format 'comfyui' keeps them (ComfyUI loads those files)")
@@ -503,9 +507,9 @@ def save_lora(lora: Lora, filename_prefix: str, output_dir: str, key_format: str
     if not lora.layers:
         raise LoraError(f"LoRA '{lora.name}' has no layers: nothing to save")
     sd = lora_state_dict(lora, key_format, SAVE_DTYPES[dtype_name])
-    left_out = kohya_unnamed(lora) if key_format == "kohya" else []
-    if left_out:
-        log.warning("MergeLab: %s", left_out_text(left_out))
+    warning = left_out_warning(lora, key_format)
+    if warning:
+        log.warning("MergeLab: %s", warning)
 
     def metadata_for(path: str) -> Dict[str, str]:
         rec = recipe(os.path.relpath(path, output_dir).replace(os.sep, "/")) if callable(recipe) else recipe

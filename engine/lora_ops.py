@@ -56,6 +56,13 @@ def _device(choice: str) -> torch.device:
         raise LoraError(str(e)) from None
 
 
+def _check_clamp(quantile: Optional[float]) -> None:
+    try:
+        check_clamp_quantile(quantile)
+    except RankError as e:
+        raise LoraError(str(e)) from None
+
+
 def _release(device: torch.device) -> None:
     if device.type != "cpu":
         import comfy.model_management as mm
@@ -185,10 +192,7 @@ def extract_lora(tuned_model=None, base_model=None, tuned_clip=None, base_clip=N
         pairs.append(("CLIP", tuned_clip, base_clip))
     if not pairs:
         raise LoraError("nothing to extract: connect a tuned and a base MODEL and/or CLIP")
-    try:
-        check_clamp_quantile(opts.clamp_quantile)
-    except RankError as e:
-        raise LoraError(str(e)) from None
+    _check_clamp(opts.clamp_quantile)
 
     plans = []
     for what, tuned, base in pairs:
@@ -319,10 +323,7 @@ def resize_lora(lora: Lora, spec: RankSpec, device: str = "auto", clamp_quantile
     """The LoRA at a new rank, keeping its effective strength: each layer's ``scale·up@down`` is
     re-factorized exactly (QR of the factors + SVD of the small core) and truncated; the new alpha is
     ``old scale × new rank`` so alpha/rank, and so the strength, stay the same."""
-    try:
-        check_clamp_quantile(clamp_quantile)
-    except RankError as e:
-        raise LoraError(str(e)) from None
+    _check_clamp(clamp_quantile)
     if not lora.layers:
         raise LoraError(f"LoRA '{lora.name}' has no layers")
     # refused only when it would change nothing: LoRA layers (which keep a rank at or below the target)
@@ -486,10 +487,7 @@ def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: Ran
     Methods linear in the models (linear, task_arithmetic, passthrough, weighted_sum) are computed
     exactly on the factors: concatenated when the summed rank fits the output rank, else re-factorized by
     an exact SVD of the concatenated factors (no full ΔW needed)."""
-    try:
-        check_clamp_quantile(clamp_quantile)
-    except RankError as e:
-        raise LoraError(str(e)) from None
+    _check_clamp(clamp_quantile)
     from .merge import MergeInput, resolve_params
 
     inputs = list(inputs)

@@ -20,8 +20,8 @@ from .alloc import recycled_memory
 from .precision import full_fp32_matmul
 from .recipe import record_merge
 from .settings import settings_not_kept
-from .weights import (CLIP_OPTIONAL_SUFFIXES, KeySource, all_finite, drop_wrappers, is_clip, model_family, patcher_of,
-                      set_weights, storage_dtype)
+from .weights import (CLIP_OPTIONAL_SUFFIXES, KeySource, all_finite, is_clip, model_family, patcher_of, set_weights,
+                      storage_dtype)
 
 log = logging.getLogger("MergeLab")
 
@@ -267,10 +267,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
                     out = torch.where(sel, out, keep)
             if options.stats is not None:
                 options.stats.add(key, out, b, xs)
-            stored = storage_dtype(ref_src.dtype(key))
-            if stored == torch.float16 and out.numel():
-                check_fits_fp16(key, out)
-            merged[key] = out.to(device=offload, dtype=stored)
+            merged[key] = to_storage(key, out, storage_dtype(ref_src.dtype(key)), offload)
             del out, b, xs
             advance(i)
     finally:
@@ -285,9 +282,16 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
 _FP16_OVERFLOW = 65520.0         # the smallest magnitude fp16 rounds to inf
 
 
-def check_fits_fp16(key: str, out: torch.Tensor) -> None:
-    """A result kept in the model's fp16 must not round to ±inf (weights of 10 on large values can get
-    there): an error naming the key instead of a model that is silently broken."""
+def to_storage(key: str, out: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """``out`` as kept in the result (``dtype`` on ``device``).  A result kept in fp16 must not round to
+    ±inf (weights of 10 on large values can get there): an error naming the key instead of a model that is
+    silently broken."""
+    if dtype == torch.float16 and out.numel():
+        _check_fits_fp16(key, out)
+    return out.to(device=device, dtype=dtype)
+
+
+def _check_fits_fp16(key: str, out: torch.Tensor) -> None:
     lo, hi = torch.aminmax(out)
     big = torch.maximum(-lo, hi)
     if bool(big >= _FP16_OVERFLOW):
@@ -338,6 +342,5 @@ def _patched_clone(obj, merged: Dict[str, torch.Tensor]):
     clone = obj.clone()
     mp = patcher_of(clone)
     set_weights(mp, merged)
-    drop_wrappers(mp, merged)        # the merged values include the reference's weight wrappers too
     mp.patches_uuid = uuid.uuid4()
     return clone

@@ -415,8 +415,8 @@ def normalize_model(model_a, model_b, mode: str = "attn_only", strength: float =
 
     import comfy.model_management as mm
 
-    from .merge import check_fits_fp16, compute_device, plan_keys
-    from .weights import KeySource, drop_wrappers, is_clip, model_family, patcher_of, set_weights, storage_dtype
+    from .merge import compute_device, plan_keys, to_storage
+    from .weights import KeySource, is_clip, model_family, patcher_of, set_weights, storage_dtype
 
     for obj, name in ((model_a, "model_a"), (model_b, "model_b")):
         if obj is None or is_clip(obj) or not hasattr(obj, "get_key_patches"):
@@ -439,10 +439,7 @@ def normalize_model(model_a, model_b, mode: str = "attn_only", strength: float =
     partial: Dict[str, List[Tuple[int, int, torch.Tensor]]] = {}
 
     def keep(c: Change) -> None:
-        stored = storage_dtype(src_a.dtype(c.key))
-        if stored == torch.float16 and c.tensor.numel():
-            check_fits_fp16(c.key, c.tensor)
-        t = c.tensor.to(device=offload, dtype=stored)
+        t = to_storage(c.key, c.tensor, storage_dtype(src_a.dtype(c.key)), offload)
         if c.full:
             full[c.key] = t
         else:
@@ -463,7 +460,6 @@ def normalize_model(model_a, model_b, mode: str = "attn_only", strength: float =
         full[key] = t.to(device=offload, dtype=storage_dtype(src_a.dtype(key)))
     clone = model_a.clone()
     mp = patcher_of(clone)
-    drop_wrappers(mp, full)
     set_weights(mp, full)
     for key, pieces in partial.items():
         lst = list(mp.patches.get(key, []))

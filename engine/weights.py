@@ -143,7 +143,8 @@ def _tensor_device(f) -> Optional[torch.device]:
 
 
 def set_weights(patcher, values: Dict[str, torch.Tensor]) -> None:
-    """Give ``patcher`` (a clone) ``values`` as ``set`` patches, replacing the keys' earlier patches.  ComfyUI
+    """Give ``patcher`` (a clone) ``values`` as ``set`` patches, replacing the keys' earlier patches and
+    weight wrappers (the values are effective weights: they include both, see :meth:`KeySource.read`).  ComfyUI
     applies patches only to parameters of modules without parameters below them: a buffer, or a parameter
     such as WAN's ``blocks.N.modulation`` or SD3's ``pos_embed``, would keep its stored value when the model
     runs.  For those keys a load callback patches the weight in place the way ComfyUI patches the others
@@ -156,6 +157,7 @@ def set_weights(patcher, values: Dict[str, torch.Tensor]) -> None:
             unpatched.append(key)
     if unpatched:
         _patch_on_load(patcher, unpatched)
+    _drop_wrappers(patcher, values)
 
 
 _ON_LOAD_KEY = "mergelab_unpatched_weights"
@@ -191,9 +193,9 @@ def _unpatched_kind(model, key: str) -> Optional[str]:
     return None
 
 
-def drop_wrappers(patcher, keys) -> None:
-    """Remove the weight wrappers of ``keys`` from ``patcher`` (a clone whose ``set`` patches on those keys
-    already hold the wrapped values); the dict is replaced, never changed, as clones share it."""
+def _drop_wrappers(patcher, keys) -> None:
+    """Remove the weight wrappers of ``keys`` from ``patcher``; the dict is replaced, never changed, as
+    clones share it."""
     old = getattr(patcher, "weight_wrapper_patches", None)
     if old and any(k in old for k in keys):
         keys = set(keys)

@@ -256,16 +256,16 @@ class MergeMethod:
             out[p.name] = vals
         return out
 
-    def check_values(self, n_models: int, overrides: Mapping[str, Any], where: str = "") -> None:
-        """Raise MergeError unless the per-model values (and the method's own rule across parameters, such
-        as della's density ± epsilon) are valid for ``n_models`` models: what :meth:`merge` checks for
-        every tensor, checked once up front."""
+    def check_values(self, n_models: int, overrides: Mapping[str, Any], where: str = "") -> Dict[str, List[Any]]:
+        """:meth:`per_model_values`, with the method's own rule across parameters (such as della's
+        density ± epsilon) checked too: what :meth:`merge` checks for every tensor, callable once up front."""
         where = where or f"merge method '{self.name}'"
         pm = self.per_model_values(n_models, overrides, where)
         if self.spec.check is not None:
             problem = self.spec.check({p.name: self.get(p.name) for p in self.spec.global_params}, pm)
             if problem:
                 raise MergeError(f"{where}: {problem}")
+        return pm
 
     @torch.no_grad()
     def merge(self, base: Optional[torch.Tensor], models: Sequence[torch.Tensor], *, key: str = "",
@@ -293,12 +293,8 @@ class MergeMethod:
             if m.shape != ref.shape:
                 raise MergeError(f"{where}: shape mismatch: model {i + 1} has shape {tuple(m.shape)}, "
                                  f"{'base' if base is not None else 'model 1'} has {tuple(ref.shape)}")
-        pm = self.per_model_values(n, per_model_params, where)
+        pm = self.check_values(n, per_model_params, where)
         glob = {p.name: self.get(p.name) for p in spec.global_params}
-        if spec.check is not None:
-            problem = spec.check(glob, pm)
-            if problem:
-                raise MergeError(f"{where}: {problem}")
 
         if ref.numel() == 0:            # nothing to merge (some methods' 2-D views cannot take 0 columns)
             return torch.empty_like(ref)

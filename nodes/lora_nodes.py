@@ -11,7 +11,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from ..engine.lora import LoraError, apply_lora, stack_loras
-from ..engine.lora_io import KEY_FORMATS, SAVE_DTYPES, kohya_unnamed, left_out_text, load_lora_file, save_lora
+from ..engine.lora_io import KEY_FORMATS, SAVE_DTYPES, left_out_warning, load_lora_file, save_lora
 from ..engine.lora_ops import ExtractOptions, LoraMergeInput, extract_lora, merge_loras, resize_lora
 from ..engine.lora_svd import CLAMP_QUANTILE_MIN, RANK_MODES, SVD_METHODS, RankError, RankSpec, SVDOptions
 from ..engine.merge import DEVICES
@@ -440,9 +440,9 @@ class SaveLoraNode(io.ComfyNode):
             raise
         rel = os.path.relpath(path, out_dir).replace(os.sep, "/")
         text = f"Saved output/{rel} ({lora.summary()})"
-        left_out = kohya_unnamed(lora) if key_format == "kohya" else []
-        if left_out:
-            text += "\nwarning: " + left_out_text(left_out)
+        warning = left_out_warning(lora, key_format)
+        if warning:
+            text += "\nwarning: " + warning
         return io.NodeOutput(rel, ui={"text": [text]})
 
 
