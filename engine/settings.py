@@ -57,10 +57,10 @@ def _model_features(mp, own: bool) -> List[str]:
 
 def _clip_features(clip, own: bool) -> List[str]:
     feats = []
-    if clip.layer_idx is not None:
+    if clip.layer_idx is not None and (own or not _is_default_layer(clip)):
         feats.append(f"CLIP layer {clip.layer_idx}")
     elif own:
-        feats.append("CLIP layer (the last)")
+        feats.append("CLIP layer (the checkpoint's own)")
     feats += [f"tokenizer option {k}={v!r}" for k, v in sorted((clip.tokenizer_options or {}).items())]
     mp = patcher_of(clip)
     hooks = getattr(getattr(mp, "forced_hooks", None), "hooks", None) or []
@@ -69,6 +69,27 @@ def _clip_features(clip, own: bool) -> List[str]:
     options = {k: v for k, v in (mp.model_options or {}).items() if k != RECIPE_KEY}
     feats += [f"option {path} ({what})" for path, what in _walk(options, "")]
     return feats
+
+
+def _is_default_layer(clip) -> bool:
+    """Whether the CLIP's last layer setting encodes as the checkpoint's own does: CLIPSetLastLayer -1 on
+    an SD1.5 CLIP (whose text encoder outputs its last layer) changes nothing; on SDXL (which outputs
+    the penultimate one) it does."""
+    encoders = [m for m in clip.cond_stage_model.modules()
+                if hasattr(m, "options_default") and hasattr(m, "num_layers") and hasattr(m, "layer")]
+    return bool(encoders) and all(_layer_output(m, clip.layer_idx) == _layer_output(m, None) for m in encoders)
+
+
+def _layer_output(encoder, layer_idx):
+    """Which output an encoder gives with ``layer_idx`` (ComfyUI's set_clip_options, without setting it):
+    the last hidden layer after the final norm is the same output as "last"."""
+    layer, idx = encoder.options_default[:2]
+    if layer_idx is not None and not (isinstance(layer, list) or layer == "all"):
+        layer, idx = ("last", None) if abs(layer_idx) > encoder.num_layers else ("hidden", layer_idx)
+    if (layer == "hidden" and idx in (-1, encoder.num_layers - 1)
+            and getattr(encoder, "layer_norm_hidden_state", False)):
+        return ("last", None)
+    return (layer, idx) if layer == "hidden" else (str(layer), None)
 
 
 def _sampling_text(ms) -> str:

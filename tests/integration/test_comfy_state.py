@@ -208,6 +208,30 @@ def test_clip_settings_the_result_does_not_keep_are_named(harness, case, caplog)
         assert len(shown) == 1 and shown[0].startswith("warning: " + expect), shown
 
 
+@pytest.mark.parametrize("arch,warned", [("SD15", False), ("SDXL", True)])
+def test_a_clip_layer_that_encodes_as_the_default_is_not_named(harness, arch, warned):
+    """CLIPSetLastLayer -1 on an SD1.5 CLIP encodes exactly as the checkpoint's own setting (the last layer
+    after the final norm), so the result loses nothing and no warning is due; on SDXL (whose own output is
+    the penultimate layer) -1 is a real change and is named."""
+    model = lambda d: {"class_type": "MergeLabTest_SmallModel",    # noqa: E731
+                       "inputs": {"arch": arch, "seed": 0, "delta_seed": d, "delta_scale": 0.02 if d else 0.0,
+                                  "dtype": "fp32"}}
+    g = {"b": model(0), "x1": model(1),
+         "last": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["x1", 1], "stop_at_clip_layer": -1}},
+         "enc_set": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["last", 0], "text": "a red fox"}},
+         "enc_own": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["x1", 1], "text": "a red fox"}},
+         "ce_set": cap("enc_set", "enc_set"), "ce_own": cap("enc_own", "enc_own")}
+    g.update(weighted_sum("merge", ["last", 0], ["b", 1], 0.5, kind="clip", base=["b", 1]))
+    r = harness.run_ok(harness.with_defaults(g))
+    same = torch.equal(r.captured["enc_set"][0][0], r.captured["enc_own"][0][0])
+    assert same is not warned       # the premise: -1 changes the encoding on SDXL only
+    shown = _warnings(r.captured["merge_report"])
+    if warned:
+        assert len(shown) == 1 and shown[0].startswith("warning: model 1's CLIP layer -1"), shown
+    else:
+        assert shown == []
+
+
 class AnyArchModel:
     """A small MODEL of any architecture of :mod:`mergelab.fixtures` (delta_seed 0: the base)."""
 
