@@ -167,6 +167,9 @@ class BlockMaskerNode(io.ComfyNode):
         return io.NodeOutput(mask, "\n".join(M.block_names(layout)))
 
 
+_UNCONNECTED = object()
+
+
 class MaskOperationsNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -185,6 +188,19 @@ class MaskOperationsNode(io.ComfyNode):
             ],
             outputs=[_mask_output()],
         )
+
+    @classmethod
+    def validate_inputs(cls, operation=None, mask_b=_UNCONNECTED):
+        """At validation, before the masks are computed: a two-mask operation without mask_b.  A linked
+        mask_b arrives as None, an unconnected one not at all.  Naming ``operation`` leaves its option check
+        to this function."""
+        if operation is None:           # linked: checked when it runs
+            return True
+        if operation not in M.OPERATIONS:
+            return f"operation {operation!r} is not one of {', '.join(M.OPERATIONS)}"
+        if operation != "invert" and mask_b is _UNCONNECTED:
+            return f"{operation} needs two masks: connect mask_b (only invert works on mask_a alone)"
+        return True
 
     @classmethod
     def execute(cls, mask_a, operation, mask_b=None):

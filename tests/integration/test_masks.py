@@ -277,6 +277,12 @@ def test_mask_operation_between_different_models_is_an_error(harness):
     g["op"] = api_node("MergeLab_MaskOperations", mask_a=["m1", 0], operation="xor")
     res = harness.run(g)
     assert not res.success and "needs two masks" in res.error_text()
+    assert res.node_errors, "refused at validation, before the masks are computed"
+    g["op"]["inputs"]["operation"] = "Union"
+    res = harness.run(g)
+    assert not res.success and res.node_errors and "'Union' is not one of" in res.error_text()
+    g["op"]["inputs"]["operation"] = "invert"        # needs only mask_a
+    harness.run_ok({k: g[k] for k in ("a", "m1", "op", "c")})
 
 
 @pytest.mark.parametrize("q", [-0.1, 1.5])
