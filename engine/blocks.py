@@ -359,6 +359,22 @@ class _ThisThreadOnly(logging.Filter):
         return record.thread != self.ident or record.levelno > logging.INFO
 
 
+def checkpoint_extras(config_class: str, device) -> Dict[str, Any]:
+    """The checkpoint tensors a few config classes' ``get_model`` reads besides the config (Stable Zero123's
+    ``cc_projection``, Stable Audio's number conditioners); empty for the others."""
+    import torch
+    sd: Dict[str, Any] = {}
+    if config_class == "Stable_Zero123":
+        sd["cc_projection.weight"] = torch.zeros((768, 772), device=device)
+        sd["cc_projection.bias"] = torch.zeros((768,), device=device)
+    elif config_class == "StableAudio":
+        import comfy.ldm.audio.embedders as emb
+        w = emb.NumberConditioner(768, min_val=0, max_val=512).state_dict()
+        for which in ("seconds_start", "seconds_total"):
+            sd.update({f"conditioner.conditioners.{which}.{k}": v for k, v in w.items()})
+    return sd
+
+
 def _meta_keys(config_class: str, unet_config: Mapping[str, Any]) -> List[str]:
     """The ``diffusion_model.*`` keys of a full-size model built on the meta device."""
     import torch
@@ -369,8 +385,9 @@ def _meta_keys(config_class: str, unet_config: Mapping[str, Any]) -> List[str]:
     quiet = _ThisThreadOnly()          # model_base logs two INFO lines per build; other threads log on
     logging.getLogger().addFilter(quiet)
     try:
-        with torch.inference_mode(False):
-            model = model_config.get_model({}, "", device=torch.device("meta"))
+        with torch.inference_mode(False), torch.no_grad():     # (Stable Zero123 copies into a parameter)
+            meta = torch.device("meta")
+            model = model_config.get_model(checkpoint_extras(config_class, meta), "", device=meta)
     finally:
         logging.getLogger().removeFilter(quiet)
     return [k for k in model.state_dict() if k.startswith(UNET_PREFIX)]

@@ -476,18 +476,20 @@ def uncovered_config_classes() -> List[str]:
 def _get_model(cls_obj, model_config, device, state_dict=None):
     """``model_config.get_model`` with the extra inputs a few classes take from the checkpoint."""
     torch = _comfy()
-    name = type(model_config).__name__
+    checkpoint_extras = _engine_blocks().checkpoint_extras
     sd = dict(state_dict or {})
-    if name == "Stable_Zero123":
-        sd.setdefault("cc_projection.weight", torch.zeros((768, 772), device=device))
-        sd.setdefault("cc_projection.bias", torch.zeros((768,), device=device))
-    if name == "StableAudio":
-        import comfy.ldm.audio.embedders as emb
-        w = emb.NumberConditioner(768, min_val=0, max_val=512).state_dict()
-        for which in ("seconds_start", "seconds_total"):
-            for k, v in w.items():
-                sd.setdefault(f"conditioner.conditioners.{which}.{k}", v)
+    for k, v in checkpoint_extras(type(model_config).__name__, device).items():
+        sd.setdefault(k, v)
     return model_config.get_model(sd, "", device=device)
+
+
+def _engine_blocks():
+    import sys
+    from . import REPO_ROOT
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    from engine import blocks
+    return blocks
 
 
 _meta_cache: Dict[Tuple[str, Any], Any] = {}
