@@ -158,15 +158,23 @@ class LoraLayer:
                          mv(self.diff), None)
 
 
+# where ComfyUI's weight adapters keep their DoRA scale (comfy/weight_adapter/*.py: the weights tuple)
+_DORA_SCALE_AT = {"lora": 4, "loha": 7, "lokr": 8, "glora": 5}
+
+
 def not_a_difference(patch) -> Optional[str]:
     """Why a ComfyUI patch has no fixed difference ΔW (its result depends on the base weight), or None."""
     from comfy.weight_adapter import WeightAdapterBase
     if isinstance(patch, WeightAdapterBase):
+        name = getattr(patch, "name", "")
         weights = getattr(patch, "weights", None)
-        if getattr(patch, "name", "") == "lora" and weights is not None and weights[4] is not None:
-            return "DoRA: its change depends on the base weight"
-        if getattr(patch, "name", "") in ("oft", "boft"):
-            return f"{patch.name.upper()}: a rotation of the base weight, not a difference"
+        at = _DORA_SCALE_AT.get(name)
+        if at is not None and weights is not None and len(weights) > at and weights[at] is not None:
+            return f"DoRA ({name}): its change depends on the base weight"
+        if name == "glora":
+            return "GLoRA: its change (W·a1·a2 + b1·b2) depends on the base weight"
+        if name in ("oft", "boft"):
+            return f"{name.upper()}: a rotation of the base weight, not a difference"
         return None
     if isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff":
         return None

@@ -147,7 +147,8 @@ class LoraStackNode(io.ComfyNode):
             category=CATEGORY,
             description="Add a LoRA to a stack with its own model and CLIP strengths. Chain several: the output "
                         "is one LORA equal to Σ strength·LoRA, exactly (the factors are concatenated, nothing "
-                        "is approximated). Block weights give a LoRA per-block strengths. DoRA and OFT layers change the weight depending on the weight itself: "
+                        "is approximated). Block weights give a LoRA per-block strengths. DoRA (LoRA, LoHa or LoKr "
+                        "with a dora_scale), GLoRA and OFT layers change the weight depending on the weight itself: "
                         "each is kept with its strength (applied as ComfyUI's LoraLoader applies one) and "
                         "cannot share a weight with another LoRA of the stack.",
             inputs=[LoraType.Input("lora", tooltip="The LoRA to add."),

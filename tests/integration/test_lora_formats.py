@@ -251,11 +251,33 @@ def test_locon_tucker_file_matches_its_kohya_equivalent(harness, setup):
         close(e_re[k], e_locon[k], k, rtol=1e-4)
 
 
-def test_dora_stacks_at_any_strength_like_comfyuis_loader(harness, setup):
-    """A DoRA layer has no fixed ΔW (it renormalizes the patched weight), so LoRA Stack keeps it as a patch
-    at its strength: Stack at 0.8 (then times Apply's 0.5) then Apply gives the weights ComfyUI's LoraLoader
-    gives at 0.4, on DoRA and plain layers alike.  Summing it with another LoRA on the same weight is
-    refused with a message that says what to do instead; merging, resizing and saving it still are."""
+def _weight_dependent_layer(kind, out_f, in_f, g, decomposed):
+    """LoRA-file entries of one layer of ``kind`` (lora, loha, lokr, glora), with a DoRA scale when
+    ``decomposed``."""
+    r = 4
+    rn = lambda *shape: torch.randn(*shape, generator=g) * 0.1        # noqa: E731
+    if kind == "lora":
+        d = {"lora_up.weight": rn(out_f, r), "lora_down.weight": rn(r, in_f)}
+    elif kind == "loha":
+        d = {"hada_w1_a": rn(out_f, r), "hada_w1_b": rn(r, in_f), "hada_w2_a": rn(out_f, r), "hada_w2_b": rn(r, in_f)}
+    elif kind == "lokr":
+        d = {"lokr_w1": rn(2, 2), "lokr_w2": rn(out_f // 2, in_f // 2)}
+    else:       # GLoRA: ΔW = W·a1·a2 + b1·b2
+        d = {"a1.weight": rn(in_f, r), "a2.weight": rn(r, in_f), "b1.weight": rn(out_f, r), "b2.weight": rn(r, in_f)}
+    d["alpha"] = torch.tensor(float(r))
+    if decomposed:
+        d["dora_scale"] = torch.rand(out_f, 1, generator=g) + 0.5
+    return d
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "glora"])
+def test_dora_stacks_at_any_strength_like_comfyuis_loader(harness, setup, kind):
+    """A DoRA layer (a LoRA, LoHa or LoKr with a dora_scale) and a GLoRA layer have no fixed ΔW (DoRA
+    renormalizes the patched weight, GLoRA's change has a W·a1·a2 term), so LoRA Stack keeps them as patches
+    at their strength: Stack at 0.8 (then times Apply's 0.5) then Apply gives the weights ComfyUI's
+    LoraLoader gives at 0.4, on these and plain layers alike.  Summing one with another LoRA on the same
+    weight is refused with a message that says what to do instead; saving it as LoRA factors is refused
+    (LoHa / LoKr DoRA and GLoRA were evaluated on a zero weight: weights of 1e6, or GLoRA 11 % off)."""
     import comfy.lora
     base, clip = setup["base"], setup["clip"]
     km = comfy.lora.model_lora_keys_unet(base.model, {})
@@ -269,12 +291,10 @@ def test_dora_stacks_at_any_strength_like_comfyuis_loader(harness, setup):
     for i, k in enumerate(linears):
         name = min(n for n in inv[k] if n.startswith("lora_unet_"))
         out_f, in_f = sd[k].shape
-        dora.update({name + ".lora_up.weight": torch.randn(out_f, 4, generator=g) * 0.1,
-                     name + ".lora_down.weight": torch.randn(4, in_f, generator=g) * 0.1,
-                     name + ".alpha": torch.tensor(4.0)})
-        if i % 2 == 0:
-            dora[name + ".dora_scale"] = torch.rand(out_f, 1, generator=g) + 0.5
-    n = write(harness, setup, "fmt_dora.safetensors", dora)
+        plain = i % 2 == 1
+        layer = _weight_dependent_layer("lora" if plain else kind, out_f, in_f, g, not plain and kind != "glora")
+        dora.update({f"{name}.{x}": v for x, v in layer.items()})
+    n = write(harness, setup, f"fmt_dora_{kind}.safetensors", dora)
     small = {"class_type": "MergeLabTest_SmallModel", "inputs": {"arch": "SD15", "seed": 0, "delta_seed": 0,
                                                                  "delta_scale": 0.0, "dtype": "fp32"}}
     g1 = {"m": small,
@@ -305,7 +325,12 @@ def test_dora_stacks_at_any_strength_like_comfyuis_loader(harness, setup):
                                                                "strength_clip": 1.0, "stack": ["s1", 0]}},
           "c": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["s2", 0], "name": "x"}}}
     res = harness.run(g2)
-    assert not res.success and "DoRA" in res.error_text() and "one after the other" in res.error_text()
+    why = "GLoRA" if kind == "glora" else "DoRA"
+    assert not res.success and why in res.error_text() and "one after the other" in res.error_text()
+    g3 = {"m": small, "l": g1["l"], "save": {"class_type": "MergeLab_SaveLoRA",
+                                             "inputs": {"lora": ["l", 0], "filename_prefix": f"loras/dora_{kind}"}}}
+    res = harness.run(harness.with_defaults(g3))
+    assert not res.success and why in res.error_text() and "depends on the base weight" in res.error_text()
 
 
 def test_unmatched_keys_reported_once_with_a_count(harness, setup):
