@@ -14,8 +14,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from .lora import (Lora, LoraError, LoraLayer, LayerKey, UNET_PREFIX, arch_of, base_key, key_text, target_shape,
-                   weight_shapes)
+from .lora import (Lora, LoraError, LoraLayer, LayerKey, UNET_PREFIX, arch_of, base_key, key_text,
+                   not_a_difference, target_shape, weight_shapes)
 
 log = logging.getLogger("MergeLab")
 
@@ -202,11 +202,14 @@ def lora_from_state_dict(sd: Mapping[str, torch.Tensor], model=None, clip=None, 
     layers: Dict[LayerKey, LoraLayer] = {}
     bad: List[str] = []
     for target, patch in patches.items():
+        target, function = _split_target(target)
         shape = target_shape(shapes, target)
         if shape is None:
             bad.append(f"{key_text(target)}: not in the model")
             continue
         layer = _layer_from_patch(patch, shape)
+        if function is not None:
+            layer = _rearranged(layer, function, target)
         problem = _fit_problem(layer, shape)
         if problem:
             bad.append(f"{key_text(target)}: {problem}")
@@ -254,6 +257,33 @@ def _what(model, clip) -> str:
         from .weights import model_family
         return f"MODEL ({model_family(model).split(':')[-1]})"
     return "CLIP"
+
+
+def _split_target(target):
+    """ComfyUI's key maps give a few diffusers names a third part, a function ComfyUI applies to the
+    layer's ΔW when it patches (``(key, None, swap_scale_shift)`` for Flux / SD3 ``norm_out.linear`` and
+    AuraFlow ``modF``: diffusers orders those rows scale, shift).  ``(target as a LayerKey, function)``."""
+    if isinstance(target, tuple) and len(target) > 2:
+        key, offset, function = target[0], target[1], target[2]
+        return (key if offset is None else (key, tuple(offset))), function
+    return target, None
+
+
+def _rearranged(layer: LoraLayer, function, target) -> LoraLayer:
+    """``layer`` with ``function`` (applied by ComfyUI to its ΔW) made part of it: swap_scale_shift, which
+    swaps the halves of the output rows, is applied to the up factor (the layer stays low-rank); any other
+    function, to the full difference."""
+    import comfy.utils
+    if layer.kind == "patch":
+        why = not_a_difference(layer.patch)
+        if why is not None:
+            raise LoraError(f"layer {key_text(target)} is {why}, on a weight whose rows ComfyUI rearranges when "
+                            "it loads the LoRA: not supported")
+    if (function is getattr(comfy.utils, "swap_scale_shift", None) and layer.kind == "lora"
+            and layer.up.shape[0] % 2 == 0):
+        return LoraLayer("lora", layer.shape, up=function(layer.up), down=layer.down, alpha=layer.alpha,
+                         mid=layer.mid)
+    return LoraLayer.from_diff(function(layer.delta(key=target)).reshape(layer.shape).contiguous())
 
 
 def _layer_from_patch(patch, shape) -> LoraLayer:

@@ -438,3 +438,52 @@ def test_joined_slices_keep_the_widest_dtype_of_their_parts(harness):
     for (k, (_, start, size)), layer in parts.items():
         want[start:start + size] += layer.delta(dtype=torch.float32)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("key_format", ["comfyui", "kohya"])
+def test_flux_diffusers_lora_on_norm_out_matches_comfyuis_loader(harness, setup, key_format):
+    """A diffusers / ai-toolkit Flux LoRA that trains ``transformer.norm_out.linear``: ComfyUI maps it to
+    ``final_layer.adaLN_modulation.1`` with a function that swaps the halves of its rows (diffusers orders
+    them scale, shift).  Load LoRA crashed on that target (a TypeError); now Load then Apply gives
+    LoraLoader's weights, and so does the saved file loaded back with LoraLoader."""
+    import folder_paths
+    model = fixtures.small_model("Flux")
+    sd_model = model.model.state_dict()
+    target = "diffusion_model.final_layer.adaLN_modulation.1.weight"
+    other = "diffusion_model.double_blocks.0.img_attn.proj.weight"
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for name, key in (("transformer.norm_out.linear", target),
+                      ("transformer.transformer_blocks.0.attn.to_out.0", other)):
+        out_f, in_f = sd_model[key].shape
+        lora[f"{name}.lora_A.weight"] = torch.randn(4, in_f, generator=g) * 0.1
+        lora[f"{name}.lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 0.1
+    n = write(harness, setup, f"fmt_flux_norm_out_{key_format}.safetensors", lora)
+    m = {"class_type": "MergeLabTest_SmallModel", "inputs": {"arch": "Flux", "seed": 0, "delta_seed": 0,
+                                                             "delta_scale": 0.0, "dtype": "fp32"}}
+    graph = {"m": m,
+             "l": {"class_type": "MergeLab_LoadLoRA", "inputs": {"model": ["m", 0], "lora_name": n}},
+             "a": {"class_type": "MergeLab_ApplyLoRA", "inputs": {"model": ["m", 0], "lora": ["l", 0],
+                                                                 "strength_model": 0.7}},
+             "ref": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["m", 0], "lora_name": n,
+                                                                     "strength_model": 0.7}},
+             "save": {"class_type": "MergeLab_SaveLoRA",
+                      "inputs": {"lora": ["l", 0], "filename_prefix": f"loras/flux_norm_out_{key_format}",
+                                 "key_format": key_format, "dtype": "fp32"}},
+             "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["a", 0], "name": "ours"}},
+             "c2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["ref", 0], "name": "comfy"}},
+             "c3": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["m", 0], "name": "base"}},
+             "c4": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["save", 0], "name": "path"}}}
+    got = harness.run_ok(harness.with_defaults(graph)).captured
+    saved = harness.add_model_file("loras", os.path.join(harness.output_dir, got["path"]),
+                                   name=os.path.basename(got["path"]))
+    assert folder_paths.get_full_path("loras", saved)
+    reloaded = harness.nodes.LoraLoaderModelOnly().load_lora_model_only(got["base"], saved, 0.7)[0]
+    ws = pack(harness, "engine.weights")
+    cpu = torch.device("cpu")
+    comfy, base = ws.KeySource.of(got["comfy"]), ws.KeySource.of(got["base"])
+    for k in (target, other):
+        want = comfy.read(k, cpu)
+        assert not torch.equal(want, base.read(k, cpu)), k
+        close(ws.KeySource.of(got["ours"]).read(k, cpu), want, k, rtol=1e-6)
+        close(ws.KeySource.of(reloaded).read(k, cpu), want, k, rtol=1e-6)
