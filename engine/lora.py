@@ -171,6 +171,8 @@ def not_a_difference(patch) -> Optional[str]:
         at = _DORA_SCALE_AT.get(name)
         if at is not None and weights is not None and len(weights) > at and weights[at] is not None:
             return f"DoRA ({name}): its change depends on the base weight"
+        if name == "lora" and weights is not None and len(weights) > 5 and weights[5] is not None:
+            return "a LoRA that reshapes (pads) the weight, as a Flux Control LoRA's img_in does: not a difference"
         if name == "glora":
             return "GLoRA: its change (W·a1·a2 + b1·b2) depends on the base weight"
         if name in ("oft", "boft"):

@@ -487,3 +487,41 @@ def test_flux_diffusers_lora_on_norm_out_matches_comfyuis_loader(harness, setup,
         assert not torch.equal(want, base.read(k, cpu)), k
         close(ws.KeySource.of(got["ours"]).read(k, cpu), want, k, rtol=1e-6)
         close(ws.KeySource.of(reloaded).read(k, cpu), want, k, rtol=1e-6)
+
+
+def test_flux_control_lora_stacks_at_any_strength_like_comfyuis_loader(harness, setup):
+    """A BFL Flux Control LoRA (canny / depth): its img_in layer pads the weight to a wider input (ComfyUI's
+    reshape_weight) and its norm scales replace weights (set_weight).  LoRA Stack at 0.7 turned the padding
+    layer into a difference of the padded shape, which Apply then refused as 'made for another
+    architecture'; it is now kept as a patch at its strength, and Apply gives LoraLoader's weights."""
+    g = torch.Generator().manual_seed(5)
+    model = fixtures.small_model("Flux")
+    hidden, in_ch = model.model.state_dict()["diffusion_model.img_in.weight"].shape
+    scale_len = model.model.state_dict()["diffusion_model.single_blocks.0.norm.key_norm.scale"].shape[0]
+    sd = {"img_in.lora_A.weight": torch.randn(4, 2 * in_ch, generator=g) * 0.1,
+          "img_in.lora_B.weight": torch.randn(hidden, 4, generator=g) * 0.1,
+          "img_in.lora_B.bias": torch.randn(hidden, generator=g) * 0.1,
+          "single_blocks.0.norm.key_norm.scale": torch.rand(scale_len, generator=g) + 0.5}
+    n = write(harness, setup, "fmt_flux_control.safetensors", sd)
+    m = {"class_type": "MergeLabTest_SmallModel", "inputs": {"arch": "Flux", "seed": 0, "delta_seed": 0,
+                                                             "delta_scale": 0.0, "dtype": "fp32"}}
+    graph = {"m": m,
+             "l": {"class_type": "MergeLab_LoadLoRA", "inputs": {"model": ["m", 0], "lora_name": n}},
+             "s": {"class_type": "MergeLab_LoRAStack", "inputs": {"lora": ["l", 0], "strength_model": 0.7,
+                                                                 "strength_clip": 1.0}},
+             "a": {"class_type": "MergeLab_ApplyLoRA", "inputs": {"model": ["m", 0], "lora": ["s", 0],
+                                                                 "strength_model": 1.0}},
+             "ref": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["m", 0], "lora_name": n,
+                                                                     "strength_model": 0.7}},
+             "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["a", 0], "name": "ours"}},
+             "c2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["ref", 0], "name": "comfy"}}}
+    got = harness.run_ok(harness.with_defaults(graph)).captured
+    ws = pack(harness, "engine.weights")
+    cpu = torch.device("cpu")
+    for k in ("diffusion_model.img_in.weight", "diffusion_model.img_in.bias",
+              "diffusion_model.single_blocks.0.norm.key_norm.scale"):
+        want = ws.KeySource.of(got["comfy"]).read(k, cpu)
+        mine = ws.KeySource.of(got["ours"]).read(k, cpu)
+        assert mine.shape == want.shape, k
+        close(mine, want, k, rtol=1e-6)
+    assert ws.KeySource.of(got["comfy"]).read("diffusion_model.img_in.weight", cpu).shape == (hidden, 2 * in_ch)
