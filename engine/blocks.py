@@ -1028,12 +1028,37 @@ class BlockWeights:
                     warnings.append(f"block weights '{e.label or e.param}': this model has no "
                                     f"{', '.join(absent[:6])}{' ...' if len(absent) > 6 else ''}; "
                                     f"their factors are not used")
+                if unet_keys and any(v != 1.0 for _, v in e.blocks):
+                    unlisted = self._unlisted_blocks(e, keys)
+                    if unlisted:
+                        warnings.append(
+                            f"block weights '{e.label or e.param}': the {arch_label(e.arch)} blocks have no value "
+                            f"for this model's {', '.join(unlisted[:6])}{' ...' if len(unlisted) > 6 else ''}; "
+                            f"their keys keep factor 1 (a Block Rules node can set them)")
             for r, (match, _) in zip(e.rules, e._matchers):
                 if not any(match(strip_key(k)) for k in keys):
                     warnings.append(f"block rule {r.kind}:{r.pattern} matches no key of this model")
         for w in warnings:
             log.warning("MergeLab: %s", w)
         return warnings
+
+    def _unlisted_blocks(self, e: "Entry", keys: Sequence[str]) -> List[str]:
+        """Blocks of the model's diffusion-model ``keys`` that ``e``'s architecture table does not list
+        (a variant the table was not built from, e.g. Wan Fun 1.1's ``ref_conv``), leaving out those whose
+        keys a rule of the same parameter sets."""
+        try:
+            known = set(block_list(e.arch))
+        except ValueError:
+            return []
+        known.update(b for b, _ in e.blocks)
+        rules = [m for o in self.entries if o.param == e.param for m, _ in o._matchers]
+        out: Dict[str, bool] = {}
+        for k in keys:
+            if k.startswith(UNET_PREFIX):
+                b = block_of(k)
+                if b not in known and not any(m(strip_key(k)) for m in rules):
+                    out[b] = True
+        return list(out)
 
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:

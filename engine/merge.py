@@ -211,7 +211,9 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     bw = options.block_weights
     if bw is not None:
         _check_block_params(bw, method)
-        bw.check(ref_obj, keys)
+        for note in bw.check(ref_obj, keys):        # (logged there)
+            if options.stats is not None:
+                options.stats.notes.append(note)
         _check_scaled_ranges(bw, method, inputs, keys)
     device = compute_device(options.device)
     work_dtype = torch.float64 if options.compute_dtype == "fp64" else torch.float32

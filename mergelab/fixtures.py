@@ -382,6 +382,9 @@ def _specs() -> List[ArchSpec]:
         S("WAN21_I2V", "WAN21_I2V", dict(_WAN_14B, in_dim=36, model_type="i2v"), "Wan 2.1 I2V 14B"),
         S("WAN21_FunControl2V", "WAN21_FunControl2V", dict(_WAN_14B, in_dim=48, model_type="i2v"),
           "Wan 2.1 Fun Control 14B"),
+        S("WAN21_FunControl2V_1_1", "WAN21_FunControl2V",
+          dict(_WAN_14B, in_dim=48, model_type="i2v", in_dim_ref_conv=16),
+          "Wan 2.1 Fun 1.1 Control 14B (+ reference-image ref_conv)"),
         S("WAN21_Vace", "WAN21_Vace", dict(_WAN_14B, model_type="vace", vace_in_dim=96, vace_layers=8),
           "Wan 2.1 VACE 14B"),
         S("WAN21_Vace_1_3B", "WAN21_Vace", dict(_WAN_1_3B, model_type="vace", vace_in_dim=96, vace_layers=15),
@@ -595,6 +598,8 @@ _SMALL_UNET["FluxSchnell"] = dict(_SMALL_UNET["Flux"], guidance_embed=False)
 # MODEL only (no small CLIP, not offered by the loader node): architectures with parameters that ComfyUI's
 # loader does not patch (WAN's blocks.N.modulation, SD3's pos_embed)
 _SMALL_UNET["WAN21_T2V"] = dict(_WAN, dim=32, num_heads=2, ffn_dim=64, num_layers=2, freq_dim=32, text_dim=32)
+_SMALL_UNET["WAN21_FunControl2V_1_1"] = dict(_SMALL_UNET["WAN21_T2V"], in_dim=48, model_type="i2v",
+                                             in_dim_ref_conv=16)
 _SMALL_UNET["SD3"] = dict(_SD3, depth=2, context_embedder_config=_SD3_CTX(128), num_patches=256,
                           pos_embed_max_size=16, adm_in_channels=64)
 _SMALL_CLIP_OPTIONS: Dict[str, Dict[str, Any]] = {

@@ -144,7 +144,10 @@ def render_markdown(table: Mapping[str, Any], variants: Sequence[Mapping[str, An
     w("")
     w("An *architecture* groups ComfyUI config classes whose keys share one block naming; its block-weights node "
       "(`MergeLab_BlockWeights_<arch>`) shows the union of their blocks, and a variant simply has no keys in "
-      "the blocks it lacks (\"not in ...\" below).")
+      "the blocks it lacks (\"not in ...\" below). The variants are the configurations listed per architecture; "
+      "ComfyUI can detect others from a checkpoint's keys (for example SD3 with a `context_processor.`). When "
+      "a model has a block its node does not list, those keys keep factor 1 and the merger warns, naming "
+      "them; a Block Rules node can set them.")
     w("")
     w("## MBW names")
     w("")

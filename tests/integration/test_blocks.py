@@ -1,6 +1,7 @@
 """Block weights in a real ComfyUI: block resolution over the full-size key lists of real architectures,
 the generated table and docs, arch detection, the nodes through ComfyUI's validator and executor, and a
 block-weighted merge."""
+import importlib
 import json
 import os
 import re
@@ -384,3 +385,115 @@ def test_block_factors_out_of_a_parameter_range_fail_before_merging(harness, met
         E.merge_models(base, [E.MergeInput(tuned, per, "model 1")], MM.create(method, **glob),
                        E.MergeOptions(device="cpu", block_weights=bw, progress=lambda i, n: done.append(i)))
     assert done == []
+
+
+class _AnyArchModel:
+    """A small MODEL of any architecture :func:`mergelab.fixtures.small_model` builds, or an SD3 with a
+    ``context_processor`` (a block ComfyUI detects from a checkpoint but the SD3 table does not list)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"arch": ("STRING", {"default": "SD15"}), "delta_seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "go"
+    CATEGORY = "testing"
+
+    def go(self, arch, delta_seed):
+        if arch == "SD3_context_processor":
+            return (_sd3_with_context_processor(delta_seed),)
+        return (fixtures.small_model(arch, delta_seed=delta_seed, delta_scale=0.5),)
+
+
+_ctx_cache = {}
+
+
+def _sd3_with_context_processor(delta_seed):
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    if delta_seed not in _ctx_cache:
+        config = dict(fixtures.small_unet_config("SD3"), context_processor_layers=1)
+        model_config = sm.SD3(config)
+        model_config.unet_config.update(config)
+        model_config.set_inference_dtype(torch.float32, None)
+        with torch.inference_mode(False):
+            model = model_config.get_model({}, "", device=torch.device("cpu"))
+            fixtures._fill_module(model, 0, delta_seed, 0.5, only_prefix="diffusion_model.")
+        _ctx_cache[delta_seed] = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                                  offload_device=torch.device("cpu"))
+    return _ctx_cache[delta_seed].clone()
+
+
+def _arch_merge_graph(harness, arch, bw_node, bw_values):
+    harness.register_test_node("MergeLabTest_AnyArchModelB", _AnyArchModel)
+    return {"m0": {"class_type": "MergeLabTest_AnyArchModelB", "inputs": {"arch": arch, "delta_seed": 1}},
+            "m1": {"class_type": "MergeLabTest_AnyArchModelB", "inputs": {"arch": arch, "delta_seed": 2}},
+            "in0": api_node("MergeLab_MergeInput", model=["m0", 0]),
+            "in1": api_node("MergeLab_MergeInput", model=["m1", 0], models=["in0", 0]),
+            "method": api_node("MergeLab_Method_weighted_sum", ratio=1.0),
+            "bw": api_node(bw_node, **bw_values, param="ratio", models="all"),
+            "merge": api_node("MergeLab_ModelMerger", method=["method", 0], models=["in1", 0], seed=7, device="cpu",
+                              block_weights=["bw", 0]),
+            "cap": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 0], "name": "out"}},
+            "cap_r": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 1], "name": "report"}}}
+
+
+@pytest.mark.parametrize("arch,core_node,ours", [
+    ("SDXL", "ModelMergeSDXL", "SDXL"), ("Flux", "ModelMergeFlux1", "Flux"), ("SD3", "ModelMergeSD3_2B", "SD3"),
+    ("WAN21_T2V", "ModelMergeWAN2_1", "Wan"), ("WAN21_FunControl2V_1_1", "ModelMergeWAN2_1", "Wan")])
+def test_block_weights_equal_comfyuis_per_architecture_merge_nodes(harness, arch, core_node, ours):
+    """weighted_sum with a different factor per block == ComfyUI's own per-architecture merge node with the
+    same per-block ratios, key for key (SD1: test_model_merge).  ComfyUI gives keys none of its inputs
+    names (a bare parameter such as SD3's pos_embed, Wan Fun 1.1's ref_conv) its first input's ratio; we
+    give those blocks that ratio too, and check that our node's own value for them is used."""
+    import torch
+    import nodes as comfy_nodes
+    weights = importlib.import_module(f"{harness.pack_module_name}.engine.weights")
+    args = [a for a in comfy_nodes.NODE_CLASS_MAPPINGS[core_node].INPUT_TYPES()["required"]
+            if a not in ("model1", "model2")]
+    core_values = {a: ((i * 37) % 97 + 1) / 100.0 for i, a in enumerate(args)}
+    default = core_values[args[0]]
+    bw_node = f"MergeLab_BlockWeights_{ours}"
+    widgets = [b for b in comfy_nodes.NODE_CLASS_MAPPINGS[bw_node].INPUT_TYPES()["required"]
+               if b not in ("param", "models")]
+    # ComfyUI gives a key the ratio of its longest input that is a prefix of it, else its first input's
+    matched = {b: max((a for a in args if b.startswith(a)), key=len, default=None) for b in widgets}
+    ours_values = {b: core_values[a] if a else default for b, a in matched.items()}
+    assert sum(a is not None for a in matched.values()) >= min(len(widgets), len(args)) - 4   # ComfyUI's blocks
+    g = _arch_merge_graph(harness, arch, bw_node, ours_values)
+    g["core"] = {"class_type": core_node, "inputs": {"model1": ["m0", 0], "model2": ["m1", 0], **core_values}}
+    g["cap_core"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["core", 0], "name": "core"}}
+    res = harness.run_ok(harness.with_defaults(g))
+    read = lambda o, k: weights.KeySource.of(o).read(k, torch.device("cpu"))      # noqa: E731
+    keys = [k for k in res.captured["out"].model.state_dict() if k.startswith("diffusion_model.")]
+    for key in keys:
+        torch.testing.assert_close(read(res.captured["out"], key), read(res.captured["core"], key), rtol=1e-6,
+                                   atol=1e-7, msg=key)
+    assert "no value for this model" not in res.captured["report"]
+    if arch == "WAN21_FunControl2V_1_1":        # ref_conv. is a block of the Wan node, with its own value
+        g["bw"]["inputs"]["ref_conv."] = 0.25
+        out = harness.run_ok(harness.with_defaults(g)).captured["out"]
+        m0, m1 = fixtures.small_model(arch, delta_seed=1, delta_scale=0.5), fixtures.small_model(arch, delta_seed=2,
+                                                                                               delta_scale=0.5)
+        key = "diffusion_model.ref_conv.weight"
+        torch.testing.assert_close(read(out, key), read(m0, key) * 0.25 + read(m1, key) * 0.75)
+
+
+def test_a_block_the_architectures_node_does_not_list_is_named_in_a_warning(harness):
+    """ComfyUI detects an SD3 with a context_processor from a checkpoint's keys; the SD3 node has no value
+    for that block, so its keys keep factor 1: the merge report and the log say so.  A Block Rules node
+    that sets those keys silences it."""
+    import nodes as comfy_nodes
+    widgets = [b for b in comfy_nodes.NODE_CLASS_MAPPINGS["MergeLab_BlockWeights_SD3"].INPUT_TYPES()["required"]
+               if b not in ("param", "models")]
+    assert "context_processor." not in widgets
+    g = _arch_merge_graph(harness, "SD3_context_processor", "MergeLab_BlockWeights_SD3", {b: 0.3 for b in widgets})
+    report = harness.run_ok(harness.with_defaults(g)).captured["report"]
+    assert "no value for this model's context_processor.; their keys keep factor 1" in report
+    g["rules"] = api_node("MergeLab_BlockRules", rules="context_processor.*=0.3", param="ratio", models="all")
+    g["both"] = api_node("MergeLab_CombineBlockWeights", a=["bw", 0], b=["rules", 0])
+    g["merge"]["inputs"]["block_weights"] = ["both", 0]
+    report = harness.run_ok(harness.with_defaults(g)).captured["report"]
+    assert "no value for this model" not in report
