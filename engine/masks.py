@@ -41,6 +41,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..merge_methods import MergeError, key_seed
@@ -64,6 +65,10 @@ def pack_bits(sel: torch.Tensor) -> torch.Tensor:
     """Pack a bool tensor (any shape, any device) into ``ceil(n/8)`` uint8 on the CPU; bit ``j`` of
     byte ``i`` is element ``8*i + j`` of the flattened tensor; padding bits are 0."""
     flat = sel.reshape(-1)
+    if flat.device.type == "cpu":       # numpy's packbits: one pass, 10-20x the bit loop below
+        if flat.dtype != torch.bool:
+            flat = flat != 0
+        return torch.from_numpy(np.packbits(flat.contiguous().numpy(), bitorder="little"))
     n = flat.numel()
     out = torch.empty((n + 7) // 8, dtype=torch.uint8)
     step = _CHUNK  # multiple of 8
@@ -83,6 +88,9 @@ def pack_bits(sel: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(bits: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a flat bool tensor of ``n`` elements on ``device``."""
+    if torch.device(device).type == "cpu":
+        flat = np.unpackbits(bits.contiguous().numpy(), count=n, bitorder="little")
+        return torch.from_numpy(flat.view(np.bool_))
     b = bits.to(device)
     out = torch.empty(b.numel() * 8, dtype=torch.bool, device=device)
     view = out.view(-1, 8)
@@ -91,14 +99,15 @@ def unpack_bits(bits: torch.Tensor, n: int, device: torch.device) -> torch.Tenso
     return out[:n]
 
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
-
 def popcount(bits: torch.Tensor) -> int:
-    total = 0
+    """Set bits of a uint8 tensor (SWAR bit counting per byte, in chunks; one host sync)."""
+    total = torch.zeros((), dtype=torch.int64, device=bits.device)
     for start in range(0, bits.numel(), _CHUNK):
-        total += int(_POPCOUNT[bits[start:start + _CHUNK].long()].sum())
-    return total
+        x = bits[start:start + _CHUNK]
+        x = x - ((x >> 1) & 0x55)
+        x = (x & 0x33) + ((x >> 2) & 0x33)
+        total += ((x + (x >> 4)) & 0x0F).sum(dtype=torch.int64)
+    return int(total)
 
 
 def _pad_fix(bits: torch.Tensor, n: int) -> torch.Tensor:
@@ -180,13 +189,13 @@ class _Random(_Part):
 
 
 def _part_from_selection(sel: torch.Tensor) -> _Part:
-    n = sel.numel()
-    count = int(sel.sum())
-    if count == n:
+    bits = pack_bits(sel)
+    count = popcount(bits)          # (a bool tensor's sum is ~50x slower than counting its packed bits)
+    if count == sel.numel():
         return ALL
     if count == 0:
         return NONE
-    return _Bits(pack_bits(sel))
+    return _Bits(bits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,7 +644,7 @@ def round_half_up(x: float) -> int:
 
 _TOP_BINS = 1 << 15   # non-negative int32 >> 16
 _LOW_BINS = 1 << 16
-_SORT_MAX = 1 << 20   # tensors up to this size are ranked by a stable sort (faster for small keys)
+_SORT_MAX = 1 << 16   # tensors up to this size are ranked by a stable sort (faster for small keys)
 
 
 def _as_bits(v: torch.Tensor) -> torch.Tensor:
