@@ -26,7 +26,7 @@ def sce(base, models, ctx, *, select_topk):
         if select_topk <= 0:
             tv.zero_()
         else:
-            var = tv.var(dim=0, unbiased=False)
+            var = _variance(tv)
             k = int(int(torch.count_nonzero(var)) * select_topk)  # one host sync per key
             tv.mul_(topk_mask(var, k))
             del var
@@ -43,3 +43,15 @@ def sce(base, models, ctx, *, select_topk):
     num = tv.mul_(erased).sum(dim=0)
     den = erased.sum(dim=0).clamp_(min=1e-6)
     return num.div_(den).add_(base)
+
+
+def _variance(tv: torch.Tensor) -> torch.Tensor:
+    """Population variance over the models (dim 0), one model at a time: torch's ``var(dim=0)`` over a
+    short leading dimension is ~10x slower on CPU (3 s for one 14.7 M-entry SD1.5 key with 3 models)."""
+    n = tv.shape[0]
+    mean = tv.sum(dim=0).div_(n)
+    var = torch.zeros_like(mean)
+    for i in range(n):
+        d = tv[i] - mean
+        var.addcmul_(d, d)
+    return var.div_(n)
