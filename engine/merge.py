@@ -87,8 +87,10 @@ def check_architectures(objs: Sequence[Any], names: Sequence[str]) -> None:
         raise MergeError(f"cannot merge {what} of different architectures ({desc})")
 
 
-def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[str], on_mismatch: str) -> List[str]:
-    """The keys to merge, in the reference model's order; errors or warns about mismatches up front."""
+def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[str], on_mismatch: str,
+              notes: Optional[List[str]] = None) -> List[str]:
+    """The keys to merge, in the reference model's order; errors or warns about mismatches up front (the
+    warning is logged and added to ``notes``, the merge report's)."""
     ref = base if base is not None else sources[0]
     ref_name = names[0]
     all_sources = ([base] if base is not None else []) + list(sources)
@@ -124,9 +126,12 @@ def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[s
     other_shape = {s.split(" ")[0] for ks in shape_bad.values() for s in ks} - absent
     bad = absent | other_shape
     extra_keys = {k for ks in extra.values() for k in ks}
-    log.warning("MergeLab: skipping %d mismatched key(s) of %s (%d missing in an input, %d with other shapes): they "
-                "keep %s's values; %d key(s) that only other inputs have are left out", len(bad), ref_name,
-                len(absent), len(other_shape), ref_name, len(extra_keys))
+    note = (f"skipping {len(bad)} mismatched key(s) of {ref_name} ({len(absent)} missing in an input, "
+            f"{len(other_shape)} with other shapes): they keep {ref_name}'s values; {len(extra_keys)} key(s) that "
+            f"only other inputs have are left out")
+    log.warning("MergeLab: %s", note)
+    if notes is not None:
+        notes.append(note)
     return [k for k in keys if k not in bad]
 
 
@@ -204,7 +209,8 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     # base (whose dtype the result is kept in), its weight is read as a copy in the compute dtype, so the
     # result is rounded once, to the base's dtype (not first to model 1's bf16, say)
     first_copy = KeySource.of(inputs[0].model) if base is not None and base_for_method is None else None
-    keys = plan_keys(base_src, sources, names, options.on_mismatch)
+    keys = plan_keys(base_src, sources, names, options.on_mismatch,
+                     options.stats.notes if options.stats is not None else None)
     clip = is_clip(objs[0])
     ref_src = base_src if base_src is not None else sources[0]
 

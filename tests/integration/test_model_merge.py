@@ -536,6 +536,13 @@ def test_skip_warning_counts_each_key_once(harness, caplog):
                          mm.create("task_arithmetic"), eng.MergeOptions(on_mismatch="skip"))
     msgs = [r.getMessage() for r in caplog.records if "mismatched" in r.getMessage()]
     assert len(msgs) == 1 and "skipping 0 mismatched" in msgs[0] and "1 key(s) that only other inputs" in msgs[0]
+    # the merge report says it too
+    stats = pack(harness, "engine.report").MergeStats(lambda k: k, ["model 1"], True)
+    eng.merge_models(base, [eng.MergeInput(odd[0], {})], mm.create("task_arithmetic"),
+                     eng.MergeOptions(on_mismatch="skip", stats=stats))
+    assert [n for n in stats.notes if "mismatched" in n] == [
+        "skipping 1 mismatched key(s) of base (1 missing in an input, 0 with other shapes): they keep base's "
+        "values; 0 key(s) that only other inputs have are left out"]
 
 
 def test_cancel_stops_the_merge(harness):
