@@ -11,6 +11,7 @@ import pytest
 from engine import blocks as B
 from mergelab import REPO_ROOT, fixtures
 from mergelab.harness import api_node
+from test_comfy_state import AnyArchModel
 
 P = "diffusion_model."
 # (fixture arch, block-table arch, expected block groups {stack: count})
@@ -387,22 +388,14 @@ def test_block_factors_out_of_a_parameter_range_fail_before_merging(harness, met
     assert done == []
 
 
-class _AnyArchModel:
-    """A small MODEL of any architecture :func:`mergelab.fixtures.small_model` builds, or an SD3 with a
-    ``context_processor`` (a block ComfyUI detects from a checkpoint but the SD3 table does not list)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"arch": ("STRING", {"default": "SD15"}), "delta_seed": ("INT", {"default": 0})}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "go"
-    CATEGORY = "testing"
+class _AnyArchModel(AnyArchModel):
+    """:class:`test_comfy_state.AnyArchModel`, or an SD3 with a ``context_processor`` (a block ComfyUI
+    detects from a checkpoint but the SD3 table does not list)."""
 
     def go(self, arch, delta_seed):
         if arch == "SD3_context_processor":
             return (_sd3_with_context_processor(delta_seed),)
-        return (fixtures.small_model(arch, delta_seed=delta_seed, delta_scale=0.5),)
+        return super().go(arch, delta_seed)
 
 
 _ctx_cache = {}
