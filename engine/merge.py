@@ -261,8 +261,11 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
             if first_copy is not None and xs[0].dtype not in (work_dtype, storage_dtype(ref_src.dtype(key))):
                 xs[0] = first_copy.read(key, device, work_dtype)
             if clip and key.endswith(CLIP_OPTIONAL_SUFFIXES) and not all_finite([b] + xs):
-                log.warning("MergeLab: %s kept as is: not finite in an input (a weight the checkpoint does not "
-                            "hold, which ComfyUI leaves uninitialized and drops on save)", key)
+                note = (f"{key} kept as is: not finite in an input (a weight the checkpoint does not hold, which "
+                        "ComfyUI leaves uninitialized and drops on save); not in the report's figures")
+                log.warning("MergeLab: %s", note)
+                if options.stats is not None:
+                    options.stats.notes.append(note)
                 del b, xs
                 advance(i)
                 continue

@@ -94,9 +94,9 @@ class MergeStats:
         for r in rows:
             cells = [r["block"], str(r["keys"])]
             if self.has_base:
-                cells += [f"{r['rel_change_base']:.4f}", f"{r['cos_base']:.5f}"]
+                cells += [f"{r['rel_change_base']:.4g}", f"{r['cos_base']:.5f}"]
             for nm in self.input_names:
-                cells += [f"{r[f'rel_change[{nm}]']:.4f}", f"{r[f'cos[{nm}]']:.5f}"]
+                cells += [f"{r[f'rel_change[{nm}]']:.4g}", f"{r[f'cos[{nm}]']:.5f}"]
             lines.append(" | ".join(cells))
         lines.append("Δ = ‖merged − other‖ / ‖other‖ over the block; cos = cosine similarity of the block's weights "
                      "(Δ inf: the other block is all zeros; cos nan: one of the two is).")
@@ -112,6 +112,14 @@ class MergeStats:
         labels = [r["block"] for r in rows]
         return bar_chart(labels, values, title=("relative change vs base" if self.has_base else
                                                 f"relative change vs {self.input_names[0] if self.input_names else ''}"))
+
+
+def _elide(text: str, n: int) -> str:
+    """``text`` in at most ``n`` characters, the middle replaced by '…' (a block's number is at its end)."""
+    if len(text) <= n:
+        return text
+    tail = (n - 1) // 2
+    return text[:n - 1 - tail] + "…" + text[-tail:]
 
 
 def _figures(mm: float, dd: float, xx: float, mx: float) -> Tuple[float, float]:
@@ -132,8 +140,12 @@ def _figures(mm: float, dd: float, xx: float, mx: float) -> Tuple[float, float]:
     return rel, cos
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float], title: str = "", fmt: str = "{:.4f}") -> torch.Tensor:
-    """Horizontal bars, one row per label, as a ComfyUI IMAGE tensor."""
+_BAR_FLOOR = 1e-6      # a full-width bar stands for at least this much: rounding noise draws no bars
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], title: str = "", fmt: str = "{:.4g}") -> torch.Tensor:
+    """Horizontal bars, one row per label, as a ComfyUI IMAGE tensor; the title says what a full-width bar
+    stands for (at least 1e-6, so that fp rounding between identical models does not fill the chart)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -141,11 +153,12 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str = "", f
     h = pad * 3 + row_h * (len(labels) + 1)
     img = Image.new("RGB", (left + width + 90, max(h, 40)), (24, 24, 28))
     draw = ImageDraw.Draw(img)
-    draw.text((pad, pad), title, fill=(230, 230, 230))
-    vmax = max([abs(v) for v in values if math.isfinite(v)] + [1e-12])
+    vmax = max([abs(v) for v in values if math.isfinite(v)] + [_BAR_FLOOR])
+    draw.text((pad, pad), f"{title} (full width = {vmax:.3g})" if title else f"full width = {vmax:.3g}",
+              fill=(230, 230, 230))
     for i, (lab, v) in enumerate(zip(labels, values)):
         y = pad * 2 + row_h * (i + 1)
-        draw.text((pad, y), str(lab)[:28], fill=(200, 200, 200))
+        draw.text((pad, y), _elide(str(lab), 29), fill=(200, 200, 200))
         if not math.isfinite(v):            # no bar, just the value ("nan", "inf")
             draw.text((left + 4, y), fmt.format(v), fill=(240, 120, 90))
             continue

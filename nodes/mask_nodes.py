@@ -7,6 +7,7 @@ selections), see ``engine/masks.py``.
 """
 from __future__ import annotations
 
+import textwrap
 from typing import List, Sequence, Tuple
 
 import torch
@@ -236,13 +237,17 @@ def bar_chart(rows: Sequence[Tuple[str, int, int]], title: str = "") -> torch.Te
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    row_h, left, bar_w, right, top = 14, 8, 360, 64, 28
+    row_h, left, bar_w, right = 14, 8, 360, 64
     label_w = max([6 * len(r[0]) for r in rows] + [60])
     width = left + label_w + 8 + bar_w + right
+    # a chained mask's description can be long: wrapped to the image's width, never cut
+    title_lines = textwrap.wrap(title or "selected fraction per block", max(20, (width - 2 * left) // 6)) or [""]
+    top = 16 + 12 * len(title_lines)
     height = top + row_h * max(len(rows), 1) + 12
     img = Image.new("RGB", (width, height), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    d.text((left, 6), (title or "selected fraction per block")[:110], fill=(0, 0, 0), font=font)
+    for i, line in enumerate(title_lines):
+        d.text((left, 6 + 12 * i), line, fill=(0, 0, 0), font=font)
     x0 = left + label_w + 8
     for i, (name, s, t) in enumerate(rows):
         y = top + i * row_h

@@ -321,3 +321,16 @@ def test_sdxl_size_masks_stay_light(harness):
     assert r.union(b).state(k_out) == "all" and r.union(b).selection(k_out, shapes[k_out], CPU) is None
     assert torch.equal(r.union(b).dense(k_in), r.dense(k_in))
     assert torch.equal(r.xor(b).dense(k_out), ~r.dense(k_out))
+
+
+def test_mask_chart_title_is_wrapped_not_cut(harness):
+    """A chained mask's description (its chart title) was cut at 110 characters, so the title described
+    another mask; it is now wrapped over as many lines as it needs."""
+    mn = pack(harness, "nodes.mask_nodes")
+    rows = [("input_blocks.1.", 3, 10), ("out.", 0, 4)]
+    label = "(((blocks input_blocks.4) and (random density 0.3 seed 2)) or (|A - B| above quantile 0.9 per " \
+            "tensor)) xor (random density 0.3 seed 1)"
+    short, long_ = mn.bar_chart(rows, "a mask"), mn.bar_chart(rows, label)
+    assert long_.shape[2] == short.shape[2] and long_.shape[1] >= short.shape[1] + 12     # one more line
+    lines = __import__("textwrap").wrap(label, (short.shape[2] - 16) // 6)
+    assert len(lines) >= 2 and " ".join(lines) == label

@@ -716,6 +716,47 @@ def test_report_with_an_all_zero_side(harness):
     assert img.shape[0] == 1 and img.shape[-1] == 3 and torch.isfinite(img).all()
 
 
+def test_report_shows_small_changes_and_not_rounding_noise(harness):
+    """Δ of a fine-tune's scale (3e-5) printed as 0.0000, like an untouched block; the chart scaled the
+    largest value to full width, so the fp rounding between identical models (1e-9) filled it.  Now Δ has
+    4 significant digits, a full-width bar stands for at least 1e-6 and the title says for how much, and
+    long block names are shortened in the middle (their numbers stay apart)."""
+    import numpy as np
+    rep = pack(harness, "engine.report")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1000, generator=g)
+    stats = rep.MergeStats(lambda k: k.rsplit(".", 1)[0], ["one"], has_base=True)
+    stats.add("tuned.w", x * (1 + 3e-5), x, [x])
+    stats.add("noise.w", x * (1 + 1e-9), x, [x])
+    row = next(line for line in stats.text().splitlines() if line.startswith("tuned |"))
+    assert float(row.split(" | ")[2]) == pytest.approx(3e-5, rel=1e-2)
+
+    def bar_pixels(values):
+        img = (rep.bar_chart(["a", "b"], values, title="t")[0].numpy() * 255).round().astype(np.uint8)
+        return int((np.abs(img.astype(int) - np.array([90, 160, 240])).sum(-1) == 0).sum())
+    assert bar_pixels([1e-9, 2e-9]) <= 2 * 2 * 12          # 2-pixel stubs: no bars
+    assert bar_pixels([0.5, 1.0]) > 100 * 11
+    a, b = rep._elide("transformer.very_long_module_name_blocks.12.", 29), \
+        rep._elide("transformer.very_long_module_name_blocks.13.", 29)
+    assert len(a) == 29 and a != b and a.endswith("blocks.12.")
+
+
+def test_a_clip_weight_kept_for_non_finite_values_is_named_in_the_report(harness):
+    """A CLIP weight the checkpoint does not hold (ComfyUI leaves it uninitialized: NaN) is kept as is; the
+    report's table leaves it out, and a warning under it now says so (it was only in the log)."""
+    mn = pack(harness, "nodes.merger_nodes")
+    base = fixtures._build_small_clip("SD15", 0)
+    sd = base.cond_stage_model.state_dict()
+    key = next(k for k in sd if k.endswith(".transformer.text_projection.weight"))
+    with torch.no_grad():
+        sd[key].fill_(float("nan"))
+    models = [(None, fixtures.small_clip("SD15", delta_seed=s, delta_scale=0.02), {}, f"model {s}") for s in (1, 2)]
+    _, text, _ = mn.run_merge("clip", base, pack(harness, "merge_methods").create("task_arithmetic"), models, 0,
+                              "cpu", "fp32", "error")
+    assert any(line.startswith("warning: ") and "kept as is: not finite" in line and key.split(".")[-3] in line
+               for line in text.splitlines())
+
+
 def test_fp16_overflow_and_non_finite_inputs_are_errors_that_name_the_key_and_model(harness):
     """Finite fp16 inputs whose merge does not fit fp16 (40000 + 40000 with linear, normalize off): an error
     naming the key, not a model holding inf.  A NaN in model 2: the message says 'model 2', as the nodes
