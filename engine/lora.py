@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -364,11 +364,13 @@ def block_factors(lora: Lora, block_weights) -> Dict[LayerKey, float]:
 
 
 @torch.no_grad()
-def stack_loras(entries: Sequence[Tuple], name: str = "stack") -> Lora:
+def stack_loras(entries: Sequence[Tuple], name: str = "stack",
+                progress: Optional[Callable[[int, int], None]] = None) -> Lora:
     """``Σ strength·LoRA``: the model strength scales diffusion-model layers, the CLIP strength the
     text-encoder layers.  Exact (factors concatenated).  An entry is ``(lora, strength_model,
     strength_clip)`` or ``(lora, strength_model, strength_clip, block_weights)``: block weights scale each
-    layer's strength by its block's factor (see :func:`block_factors`)."""
+    layer's strength by its block's factor (see :func:`block_factors`).  ``progress(i, n)`` after each
+    layer (it may raise to cancel)."""
     entries = [(e[0], float(e[1]), float(e[2]), e[3] if len(e) > 3 else None) for e in entries]
     if not entries:
         raise LoraError("LoRA stack: no LoRA given")
@@ -385,10 +387,14 @@ def stack_loras(entries: Sequence[Tuple], name: str = "stack") -> Lora:
         for k, n in l.names.items():
             names.setdefault(k, n)
     layers = {}
-    for k, parts in keys.items():
+    for i, (k, parts) in enumerate(keys.items()):
+        if progress is not None:
+            progress(i, len(keys))
         if all(c == 0.0 for _, c in parts):
             continue
         layers[k] = concat_layers(parts, k)
+    if progress is not None:
+        progress(len(keys), len(keys))
     parts = []
     for l, sm, sc, bw in entries:
         part = {"strength_model": sm, "strength_clip": sc, "lora": l.source}

@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -323,12 +323,13 @@ def _fit_problem(layer: LoraLayer, shape) -> Optional[str]:
 
 # -- saving ----------------------------------------------------------------------------------------
 
-def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = torch.float16
-                    ) -> Dict[str, torch.Tensor]:
+def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = torch.float16,
+                    progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, torch.Tensor]:
     """The tensors of a LoRA file.  kohya: ``lora_unet_…``/``lora_te…`` names (layers without such a name
     are left out: see :func:`kohya_unnamed`); comfyui: ``diffusion_model.…``/``text_encoders.…``.  Layers
     on slices of one weight (a diffusers Flux LoRA's q/k/v of ``img_attn.qkv``) are written as one layer
-    of the whole weight, the way kohya's own Flux files hold them."""
+    of the whole weight, the way kohya's own Flux files hold them.  ``progress(i, n)`` after each layer
+    (it may raise to cancel)."""
     if key_format not in KEY_FORMATS:
         raise LoraError(f"unknown key format {key_format!r}; choose one of {', '.join(KEY_FORMATS)}")
     layers = _whole_weight_layers(lora)
@@ -348,7 +349,9 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
         owner[name] = k
         out[name] = t.detach().to(device="cpu").contiguous()
 
-    for k, layer in layers.items():
+    for i, (k, layer) in enumerate(layers.items()):
+        if progress is not None:
+            progress(i, len(layers))
         if k in skip:
             continue
         bk = base_key(k)
@@ -523,12 +526,14 @@ def next_free_path(folder: str, filename: str, counter: int) -> str:
 
 def save_lora(lora: Lora, filename_prefix: str, output_dir: str, key_format: str = "kohya",
               dtype_name: str = "fp16", recipe: Optional[Any] = None,
-              extra_metadata: Optional[Mapping[str, str]] = None) -> str:
+              extra_metadata: Optional[Mapping[str, str]] = None,
+              progress: Optional[Callable[[int, int], None]] = None) -> str:
     """Write ``lora`` to ``output_dir/<prefix>_NNNNN_.safetensors`` (the next free counter), atomically:
     a temporary file in the same folder, then a no-replace link (or a checked ``os.replace``).
     Returns the path written.  Never overwrites a file; on any failure nothing is left behind.
     ``recipe``: the provenance to store (JSON-able), or a function of the file's path relative to
-    ``output_dir`` giving it; None: the LoRA's own; False: none."""
+    ``output_dir`` giving it; None: the LoRA's own; False: none.  ``progress(i, n)`` per layer and once
+    more before the file is written (it may raise to cancel: nothing is written)."""
     import folder_paths
     import safetensors.torch
 
@@ -536,7 +541,9 @@ def save_lora(lora: Lora, filename_prefix: str, output_dir: str, key_format: str
         raise LoraError(f"unknown dtype {dtype_name!r}; choose one of {', '.join(SAVE_DTYPES)}")
     if not lora.layers:
         raise LoraError(f"LoRA '{lora.name}' has no layers: nothing to save")
-    sd = lora_state_dict(lora, key_format, SAVE_DTYPES[dtype_name])
+    sd = lora_state_dict(lora, key_format, SAVE_DTYPES[dtype_name], progress=progress)
+    if progress is not None:
+        progress(len(lora.layers), len(lora.layers))
     warning = left_out_warning(lora, key_format)
     if warning:
         log.warning("MergeLab: %s", warning)

@@ -664,7 +664,7 @@ def comfy_progress(total_hint: int = 0):
     def progress(i, n):
         mm.throw_exception_if_processing_interrupted()
         step = max(1, n // 200)
-        if i == n or i - state["last"] >= step:
+        if i == n or i < state["last"] or i - state["last"] >= step:      # (a new phase starts at 0)
             state["last"] = i
             pbar.update_absolute(i, n)
     return progress
@@ -714,13 +714,21 @@ def save_clip(clip, filename_prefix: str = "clip/MergeLab", dtype: str = "keep",
     if extra_metadata:
         metadata.update(extra_metadata)
     safe = sanitize_prefix(filename_prefix, default_prefix)
-    results = []
+    results: List[SaveResult] = []
     groups = clip_file_groups(clip)
-    for prefix, part in groups:
-        p = safe if not prefix else f"{safe}_{prefix[:-1]}"
-        dest = destination(p, default_prefix, output_dir)
-        plan = plan_clip_file(prefix, part, dtype)
-        prog = progress_factory(len(plan.tensors)) if progress_factory else None
-        file_metadata = (lambda d: dict(metadata, **metadata_fn(d))) if metadata_fn is not None else metadata
-        results.append(write_plan(plan, dest, file_metadata, progress=prog, threaded=threaded, fsync=fsync))
+    try:
+        for prefix, part in groups:
+            p = safe if not prefix else f"{safe}_{prefix[:-1]}"
+            dest = destination(p, default_prefix, output_dir)
+            plan = plan_clip_file(prefix, part, dtype)
+            prog = progress_factory(len(plan.tensors)) if progress_factory else None
+            file_metadata = (lambda d: dict(metadata, **metadata_fn(d))) if metadata_fn is not None else metadata
+            results.append(write_plan(plan, dest, file_metadata, progress=prog, threaded=threaded, fsync=fsync))
+    except BaseException:           # Cancel (or a failure) at a later encoder: none of this save's files stay
+        for r in results:
+            try:
+                os.unlink(r.path)
+            except OSError:
+                pass
+        raise
     return results

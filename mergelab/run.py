@@ -109,9 +109,12 @@ def execute_workflow(workflow, overrides: List[str], harness, quiet: bool = Fals
         return WorkflowRun(2, error=str(e))
     before = _snapshot(harness.output_dir)
     progress = TextProgress(prompt, quiet=quiet)
+    import comfy.model_management
     import comfy.utils
 
     def hook(value, total, preview, node_id=None):
+        # as ComfyUI's server's hook: a progress step is where a node notices Cancel (Ctrl-C here)
+        comfy.model_management.throw_exception_if_processing_interrupted()
         progress.event("progress", {"value": value, "max": total, "node": node_id})
 
     comfy.utils.set_progress_bar_global_hook(hook)

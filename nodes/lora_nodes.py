@@ -15,6 +15,7 @@ from ..engine.lora_io import KEY_FORMATS, SAVE_DTYPES, left_out_warning, load_lo
 from ..engine.lora_ops import ExtractOptions, LoraMergeInput, extract_lora, merge_loras, resize_lora
 from ..engine.lora_svd import CLAMP_QUANTILE_MIN, RANK_MODES, SVD_METHODS, RankError, RankSpec, SVDOptions
 from ..engine.merge import DEVICES
+from ..engine.saving import comfy_progress
 from .comfy_api_compat import io
 from .types import BlockWeightsType, LoraType, MergeMethodType
 from .widgets import widget_input
@@ -173,7 +174,8 @@ class LoraStackNode(io.ComfyNode):
             entries.append((stack, 1.0, 1.0))
         entries.append((lora, strength_model, strength_clip, block_weights))
         try:
-            out = stack_loras(entries, name=(f"{stack.name}+{lora.name}" if stack is not None else lora.name))
+            out = stack_loras(entries, name=(f"{stack.name}+{lora.name}" if stack is not None else lora.name),
+                              progress=comfy_progress())
         except LoraError as e:
             _fail(e)
         return io.NodeOutput(out)
@@ -432,7 +434,8 @@ class SaveLoraNode(io.ComfyNode):
         prefix = (filename_prefix or "").strip() or "loras/MergeLab_lora"
         try:
             recipe = _file_recipe(cls, lora, key_format, dtype, hash_input_files) if save_recipe else False
-            path = save_lora(lora, prefix, out_dir, key_format=key_format, dtype_name=dtype, recipe=recipe)
+            path = save_lora(lora, prefix, out_dir, key_format=key_format, dtype_name=dtype, recipe=recipe,
+                             progress=comfy_progress(len(lora.layers)))
         except LoraError as e:
             _fail(e)
         except Exception as e:   # the output-folder guard of folder_paths raises a bare Exception

@@ -15,6 +15,7 @@ import torch
 from ..engine import masks as M
 from ..engine import normalize as N
 from ..engine.merge import DEVICES
+from ..engine.saving import comfy_progress
 from ..merge_methods import MergeError
 from .comfy_api_compat import io
 from .types import ModelMaskType
@@ -31,21 +32,6 @@ def _device_input():
 
 def _mask_output():
     return ModelMaskType.Output(display_name="mask", tooltip="A MODEL_MASK for the mask input of a MergeLab merger.")
-
-
-class _Progress:
-    """ComfyUI's progress bar (which also honours Cancel) as a ``(done, total)`` callback."""
-
-    def __init__(self):
-        import comfy.utils
-
-        self._utils = comfy.utils
-        self._bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._bar is None or self._bar.total != total:
-            self._bar = self._utils.ProgressBar(total)
-        self._bar.update_absolute(done, total)
 
 
 def _wrap(fn, *args, **kwargs):
@@ -105,7 +91,7 @@ class MagnitudeMaskerNode(io.ComfyNode):
         read_b = M.model_reader(model_b, dev) if model_b is not None else None
         try:
             mask = _wrap(M.magnitude_mask, layout, M.model_reader(model_a, dev), read_b, quantile, select, scope,
-                         progress=_Progress())
+                         progress=comfy_progress())
         finally:
             if dev.type != "cpu":
                 import comfy.model_management as mm
@@ -208,7 +194,7 @@ class MaskOperationsNode(io.ComfyNode):
         if not isinstance(mask_a, M.ModelMask):
             raise ValueError("mask_a must be a MODEL_MASK")
         other = mask_b if operation != "invert" else None
-        return io.NodeOutput(_wrap(mask_a.apply, operation, other, _Progress()))
+        return io.NodeOutput(_wrap(mask_a.apply, operation, other, comfy_progress()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +267,7 @@ class MaskReportNode(io.ComfyNode):
     def execute(cls, mask):
         if not isinstance(mask, M.ModelMask):
             raise ValueError("mask must be a MODEL_MASK")
-        rows = report_rows(mask, _Progress())
+        rows = report_rows(mask, comfy_progress())
         text = report_text(mask, rows)
         return io.NodeOutput(text, bar_chart(rows, mask.label), ui={"text": [text]})
 
@@ -368,7 +354,7 @@ class NormalizeModelNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_a, model_b, mode, strength, device):
-        out, report = _wrap(N.normalize_model, model_a, model_b, mode, strength, device, _Progress())
+        out, report = _wrap(N.normalize_model, model_a, model_b, mode, strength, device, comfy_progress())
         return io.NodeOutput(out, report.text())
 
 

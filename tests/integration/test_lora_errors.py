@@ -204,3 +204,43 @@ def test_cancel_stops_extraction(harness):
     assert any(e == "execution_interrupted" for e, _ in res.messages)
     total = seen[0][1]
     assert 5 <= len(seen) < total      # stopped right after the flag, long before the end
+
+
+@pytest.mark.parametrize("stop_in", ["stack", "save"])
+def test_cancel_stops_lora_stack_and_save_lora(harness, stop_in):
+    """Cancel pressed while LoRA Stack combines layers or while Save LoRA converts them: neither checked
+    it (Stack finished every layer; Save LoRA wrote its file and the prompt succeeded).  Now both stop at
+    the next layer and Save LoRA leaves no file."""
+    import comfy.model_management as mm
+    import comfy.utils
+    import folder_paths
+    seen = []
+
+    from comfy_execution.utils import get_executing_context
+
+    def hook(value, total, preview, node_id=None, **kw):
+        ctx = get_executing_context()
+        if (node_id or (ctx.node_id if ctx else None)) == stop_in:
+            seen.append((value, total))
+            if len(seen) == 1:
+                mm.interrupt_current_processing(True)
+    g = {"a": small("SD15", delta=0.01), "b": small("SD15"), "x": extract_node("a", "b"),
+         "stack": {"class_type": "MergeLab_LoRAStack", "inputs": {"lora": ["x", 0], "strength_model": 0.7,
+                                                                  "strength_clip": 1.0}},
+         "save": {"class_type": "MergeLab_SaveLoRA", "inputs": {"lora": ["stack", 0],
+                                                                "filename_prefix": f"loras/cancel_{stop_in}",
+                                                                "key_format": "kohya", "dtype": "fp16"}}}
+    folder = os.path.join(folder_paths.get_output_directory(), "loras")
+    before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        res = harness.run(harness.with_defaults(g))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+        mm.interrupt_current_processing(False)
+    assert not res.success
+    assert any(e == "execution_interrupted" for e, _ in res.messages)
+    assert len(seen) == 1, seen          # stopped at the step after the flag
+    after = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    assert after == before               # no file, no temporary

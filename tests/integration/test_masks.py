@@ -334,3 +334,33 @@ def test_mask_chart_title_is_wrapped_not_cut(harness):
     assert long_.shape[2] == short.shape[2] and long_.shape[1] >= short.shape[1] + 12     # one more line
     lines = __import__("textwrap").wrap(label, (short.shape[2] - 16) // 6)
     assert len(lines) >= 2 and " ".join(lines) == label
+
+
+def test_mask_nodes_check_cancel_themselves(harness):
+    """Mask Operations (like the other mask nodes and Normalize Model) noticed Cancel only through the host's
+    progress hook; under a host whose hook does not check it (the workflow runner's did not) it combined
+    every key after Cancel.  Now each progress step checks it."""
+    import comfy.model_management as mm
+    import comfy.utils
+    from comfy_execution.utils import get_executing_context
+    seen = []
+
+    def hook(value, total, preview, node_id=None, **kw):        # a host hook that does not check Cancel
+        ctx = get_executing_context()
+        if ctx is not None and ctx.node_id == "op":
+            seen.append(value)
+            if len(seen) == 1:
+                mm.interrupt_current_processing(True)
+    g = {"a": small(), "r1": api_node("MergeLab_RandomMasker", model=["a", 0], density=0.5, seed=1),
+         "r2": api_node("MergeLab_RandomMasker", model=["a", 0], density=0.3, seed=2),
+         "op": api_node("MergeLab_MaskOperations", mask_a=["r1", 0], mask_b=["r2", 0], operation="xor"),
+         "c": cap("op", "m")}
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        res = harness.run(g)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+        mm.interrupt_current_processing(False)
+    assert not res.success and any(e == "execution_interrupted" for e, _ in res.messages)
+    assert len(seen) == 1

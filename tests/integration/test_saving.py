@@ -776,3 +776,46 @@ def test_a_header_safetensors_would_refuse_is_refused_before_writing(harness, tm
     with pytest.raises(stw.SafetensorsFormatError, match="at most 100000000"):
         stw.write_file(too_big, plans, {"big": "x" * (100_000_000 - overhead + 8)})
     assert not os.path.exists(too_big)
+
+
+def test_cancel_in_a_later_text_encoder_leaves_none_of_the_clip_files(harness, monkeypatch):
+    """Save CLIP writes one file per text encoder.  Cancel while the second (SDXL's clip_g) was written left
+    the first file complete under its final name, and the next save's counters no longer paired up.  Now
+    the files of a cancelled save are removed, and the next save takes the same counters."""
+    import comfy.model_management as mm
+    stw = pack(harness, "engine.safetensors_writer")
+
+    def prompt():
+        return {"1": small("SDXL"),
+                "2": {"class_type": "MergeLab_SaveCLIP", "inputs": {"clip": ["1", 1], "filename_prefix": "cancel/te",
+                                                                   "dtype": "keep", "save_recipe": True,
+                                                                   "hash_input_files": False}}}
+    real = stw.tensor_bytes
+    calls = {"n": 0}
+
+    def counting(t):
+        calls["n"] += 1
+        return real(t)
+    monkeypatch.setattr(stw, "tensor_bytes", counting)
+    before = outputs_in(harness.output_dir)
+    harness.run_ok(prompt())
+    first = new_files(harness, before)
+    assert len(first) == 2 and calls["n"] > 10
+    total, calls["n"] = calls["n"], 0
+
+    def cancelling(t):
+        calls["n"] += 1
+        if calls["n"] == total - 3:                 # in the last encoder's file
+            mm.interrupt_current_processing(True)
+        return real(t)
+    monkeypatch.setattr(stw, "tensor_bytes", cancelling)
+    before = outputs_in(harness.output_dir)
+    try:
+        res = harness.run(prompt())
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not res.success and any(e == "execution_interrupted" for e, _ in res.messages)
+    assert new_files(harness, before) == []
+    monkeypatch.setattr(stw, "tensor_bytes", real)
+    harness.run_ok(prompt())
+    assert sorted(new_files(harness, before)) == sorted(f.replace("_00001_", "_00002_") for f in first)
