@@ -77,10 +77,20 @@ class Part:
     items: Dict[str, _Item] = field(default_factory=dict)
 
 
-def _cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """``t`` on the CPU in ``dtype`` (floats only); no copy when it already is."""
+_FP16_MAX_EXCLUSIVE = 65520.0        # the smallest magnitude fp16 rounds to inf
+
+
+def _cast(t: torch.Tensor, dtype: Optional[torch.dtype], key: str = "") -> torch.Tensor:
+    """``t`` on the CPU in ``dtype`` (floats only); no copy when it already is.  A weight that does not
+    fit fp16 is an error naming it (it would be written as ±inf)."""
     t = t.detach()
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        if dtype == torch.float16 and t.numel():
+            lo, hi = torch.aminmax(t)
+            big = torch.maximum(-lo, hi)
+            if bool(big >= _FP16_MAX_EXCLUSIVE):
+                raise SaveError(f"weight '{key}' does not fit fp16 (largest |value| {float(big):.6g}, fp16 holds up "
+                                "to 65504): save it with dtype keep, bf16 or fp32")
         return t.to(device="cpu", dtype=dtype)
     return t.to(device="cpu")
 
@@ -128,15 +138,15 @@ def part_from_keysource(name: str, ks: KeySource, strip: str = "") -> Part:
                 return raw.detach().to(cpu)
             tgt = target or dtype
             if key in ks.wrappers:
-                return ks.read(key, cpu, torch.float32).to(tgt)
+                return _cast(ks.read(key, cpu, torch.float32), tgt, key)
             if len(entry) == 1 and raw.dtype in _STD_FLOATS and not is_quantized(raw):
                 if raw.device.type == "meta":
                     raise SaveError(f"weight '{key}' is not materialized (meta device); it cannot be saved")
-                return _cast(raw, tgt)
+                return _cast(raw, tgt, key)
             t = _lone_set_patch(entry, raw)
             if t is not None:
-                return _cast(t, tgt)
-            return ks.read(key, cpu, torch.float32).to(tgt)
+                return _cast(t, tgt, key)
+            return _cast(ks.read(key, cpu, torch.float32), tgt, key)
 
         part.items[local] = _Item(tuple(raw.shape), dtype, produce, weight=is_float)
     return part
@@ -150,8 +160,8 @@ def part_from_tensors(name: str, sd: Dict[str, Any], weight: bool = True) -> Par
             continue
         is_float = t.is_floating_point()
 
-        def produce(target, t=t, is_float=is_float):
-            return _cast(t, (target or t.dtype) if is_float else None)
+        def produce(target, t=t, is_float=is_float, key=key):
+            return _cast(t, (target or t.dtype) if is_float else None, key)
 
         part.items[key] = _Item(tuple(t.shape), t.dtype, produce, weight=weight and is_float)
     return part
@@ -360,7 +370,7 @@ def _derived_producer(name: str, part: Part, keys: List[str], conv, tgt: torch.d
         t = res[name]
         if tuple(t.shape) != tuple(shape):
             raise SaveError(f"recomputing '{name}' gave shape {tuple(t.shape)}, planned {tuple(shape)}")
-        return _cast(t, tgt if tgt.is_floating_point else None).contiguous()
+        return _cast(t, tgt if tgt.is_floating_point else None, name).contiguous()
     return produce
 
 

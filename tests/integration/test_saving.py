@@ -819,3 +819,32 @@ def test_cancel_in_a_later_text_encoder_leaves_none_of_the_clip_files(harness, m
     monkeypatch.setattr(stw, "tensor_bytes", real)
     harness.run_ok(prompt())
     assert sorted(new_files(harness, before)) == sorted(f.replace("_00001_", "_00002_") for f in first)
+
+
+def test_a_weight_that_does_not_fit_fp16_is_an_error_naming_it(harness):
+    """Saved with dtype fp16, a bf16 model's weight of 1e5 (after a LoRA, say) was written as inf with a
+    normal success message; the Model Merger refuses the same overflow.  Now the save is refused, naming
+    the weight, and nothing is written; bf16 saves it."""
+    from mergelab import fixtures
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    shape = fixtures.small_model("SD15").model.state_dict()[key + ".weight"].shape
+    path = os.path.join(harness.output_dir, "..", "big_diff.safetensors")
+    save_file({key + ".diff": torch.full(shape, 1.0e5)}, path)
+    lora = harness.add_model_file("loras", path, name="big_diff.safetensors")
+
+    def prompt(dtype):
+        return {"1": small("SD15", dtype="bf16"),
+                "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora,
+                                                                     "strength_model": 1.0}},
+                "3": {"class_type": "MergeLab_SaveModel", "inputs": {"model": ["2", 0], "filename_prefix": f"big/{dtype}",
+                                                                    "dtype": dtype, "save_recipe": False,
+                                                                    "hash_input_files": False}}}
+    before = outputs_in(harness.output_dir)
+    res = harness.run(prompt("fp16"))
+    assert not res.success
+    assert f"weight '{key}.weight' does not fit fp16" in res.error_text()
+    assert new_files(harness, before) == []
+    harness.run_ok(prompt("bf16"))
+    (saved,) = new_files(harness, before)
+    with safe_open(os.path.join(harness.output_dir, saved), "pt") as f:
+        assert float(f.get_tensor("model." + key + ".weight").float().max()) > 9e4
