@@ -323,6 +323,27 @@ def _fit_problem(layer: LoraLayer, shape) -> Optional[str]:
 
 # -- saving ----------------------------------------------------------------------------------------
 
+_FP16_TINY = 2.0 ** -14      # below this fp16 has subnormals: fewer significant bits
+
+
+def _poor_in_fp16(t: torch.Tensor) -> bool:
+    """More than 1 % of the non-zero entries would be fp16 subnormals, or some would overflow."""
+    a = t.detach().abs()
+    nz = int(torch.count_nonzero(a))
+    return nz > 0 and (int(((a < _FP16_TINY) & (a > 0)).sum()) > 0.01 * nz or bool(a.max() > 65504))
+
+
+def _balanced(up: torch.Tensor, down: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The same product with each rank component's up column and down row at the same norm.  A LoRA whose
+    scale was folded into its up factor (Stack, Merge LoRAs: alpha 1 of rank 128 at strength 0.5 gives up
+    values near 1e-5) would be stored in fp16 mostly as subnormals, ~10x less accurate than fp16 rounding."""
+    u, d = up.float(), down.float()
+    un = torch.linalg.vector_norm(u.reshape(u.shape[0], u.shape[1], -1), dim=(0, 2))
+    dn = torch.linalg.vector_norm(d.reshape(d.shape[0], -1), dim=1)
+    g = torch.where((un > 0) & (dn > 0), (dn / un.clamp_min(1e-30)).sqrt(), torch.ones_like(un))
+    return (u * g.view(1, -1, *([1] * (u.dim() - 2))), d / g.view(-1, *([1] * (d.dim() - 1))))
+
+
 def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = torch.float16,
                     progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, torch.Tensor]:
     """The tensors of a LoRA file.  kohya: ``lora_unet_…``/``lora_te…`` names (layers without such a name
@@ -371,8 +392,12 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
         if layer.kind == "diff":
             put(p + ".diff", layer.diff.to(dtype), k)
             continue
-        put(p + ".lora_up.weight", layer.up.to(dtype), k)
-        put(p + ".lora_down.weight", layer.down.to(dtype), k)
+        up, down = layer.up, layer.down
+        if (dtype == torch.float16 and layer.mid is None and torch.float16 not in (up.dtype, down.dtype)
+                and (_poor_in_fp16(up) or _poor_in_fp16(down))):     # (fp16 factors are kept bit for bit)
+            up, down = _balanced(up, down)
+        put(p + ".lora_up.weight", up.to(dtype), k)
+        put(p + ".lora_down.weight", down.to(dtype), k)
         if layer.mid is not None:
             put(p + ".lora_mid.weight", layer.mid.to(dtype), k)
         alpha = layer.alpha if layer.alpha is not None else float(layer.rank)
