@@ -205,3 +205,17 @@ def test_model_stock_edge_cases():
         stock(base, [bad, models[1]])
     with pytest.raises(MergeError, match="filter_wise"):
         mm.create("model_stock", filter_wise="maybe")
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_sce_variance_is_zero_where_the_models_agree(n):
+    """sce keeps the top select_topk of the entries with non-zero variance across models: where every
+    model has the same task vector the variance must be exactly 0 (as torch.var gives), also for 3 or 5
+    models, whose mean of equal values is not always that value.  Elsewhere it is torch.var's."""
+    from merge_methods.sce import _variance
+    g = torch.Generator().manual_seed(n)
+    same = torch.randn(50000, generator=g).expand(n, -1)
+    differ = torch.randn(n, 50000, generator=g)
+    v = _variance(torch.cat([same, differ], dim=1))
+    assert int(torch.count_nonzero(v[:50000])) == 0
+    torch.testing.assert_close(v[50000:], differ.var(dim=0, unbiased=False), rtol=1e-5, atol=1e-7)
