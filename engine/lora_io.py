@@ -16,6 +16,7 @@ import torch
 
 from .lora import (Lora, LoraError, LoraLayer, LayerKey, UNET_PREFIX, arch_of, base_key, key_text,
                    not_a_difference, target_shape, weight_shapes)
+from .weights import fp16_overflow
 
 log = logging.getLogger("MergeLab")
 
@@ -364,11 +365,15 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
     out: Dict[str, torch.Tensor] = {}
     owner: Dict[str, LayerKey] = {}
 
-    def put(name: str, t: torch.Tensor, k: LayerKey):
+    def put(name: str, t: torch.Tensor, k: LayerKey, to: Optional[torch.dtype] = dtype):
         if name in out:
             raise LoraError(f"two layers would be written as '{name}' ({key_text(owner[name])} and {key_text(k)})")
+        big = fp16_overflow(t) if to == torch.float16 else None
+        if big is not None:
+            raise LoraError(f"layer {key_text(k)} does not fit fp16 (largest |value| in '{name}' {big:.6g}, fp16 "
+                            "holds up to 65504): save it with dtype bf16 or fp32")
         owner[name] = k
-        out[name] = t.detach().to(device="cpu").contiguous()
+        out[name] = t.detach().to(device="cpu", dtype=to).contiguous()
 
     for i, (k, layer) in enumerate(layers.items()):
         if progress is not None:
@@ -383,25 +388,25 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
                 raise LoraError(f"cannot save: {e}") from None
         if isinstance(k, str) and bk.endswith(".bias") and layer.kind == "diff":
             wk = bk[:-len(".bias")] + ".weight"
-            put(prefix_for(wk) + ".diff_b", layer.diff.to(dtype), k)
+            put(prefix_for(wk) + ".diff_b", layer.diff, k)
             continue
         if isinstance(k, str) and not bk.endswith(".weight") and not bk.startswith(UNET_PREFIX):
             raise LoraError(f"cannot save a difference of text-encoder parameter {bk}: LoRA files only address "
                             "weights and biases")
         p = prefix_for(k)
         if layer.kind == "diff":
-            put(p + ".diff", layer.diff.to(dtype), k)
+            put(p + ".diff", layer.diff, k)
             continue
         up, down = layer.up, layer.down
         if (dtype == torch.float16 and layer.mid is None and torch.float16 not in (up.dtype, down.dtype)
                 and (_poor_in_fp16(up) or _poor_in_fp16(down))):     # (fp16 factors are kept bit for bit)
             up, down = _balanced(up, down)
-        put(p + ".lora_up.weight", up.to(dtype), k)
-        put(p + ".lora_down.weight", down.to(dtype), k)
+        put(p + ".lora_up.weight", up, k)
+        put(p + ".lora_down.weight", down, k)
         if layer.mid is not None:
-            put(p + ".lora_mid.weight", layer.mid.to(dtype), k)
+            put(p + ".lora_mid.weight", layer.mid, k)
         alpha = layer.alpha if layer.alpha is not None else float(layer.rank)
-        put(p + ".alpha", torch.tensor(float(alpha), dtype=torch.float32), k)
+        put(p + ".alpha", torch.tensor(float(alpha)), k, to=torch.float32)
     if not out:
         raise LoraError(f"none of the {len(layers)} layers of LoRA '{lora.name}' has a kohya name (lora_unet_…, "
                         "lora_te…): save it with key_format 'comfyui'")

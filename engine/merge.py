@@ -20,8 +20,8 @@ from .alloc import recycled_memory
 from .precision import full_fp32_matmul
 from .recipe import record_merge
 from .settings import settings_not_kept
-from .weights import (CLIP_OPTIONAL_SUFFIXES, KeySource, all_finite, is_clip, model_family, patcher_of, set_weights,
-                      storage_dtype)
+from .weights import (CLIP_OPTIONAL_SUFFIXES, KeySource, all_finite, fp16_overflow, is_clip, model_family, patcher_of,
+                      set_weights, storage_dtype)
 
 log = logging.getLogger("MergeLab")
 
@@ -290,7 +290,6 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     return result
 
 
-_FP16_OVERFLOW = 65520.0         # the smallest magnitude fp16 rounds to inf
 
 
 def to_storage(key: str, out: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
@@ -303,10 +302,9 @@ def to_storage(key: str, out: torch.Tensor, dtype: torch.dtype, device) -> torch
 
 
 def _check_fits_fp16(key: str, out: torch.Tensor) -> None:
-    lo, hi = torch.aminmax(out)
-    big = torch.maximum(-lo, hi)
-    if bool(big >= _FP16_OVERFLOW):
-        raise MergeError(f"the new values of {key} do not fit the model's fp16 (largest |value| {float(big):.6g}, "
+    big = fp16_overflow(out)
+    if big is not None:
+        raise MergeError(f"the new values of {key} do not fit the model's fp16 (largest |value| {big:.6g}, "
                          "fp16 holds up to 65504): lower the weights or strength, or use a bf16 or fp32 base")
 
 

@@ -119,7 +119,7 @@ def _elide(text: str, n: int) -> str:
     if len(text) <= n:
         return text
     tail = (n - 1) // 2
-    return text[:n - 1 - tail] + "…" + text[-tail:]
+    return text[:n - 1 - tail] + "…" + text[len(text) - tail:]
 
 
 def _figures(mm: float, dd: float, xx: float, mx: float) -> Tuple[float, float]:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import safetensors_writer as stw
-from .weights import KeySource, UNET_PREFIX, is_quantized, quant_scale_keys, storage_dtype
+from .weights import KeySource, UNET_PREFIX, fp16_overflow, is_quantized, quant_scale_keys, storage_dtype
 
 log = logging.getLogger("MergeLab")
 
@@ -77,20 +77,15 @@ class Part:
     items: Dict[str, _Item] = field(default_factory=dict)
 
 
-_FP16_MAX_EXCLUSIVE = 65520.0        # the smallest magnitude fp16 rounds to inf
-
-
 def _cast(t: torch.Tensor, dtype: Optional[torch.dtype], key: str = "") -> torch.Tensor:
     """``t`` on the CPU in ``dtype`` (floats only); no copy when it already is.  A weight that does not
     fit fp16 is an error naming it (it would be written as ±inf)."""
     t = t.detach()
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-        if dtype == torch.float16 and t.numel():
-            lo, hi = torch.aminmax(t)
-            big = torch.maximum(-lo, hi)
-            if bool(big >= _FP16_MAX_EXCLUSIVE):
-                raise SaveError(f"weight '{key}' does not fit fp16 (largest |value| {float(big):.6g}, fp16 holds up "
-                                "to 65504): save it with dtype keep, bf16 or fp32")
+        big = fp16_overflow(t) if dtype == torch.float16 else None
+        if big is not None:
+            raise SaveError(f"weight '{key}' does not fit fp16 (largest |value| {big:.6g}, fp16 holds up to 65504): "
+                            "save it with dtype bf16 or fp32")
         return t.to(device="cpu", dtype=dtype)
     return t.to(device="cpu")
 

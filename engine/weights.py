@@ -220,6 +220,19 @@ def _mergeable(key: str, t: torch.Tensor) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or is_quantized(t))
 
 
+_FP16_OVERFLOW = 65520.0         # the smallest magnitude fp16 rounds to inf
+
+
+def fp16_overflow(t: torch.Tensor) -> Optional[float]:
+    """The largest |value| of ``t`` when some value rounds to ±inf in fp16 (inf itself included), else
+    None: the check before a result is kept or saved in fp16."""
+    if not t.numel() or not t.is_floating_point():
+        return None
+    lo, hi = torch.aminmax(t)
+    big = torch.maximum(-lo, hi)
+    return float(big) if bool(big >= _FP16_OVERFLOW) else None
+
+
 def is_quantized(t) -> bool:
     return type(t).__name__ == "QuantizedTensor"
 

@@ -414,7 +414,9 @@ class SaveLoraNode(io.ComfyNode):
                                            "norms) are left out, with a warning. comfyui: "
                                            "diffusion_model./text_encoders. names, every layer."),
                     io.Combo.Input("dtype", options=list(SAVE_DTYPES), default="fp16",
-                                   tooltip="Dtype of the factors in the file (alpha is stored as fp32)."),
+                                   tooltip="Dtype of the factors in the file (alpha is stored as fp32). In fp16, "
+                                           "factors that would lose precision (tiny values) are balanced first "
+                                           "(same product); a value beyond fp16's range is an error."),
                     io.Boolean.Input("save_recipe", default=True, optional=True,
                                      tooltip="Write how the LoRA was made into the file's metadata (extraction / "
                                              "merge settings, the graph upstream of this node and its input files)."),

@@ -33,7 +33,8 @@ def _dtype_input():
     return io.Combo.Input("dtype", options=list(saving.DTYPE_CHOICES), default="keep",
                           tooltip="Dtype of the saved weights: keep = the dtype each weight has in ComfyUI "
                                   "(fp8 weights are saved dequantized, as bf16); fp16 / bf16 / fp32 convert every "
-                                  "floating-point weight. The weights are computed in fp32 and rounded once.")
+                                  "floating-point weight. The weights are computed in fp32 and rounded once. A "
+                                  "weight beyond fp16's range (65504) saved as fp16 is an error naming it.")
 
 
 def _recipe_inputs():

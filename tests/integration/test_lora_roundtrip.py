@@ -374,3 +374,16 @@ def test_stacked_lora_saved_in_fp16_keeps_fp16_accuracy(harness):
     out = lio.lora_state_dict(src, "comfyui", torch.float16)
     for name, t in file.items():
         assert torch.equal(out[name].to(t.dtype), t), name       # an fp16 LoRA re-saved as it was
+
+
+def test_save_lora_refuses_values_beyond_fp16(harness):
+    """A difference of 1e5 saved as fp16 was written as inf (the save succeeded), as Save Model's was."""
+    lora_mod = pack(harness, "engine.lora")
+    lio = pack(harness, "engine.lora_io")
+    model = fixtures.small_model("SD15")
+    key = next(k for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.") and v.ndim == 2)
+    shape = model.model.state_dict()[key].shape
+    big = lio.lora_from_state_dict({key[:-len(".weight")] + ".diff": torch.full(shape, 1.0e5)}, model, name="big")
+    with pytest.raises(lora_mod.LoraError, match=r"does not fit fp16 \(largest \|value\| .* 100000"):
+        lio.lora_state_dict(big, "comfyui", torch.float16)
+    assert float(lio.lora_state_dict(big, "comfyui", torch.bfloat16)[key[:-len(".weight")] + ".diff"].max()) > 9e4

@@ -332,8 +332,10 @@ def test_mask_chart_title_is_wrapped_not_cut(harness):
             "tensor)) xor (random density 0.3 seed 1)"
     short, long_ = mn.bar_chart(rows, "a mask"), mn.bar_chart(rows, label)
     assert long_.shape[2] == short.shape[2] and long_.shape[1] >= short.shape[1] + 12     # one more line
-    lines = __import__("textwrap").wrap(label, (short.shape[2] - 16) // 6)
-    assert len(lines) >= 2 and " ".join(lines) == label
+    n_lines = (long_.shape[1] - short.shape[1]) // 12 + 1
+    dark = long_[0].mean(dim=-1) < 0.5
+    for i in range(n_lines):            # every title line holds text (a cut title leaves the last ones blank)
+        assert int(dark[6 + 12 * i:6 + 12 * i + 11].sum()) > 20, i
 
 
 def test_mask_nodes_check_cancel_themselves(harness):
