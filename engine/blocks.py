@@ -1028,6 +1028,14 @@ class BlockWeights:
                     warnings.append(f"block weights '{e.label or e.param}': this model has no "
                                     f"{', '.join(absent[:6])}{' ...' if len(absent) > 6 else ''}; "
                                     f"their factors are not used")
+                if not unet_keys and any(v != 1.0 for _, v in e.blocks) and not any(
+                        v != 1.0 and b in present for b, v in e.blocks):
+                    names = ", ".join(sorted(present)[:4])
+                    warnings.append(
+                        f"block weights '{e.label or e.param}' change nothing in this text encoder: their factors "
+                        f"other than 1 are all on {arch_label(e.arch)} diffusion-model blocks"
+                        f"{'' if tes else f' ({e.arch} has no text-encoder block names)'}; a Block Rules node can "
+                        f"set the text encoder's keys ({names})")
                 if unet_keys and any(v != 1.0 for _, v in e.blocks):
                     unlisted = self._unlisted_blocks(e, keys)
                     if unlisted:

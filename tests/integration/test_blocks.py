@@ -490,3 +490,26 @@ def test_a_block_the_architectures_node_does_not_list_is_named_in_a_warning(harn
     g["merge"]["inputs"]["block_weights"] = ["both", 0]
     report = harness.run_ok(harness.with_defaults(g)).captured["report"]
     assert "no value for this model" not in report
+
+
+def test_block_weights_that_change_nothing_in_a_text_encoder_are_named(harness):
+    """Block weights whose factors ≠ 1 are all on diffusion-model blocks did nothing in a CLIP merge, with no
+    word (SD3, Wan, Chroma ... have no text-encoder block names at all).  The merge report now says so;
+    weights that do reach the text encoder (Flux's T5) say nothing."""
+    keys = ["clip_l.transformer.text_model.final_layer_norm.weight", "t5xxl.transformer.shared.weight"]
+    warned = B.BlockWeights.from_mbw("SD3", "J00:0.5").check("SD3", keys)
+    assert len(warned) == 1 and "change nothing in this text encoder" in warned[0] and "no text-encoder" in warned[0]
+    assert B.BlockWeights.from_mbw("Flux", "T5:0.5,D00:0.5").check("Flux", keys) == []
+    clip = lambda d: {"class_type": "MergeLabTest_SmallModel",                    # noqa: E731
+                      "inputs": {"arch": "Flux", "seed": 0, "delta_seed": d, "delta_scale": 0.02 if d else 0.0,
+                                 "dtype": "fp32"}}
+    g = {"a": clip(1), "b": clip(2),
+         "in0": api_node("MergeLab_MergeInput", clip=["a", 1]),
+         "in1": api_node("MergeLab_MergeInput", clip=["b", 1], models=["in0", 0]),
+         "method": api_node("MergeLab_Method_weighted_sum", ratio=0.3),
+         "bw": api_node("MergeLab_BlockWeightsMBW", arch="Flux", mbw="D00:0.5", param="ratio"),
+         "merge": api_node("MergeLab_CLIPMerger", method=["method", 0], models=["in1", 0], seed=0, device="cpu",
+                           block_weights=["bw", 0]),
+         "cap_r": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 1], "name": "report"}}}
+    report = harness.run_ok(harness.with_defaults(g)).captured["report"]
+    assert "warning: block weights" in report and "change nothing in this text encoder" in report
