@@ -43,8 +43,10 @@ DTYPE_CHOICES = ("keep", "fp16", "bf16", "fp32")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _STD_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # CLIPSave's split of a CLIP's state dict into one file per text encoder (ComfyUI 0.3.64 / 0.3.75)
+# ComfyUI's CLIPSave list, plus the Qwen encoders of Z-Image and Omnigen2: without their prefix stripped,
+# ComfyUI's load_clip cannot detect the file (CLIPSave has the same gap)
 CLIP_FILE_PREFIXES = ("clip_l.", "clip_g.", "clip_h.", "t5xxl.", "pile_t5xl.", "mt5xl.", "umt5xxl.", "t5base.",
-                      "gemma2_2b.", "llama.", "hydit_clip.", "")
+                      "gemma2_2b.", "llama.", "hydit_clip.", "qwen3_4b.", "qwen25_3b.", "")
 
 
 class SaveError(ValueError):

@@ -848,3 +848,64 @@ def test_a_weight_that_does_not_fit_fp16_is_an_error_naming_it(harness):
     (saved,) = new_files(harness, before)
     with safe_open(os.path.join(harness.output_dir, saved), "pt") as f:
         assert float(f.get_tensor("model." + key + ".weight").float().max()) > 9e4
+
+
+class _QwenTextEncoder:
+    """A small real Z-Image (qwen3_4b) or Omnigen2 (qwen25_3b) text encoder, built through ComfyUI's classes."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"kind": ("STRING", {"default": "z_image"})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "go"
+    CATEGORY = "testing"
+
+    def go(self, kind):
+        return (_qwen_clip(kind),)
+
+
+def _qwen_setup(kind):
+    import comfy.text_encoders.omnigen2
+    import comfy.text_encoders.z_image
+    te = comfy.text_encoders
+    cfg = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2}
+    if kind == "z_image":
+        return te.z_image.ZImageTokenizer, te.z_image.te(), {"qwen3_4b_model_config": cfg}, "LUMINA2"
+    return te.omnigen2.Omnigen2Tokenizer, te.omnigen2.te(), {"qwen25_3b_model_config": cfg}, "OMNIGEN2"
+
+
+def _qwen_clip(kind):
+    import comfy.sd
+    from comfy.supported_models_base import ClipTarget
+    from mergelab import fixtures
+    tok, cls, options, _ = _qwen_setup(kind)
+    with torch.inference_mode(False):
+        clip = comfy.sd.CLIP(target=ClipTarget(tok, cls), model_options={**options, "dtype": torch.float32})
+        fixtures._fill_module(clip.cond_stage_model, 0, None, 0.0)
+    return clip
+
+
+@pytest.mark.parametrize("kind", ["z_image", "omnigen2"])
+def test_qwen_text_encoders_saved_by_save_clip_load_in_comfyui(harness, kind):
+    """Save CLIP left the qwen3_4b. / qwen25_3b. prefix on the keys of Z-Image's and Omnigen2's text encoder
+    (ComfyUI's CLIPSave does too), and ComfyUI's load_clip then returned an empty SD1 CLIP; the file now
+    loads back to the same weights."""
+    import comfy.sd
+    harness.register_test_node("MergeLabTest_QwenTE", _QwenTextEncoder)
+    before = outputs_in(harness.output_dir)
+    harness.run_ok({"t": {"class_type": "MergeLabTest_QwenTE", "inputs": {"kind": kind}},
+                    "s": {"class_type": "MergeLab_SaveCLIP", "inputs": {"clip": ["t", 0], "filename_prefix": f"qwen/{kind}",
+                                                                       "dtype": "keep", "save_recipe": False,
+                                                                       "hash_input_files": False}}})
+    files = [os.path.join(harness.output_dir, f) for f in new_files(harness, before)]
+    assert len(files) == 1
+    _, _, options, clip_type = _qwen_setup(kind)
+    loaded = comfy.sd.load_clip(files, clip_type=getattr(comfy.sd.CLIPType, clip_type),
+                                model_options={**options, "dtype": torch.float32})
+    want = _qwen_clip(kind).cond_stage_model.state_dict()
+    got = loaded.cond_stage_model.state_dict()
+    assert type(loaded.cond_stage_model).__name__ == type(_qwen_clip(kind).cond_stage_model).__name__
+    for k, v in want.items():
+        if not k.endswith(".logit_scale"):
+            assert k in got and torch.equal(got[k], v), k
