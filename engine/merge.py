@@ -8,6 +8,7 @@ on a clone of the base.  Inputs are never modified; nothing is left on the GPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -304,8 +305,10 @@ def to_storage(key: str, out: torch.Tensor, dtype: torch.dtype, device) -> torch
 def _check_fits_fp16(key: str, out: torch.Tensor) -> None:
     big = fp16_overflow(out)
     if big is not None:
-        raise MergeError(f"the new values of {key} do not fit the model's fp16 (largest |value| {big:.6g}, "
-                         "fp16 holds up to 65504): lower the weights or strength, or use a bf16 or fp32 base")
+        # a method that returns the inputs' fp16 has already rounded the overflow to inf
+        size = f"largest |value| {big:.6g}" if math.isfinite(big) else "some values round to ±inf"
+        raise MergeError(f"the new values of {key} do not fit the model's fp16 ({size}, fp16 holds up to "
+                         "65504): lower the weights or strength, or use a bf16 or fp32 base")
 
 
 def _check_scaled_ranges(bw, method: MergeMethod, inputs: List[MergeInput], keys: List[str]) -> None:

@@ -768,9 +768,10 @@ def test_fp16_overflow_and_non_finite_inputs_are_errors_that_name_the_key_and_mo
         for m in big:
             m.model.state_dict()[key].view(-1)[:3] = 40000.0
     linear = mm.create("linear", normalize=False)
-    # (without a base the method returns model 1's fp16 already: its largest value shows as inf)
+    # (without a base the method returns model 1's fp16 already: the message does not print a largest
+    # value of inf)
     with pytest.raises(mm.MergeError, match=r"new values of " + re.escape(key) + r" do not fit the model's fp16 "
-                                            r"\(largest \|value\| (80000|inf)"):
+                                            r"\(some values round to ±inf, fp16 holds up to 65504\)"):
         eng.merge_models(None, [eng.MergeInput(m) for m in big], linear, eng.MergeOptions())
     # at half the weight it fits, and is exact
     out = eng.merge_models(None, [eng.MergeInput(m, {"weight": 0.5}) for m in big], linear, eng.MergeOptions())
