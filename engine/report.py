@@ -104,14 +104,17 @@ class MergeStats:
         return "\n".join(lines)
 
     def image(self) -> torch.Tensor:
-        """A bar chart (IMAGE tensor [1, H, W, 3] in 0..1): per block, the relative change vs the base
-        (or vs model 1 without a base)."""
+        """A chart (IMAGE tensor [1, H, W, 3] in 0..1): per block, one bar per comparison (the base, then
+        each input) in two panels: the relative change Δ and the angle arccos(cos) in degrees (the chart's font
+        has no Δ or ° glyph, so its titles spell them out)."""
         rows = self.summary()
-        key = "rel_change_base" if self.has_base else (f"rel_change[{self.input_names[0]}]" if self.input_names else None)
-        values = [r.get(key, 0.0) if key else 0.0 for r in rows]
-        labels = [r["block"] for r in rows]
-        return bar_chart(labels, values, title=("relative change vs base" if self.has_base else
-                                                f"relative change vs {self.input_names[0] if self.input_names else ''}"))
+        series = (["base"] if self.has_base else []) + list(self.input_names)
+        cols = [("rel_change_base", "cos_base")] if self.has_base else []
+        cols += [(f"rel_change[{nm}]", f"cos[{nm}]") for nm in self.input_names]
+        deltas = [[r[d] for r in rows] for d, _ in cols]
+        angles = [[_degrees(r[c]) for r in rows] for _, c in cols]
+        return grouped_chart([r["block"] for r in rows], series, [
+            ("relative change", deltas, _BAR_FLOOR), ("angle in degrees", angles, _ANGLE_FLOOR)])
 
 
 def _elide(text: str, n: int) -> str:
@@ -140,30 +143,72 @@ def _figures(mm: float, dd: float, xx: float, mx: float) -> Tuple[float, float]:
     return rel, cos
 
 
-_BAR_FLOOR = 1e-6      # a full-width bar stands for at least this much: rounding noise draws no bars
+_BAR_FLOOR = 1e-6      # a full-width Δ bar stands for at least this much: rounding noise draws no bars
+_ANGLE_FLOOR = 1e-4    # degrees, the same for the angle (1e-6 rad is 5.7e-5°)
+# bar colours of the comparisons, in order (the base first when there is one), repeated past ten
+PALETTE = ((90, 160, 240), (240, 190, 80), (120, 200, 120), (220, 110, 200), (90, 210, 210),
+           (200, 200, 200), (170, 130, 250), (250, 140, 120), (160, 180, 90), (120, 140, 170))
+NON_FINITE = (240, 100, 80)
+CHART_LEFT, CHART_PANEL, CHART_GAP = 190, 300, 70       # x of the first panel, a panel's width, the gap
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float], title: str = "", fmt: str = "{:.4g}") -> torch.Tensor:
-    """Horizontal bars, one row per label, as a ComfyUI IMAGE tensor; the title says what a full-width bar
-    stands for (at least 1e-6, so that fp rounding between identical models does not fill the chart)."""
-    import numpy as np
+def _degrees(cos: float) -> float:
+    """arccos in degrees; NaN stays NaN, and a cosine a rounding past ±1 is clamped."""
+    if not math.isfinite(cos):
+        return math.nan
+    return math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+
+
+def grouped_chart(labels: Sequence[str], series: Sequence[str],
+                  panels: Sequence[Tuple[str, Sequence[Sequence[float]], float]]) -> torch.Tensor:
+    """Horizontal grouped bars as a ComfyUI IMAGE tensor: one row per label, and in each panel
+    ``(title, values[series][label], floor)`` one bar per series in its palette colour, under a legend.
+    Each panel's header says what a full-width bar stands for (at least ``floor``, so that fp rounding
+    between identical models does not fill it).  A value that is not finite (Δ from an all-zero block,
+    a cosine with one) is an orange stub; the text output has the number.  With a single series the
+    values are printed after the bars."""
     from PIL import Image, ImageDraw
 
-    row_h, left, width, pad = 16, 190, 420, 8
-    h = pad * 3 + row_h * (len(labels) + 1)
-    img = Image.new("RGB", (left + width + 90, max(h, 40)), (24, 24, 28))
+    k, pad, left, pw, gap = max(len(series), 1), 8, CHART_LEFT, CHART_PANEL, CHART_GAP
+    thick = 10 if k == 1 else max(3, min(8, 28 // k))
+    group = max(16, k * (thick + 1) + 5)
+    # the legend: swatch + name, as many per line as fit
+    width = left + len(panels) * (pw + gap)
+    items, line, x = [], 0, pad
+    for i, name in enumerate(series):
+        text = _elide(str(name), 24)
+        w = 14 + 6 * len(text) + 16
+        if x + w > width - pad and x > pad:
+            line, x = line + 1, pad
+        items.append((x, line, PALETTE[i % len(PALETTE)], text))
+        x += w
+    top = pad + 16 * (line + 2) + 14
+    img = Image.new("RGB", (width, top + group * len(labels) + pad), (24, 24, 28))
     draw = ImageDraw.Draw(img)
-    vmax = max([abs(v) for v in values if math.isfinite(v)] + [_BAR_FLOOR])
-    draw.text((pad, pad), f"{title} (full width = {vmax:.3g})" if title else f"full width = {vmax:.3g}",
-              fill=(230, 230, 230))
-    for i, (lab, v) in enumerate(zip(labels, values)):
-        y = pad * 2 + row_h * (i + 1)
-        draw.text((pad, y), _elide(str(lab), 29), fill=(200, 200, 200))
-        if not math.isfinite(v):            # no bar, just the value ("nan", "inf")
-            draw.text((left + 4, y), fmt.format(v), fill=(240, 120, 90))
-            continue
-        w = int(width * abs(v) / vmax)
-        draw.rectangle([left, y + 2, left + max(w, 1), y + row_h - 3], fill=(90, 160, 240) if v >= 0 else (240, 120, 90))
-        draw.text((left + w + 4, y), fmt.format(v), fill=(200, 200, 200))
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-    return arr.unsqueeze(0)
+    draw.text((pad, pad), "how far the merged model moved, per block, from each of these "
+              "(orange: inf or nan, see the text report)", fill=(230, 230, 230))
+    for x, ln, colour, text in items:
+        y = pad + 16 * (ln + 1)
+        draw.rectangle([x, y + 2, x + 10, y + 11], fill=colour)
+        draw.text((x + 14, y), text, fill=(210, 210, 210))
+    for p, (title, values, floor) in enumerate(panels):
+        x0 = left + p * (pw + gap)
+        vmax = max([abs(v) for vs in values for v in vs if math.isfinite(v)] + [floor])
+        draw.text((x0, top - 14), f"{title} (full width = {vmax:.3g})", fill=(230, 230, 230))
+        for r in range(len(labels)):
+            y = top + group * r + 3
+            for si, vs in enumerate(values):
+                v, yy = vs[r], y + si * (thick + 1)
+                if not math.isfinite(v):
+                    draw.rectangle([x0, yy, x0 + 5, yy + thick - 1], fill=NON_FINITE)
+                    if k == 1:
+                        draw.text((x0 + 10, y - 2), f"{v}", fill=NON_FINITE)
+                    continue
+                w = int(pw * abs(v) / vmax)
+                draw.rectangle([x0, yy, x0 + max(w, 1), yy + thick - 1], fill=PALETTE[si % len(PALETTE)])
+                if k == 1:
+                    draw.text((x0 + w + 4, y - 2), f"{v:.4g}", fill=(200, 200, 200))
+    for r, lab in enumerate(labels):
+        draw.text((pad, top + group * r + 2), _elide(str(lab), 29), fill=(200, 200, 200))
+    arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width, 3)
+    return (arr.float() / 255.0).unsqueeze(0)

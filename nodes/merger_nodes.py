@@ -106,7 +106,9 @@ def run_merge(kind: str, base, method, models, seed, device, compute_dtype, on_m
 
 REPORT_OUTPUTS = [io.String.Output(display_name="report", tooltip="Per block: relative change (‖merged − x‖/‖x‖) "
                                                                   "and cosine similarity vs the base and each input."),
-                  io.Image.Output(display_name="report_image", tooltip="The per-block change as a bar chart.")]
+                  io.Image.Output(display_name="report_image", tooltip="The same as a chart: per block, one bar "
+                                  "per comparison (the base, then each input) for the relative change and for the "
+                                  "angle in degrees (arccos of the cosine).")]
 
 
 class ModelMergerNode(io.ComfyNode):

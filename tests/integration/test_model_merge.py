@@ -732,13 +732,62 @@ def test_report_shows_small_changes_and_not_rounding_noise(harness):
     assert float(row.split(" | ")[2]) == pytest.approx(3e-5, rel=1e-2)
 
     def bar_pixels(values):
-        img = (rep.bar_chart(["a", "b"], values, title="t")[0].numpy() * 255).round().astype(np.uint8)
-        return int((np.abs(img.astype(int) - np.array([90, 160, 240])).sum(-1) == 0).sum())
-    assert bar_pixels([1e-9, 2e-9]) <= 2 * 2 * 12          # 2-pixel stubs: no bars
+        img = (rep.grouped_chart(["a", "b"], ["one"], [("t", [values], rep._BAR_FLOOR)])[0].numpy() * 255)
+        img = img.round().astype(np.uint8)[:, rep.CHART_LEFT:]        # the panel, not the legend
+        return int((np.abs(img.astype(int) - np.array(rep.PALETTE[0])).sum(-1) == 0).sum())
+    assert bar_pixels([1e-9, 2e-9]) <= 2 * 2 * 10          # 2-pixel stubs: no bars
     assert bar_pixels([0.5, 1.0]) > 100 * 11
     a, b = rep._elide("transformer.very_long_module_name_blocks.12.", 29), \
         rep._elide("transformer.very_long_module_name_blocks.13.", 29)
     assert len(a) == 29 and a != b and a.endswith("blocks.12.")
+
+
+def _bar_widths(img, colour, x0, x1):
+    """The widths of the bars of ``colour`` between x0 and x1, top to bottom (one per run of rows)."""
+    import numpy as np
+    hit = (np.abs(img[:, x0:x1].astype(int) - np.array(colour)).sum(-1) == 0)
+    widths, prev = [], 0
+    for row in hit:
+        w = int(row.sum())
+        if w and not prev:
+            widths.append(w)
+        prev = w
+    return widths
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_report_image_shows_every_comparison_in_both_panels(harness, with_base):
+    """The chart drew one series (Δ vs the base, or vs model 1); the issue asks for the change from the
+    base and from each input, as relative change and cosine.  Now each comparison has its bars in its
+    colour, in a Δ panel and an angle (arccos of the cosine) panel, each bar as long as its value over the
+    panel's largest; a non-finite value is an orange stub."""
+    import numpy as np
+    rep = pack(harness, "engine.report")
+    g = torch.Generator().manual_seed(6)
+    names = ["one", "two", "three"]
+    stats = rep.MergeStats(lambda k: k.split(".")[0], names, has_base=with_base)
+    for blk, scale in (("a", 0.02), ("b", 0.3), ("c", 0.1)):
+        b = torch.randn(2000, generator=g)
+        xs = [b + scale * (i + 1) * torch.randn(2000, generator=g) for i in range(3)]
+        stats.add(blk + ".w", (xs[0] + xs[1] + xs[2]) / 3, b if with_base else None, xs)
+    stats.add("z.w", torch.randn(2000, generator=g), torch.zeros(2000) if with_base else None,
+              [torch.zeros(2000)] * 3)                 # Δ inf, cos nan against zeros
+    rows = stats.summary()
+    cols = (["base"] if with_base else []) + [f"[{n}]" for n in names]
+    img = (stats.image()[0].numpy() * 255).round().astype(np.uint8)
+    left, pw, gap = rep.CHART_LEFT, rep.CHART_PANEL, rep.CHART_GAP
+    for p, (fig, conv) in enumerate((("rel_change", float), ("cos", lambda c: math.degrees(math.acos(c))))):
+        x0 = left + p * (pw + gap)
+        values = [[conv(r[f"{fig}_base" if c == "base" else f"{fig}{c}"]) for r in rows[:3]] for c in cols]
+        vmax = max(max(v) for v in values)
+        for si, vs in enumerate(values):
+            widths = _bar_widths(img, rep.PALETTE[si], x0, x0 + pw + 2)
+            assert len(widths) == 3, (p, si, widths)     # blocks a, b, c; nothing for z
+            for w, v in zip(widths, vs):
+                assert abs(w - (int(pw * v / vmax) + 1)) <= 1, (p, si, w, v, vmax)
+        stubs = _bar_widths(img, rep.NON_FINITE, x0, x0 + pw + 2)
+        assert stubs == [6] * len(cols)                   # the z row: one stub per comparison
+    assert len(_bar_widths(img, rep.PALETTE[len(cols)], 0, img.shape[1])) == 0
 
 
 def test_a_clip_weight_kept_for_non_finite_values_is_named_in_the_report(harness):
