@@ -409,8 +409,20 @@ def stack_loras(entries: Sequence[Tuple], name: str = "stack",
 def weight_shapes(obj) -> Dict[str, Tuple[int, ...]]:
     """Shapes of every weight of a MODEL patcher or CLIP, by ComfyUI key (no copy)."""
     from .weights import patcher_of
-    sd = patcher_of(obj).model.state_dict()
-    return {k: tuple(v.shape) for k, v in sd.items()}
+    model = patcher_of(obj).model
+    out = {}
+    for k, v in model.state_dict().items():
+        if v.device.type == "meta":
+            # ComfyUI-GGUF's state_dict holds meta placeholders of its quantized weights, shaped as their
+            # bytes, and a fake '<layer>.temp.weight': the logical shape is the layer's tensor_shape
+            path, _, name = k.rpartition(".")
+            try:
+                real = getattr(model.get_submodule(path), name)
+            except AttributeError:
+                continue
+            v = real if real is not None else v
+        out[k] = tuple(getattr(v, "tensor_shape", None) or v.shape)
+    return out
 
 
 def target_shape(shapes: Mapping[str, Tuple[int, ...]], key: LayerKey) -> Optional[Tuple[int, ...]]:

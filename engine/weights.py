@@ -52,7 +52,7 @@ class KeySource:
     def of(cls, obj) -> "KeySource":
         mp = patcher_of(obj)
         prefix = None if is_clip(obj) else UNET_PREFIX
-        entries = mp.get_key_patches(prefix)
+        entries = _key_patches(mp, prefix)
         wrappers = {k: list(v) for k, v in (getattr(mp, "weight_wrapper_patches", None) or {}).items()
                     if v and k in entries}
         return cls(entries, mp.model, wrappers=wrappers)
@@ -107,6 +107,13 @@ class KeySource:
         convert = convert or _identity
         if weight.device.type == "meta":
             raise RuntimeError(f"weight '{key}' is not materialized (meta device); load the model first")
+        if is_gguf(weight):
+            t = _gguf_dequantized(self.model, key, weight, device)
+            if len(entry) > 1:
+                t = comfy.lora.calculate_weight(entry[1:], t, key, intermediate_dtype=torch.float32)
+            for f in self.wrappers.get(key, ()):
+                t = _wrapped(f, t)
+            return t if dtype == torch.float32 else t.to(dtype)
         if not self.copies and not self.has_patches(key) and weight.device == device \
                 and weight.dtype in _AS_IS.get(dtype, ()) \
                 and type(weight) in (torch.Tensor, torch.nn.Parameter) and self._plain(key):
@@ -234,7 +241,66 @@ def fp16_overflow(t: torch.Tensor) -> Optional[float]:
 
 
 def is_quantized(t) -> bool:
-    return type(t).__name__ == "QuantizedTensor"
+    return type(t).__name__ == "QuantizedTensor" or is_gguf_quantized(t)
+
+
+# ComfyUI-GGUF (city96) keeps a GGUF model's tensors as a torch.Tensor subclass (GGMLTensor) with the
+# attributes tensor_type (the GGML type), tensor_shape (the logical shape; .shape returns it) and patches
+# (what its GGUFModelPatcher attaches while a clone is loaded); quantized types (Q*_*, K-quants, BF16) hold
+# raw uint8 blocks, F16/F32 plain floats.  Its layers dequantize with get_weight(tensor, dtype).  Duck typed:
+# ComfyUI-GGUF is never imported.
+def is_gguf(t) -> bool:
+    return isinstance(t, torch.Tensor) and hasattr(t, "tensor_type") and hasattr(t, "tensor_shape")
+
+
+def is_gguf_quantized(t) -> bool:
+    return is_gguf(t) and not t.is_floating_point()
+
+
+def _gguf_dequantized(model, key: str, weight: torch.Tensor, device) -> torch.Tensor:
+    """``weight`` as the owning layer computes it for its forward pass (``layer.get_weight``: ComfyUI-GGUF's
+    own dequantization, with the loader's dequant_dtype), as a fresh fp32 tensor on ``device``, without the
+    ``.patches`` ComfyUI-GGUF attached to the shared tensor for whichever clone is loaded (the caller applies
+    this model's own patch list)."""
+    layer = model.get_submodule(key.rpartition(".")[0])
+    get_weight = getattr(layer, "get_weight", None)
+    if get_weight is None:
+        raise RuntimeError(f"weight '{key}' is a GGUF tensor on a layer without get_weight(); cannot read it")
+    bare = weight.as_subclass(type(weight))            # an alias of the same storage, without attributes
+    bare.tensor_type, bare.tensor_shape, bare.patches = weight.tensor_type, weight.tensor_shape, []
+    w = get_weight(bare.to(device), torch.float32)
+    w = w if type(w) is torch.Tensor else w.as_subclass(torch.Tensor)
+    if tuple(w.shape) != tuple(weight.tensor_shape):
+        raise RuntimeError(f"GGUF weight '{key}' dequantized to shape {tuple(w.shape)}, "
+                           f"expected {tuple(weight.tensor_shape)}")
+    if w.dtype != torch.float32 or w.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+        w = w.to(torch.float32, copy=True)               # F32 tensors come back as the stored tensor itself
+    return w
+
+
+def _key_patches(mp, prefix=None) -> Dict[str, list]:
+    """``mp.get_key_patches(prefix)``.  ComfyUI-GGUF's layers put fake meta entries
+    (``<layer>.temp.weight``, for its VRAM estimate) into ``state_dict()``, on which get_key_patches raises
+    AttributeError (city96/ComfyUI-GGUF#193); then the same dict without entries that are not attributes of
+    the module."""
+    try:
+        return mp.get_key_patches(prefix)
+    except AttributeError:
+        pass
+    from comfy.model_patcher import get_key_weight
+    out = {}
+    for k in mp.model_state_dict(prefix):
+        try:
+            weight, _set, convert = get_key_weight(mp.model, k)
+        except AttributeError:
+            continue
+        bk, hbk = mp.backup.get(k), mp.hook_backup.get(k)
+        if bk is not None:
+            weight = bk.weight
+        if hbk is not None:
+            weight = hbk[0]
+        out[k] = [(weight, convert or _identity)] + list(mp.patches.get(k, []))
+    return out
 
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                 if hasattr(torch, n))
