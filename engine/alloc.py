@@ -5,22 +5,30 @@ block of a few MB is served by a fresh ``mmap`` (or the heap top is trimmed as s
 so every temporary is new memory that the kernel must fault in and zero: measured on a full-size SD1.5
 linear merge, that page-fault work cost more than the arithmetic (see benchmarks/bench_model_merge.py).
 :func:`recycled_memory` raises glibc's mmap threshold to its maximum (32 MiB) and keeps up to 256 MiB
-of freed memory at the heap top for the duration, so freed blocks are handed out again; on leaving it sets moderate values (those
-glibc's own dynamic tuning reaches in a long-running torch process) and returns the free memory to
-the system with ``malloc_trim``.  Elsewhere (macOS, Windows, musl) it does nothing.
+of freed memory at the heap top for the duration, so freed blocks are handed out again.  On leaving it
+sets the mmap threshold back (to the user's ``GLIBC_TUNABLES`` value, else glibc's initial 128 KiB: left at
+32 MiB, every model ComfyUI loads afterwards lived in the heap and stayed resident after it was freed,
+and a user's own tunable was silently overridden), keeps a moderate trim threshold and returns the free
+memory to the system with ``malloc_trim``.  The merged results themselves are made inside the block, in
+the heap: :func:`trim_when_collected` trims again once a result is garbage.  Elsewhere (macOS, Windows,
+musl) it all does nothing.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
 import threading
+import weakref
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_MAX_THRESHOLD = 32 << 20           # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit
 _KEEP_WHILE_MERGING = 256 << 20         # free memory kept at the heap top (a few keys' temporaries)
 _TRIM_AFTER = 64 << 20
+_MMAP_DEFAULT = 128 << 10                # glibc's initial M_MMAP_THRESHOLD
+_TRIM_DELAY_S = 0.5                      # a finalizer runs before the object's tensors are freed
 
 _lock = threading.Lock()
 _depth = 0
@@ -47,6 +55,44 @@ def available() -> bool:
     return _LIBC is not None
 
 
+def tunable(name: str, environ=None) -> int | None:
+    """The value of ``glibc.malloc.<name>`` in ``GLIBC_TUNABLES`` (``a=1:b=2``), or None."""
+    for item in (environ if environ is not None else os.environ).get("GLIBC_TUNABLES", "").split(":"):
+        k, _, v = item.partition("=")
+        if k.strip() == f"glibc.malloc.{name}":
+            try:
+                return int(v.strip(), 0)
+            except ValueError:
+                return None
+    return None
+
+
+def mmap_threshold_after() -> int:
+    """The mmap threshold set when a merge ends: the user's tunable, else glibc's initial value."""
+    v = tunable("mmap_threshold")
+    return v if v is not None and 0 <= v <= _MMAP_MAX_THRESHOLD else _MMAP_DEFAULT
+
+
+def _trim() -> None:
+    if _LIBC is not None:
+        with _lock:
+            if _depth == 0:          # a merge running now keeps its memory; it trims when it ends
+                _LIBC.malloc_trim(0)
+
+
+def trim_when_collected(obj) -> None:
+    """Return the heap memory of ``obj``'s tensors to the system soon after ``obj`` is collected (a merge
+    result lives in the heap; freed, it stays resident until a trim)."""
+    if _LIBC is None:
+        return
+
+    def later():
+        t = threading.Timer(_TRIM_DELAY_S, _trim)
+        t.daemon = True
+        t.start()
+    weakref.finalize(obj, later)
+
+
 @contextlib.contextmanager
 def recycled_memory():
     """Within the block, freed tensors' memory is reused instead of returned to the system (nested
@@ -66,5 +112,7 @@ def recycled_memory():
         with _lock:
             _depth -= 1
             if _depth == 0:
-                _LIBC.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
+                _LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_after())
+                trim = tunable("trim_threshold")
+                _LIBC.mallopt(_M_TRIM_THRESHOLD, trim if trim is not None and trim >= 0 else _TRIM_AFTER)
                 _LIBC.malloc_trim(0)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..merge_methods import MergeError, MergeMethod, create, reuse_buffers
-from .alloc import recycled_memory
+from .alloc import recycled_memory, trim_when_collected
 from .precision import full_fp32_matmul
 from .recipe import record_merge
 from .settings import settings_not_kept
@@ -355,4 +355,5 @@ def _patched_clone(obj, merged: Dict[str, torch.Tensor]):
     mp = patcher_of(clone)
     set_weights(mp, merged)
     mp.patches_uuid = uuid.uuid4()
+    trim_when_collected(mp)
     return clone
