@@ -146,6 +146,42 @@ const AXIS_W = 30;      // room for the value labels
 const HEAD_H = 20;      // title / hover read-out row
 const FOOT_H = 16;      // group labels under the plot
 const DRAG_SLOP = 3;    // pixels the pointer must move after a press before it changes a value
+const CURVE_MIN_WIDTH = 420;   // width given to a node that shows the curve
+const HELP_MIN_WIDTH = 360;    // ... the method help
+
+/** The hover read-out on a node the curve is promoted onto: LiteGraph calls onMouseMove on the node
+ *  under the pointer, which is the subgraph node, not the curve's own node. */
+const hoverHooked = new WeakSet();
+function hookHostHover(host) {
+    if (hoverHooked.has(host)) return;
+    hoverHooked.add(host);
+    const curves = (n) => (n.widgets ?? []).filter((w) => w.type === CURVE_TYPE && typeof w.hoverAt === "function");
+    const move = host.onMouseMove, leave = host.onMouseLeave;
+    host.onMouseMove = function (e, pos, canvas) {
+        const r = move?.call(this, e, pos, canvas);
+        for (const w of curves(this)) w.hoverAt(pos, this);
+        return r;
+    };
+    host.onMouseLeave = function (...args) {
+        const r = leave?.apply(this, args);
+        for (const w of curves(this)) w.hoverAt(null, this);
+        return r;
+    };
+}
+
+/** A subgraph node that shows a promoted curve / help is not sized for it (ComfyUI sizes it from its
+ *  own inputs): widen it to `minWidth` and make it tall enough for its widgets.  Returns true if resized. */
+function fitHost(host, minWidth) {
+    if (!host?.size || !host.setSize) return false;
+    const [w0, h0] = host.size;
+    const w = Math.max(w0, minWidth);
+    if (w !== w0) host.setSize([w, h0]);      // first the width: the help's height depends on it
+    const h = Math.max(h0, (host.computeSize?.() ?? host.size)[1]);
+    if (w === w0 && h === h0) return false;
+    host.setSize([w, h]);
+    host.setDirtyCanvas?.(true, true);
+    return true;
+}
 
 class BlockCurveWidget {
     constructor(node, blocks) {
@@ -161,7 +197,10 @@ class BlockCurveWidget {
         this.drag = null;                       // {index, range, paint}
         this.hover = -1;
         this.bodyNames = [...new Set(blocks.map((b) => b.group))];
-        bindOwn(this, ["draw", "mouse", "computeSize"]);
+        // where the curve was last drawn, per host node: its own node, or a subgraph node it is promoted
+        // onto (ComfyUI's proxy widget calls draw/mouse with that node, its width and its y)
+        this.hosts = new WeakMap();
+        bindOwn(this, ["draw", "mouse", "computeSize", "hoverAt"]);
     }
 
     // -- the FLOAT widgets behind the points
@@ -222,10 +261,10 @@ class BlockCurveWidget {
         return [width ?? this.node.size[0], vueNodes() ? 0 : CURVE_HEIGHT];
     }
 
-    plotRect(width) {
+    plotRect(width, y = this.y) {
         const w = width ?? this.node.size[0];
         const x0 = MARGIN + AXIS_W, x1 = w - MARGIN - 8;
-        const y0 = this.y + HEAD_H + 6, y1 = this.y + CURVE_HEIGHT - FOOT_H - 4;
+        const y0 = y + HEAD_H + 6, y1 = y + CURVE_HEIGHT - FOOT_H - 4;
         return { x0, x1, y0, y1 };
     }
 
@@ -261,9 +300,17 @@ class BlockCurveWidget {
         return Math.min(n - 1, Math.max(0, i));
     }
 
-    /** Node-relative position of point i (for tests and other extensions). */
-    pointPos(i) {
-        const r = this.plotRect();
+    /** The plot as last drawn on `host` (the curve's node, or a subgraph node it is promoted onto):
+     *  the mouse must map positions with the width and y the curve was drawn with on that node. */
+    hostRect(host) {
+        const g = host ? this.hosts.get(host) : null;
+        if (g) return this.plotRect(g.width, g.y);
+        return this.plotRect(host && host !== this.node ? host.size?.[0] : undefined);
+    }
+
+    /** Node-relative position of point i on `host` (default: its own node; for tests and other extensions). */
+    pointPos(i, host) {
+        const r = this.hostRect(host);
         const values = this.values();
         return [this.xOf(i, r), this.yOf(values[i], r, this.range(values))];
     }
@@ -271,7 +318,12 @@ class BlockCurveWidget {
     // -- drawing
     draw(ctx, node, width, y) {
         if (vueNodes()) return;
+        if (node && node !== this.node) {
+            hookHostHover(node);
+            if (fitHost(node, CURVE_MIN_WIDTH)) width = node.size[0];
+        }
         this.y = y;
+        if (node) this.hosts.set(node, { width, y });
         const r = this.plotRect(width);
         const values = this.values();
         const range = this.range(values);
@@ -362,21 +414,22 @@ class BlockCurveWidget {
     }
 
     /** Hover read-out (from the node's onMouseMove, which LiteGraph calls with no button pressed). */
-    hoverAt(pos) {
-        const r = this.plotRect();
+    hoverAt(pos, host = this.node) {
+        if (this.drag) return false;
+        const r = this.hostRect(host);
         const [x, y] = pos ?? [-1, -1];
         const inside = x >= r.x0 - 8 && x <= r.x1 + 8 && y >= r.y0 - 8 && y <= r.y1 + 8;
         const h = inside ? this.indexAt(x, r) : -1;
         if (h === this.hover) return false;
         this.hover = h;
-        this.node.setDirtyCanvas?.(true, false);
+        host?.setDirtyCanvas?.(true, false);
         return true;
     }
 
     // -- pointer handling (LiteGraph calls mouse() on down, move while captured, and up)
     mouse(event, pos, node) {
         const type = event.type;
-        const r = this.plotRect();
+        const r = this.hostRect(node);
         const [x, y] = pos;
         const inside = x >= r.x0 - 8 && x <= r.x1 + 8 && y >= r.y0 - 8 && y <= r.y1 + 8;
         if (type === "pointerdown" || type === "mousedown") {
@@ -391,7 +444,7 @@ class BlockCurveWidget {
             return true;
         }
         if (type === "pointermove" || type === "mousemove") {
-            if (!this.drag) return this.hoverAt(pos);
+            if (!this.drag) return this.hoverAt(pos, node);
             if (!this.drag.moved) {
                 if (Math.hypot(x - this.drag.from[0], y - this.drag.from[1]) < DRAG_SLOP) return true;
                 this.drag.moved = true;
@@ -599,7 +652,7 @@ app.registerExtension({
             }
             moveToTop(this, mine);
             // wide enough for the curve / the help text; the height follows from the widgets at that width
-            const width = Math.max(this.size[0], help ? 360 : 420);
+            const width = Math.max(this.size[0], help ? HELP_MIN_WIDTH : CURVE_MIN_WIDTH);
             this.setSize([width, this.size[1]]);
             this.setSize([width, this.computeSize()[1]]);
         });

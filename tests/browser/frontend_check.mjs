@@ -386,6 +386,67 @@ async function runChecks() {
         }, id);
     });
 
+    // a node converted to a subgraph, with some of its widgets promoted onto the subgraph node (as the
+    // context menu's "Promote Widget" does: the subgraph node's proxyWidgets property)
+    async function promotedSubgraph(type, widgetNames) {
+        await resetGraph();
+        const inner = await addNode(type, [300, 60]);
+        const sg = await page.evaluate(async ([id, names]) => {
+            const app = window.app;
+            app.canvas.deselectAll?.();
+            app.canvas.selectItems([app.graph.getNodeById(id)]);
+            await app.extensionManager.command.execute("Comfy.Graph.ConvertToSubgraph");
+            await new Promise((r) => setTimeout(r, 300));
+            const n = app.graph._nodes.find((m) => m.isSubgraphNode?.());
+            n.properties.proxyWidgets = names.map((w) => [String(id), w]);
+            n.pos = [300, 60];
+            app.canvas.setDirty(true, true);
+            return n.id;
+        }, [inner, widgetNames]);
+        await redraw();
+        await redraw();
+        return { inner, sg };
+    }
+
+    await step("promoted_curve", async () => {
+        // the block curve promoted onto a subgraph node: the node is widened for it, a drag on the subgraph
+        // node changes the block under the pointer (also when the subgraph node is wider than the inner
+        // node), and hovering there shows the read-out
+        const { inner, sg } = await promotedSubgraph("MergeLab_BlockWeights_SD1", ["mergelab_block_curve", "mergelab_block_preset"]);
+        const widthAfterPromotion = await page.evaluate((id) => window.app.graph.getNodeById(id).size[0], sg);
+        await page.evaluate((id) => { const n = window.app.graph.getNodeById(id); n.setSize([620, n.size[1]]); }, sg);
+        await redraw();
+        // where the curve is drawn on the subgraph node: the proxy's y, the subgraph node's width
+        const at = (i) => page.evaluate(([sgId, innerId, k]) => {
+            const n = window.app.graph.getNodeById(sgId);
+            const c = n.subgraph.getNodeById(innerId).mergelabCurve;
+            const pw = n.widgets.find((w) => w.name.endsWith("mergelab_block_curve"));
+            const r = c.plotRect(n.size[0]);
+            r.y0 += pw.y - c.y; r.y1 += pw.y - c.y;
+            const v = c.values();
+            return { p: [c.xOf(k, r), c.yOf(v[k], r, c.range(v))], values: v, width: n.size[0], innerWidth: c.node.size[0] };
+        }, [sg, inner, i]);
+        const index = 20, dy = 50;
+        const g = await at(index);
+        const [x, y] = await clientPos(sg, g.p);
+        await page.mouse.move(x, y);
+        await page.mouse.down();
+        await page.mouse.move(x, y + dy / 2, { steps: 4 });
+        await page.mouse.move(x, y + dy, { steps: 4 });
+        await page.mouse.up();
+        await redraw();
+        const after = await page.evaluate(([sgId, innerId]) => window.app.graph.getNodeById(sgId).subgraph.getNodeById(innerId).mergelabCurve.values(), [sg, inner]);
+        const changed = after.map((v, i) => (v !== g.values[i] ? i : -1)).filter((i) => i >= 0);
+        const h = await at(8);
+        const [hx, hy] = await clientPos(sg, h.p);
+        await page.mouse.move(hx - 30, hy + 10);
+        await page.mouse.move(hx, hy, { steps: 4 });
+        const hover = await page.evaluate(([sgId, innerId]) => window.app.graph.getNodeById(sgId).subgraph.getNodeById(innerId).mergelabCurve.hover, [sg, inner]);
+        await page.mouse.move(5, 5);
+        await shot("60_promoted_curve.png");
+        return { widthAfterPromotion, width: g.width, innerWidth: g.innerWidth, index, changed, hoverIndex: 8, hover };
+    });
+
     await step("examples", async () => {
         const templates = await getJson("workflow_templates");
         const names = templates[PACK] ?? [];
@@ -441,6 +502,7 @@ async function runChecks() {
             await setting(false);
         }
     });
+
 }
 
 // Workflow > Browse Templates > Extensions > <pack> > the card of `name`

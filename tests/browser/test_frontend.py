@@ -436,3 +436,19 @@ def test_nodes_2_0_preset_menu_applies_and_returns_to_its_placeholder(browser):
         assert pick["shown"] == pytest.approx(pick["values"], abs=0.005 + 1e-9), pick
         assert pick["menuShows"].endswith("choose…"), pick
     assert s["picks"][0]["values"] != s["picks"][1]["values"]
+
+
+# widgets promoted onto a subgraph node ("Promote Widget" inside a subgraph): ComfyUI's proxy widget calls
+# the inner widget's draw / mouse with the subgraph node, its width and its y
+def test_promoted_curve_drag_changes_the_block_under_the_pointer(browser):
+    s = _step(browser, "promoted_curve")
+    # the subgraph node (made 620 px wide, the inner node is 420 px) maps the pointer with its own width
+    assert s["width"] != s["innerWidth"], s
+    assert s["changed"] == [s["index"]], s
+
+
+def test_promoted_curve_widens_its_subgraph_node_and_shows_the_hover(browser):
+    s = _step(browser, "promoted_curve")
+    assert s["widthAfterPromotion"] >= 420, s
+    assert s["hover"] == s["hoverIndex"], "hovering a point on the subgraph node should select it for the read-out"
+
