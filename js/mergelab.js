@@ -557,14 +557,27 @@ class MethodHelpWidget {
         return this._cache.lines;
     }
 
+    /** The node the help is laid out on: its own node, or, while the canvas shows the graph of a subgraph
+     *  node it is promoted onto, that node (LiteGraph's arrange() asks computeSize() with no width). */
+    layoutNode() {
+        if (this.sizingFor) return this.sizingFor;
+        const h = this.host, shown = app.canvas?.graph;
+        if (h && h !== this.node && shown && h.graph === shown && this.node.graph !== shown) return h;
+        return this.node;
+    }
+
     computeSize(width) {
-        const w = this.node.size?.[0] ?? width ?? 300;
+        const w = this.layoutNode().size?.[0] ?? width ?? 300;
         if (vueNodes()) return [w, 0];
         return [w, this.folded ? HEAD_H + 6 : HEAD_H + 10 + this.lines(w).length * HELP_LINE];
     }
 
     draw(ctx, node, width, y) {
         if (vueNodes()) return;
+        if (node && node !== this.node) {
+            this.host = node;
+            if (fitHost(node, HELP_MIN_WIDTH)) width = node.size[0];
+        }
         this.y = y;
         const h = this.computeSize(width)[1] - 4;
         ctx.save();
@@ -591,11 +604,22 @@ class MethodHelpWidget {
         if (event.type !== "pointerdown" && event.type !== "mousedown") return false;
         if (pos[1] > this.y + HEAD_H + 2) return false;
         this.folded = !this.folded;
-        node.properties ??= {};
-        node.properties[HELP_FOLDED] = this.folded;
-        const min = node.computeSize();
-        node.setSize([node.size[0], this.folded ? min[1] : Math.max(node.size[1], min[1])]);
-        markChanged(node);
+        // the fold belongs to the help's own node (its properties are what a saved workflow keeps for it),
+        // also when the click comes from a subgraph node the help is promoted onto
+        this.node.properties ??= {};
+        this.node.properties[HELP_FOLDED] = this.folded;
+        const fit = (n) => {
+            this.sizingFor = n;
+            try {
+                const min = n.computeSize();
+                n.setSize([n.size[0], this.folded ? min[1] : Math.max(n.size[1], min[1])]);
+            } finally {
+                this.sizingFor = null;
+            }
+            markChanged(n);
+        };
+        fit(this.node);
+        if (node && node !== this.node) fit(node);
         return true;
     }
 }

@@ -447,6 +447,34 @@ async function runChecks() {
         return { widthAfterPromotion, width: g.width, innerWidth: g.innerWidth, index, changed, hoverIndex: 8, hover };
     });
 
+    await step("promoted_help", async () => {
+        // the method help promoted onto a subgraph node: drawn inside the node, a click on its header folds
+        // it and the fold is kept (in the help's own node) through a save and reload
+        const { inner, sg } = await promotedSubgraph("MergeLab_Method_ties", ["mergelab_method_help"]);
+        const before = await page.evaluate(([sgId, innerId]) => {
+            const n = window.app.graph.getNodeById(sgId), help = n.subgraph.getNodeById(innerId).mergelabHelp;
+            const pw = n.widgets.find((w) => w.name.endsWith("mergelab_method_help"));
+            // the help draws its text wrapped at the width it is drawn with: the subgraph node's
+            const bottom = pw.y + 30 + help.lines(n.size[0]).length * 16;
+            return { size: [...n.size], y: pw.y, bottom };
+        }, [sg, inner]);
+        const [x, y] = await clientPos(sg, [60, before.y + 10]);
+        await page.mouse.click(x, y);
+        await redraw();
+        const clicked = await page.evaluate(([sgId, innerId]) => {
+            const n = window.app.graph.getNodeById(sgId), m = n.subgraph.getNodeById(innerId);
+            return { folded: m.mergelabHelp.folded, innerProperty: m.properties.mergelab_help_folded ?? null,
+                     subgraphProperty: n.properties.mergelab_help_folded ?? null };
+        }, [sg, inner]);
+        const reloaded = await page.evaluate(async ([sgId, innerId]) => {
+            const app = window.app;
+            await app.loadGraphData(structuredClone(app.graph.serialize()), true, true, null);
+            return { folded: app.graph.getNodeById(sgId).subgraph.getNodeById(innerId).mergelabHelp.folded };
+        }, [sg, inner]);
+        await resetGraph();
+        return { before, clicked, reloaded };
+    });
+
     await step("examples", async () => {
         const templates = await getJson("workflow_templates");
         const names = templates[PACK] ?? [];

@@ -452,3 +452,16 @@ def test_promoted_curve_widens_its_subgraph_node_and_shows_the_hover(browser):
     assert s["widthAfterPromotion"] >= 420, s
     assert s["hover"] == s["hoverIndex"], "hovering a point on the subgraph node should select it for the read-out"
 
+
+def test_promoted_method_help_is_drawn_inside_its_subgraph_node(browser):
+    s = _step(browser, "promoted_help")
+    before = s["before"]
+    assert before["size"][0] >= 360, before
+    assert before["bottom"] <= before["size"][1], f"the help's text ends below the subgraph node: {before}"
+
+
+def test_promoted_method_help_fold_is_kept_in_its_own_node(browser):
+    s = _step(browser, "promoted_help")
+    assert s["clicked"] == {"folded": True, "innerProperty": True, "subgraphProperty": None}, s["clicked"]
+    assert s["reloaded"]["folded"], "the fold was lost on reload"
+
