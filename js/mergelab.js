@@ -482,6 +482,22 @@ class BlockCurveWidget {
     }
 }
 
+/** Nodes 2.0: the subgraph nodes in the shown graph that show a widget of `node` promoted onto them.
+ *  Their DOM rows are built from their own (proxy) widgets, keyed by the subgraph node, so a change
+ *  made through the inner widget (setValue, its callback) never reaches them.  Frontend 1.32.9 re-reads
+ *  a node's widgets for its DOM node only when the node is added to the graph: the graph's onNodeAdded
+ *  (which the Nodes 2.0 node manager hooks) is called again for the host, which re-reads every widget's
+ *  value (a proxy reads the inner widget's). */
+function refreshVueHosts(node) {
+    const shown = app.canvas?.graph ?? app.graph;
+    for (const h of shown?._nodes ?? shown?.nodes ?? []) {
+        if (h === node || !h.isSubgraphNode?.() || h.subgraph !== node.graph) continue;
+        if (!(h.widgets ?? []).some((pw) => pw?._overlay && String(pw._overlay.nodeId) === String(node.id))) continue;
+        if (typeof shown.onNodeAdded === "function") shown.onNodeAdded(h);
+        h.setDirtyCanvas?.(true, true);
+    }
+}
+
 function addPresetWidget(node, curve) {
     const names = [PRESET_PLACEHOLDER, ...Object.keys(ACTIONS), ...presetNames()];
     const w = node.addWidget("combo", "mergelab_block_preset", PRESET_PLACEHOLDER, (value) => {
@@ -493,9 +509,11 @@ function addPresetWidget(node, curve) {
         // a DOM node's select shows what it last saw in the widget: let it see the preset's name first,
         // then the placeholder (a change it follows), so the menu is ready for the next pick
         w.value = value;
+        refreshVueHosts(node);
         setTimeout(() => {
             if (typeof w.setValue === "function" && app.canvas) w.setValue(PRESET_PLACEHOLDER, { node, canvas: app.canvas });
             else w.value = PRESET_PLACEHOLDER;
+            refreshVueHosts(node);
         }, 0);
     }, { values: names, serialize: false });
     w.label = "apply preset";

@@ -531,6 +531,39 @@ async function runChecks() {
         }
     });
 
+    await step("vue_promoted_preset", async () => {
+        // "Nodes 2.0": the preset menu promoted onto a subgraph node returns to its placeholder after a pick,
+        // so the same preset can be picked again (after the values were changed)
+        const { inner, sg } = await promotedSubgraph("MergeLab_BlockWeights_SD1", ["mergelab_block_preset"]);
+        const setting = (on) => page.evaluate((v) => window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", v), on);
+        await setting(true);
+        try {
+            await page.waitForFunction((id) => document.querySelector(`[data-node-id="${id}"] .lg-node-widget`), sg, { timeout: 30000 });
+            await page.waitForTimeout(1000);
+            const read = () => page.evaluate(([sgId, innerId]) => {
+                const el = document.querySelector(`[data-node-id="${sgId}"]`);
+                const row = [...el.querySelectorAll(".lg-node-widget")].find((r) => r.innerText.includes("apply preset"));
+                return { menuShows: row?.innerText.replace(/\s+/g, " ").trim() ?? null,
+                         values: window.app.graph.getNodeById(sgId).subgraph.getNodeById(innerId).mergelabCurve.values() };
+            }, [sg, inner]);
+            const pick = async (name) => {
+                const row = page.locator(`[data-node-id="${sg}"] .lg-node-widget`).filter({ hasText: "apply preset" }).first();
+                await row.locator("[role=combobox], .p-select").first().click();
+                await page.locator("[role=option]", { hasText: new RegExp(`^${name}$`) }).first().click();
+                await page.waitForTimeout(800);
+                return { pick: name, ...(await read()) };
+            };
+            const first = await pick("COSINE");
+            await page.evaluate(([sgId, innerId]) => window.app.graph.getNodeById(sgId).subgraph.getNodeById(innerId).mergelabCurve.applyPreset("reset (all 1)"), [sg, inner]);
+            const reset = await read();
+            const again = await pick("COSINE");
+            await shot("61_vue_promoted_preset.png");
+            return { first, reset, again };
+        } finally {
+            await setting(false);
+            await resetGraph();
+        }
+    });
 }
 
 // Workflow > Browse Templates > Extensions > <pack> > the card of `name`

@@ -465,3 +465,11 @@ def test_promoted_method_help_fold_is_kept_in_its_own_node(browser):
     assert s["clicked"] == {"folded": True, "innerProperty": True, "subgraphProperty": None}, s["clicked"]
     assert s["reloaded"]["folded"], "the fold was lost on reload"
 
+
+def test_nodes_2_0_promoted_preset_menu_returns_to_its_placeholder(browser):
+    s = _step(browser, "vue_promoted_preset")
+    first, reset, again = s["first"], s["reset"], s["again"]
+    assert first["values"] != reset["values"] == [1.0] * len(reset["values"]), s
+    assert first["menuShows"].endswith("choose…"), first
+    # the same preset again, after the values changed, applies again
+    assert again["values"] == first["values"], s
