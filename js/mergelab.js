@@ -10,6 +10,9 @@
 //    parameter spec) as wrapped text inside the node; a click on its header folds it (kept in the node's
 //    properties, so a saved workflow keeps it folded).
 // In "Nodes 2.0" (DOM-rendered nodes) the curve and the help are left out; the preset menu stays.
+// Each can be promoted onto a subgraph node ("Promote Widget"): ComfyUI's proxy widget then calls their
+// draw/mouse with the subgraph node (its width, its y); they map the pointer with the geometry they were
+// drawn with on that node, widen it to fit, and keep their state (the help's fold) in their own node.
 //
 // Everything is derived at run time from the node definitions the server sends (/object_info): which
 // nodes, which widgets, the MBW name of each block (from the widget's display name) and the preset names
