@@ -496,7 +496,11 @@ function refreshVueHosts(node) {
     for (const h of shown?._nodes ?? shown?.nodes ?? []) {
         if (h === node || !h.isSubgraphNode?.() || h.subgraph !== node.graph) continue;
         if (!(h.widgets ?? []).some((pw) => pw?._overlay && String(pw._overlay.nodeId) === String(node.id))) continue;
-        if (typeof shown.onNodeAdded === "function") shown.onNodeAdded(h);
+        try {       // frontend internals: a later frontend may not need or allow this; never break the pick
+            if (typeof shown.onNodeAdded === "function") shown.onNodeAdded(h);
+        } catch (e) {
+            console.debug("MergeLab: could not refresh a subgraph node's promoted widgets", e);
+        }
         h.setDirtyCanvas?.(true, true);
     }
 }
