@@ -17,31 +17,12 @@ def pack(harness, sub):
     return importlib.import_module(f"{harness.pack_module_name}.{sub}")
 
 
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def _libc(alloc):
+    """Skip where there is no glibc with mallinfo2 (the probe below needs it)."""
     if not alloc.available():
         pytest.skip("not glibc")
-    libc = ctypes.CDLL("libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
         pytest.skip("glibc without mallinfo2")
-    libc.mallinfo2.restype = _Mallinfo2
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-    libc.free.argtypes = (ctypes.c_void_p,)
-    return libc
-
-
-def _is_mmapped(libc, size: int) -> bool:
-    """Whether glibc serves a block of ``size`` bytes by its own mmap now."""
-    before = libc.mallinfo2().hblkhd
-    p = libc.malloc(size)
-    try:
-        return libc.mallinfo2().hblkhd >= before + size
-    finally:
-        libc.free(p)
 
 
 _PROBE = r"""
