@@ -8,7 +8,6 @@ import importlib
 import time
 
 import pytest
-import torch
 
 from mergelab import fixtures
 
