@@ -6,12 +6,14 @@ so every temporary is new memory that the kernel must fault in and zero: measure
 linear merge, that page-fault work cost more than the arithmetic (see benchmarks/bench_model_merge.py).
 :func:`recycled_memory` raises glibc's mmap threshold to its maximum (32 MiB) and keeps up to 256 MiB
 of freed memory at the heap top for the duration, so freed blocks are handed out again.  On leaving it
-sets the mmap threshold back (to the user's ``GLIBC_TUNABLES`` value, else glibc's initial 128 KiB: left at
-32 MiB, every model ComfyUI loads afterwards lived in the heap and stayed resident after it was freed,
-and a user's own tunable was silently overridden), keeps a moderate trim threshold and returns the free
-memory to the system with ``malloc_trim``.  The merged results themselves are made inside the block, in
-the heap: :func:`trim_when_collected` trims again once a result is garbage.  Elsewhere (macOS, Windows,
-musl) it all does nothing.
+keeps the high mmap threshold (it is where glibc's own dynamic tuning ends up in a long-running torch
+process: a fixed 128 KiB made every later 8 MiB tensor a fresh mmap, 20x slower), unless the user set
+``glibc.malloc.mmap_threshold`` in ``GLIBC_TUNABLES``, which is then restored instead of overridden; it
+sets a moderate trim threshold and returns the free memory to the system with ``malloc_trim``.  Memory
+freed later (the merged results and the models loaded after a merge live in the heap) stays resident
+until a trim: :func:`trim_when_collected` trims soon after a merge result is collected (a long-running
+server kept gigabytes after ComfyUI's /free without it).  Elsewhere (macOS, Windows, musl) it all does
+nothing.
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_MAX_THRESHOLD = 32 << 20           # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit
 _KEEP_WHILE_MERGING = 256 << 20         # free memory kept at the heap top (a few keys' temporaries)
 _TRIM_AFTER = 64 << 20
-_MMAP_DEFAULT = 128 << 10                # glibc's initial M_MMAP_THRESHOLD
 _TRIM_DELAY_S = 0.5                      # a finalizer runs before the object's tensors are freed
 
 _lock = threading.Lock()
@@ -67,10 +68,10 @@ def tunable(name: str, environ=None) -> int | None:
     return None
 
 
-def mmap_threshold_after() -> int:
-    """The mmap threshold set when a merge ends: the user's tunable, else glibc's initial value."""
+def user_mmap_threshold() -> int | None:
+    """The user's ``glibc.malloc.mmap_threshold`` tunable when it is a valid value, else None."""
     v = tunable("mmap_threshold")
-    return v if v is not None and 0 <= v <= _MMAP_MAX_THRESHOLD else _MMAP_DEFAULT
+    return v if v is not None and 0 <= v <= _MMAP_MAX_THRESHOLD else None
 
 
 def _trim() -> None:
@@ -80,17 +81,38 @@ def _trim() -> None:
                 _LIBC.malloc_trim(0)
 
 
+_timer_lock = threading.Lock()
+_timer_pending = False
+
+
+def _trim_soon() -> None:
+    """One trim ``_TRIM_DELAY_S`` from now (results collected meanwhile share it)."""
+    global _timer_pending
+    with _timer_lock:
+        if _timer_pending:
+            return
+        _timer_pending = True
+
+    def run():
+        global _timer_pending
+        with _timer_lock:
+            _timer_pending = False
+        _trim()
+    t = threading.Timer(_TRIM_DELAY_S, run)
+    t.daemon = True
+    try:
+        t.start()
+    except RuntimeError:            # no new threads (interpreter shutdown)
+        with _timer_lock:
+            _timer_pending = False
+
+
 def trim_when_collected(obj) -> None:
     """Return the heap memory of ``obj``'s tensors to the system soon after ``obj`` is collected (a merge
-    result lives in the heap; freed, it stays resident until a trim)."""
+    result lives in the heap; freed, it stays resident until a trim).  Not at interpreter exit."""
     if _LIBC is None:
         return
-
-    def later():
-        t = threading.Timer(_TRIM_DELAY_S, _trim)
-        t.daemon = True
-        t.start()
-    weakref.finalize(obj, later)
+    weakref.finalize(obj, _trim_soon).atexit = False
 
 
 @contextlib.contextmanager
@@ -112,7 +134,9 @@ def recycled_memory():
         with _lock:
             _depth -= 1
             if _depth == 0:
-                _LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_after())
+                user = user_mmap_threshold()
+                if user is not None:
+                    _LIBC.mallopt(_M_MMAP_THRESHOLD, user)
                 trim = tunable("trim_threshold")
                 _LIBC.mallopt(_M_TRIM_THRESHOLD, trim if trim is not None and trim >= 0 else _TRIM_AFTER)
                 _LIBC.malloc_trim(0)
