@@ -105,7 +105,8 @@ class MergeStats:
 
     def image(self) -> torch.Tensor:
         """A chart (IMAGE tensor [1, H, W, 3] in 0..1): per block, one bar per comparison (the base, then
-        each input) in two panels: the relative change Δ and the angle arccos(cos) in degrees (the chart's font
+        each input; the first ``len(PALETTE)``, the title counts the others) in two panels: the relative
+        change Δ and the angle arccos(cos) in degrees (the chart's font
         has no Δ or ° glyph, so its titles spell them out)."""
         rows = self.summary()
         series = (["base"] if self.has_base else []) + list(self.input_names)
@@ -145,9 +146,11 @@ def _figures(mm: float, dd: float, xx: float, mx: float) -> Tuple[float, float]:
 
 _BAR_FLOOR = 1e-6      # a full-width Δ bar stands for at least this much: rounding noise draws no bars
 _ANGLE_FLOOR = 1e-4    # degrees, the same for the angle (1e-6 rad is 5.7e-5°)
-# bar colours of the comparisons, in order (the base first when there is one), repeated past ten
+# bar colours of the comparisons, in order (the base first when there is one); the chart draws at most
+# as many comparisons as there are colours (64 inputs made a 16,000-pixel image with colours repeated)
 PALETTE = ((90, 160, 240), (240, 190, 80), (120, 200, 120), (220, 110, 200), (90, 210, 210),
-           (200, 200, 200), (170, 130, 250), (250, 140, 120), (160, 180, 90), (120, 140, 170))
+           (200, 200, 200), (170, 130, 250), (250, 140, 120), (160, 180, 90), (120, 140, 170),
+           (255, 240, 120), (150, 90, 60))
 NON_FINITE = (240, 100, 80)
 CHART_LEFT, CHART_PANEL, CHART_GAP = 190, 300, 70       # x of the first panel, a panel's width, the gap
 
@@ -169,6 +172,10 @@ def grouped_chart(labels: Sequence[str], series: Sequence[str],
     values are printed after the bars."""
     from PIL import Image, ImageDraw
 
+    more = len(series) - len(PALETTE)
+    if more > 0:
+        series = list(series[:len(PALETTE)])
+        panels = [(t, list(v[:len(PALETTE)]), f) for t, v, f in panels]
     k, pad, left, pw, gap = max(len(series), 1), 8, CHART_LEFT, CHART_PANEL, CHART_GAP
     thick = 10 if k == 1 else max(3, min(8, 28 // k))
     group = max(16, k * (thick + 1) + 5)
@@ -180,13 +187,14 @@ def grouped_chart(labels: Sequence[str], series: Sequence[str],
         w = 14 + 6 * len(text) + 16
         if x + w > width - pad and x > pad:
             line, x = line + 1, pad
-        items.append((x, line, PALETTE[i % len(PALETTE)], text))
+        items.append((x, line, PALETTE[i], text))
         x += w
     top = pad + 16 * (line + 2) + 14
     img = Image.new("RGB", (width, top + group * len(labels) + pad), (24, 24, 28))
     draw = ImageDraw.Draw(img)
-    draw.text((pad, pad), "how far the merged model moved, per block, from each of these "
-              "(orange: inf or nan, see the text report)", fill=(230, 230, 230))
+    title = "how far the merged model moved, per block, from each of these (orange: inf or nan"
+    title += f"; {more} more input(s) in the text report)" if more > 0 else ", see the text report)"
+    draw.text((pad, pad), title, fill=(230, 230, 230))
     for x, ln, colour, text in items:
         y = pad + 16 * (ln + 1)
         draw.rectangle([x, y + 2, x + 10, y + 11], fill=colour)
@@ -205,7 +213,7 @@ def grouped_chart(labels: Sequence[str], series: Sequence[str],
                         draw.text((x0 + 10, y - 2), f"{v}", fill=NON_FINITE)
                     continue
                 w = int(pw * abs(v) / vmax)
-                draw.rectangle([x0, yy, x0 + max(w, 1), yy + thick - 1], fill=PALETTE[si % len(PALETTE)])
+                draw.rectangle([x0, yy, x0 + max(w, 1), yy + thick - 1], fill=PALETTE[si])
                 if k == 1:
                     draw.text((x0 + w + 4, y - 2), f"{v:.4g}", fill=(200, 200, 200))
     for r, lab in enumerate(labels):

@@ -305,14 +305,14 @@ class BlockCurveWidget {
 
     /** The plot as last drawn on `host` (the curve's node, or a subgraph node it is promoted onto):
      *  the mouse must map positions with the width and y the curve was drawn with on that node. */
-    hostRect(host) {
+    hostRect(host = this.node) {
         const g = host ? this.hosts.get(host) : null;
         if (g) return this.plotRect(g.width, g.y);
         return this.plotRect(host && host !== this.node ? host.size?.[0] : undefined);
     }
 
     /** Node-relative position of point i on `host` (default: its own node; for tests and other extensions). */
-    pointPos(i, host) {
+    pointPos(i, host = this.node) {
         const r = this.hostRect(host);
         const values = this.values();
         return [this.xOf(i, r), this.yOf(values[i], r, this.range(values))];

@@ -743,12 +743,14 @@ def test_report_shows_small_changes_and_not_rounding_noise(harness):
 
 
 def _bar_widths(img, colour, x0, x1):
-    """The widths of the bars of ``colour`` between x0 and x1, top to bottom (one per run of rows)."""
+    """The widths of the bars of ``colour`` that start at x0 (a panel's left edge), ending before x1, top
+    to bottom (one per run of rows)."""
     import numpy as np
     hit = (np.abs(img[:, x0:x1].astype(int) - np.array(colour)).sum(-1) == 0)
     widths, prev = [], 0
     for row in hit:
-        w = int(row.sum())
+        w = int(np.argmin(row)) if not row.all() else len(row)     # the run from x0
+        w = w if row[0] else 0
         if w and not prev:
             widths.append(w)
         prev = w
@@ -788,6 +790,27 @@ def test_report_image_shows_every_comparison_in_both_panels(harness, with_base):
         stubs = _bar_widths(img, rep.NON_FINITE, x0, x0 + pw + 2)
         assert stubs == [6] * len(cols)                   # the z row: one stub per comparison
     assert len(_bar_widths(img, rep.PALETTE[len(cols)], 0, img.shape[1])) == 0
+
+
+def test_report_image_with_many_inputs_draws_distinct_colours_and_stays_small(harness):
+    """64 inputs made a 16,000-pixel-high image whose ten colours repeated (no bar could be told apart):
+    the chart now draws the first len(PALETTE) comparisons, each in its own colour."""
+    import numpy as np
+    rep = pack(harness, "engine.report")
+    assert len(set(rep.PALETTE)) == len(rep.PALETTE) and rep.NON_FINITE not in rep.PALETTE
+    g = torch.Generator().manual_seed(8)
+    names = [f"model {i}" for i in range(1, 41)]
+    stats = rep.MergeStats(lambda k: k.split(".")[0], names, has_base=True)
+    for blk in range(30):
+        b = torch.randn(500, generator=g)
+        xs = [b + 0.01 * (i + 1) * torch.randn(500, generator=g) for i in range(len(names))]
+        stats.add(f"b{blk}.w", sum(xs) / len(xs), b, xs)
+    img = stats.image()
+    assert img.shape[1] < 3000
+    arr = (img[0].numpy() * 255).round().astype(np.uint8)
+    x0, pw = rep.CHART_LEFT, rep.CHART_PANEL
+    for colour in rep.PALETTE:
+        assert len(_bar_widths(arr, colour, x0, x0 + pw + 2)) == 30, colour
 
 
 def test_a_clip_weight_kept_for_non_finite_values_is_named_in_the_report(harness):
