@@ -222,6 +222,11 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
             if options.stats is not None:
                 options.stats.notes.append(note)
         _check_scaled_ranges(bw, method, inputs, keys)
+        note = _cancelled_weight_factors(bw, method, len(inputs), keys)
+        if note:
+            log.warning("MergeLab: %s", note)
+            if options.stats is not None:
+                options.stats.notes.append(note)
     device = compute_device(options.device)
     work_dtype = torch.float64 if options.compute_dtype == "fp64" else torch.float32
     offload = patcher_of(ref_obj).offload_device
@@ -309,6 +314,29 @@ def _check_fits_fp16(key: str, out: torch.Tensor) -> None:
         size = f"largest |value| {big:.6g}" if math.isfinite(big) else "some values round to ±inf"
         raise MergeError(f"the new values of {key} do not fit the model's fp16 ({size}, fp16 holds up to "
                          "65504): lower the weights or strength, or use a bf16 or fp32 base")
+
+
+def _cancelled_weight_factors(bw, method: MergeMethod, n: int, keys: List[str]) -> Optional[str]:
+    """A note when block factors scale 'weight' alike for every model under a method that divides by the
+    summed weights (normalize on: linear, TIES, DARE, ...): there such a factor cancels out, and the block
+    weights silently change nothing (the block nodes scale 'weight' of all models by default)."""
+    if "weight" not in bw.params() or not any(p.name == "normalize" for p in method.spec.params) \
+            or not method.get("normalize"):
+        return None
+    from .blocks import block_of
+    alike = {}
+    for key in keys:
+        f = bw.factors(key, n).get("weight")
+        if f is not None and f[0] != 1.0 and all(v == f[0] for v in f):
+            alike.setdefault(block_of(key), None)
+    if not alike:
+        return None
+    names = list(alike)
+    return (f"block weights scale 'weight' by the same factor for every model in {len(names)} block(s) "
+            f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}), but '{method.name}' divides by the "
+            "summed weights (normalize is on), so there the factor cancels out and changes nothing: set "
+            "'models' on the block-weights node to the model(s) it is for, turn normalize off, or scale "
+            "another parameter (density, lambda, ...)")
 
 
 def _check_scaled_ranges(bw, method: MergeMethod, inputs: List[MergeInput], keys: List[str]) -> None:

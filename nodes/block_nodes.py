@@ -41,7 +41,9 @@ def _models_input():
     return io.String.Input(
         "models", default="all",
         tooltip="Which merged models the factors apply to: 'all', or model numbers like '1,3' or '2-4' "
-                "(1 = the first model input of the merger; the base is never scaled).")
+                "(1 = the first model input of the merger; the base is never scaled).  A 'weight' factor alike "
+                "for all models cancels out where the method divides by the summed weights (normalize on: "
+                "linear, TIES, DARE, ...); the merge report says so.")
 
 
 def _combine_input():

@@ -584,6 +584,24 @@ def test_clip_merger(harness):
         assert torch.equal(src.read(key, torch.device("cpu")), want), key
 
 
+@pytest.mark.parametrize("normalize, models, warned", [(True, "all", True), (True, "2", False),
+                                                     (False, "all", False)])
+def test_weight_factors_that_normalize_cancels_are_reported(harness, normalize, models, warned):
+    """Block weights scale 'weight' of all models by default; linear / TIES / DARE with normalize on divide
+    by the summed weights, so such a factor cancels out: the merge silently ignored the block weights.
+    The report and the log now say so (factors for some models only do change the merge)."""
+    g = merge_graph("SD15", "MergeLab_Method_linear", {"normalize": normalize}, 2, False,
+                    extra={"block_weights": ["bw", 0]})
+    g["bw"] = {"class_type": "MergeLab_BlockWeightsMBW",
+               "inputs": {"arch": "SD1", "preset": "none", "mbw": "IN04:0.3,OUT05:2", "param": "weight",
+                          "models": models}}
+    g = harness.with_defaults(g)
+    report = harness.run_ok(g).captured["report"]
+    assert ("changes nothing" in report) == warned, report
+    if warned:
+        assert "2 block(s) (input_blocks.4., output_blocks.5.)" in report
+
+
 def test_mbw_of_an_architecture_sharing_the_clip_class(harness):
     """KOALA's CLIP is ComfyUI's SDXL CLIP class: the KOALA MBW node's BASE (clip_l + clip_g) applies to it,
     as documented, while a KOALA MBW on an SDXL UNet is still refused."""
