@@ -118,6 +118,8 @@ def test_memory_is_trimmed_soon_after_a_merge_result_is_collected(harness, monke
     alloc = pack(harness, "engine.alloc")
     _libc(alloc)
     eng, mm = pack(harness, "engine.merge"), pack(harness, "merge_methods")
+    gc.collect()                            # results of earlier tests: collected, their trim done
+    time.sleep(alloc._TRIM_DELAY_S + 0.3)
     calls = []
     monkeypatch.setattr(alloc, "_trim", lambda: calls.append(time.monotonic()))
     ms = [fixtures.small_model("SD15", seed=0, delta_seed=i, delta_scale=0.01) for i in (1, 2)]
