@@ -277,6 +277,17 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
                 continue
             out = m.merge(b if base_for_method is not None else None, xs, key=key, seed=options.seed,
                           **per_model)
+            if clip and key.endswith(CLIP_OPTIONAL_SUFFIXES) and storage_dtype(ref_src.dtype(key)) == torch.float16 \
+                    and fp16_overflow(out) is not None:
+                # the uninitialized bytes can be large finite fp16 values whose merge overflows: kept too
+                note = (f"{key} kept as is: its merged values do not fit fp16 (a weight the checkpoint does not "
+                        "hold, which ComfyUI leaves uninitialized and drops on save); not in the report's figures")
+                log.warning("MergeLab: %s", note)
+                if options.stats is not None:
+                    options.stats.notes.append(note)
+                del b, xs, out
+                advance(i)
+                continue
             if options.mask is not None:
                 keep = b if b is not None else xs[0]
                 sel = options.mask.selection(key, out.shape, device)
