@@ -200,9 +200,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     check_architectures(objs, names)
     ref_obj = base if base is not None else inputs[0].model
     for note in settings_not_kept(ref_obj, names[0], list(zip(objs, names))):
-        log.warning("MergeLab: %s", note)
-        if options.stats is not None:
-            options.stats.notes.append(note)
+        _warn(options, note)
 
     base_src = KeySource.of(base).read_only() if base is not None else None
     sources = [KeySource.of(i.model).read_only() for i in inputs]
@@ -224,9 +222,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
         _check_scaled_ranges(bw, method, inputs, keys)
         note = _cancelled_weight_factors(bw, method, len(inputs), keys)
         if note:
-            log.warning("MergeLab: %s", note)
-            if options.stats is not None:
-                options.stats.notes.append(note)
+            _warn(options, note)
     device = compute_device(options.device)
     work_dtype = torch.float64 if options.compute_dtype == "fp64" else torch.float32
     offload = patcher_of(ref_obj).offload_device
@@ -267,11 +263,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
             if first_copy is not None and xs[0].dtype not in (work_dtype, storage_dtype(ref_src.dtype(key))):
                 xs[0] = first_copy.read(key, device, work_dtype)
             if clip and key.endswith(CLIP_OPTIONAL_SUFFIXES) and not all_finite([b] + xs):
-                note = (f"{key} kept as is: not finite in an input (a weight the checkpoint does not hold, which "
-                        "ComfyUI leaves uninitialized and drops on save); not in the report's figures")
-                log.warning("MergeLab: %s", note)
-                if options.stats is not None:
-                    options.stats.notes.append(note)
+                _warn(options, _kept_note(key, "not finite in an input"))
                 del b, xs
                 advance(i)
                 continue
@@ -280,11 +272,7 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
             if clip and key.endswith(CLIP_OPTIONAL_SUFFIXES) and storage_dtype(ref_src.dtype(key)) == torch.float16 \
                     and fp16_overflow(out) is not None:
                 # the uninitialized bytes can be large finite fp16 values whose merge overflows: kept too
-                note = (f"{key} kept as is: its merged values do not fit fp16 (a weight the checkpoint does not "
-                        "hold, which ComfyUI leaves uninitialized and drops on save); not in the report's figures")
-                log.warning("MergeLab: %s", note)
-                if options.stats is not None:
-                    options.stats.notes.append(note)
+                _warn(options, _kept_note(key, "its merged values do not fit fp16"))
                 del b, xs, out
                 advance(i)
                 continue
@@ -307,6 +295,18 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     return result
 
 
+
+
+def _warn(options: MergeOptions, note: str) -> None:
+    """A warning of the merge: in the log, and under the merge report's table."""
+    log.warning("MergeLab: %s", note)
+    if options.stats is not None:
+        options.stats.notes.append(note)
+
+
+def _kept_note(key: str, why: str) -> str:
+    return (f"{key} kept as is: {why} (a weight the checkpoint does not hold, which ComfyUI leaves "
+            "uninitialized and drops on save); not in the report's figures")
 
 
 def to_storage(key: str, out: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:

@@ -107,19 +107,15 @@ class KeySource:
         convert = convert or _identity
         if weight.device.type == "meta":
             raise RuntimeError(f"weight '{key}' is not materialized (meta device); load the model first")
-        if is_gguf(weight):
-            t = _gguf_dequantized(self.model, key, weight, device)
-            if len(entry) > 1:
-                t = comfy.lora.calculate_weight(entry[1:], t, key, intermediate_dtype=torch.float32)
-            for f in self.wrappers.get(key, ()):
-                t = _wrapped(f, t)
-            return t if dtype == torch.float32 else t.to(dtype)
         if not self.copies and not self.has_patches(key) and weight.device == device \
                 and weight.dtype in _AS_IS.get(dtype, ()) \
                 and type(weight) in (torch.Tensor, torch.nn.Parameter) and self._plain(key):
             return weight.detach()          # see read_only()
-        t = mm.cast_to_device(weight, device, torch.float32, copy=True)
-        t = convert(t, inplace=True)
+        if is_gguf(weight):
+            t = _gguf_dequantized(self.model, key, weight, device)
+        else:
+            t = mm.cast_to_device(weight, device, torch.float32, copy=True)
+            t = convert(t, inplace=True)
         if len(entry) > 1:
             t = comfy.lora.calculate_weight(entry[1:], t, key, intermediate_dtype=torch.float32)
         for f in self.wrappers.get(key, ()):
