@@ -8,6 +8,7 @@ repository, as a user's install would have it), and runs API-format prompts thro
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import os
 import shutil
@@ -141,6 +142,9 @@ class Harness:
                  output_dir: Optional[str] = None):
         self._own_dir = base_dir is None
         self.base_dir = base_dir or tempfile.mkdtemp(prefix="mergelab-comfy-")
+        if self._own_dir:
+            # the runner, the demo and the doc tools exit without close(): the folder goes with the process
+            atexit.register(self.close)
         self.comfy_root = comfy_env.boot(extra_args=extra_args, base_dir=self.base_dir, models_dir=models_dir,
                                          output_dir=output_dir)
         import nodes  # ComfyUI's

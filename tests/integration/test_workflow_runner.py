@@ -211,7 +211,10 @@ def test_core_image_nodes_run_and_progress_names_the_nodes(harness, capsys):
 def test_models_folder_keeps_legacy_names_and_creates_nothing(tmp_path):
     """python -m mergelab.run --models DIR in a real ComfyUI: a diffusion model in DIR/unet/ (ComfyUI's legacy
     folder beside diffusion_models/) is found (the file here is not a model, so loading it fails after
-    validation accepted its name), and no folder is created in DIR (about 20 were)."""
+    validation accepted its name), no folder is created in DIR (about 20 were), and the runner's own
+    ComfyUI folder (custom_nodes/, user/, temp/, ...) is gone from the temporary directory after it exits."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     models = tmp_path / "models"
     (models / "unet").mkdir(parents=True)
     (models / "unet" / "legacy_unet.safetensors").write_bytes(b"not a model")
@@ -222,10 +225,11 @@ def test_models_folder_keeps_legacy_names_and_creates_nothing(tmp_path):
     path.write_text(json.dumps(wf))
     proc = subprocess.run([sys.executable, "-m", "mergelab.run", str(path), "--models", str(models), "--output",
                            str(tmp_path / "out"), "--cpu", "--quiet"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=dict(os.environ, TMPDIR=str(tmp)))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "not in" not in proc.stderr and "UNETLoader" in proc.stderr, proc.stderr[-2000:]
     assert sorted(os.listdir(models)) == ["unet"]
+    assert not [p for p in os.listdir(tmp) if p.startswith("mergelab-comfy-")], os.listdir(tmp)
 
 
 def test_runner_loads_extra_model_paths_yaml(harness, tmp_path):
