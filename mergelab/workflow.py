@@ -4,7 +4,8 @@ The editor saves each node's widget values as a positional list (``widgets_value
 connections as links.  To turn that into an API prompt we need, per node type, the ordered widget
 inputs: they come from the live node classes (``INPUT_TYPES``), never from a hand-written table.
 Frontend-only nodes are resolved: ``Reroute`` is followed, ``PrimitiveNode`` values are inlined,
-notes are dropped, muted nodes are left out and bypassed nodes pass their inputs through.
+notes are dropped, muted nodes are left out and bypassed nodes pass their inputs through; subgraph
+nodes are expanded into the nodes of their definition, as the frontend does when it queues a prompt.
 """
 from __future__ import annotations
 
@@ -111,89 +112,240 @@ def _bypass_input(node: dict, slot: int, want: Any) -> Optional[int]:
     return None
 
 
+SUBGRAPH_INPUT_NODE = "-10"      # the id links inside a subgraph definition use for its input node
+
+
+class _Graph:
+    """The nodes and links of the workflow's root graph or of one subgraph definition."""
+
+    def __init__(self, data: dict):
+        self.id = data.get("id")
+        self.name = data.get("name") or self.id
+        self.nodes = {str(n["id"]): n for n in data.get("nodes") or []}
+        self.links: Dict[int, Tuple[str, int, str, int]] = {}    # id -> origin id, slot, target id, slot
+        for link in data.get("links") or []:
+            if isinstance(link, dict):
+                self.links[link["id"]] = (str(link["origin_id"]), int(link["origin_slot"]),
+                                          str(link.get("target_id")), int(link.get("target_slot", -1)))
+            else:
+                self.links[link[0]] = (str(link[1]), int(link[2]), str(link[3]), int(link[4]))
+        self.inputs = data.get("inputs") or []
+        self.outputs = data.get("outputs") or []
+
+    def widget_inputs(self, subgraphs: Dict[str, "_Graph"], seen=()) -> List[str]:
+        """Names of the definition's inputs that give its instances a widget: those linked to a widget
+        of an inner node (or, nested, to such an input of an inner subgraph node), in definition order;
+        an instance's ``widgets_values`` holds one value per such input."""
+        out = []
+        for inp in self.inputs:
+            for link_id in inp.get("linkIds") or []:
+                link = self.links.get(link_id)
+                target = self.nodes.get(link[2]) if link else None
+                slots = (target or {}).get("inputs") or []
+                if target is None or not 0 <= link[3] < len(slots):
+                    continue
+                slot = slots[link[3]]
+                inner = subgraphs.get(target.get("type"))
+                if slot.get("widget") or (inner is not None and inner.id not in seen
+                                          and slot.get("name") in inner.widget_inputs(subgraphs, seen + (self.id,))):
+                    out.append(inp.get("name"))
+                    break
+        return out
+
+
+class _Exe:
+    """A node as it runs: its graph, and the subgraph node (itself an _Exe) it sits in, if any."""
+
+    def __init__(self, path: Tuple[str, ...], graph: _Graph, node: dict, host: Optional["_Exe"]):
+        self.path, self.graph, self.node, self.host = path, graph, node, host
+        self.id = ":".join(path + (str(node["id"]),))
+
+
+def _subgraph_definitions(workflow: dict) -> Dict[str, _Graph]:
+    """Every subgraph definition: the workflow's, and any a definition holds itself."""
+    out: Dict[str, _Graph] = {}
+    todo = list((workflow.get("definitions") or {}).get("subgraphs") or [])
+    while todo:
+        data = todo.pop()
+        if isinstance(data, dict) and data.get("id") and data["id"] not in out:
+            out[data["id"]] = _Graph(data)
+            todo += (data.get("definitions") or {}).get("subgraphs") or []
+    return out
+
+
 def to_api(workflow: dict, node_classes: Dict[str, Any],
            display_names: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
     """Convert an editor-format workflow to an API-format prompt.  ``display_names`` (class type → the
     editor's default title; the type itself where it has none) gives every node a ``_meta.title`` as the
-    frontend writes it."""
+    frontend writes it.
+
+    Subgraphs are expanded as the frontend expands them (its ExecutableNodeDTO): a node inside a subgraph
+    node gets the id ``<subgraph node id>:<node id>`` (nested: ``1:2:3``); a link from the definition's
+    input node continues from what feeds the subgraph node's input of that name, and when nothing does,
+    from the subgraph node's widget for it (its ``widgets_values``); a subgraph node's output continues
+    from the inner node linked to the definition's output.  Inner nodes run by their own modes.  One
+    deliberate difference: PrimitiveNodes feeding the widgets of two subgraph nodes of one definition give
+    each its own value (frontend 1.32.9 gives both the value of the last one it serializes)."""
     if is_api_format(workflow):
         return workflow
     if not isinstance(workflow, dict) or "nodes" not in workflow:
         raise WorkflowError("not a ComfyUI workflow: expected an editor-format object with 'nodes' and 'links', "
                             "or an API-format prompt")
-    if (workflow.get("definitions") or {}).get("subgraphs"):
-        raise WorkflowError("workflows with subgraphs are not supported by the converter; unpack the subgraphs "
-                            "in the editor first")
-    nodes = {str(n["id"]): n for n in workflow["nodes"]}
-    links: Dict[int, Tuple[str, int]] = {}
-    for link in workflow.get("links", []):
-        if isinstance(link, dict):
-            links[link["id"]] = (str(link["origin_id"]), int(link["origin_slot"]))
-        else:
-            links[link[0]] = (str(link[1]), int(link[2]))
+    root = _Graph(workflow)
+    subgraphs = _subgraph_definitions(workflow)
+    widget_inputs: Dict[str, List[str]] = {}
+    instance_values: Dict[str, Dict[str, Any]] = {}
 
-    def source_of(link_id: int, want: Any, seen=()) -> Optional[Tuple[str, int]]:
-        """Follow reroutes and bypassed nodes back to a real output; None when nothing feeds it.  ``want``:
-        the type of the input being fed (which input a bypassed node passes through depends on it)."""
-        if link_id is None or link_id not in links:
+    def where(exe: _Exe) -> str:
+        return f"node {exe.id} ({exe.node.get('type')})"
+
+    def host_input(host: _Exe, index: int) -> Tuple[Optional[int], Optional[dict]]:
+        """The subgraph node's input for input ``index`` of its definition (matched by name: a saved
+        subgraph node lists only some of its inputs), with its index in the node's list."""
+        defs = subgraphs[host.node["type"]].inputs
+        if not 0 <= index < len(defs):
+            raise WorkflowError(f"{where(host)}: its subgraph has no input {index}")
+        name = defs[index].get("name")
+        for i, inp in enumerate(host.node.get("inputs") or []):
+            if inp.get("name") == name:
+                return i, inp
+        return None, None
+
+    def from_subgraph_input(host: _Exe, index: int, seen) -> Optional[tuple]:
+        """What the subgraph node ``host`` passes in through its definition's input ``index``: the source
+        linked to its input, else the value of its widget for that input (else nothing)."""
+        i, inp = host_input(host, index)
+        if inp is not None and inp.get("link") is not None:
+            return resolve_input(host, i, None, seen)
+        values = instance_widgets(host)
+        name = subgraphs[host.node["type"]].inputs[index].get("name")
+        return ("value", values[name]) if name in values else None
+
+    def instance_widgets(host: _Exe) -> Dict[str, Any]:
+        """The values of a subgraph node's widgets, by input name, as the frontend loads them: its
+        ``widgets_values`` in the order of the inputs that have a widget, then each ``proxyWidgets`` entry
+        ``["-1", name]`` takes the value at its own index (unless null).  An input without a saved value
+        has none here: the inner widget keeps its own value."""
+        if host.id in instance_values:
+            return instance_values[host.id]
+        sg = subgraphs[host.node["type"]]
+        if sg.id not in widget_inputs:
+            widget_inputs[sg.id] = sg.widget_inputs(subgraphs)
+        names = widget_inputs[sg.id]
+        saved = host.node.get("widgets_values")
+        saved = saved if isinstance(saved, list) else []
+        values = {name: saved[i] for i, name in enumerate(names) if i < len(saved)}
+        proxies = (host.node.get("properties") or {}).get("proxyWidgets")
+        if isinstance(proxies, str):
+            try:
+                proxies = json.loads(proxies)
+            except json.JSONDecodeError:
+                proxies = None
+        for i, entry in enumerate(proxies if isinstance(proxies, list) else []):
+            if (isinstance(entry, (list, tuple)) and len(entry) == 2 and str(entry[0]) == "-1" and entry[1] in names
+                    and i < len(saved) and saved[i] is not None):
+                values[entry[1]] = saved[i]
+        instance_values[host.id] = values
+        return values
+
+    def resolve_input(exe: _Exe, slot: int, want: Any, seen) -> Optional[tuple]:
+        """What feeds input ``slot`` of ``exe``: ("link", id, slot), ("value", v) or None.  ``want``: the
+        type of the input finally fed (which input a bypassed node passes through depends on it)."""
+        ins = exe.node.get("inputs") or []
+        if not 0 <= slot < len(ins):
             return None
-        nid, slot = links[link_id]
-        node = nodes.get(nid)
-        if node is None:
-            raise WorkflowError(f"link {link_id} comes from node {nid}, which is not in the workflow (a broken "
-                                "link: reconnect that input in the editor)")
-        if nid in seen:
+        inp = ins[slot]
+        link = exe.graph.links.get(inp.get("link")) if inp.get("link") is not None else None
+        if link is None:
             return None
-        if node["type"] == "Reroute":
-            ins = node.get("inputs") or []
-            return source_of(ins[0].get("link") if ins else None, want, seen + (nid,))
+        origin_id, origin_slot = link[0], link[1]
+        if exe.host is not None and origin_id == SUBGRAPH_INPUT_NODE:
+            return from_subgraph_input(exe.host, origin_slot, seen)
+        origin = exe.graph.nodes.get(origin_id)
+        if origin is None:
+            graph = "the workflow" if exe.host is None else f"subgraph '{exe.graph.name}'"
+            raise WorkflowError(f"{where(exe)} input '{inp.get('name')}' is linked to node {origin_id}, which is "
+                                f"not in {graph} (a broken link: reconnect it in the editor)")
+        return resolve_output(_Exe(exe.path, exe.graph, origin, exe.host), origin_slot,
+                              want if want is not None else inp.get("type"), seen)
+
+    def resolve_output(exe: _Exe, slot: int, want: Any, seen) -> Optional[tuple]:
+        """Follow reroutes, primitives, bypassed nodes and subgraph nodes back to a real output."""
+        key = (exe.id, slot)
+        if key in seen:
+            return None
+        seen = seen | {key}
+        node, typ = exe.node, exe.node.get("type")
+        sg = subgraphs.get(typ)
         if node.get("mode") == BYPASSED:
+            if sg is not None:      # its slots as the editor has them: its definition's (a file may list fewer)
+                node = {**node, "inputs": [host_input(exe, k)[1] or {"name": d.get("name"), "type": d.get("type")}
+                                           for k, d in enumerate(sg.inputs)], "outputs": sg.outputs}
+                exe = _Exe(exe.path, exe.graph, node, exe.host)
             i = _bypass_input(node, slot, want)
-            if i is None:
-                return None
-            inp = (node.get("inputs") or [])[i]
-            return source_of(inp.get("link"), inp.get("type"), seen + (nid,))
-        if node.get("mode") == MUTED:
+            return None if i is None else resolve_input(exe, i, None, seen)
+        if sg is None and (node.get("mode") == MUTED or typ in NOTE_TYPES):
             return None
-        return nid, slot
+        if typ == "Reroute":
+            return resolve_input(exe, 0, want, seen)
+        if typ == "PrimitiveNode":
+            values = node.get("widgets_values") or []
+            return ("value", values[0]) if values else None
+        if sg is not None:
+            link_ids = (sg.outputs[slot].get("linkIds") or []) if 0 <= slot < len(sg.outputs) else []
+            link = sg.links.get(link_ids[0]) if link_ids else None
+            if link is None:
+                return None
+            if link[0] == SUBGRAPH_INPUT_NODE:        # an input wired straight to an output
+                return from_subgraph_input(exe, link[1], seen)
+            inner = sg.nodes.get(link[0])
+            if inner is None:
+                raise WorkflowError(f"subgraph '{sg.name}': its output {slot} comes from node {link[0]}, which is "
+                                    "not in it")
+            return resolve_output(_Exe(exe.path + (str(node["id"]),), sg, inner, exe), link[1], want, seen)
+        return ("link", exe.id, slot)
+
+    def executable(graph: _Graph, path: Tuple[str, ...], host: Optional[_Exe], inside: Tuple[str, ...]):
+        for node in graph.nodes.values():
+            exe = _Exe(path, graph, node, host)
+            sg = subgraphs.get(node.get("type"))
+            if sg is None:
+                yield exe
+                continue
+            if sg.id in inside:
+                raise WorkflowError(f"subgraph '{sg.name}' contains itself ({where(exe)})")
+            # the inner nodes run by their own modes: the editor's mute / bypass of a subgraph node sets
+            # them (in the definition); a subgraph node's own mode only bypasses its outputs
+            yield from executable(sg, exe.path + (str(node["id"]),), exe, inside + (sg.id,))
 
     prompt: Dict[str, Dict[str, Any]] = {}
-    for nid, node in nodes.items():
-        typ = node.get("type")
+    for exe in executable(root, (), None, ()):
+        node, typ = exe.node, exe.node.get("type")
         if typ in NOTE_TYPES or typ in ("Reroute", "PrimitiveNode") or node.get("mode") in (MUTED, BYPASSED):
             continue
         cls = node_classes.get(typ)
         if cls is None and isinstance(typ, str) and typ.startswith(("workflow>", "workflow/")):
-            raise WorkflowError(f"node {nid} is a group node ('{typ}'), which the converter does not support; "
+            raise WorkflowError(f"node {exe.id} is a group node ('{typ}'), which the converter does not support; "
                                 "convert it back to nodes in the editor (right click > Convert to nodes)")
         if cls is None:
-            raise WorkflowError(f"node {nid} has unknown type '{typ}': is the custom node pack that provides it "
+            raise WorkflowError(f"node {exe.id} has unknown type '{typ}': is the custom node pack that provides it "
                                 "installed?")
         inputs: Dict[str, Any] = dict(widget_values(node, cls))
-        for inp in node.get("inputs") or []:
-            link_id = inp.get("link")
-            if link_id is None:
+        for slot, inp in enumerate(node.get("inputs") or []):
+            if inp.get("link") is None:
                 continue
-            src_nid, src_slot = links.get(link_id, (None, None))
-            src = nodes.get(src_nid) if src_nid is not None else None
-            if src is not None and src.get("type") == "PrimitiveNode":
-                vals = src.get("widgets_values") or []
-                if vals:
-                    inputs[inp["name"]] = vals[0]
-                continue
-            if src_nid is not None and src is None:
-                raise WorkflowError(f"node {nid} ({typ}) input '{inp.get('name')}' is linked to node {src_nid}, "
-                                    "which is not in the workflow (a broken link: reconnect it in the editor)")
-            resolved = source_of(link_id, inp.get("type"))
-            if resolved is not None:
-                inputs[inp["name"]] = [resolved[0], resolved[1]]
-            else:
+            resolved = resolve_input(exe, slot, None, frozenset())
+            if resolved is None:
                 inputs.pop(inp["name"], None)
+            elif resolved[0] == "value":
+                inputs[inp["name"]] = resolved[1]
+            else:
+                inputs[inp["name"]] = [resolved[1], resolved[2]]
         entry: Dict[str, Any] = {"class_type": typ, "inputs": inputs}
         title = node.get("title") or (None if display_names is None else display_names.get(typ, typ))
         if title:
             entry["_meta"] = {"title": title}
-        prompt[nid] = entry
+        prompt[exe.id] = entry
     return prompt
 
 

@@ -21,6 +21,8 @@ const DOCS = !!args.docs;
 const DOCS_DIR = path.resolve(String(args["docs-dir"] ?? "docs/images"));
 const PACK = String(args.pack ?? "MergeLab");
 const EXAMPLE_TIMEOUT_MS = Number(args["example-timeout"] ?? 300000);
+// a JSON file {name: editor-format workflow}: each is opened and its API prompt recorded (step subgraph_prompts)
+const PROMPT_WORKFLOWS = args["prompt-workflows"] ? String(args["prompt-workflows"]) : null;
 // the example workflows to queue (comma-separated names); the others are opened and checked only
 const RUN_EXAMPLES = new Set(String(args.run ?? "").split(",").filter(Boolean));
 fs.mkdirSync(OUT, { recursive: true });
@@ -473,6 +475,106 @@ async function runChecks() {
         }, [sg, inner]);
         await resetGraph();
         return { before, clicked, reloaded };
+    });
+
+    await step("subgraph_prompts", async () => {
+        // workflows with subgraphs (ComfyUI's own templates): the prompt the frontend queues for each, for
+        // the comparison with mergelab.workflow.to_api (python -m mergelab.run)
+        if (!PROMPT_WORKFLOWS) return { prompts: {} };
+        const workflows = JSON.parse(fs.readFileSync(PROMPT_WORKFLOWS, "utf-8"));
+        const prompts = {};
+        for (const [name, wf] of Object.entries(workflows)) {
+            prompts[name] = await page.evaluate(async (w) => {
+                const app = window.app;
+                await app.loadGraphData(w, true, true, null, { showMissingNodesDialog: false, showMissingModelsDialog: false });
+                return (await app.graphToPrompt()).output;
+            }, wf);
+        }
+        // graphs made in the editor: subgraphs converted from a selection with the editor's command, and
+        // what users then do with them (a widget wired to a subgraph input, set per instance on two instances
+        // of one definition; a promoted inner widget; nesting; mute / bypass inside and of a subgraph node)
+        const built = await page.evaluate(async () => {
+            const app = window.app, sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+            const add = (type, values = {}, title) => {
+                const n = window.LiteGraph.createNode(type);
+                if (title) n.title = title;
+                app.canvas.graph.add(n);
+                for (const [k, v] of Object.entries(values)) n.widgets.find((w) => w.name === k).value = v;
+                return n;
+            };
+            const link = (a, out, b, name) => a.connect(out, b, b.inputs.findIndex((i) => i.name === name));
+            const command = async (id, items) => {
+                app.canvas.deselectAll?.();
+                app.canvas.selectItems(items);
+                await app.extensionManager.command.execute(id);
+                await sleep(300);
+            };
+            const convert = async (items) => {
+                await command("Comfy.Graph.ConvertToSubgraph", items);
+                return [...app.canvas.selectedItems].find((x) => x.isSubgraphNode?.());
+            };
+            const inner = (sg, title) => sg.subgraph.nodes.find((n) => n.title === title);
+            // two checkpoints, merge M1 (a, b), merge M2 (M1, b), saved
+            const chain = () => {
+                app.graph.clear();
+                const a = add("CheckpointLoaderSimple", { ckpt_name: "a.safetensors" });
+                const b = add("CheckpointLoaderSimple", { ckpt_name: "b.safetensors" });
+                const m1 = add("ModelMergeSimple", { ratio: 0.1 }, "M1"), m2 = add("ModelMergeSimple", { ratio: 0.9 }, "M2");
+                const save = add("ModelSave", { filename_prefix: "sg/merged" });
+                link(a, 0, m1, "model1"); link(b, 0, m1, "model2"); link(m1, 0, m2, "model1"); link(b, 0, m2, "model2");
+                link(m2, 0, save, "model");
+                return { a, b, m1, m2, save };
+            };
+            const out = {};
+            const record = async (name) => {
+                const workflow = structuredClone(app.graph.serialize());
+                out[name] = { workflow, prompt: structuredClone((await app.graphToPrompt()).output) };
+            };
+
+            // M1's ratio wired to a new subgraph input: a widget on the subgraph node; a second instance of the
+            // same definition (Clone) feeding a second save, each instance with its own value
+            let g = chain();
+            let sg = await convert([g.m1]);
+            const m1 = inner(sg, "M1");
+            sg.subgraph.inputNode.emptySlot.connect(m1.inputs.find((i) => i.name === "ratio"), m1);
+            await sleep(100);
+            sg.widgets.find((w) => w.name === "ratio").value = 0.77;
+            const twin = sg.clone();
+            app.graph.add(twin);
+            link(g.a, 0, twin, "model1"); link(g.b, 0, twin, "model2");
+            const save2 = add("ModelSave", { filename_prefix: "sg/twin" });
+            link(twin, 0, save2, "model");
+            twin.widgets.find((w) => w.name === "ratio").value = 0.33;
+            await record("widget_per_instance");
+
+            // M2's ratio promoted onto the subgraph node of [M1, M2] (proxyWidgets) and set there to 0.6
+            g = chain();
+            sg = await convert([g.m1, g.m2]);
+            sg.properties.proxyWidgets = [[String(inner(sg, "M2").id), "ratio"]];
+            await sleep(100);
+            inner(sg, "M2").widgets.find((w) => w.name === "ratio").value = 0.6;
+            await record("promoted_widget");
+
+            // nested: M1 converted, then [that subgraph node, M2] converted again
+            g = chain();
+            const s1 = await convert([g.m1]);
+            await convert([s1, g.m2]);
+            await record("nested");
+
+            // modes: M2 bypassed inside the subgraph of [M1, M2]; then a second subgraph node muted (Ctrl+M)
+            g = chain();
+            sg = await convert([g.m1, g.m2]);
+            inner(sg, "M2").mode = 4;
+            const m3 = add("ModelMergeSimple", { ratio: 0.5 }, "M3");
+            link(g.a, 0, m3, "model1"); link(g.b, 0, m3, "model2");
+            const muted = await convert([m3]);
+            link(muted, 0, add("ModelSave", { filename_prefix: "sg/muted" }), "model");
+            await command("Comfy.Canvas.ToggleSelectedNodes.Mute", [muted]);
+            await record("modes");
+            return out;
+        });
+        await resetGraph();
+        return { prompts, built };
     });
 
     await step("examples", async () => {

@@ -179,6 +179,26 @@ def server(tools, models_dir, tmp_path_factory):
         pytest.fail(str(e))
 
 
+def subgraph_templates(object_info: dict) -> dict:
+    """ComfyUI's bundled workflow templates that hold subgraphs and only node types the server knows
+    (those of newer ComfyUI versions are left out), by file name."""
+    import glob
+    import site
+    out = {}
+    for root in site.getsitepackages():
+        for f in sorted(glob.glob(os.path.join(root, "comfyui_workflow_templates*", "templates", "*.json"))):
+            with open(f, encoding="utf-8") as fh:
+                wf = json.load(fh)
+            definitions = (wf.get("definitions") or {}).get("subgraphs") if isinstance(wf, dict) else None
+            if not definitions:
+                continue
+            known = set(object_info) | {d["id"] for d in definitions} | {"Reroute", "PrimitiveNode", "Note",
+                                                                          "MarkdownNote"}
+            if all(n["type"] in known for g in [wf, *definitions] for n in g["nodes"]):
+                out[os.path.basename(f)] = wf
+    return out
+
+
 @pytest.fixture(scope="module")
 def browser(server):
     """Runs frontend_check.mjs once; returns its result.json."""
@@ -186,8 +206,14 @@ def browser(server):
     if os.path.exists(result_path):
         os.remove(result_path)
     env = dict(os.environ, CHROMIUM=_chromium())
+    object_info = _get(server["url"] + "object_info", timeout=60)
+    prompt_workflows = os.path.join(OUT, "prompt_workflows.json")
+    with open(prompt_workflows, "w", encoding="utf-8") as f:
+        json.dump(subgraph_templates(object_info), f)
     proc = subprocess.run(["node", os.path.join(HERE, "frontend_check.mjs"), "--url", server["url"], "--out", OUT,
-                           "--pack", PACK, "--run", ",".join(queued_examples()) or ","], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+                           "--pack", PACK, "--run", ",".join(queued_examples()) or ",",
+                           "--prompt-workflows", prompt_workflows], cwd=HERE, env=env, capture_output=True,
+                          text=True, timeout=900)
     with open(os.path.join(OUT, "node.log"), "w", encoding="utf-8") as f:
         f.write(proc.stdout + proc.stderr)
     if not os.path.exists(result_path):
@@ -195,6 +221,8 @@ def browser(server):
     with open(result_path, encoding="utf-8") as f:
         result = json.load(f)
     result["_server"] = server
+    result["_object_info"] = object_info
+    result["_prompt_workflows"] = prompt_workflows
     return result
 
 
@@ -473,3 +501,57 @@ def test_nodes_2_0_promoted_preset_menu_returns_to_its_placeholder(browser):
     assert first["menuShows"].endswith("choose…"), first
     # the same preset again, after the values changed, applies again
     assert again["values"] == first["values"], s
+
+
+class _ClassFromObjectInfo:
+    """A node class as /object_info describes it: what mergelab.workflow.to_api reads of a class."""
+
+    def __init__(self, info: dict):
+        self.info = info
+
+    def INPUT_TYPES(self):
+        return self.info["input"]
+
+
+def test_runner_expands_subgraphs_as_the_frontend_does(browser):
+    """ComfyUI's own templates with subgraphs (subgraph nodes with widgets of their own, bypassed subgraph
+    nodes, several instances of one definition) and graphs made in the editor (nested subgraphs, promoted
+    widgets, mute / bypass inside and of subgraph nodes): ``mergelab.workflow.to_api`` (``python -m
+    mergelab.run``) gives the prompt the frontend queues for the same workflow, node for node, ids included."""
+    from mergelab.workflow import to_api
+
+    prompts = _step(browser, "subgraph_prompts")["prompts"]
+    with open(browser["_prompt_workflows"], encoding="utf-8") as f:
+        workflows = json.load(f)
+    assert len(workflows) >= 8, f"expected ComfyUI's templates with subgraphs, found {sorted(workflows)}"
+    assert sorted(prompts) == sorted(workflows)
+    info = browser["_object_info"]
+    classes = {name: _ClassFromObjectInfo(i) for name, i in info.items()}
+    titles = {name: i.get("display_name") or name for name, i in info.items()}
+    def declared(prompt):
+        """Without inputs the node's class does not declare: widgets the frontend's own extensions add
+        (SaveGLB's 3D preview 'image'), which the server ignores."""
+        out = {}
+        for nid, node in prompt.items():
+            spec = info[node["class_type"]]["input"]
+            names = {n for section in spec.values() if isinstance(section, dict) for n in section}
+            out[nid] = {**node, "inputs": {k: v for k, v in node["inputs"].items() if k in names}}
+        return out
+
+    built = _step(browser, "subgraph_prompts")["built"]
+    assert sorted(built) == ["modes", "nested", "promoted_widget", "widget_per_instance"], sorted(built)
+    # the editor's graphs are what they should be: two instances with their own values, a nested id
+    assert {built["widget_per_instance"]["prompt"][k]["inputs"]["ratio"] for k in built["widget_per_instance"]["prompt"]
+            if k.endswith(":3")} == {0.77, 0.33}
+    assert any(k.count(":") == 2 for k in built["nested"]["prompt"]), built["nested"]["prompt"]
+    for name, b in built.items():
+        workflows[name], prompts[name] = b["workflow"], b["prompt"]
+
+    failures = []
+    for name, wf in workflows.items():
+        ours, theirs = to_api(wf, classes, titles), declared(prompts[name])
+        if ours != theirs:
+            diff = {nid: (ours.get(nid), theirs.get(nid)) for nid in sorted(set(ours) | set(theirs))
+                    if ours.get(nid) != theirs.get(nid)}
+            failures.append(f"{name}: {json.dumps(diff)[:3000]}")
+    assert not failures, "\n".join(failures)

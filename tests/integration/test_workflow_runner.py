@@ -29,13 +29,15 @@ def test_core_templates_convert_and_validate(harness):
     import execution
     import nodes
 
-    checked = 0
+    checked = with_subgraphs = 0
     for f in _templates():
         data = json.load(open(f, encoding="utf-8"))
-        if not isinstance(data, dict) or "nodes" not in data or (data.get("definitions") or {}).get("subgraphs"):
+        if not isinstance(data, dict) or "nodes" not in data:
             continue
-        if any(n["type"] not in nodes.NODE_CLASS_MAPPINGS and n["type"] not in ("Reroute", "PrimitiveNode", "Note",
-               "MarkdownNote") for n in data["nodes"]):
+        definitions = (data.get("definitions") or {}).get("subgraphs") or []
+        known = {*nodes.NODE_CLASS_MAPPINGS, *(d["id"] for d in definitions), "Reroute", "PrimitiveNode", "Note",
+                 "MarkdownNote"}
+        if any(n["type"] not in known for g in [data, *definitions] for n in g["nodes"]):
             continue
         prompt = to_api(data, nodes.NODE_CLASS_MAPPINGS)
         ok, err, outs, node_errors = asyncio.run(execution.validate_prompt("t", prompt, None))[:4]
@@ -43,7 +45,8 @@ def test_core_templates_convert_and_validate(harness):
                     if e["type"] not in ("value_not_in_list", "custom_validation_failed")]
         assert not problems, (os.path.basename(f), problems[:3])
         checked += 1
-    assert checked >= 30, checked
+        with_subgraphs += bool(definitions)
+    assert checked >= 30 and with_subgraphs >= 8, (checked, with_subgraphs)
 
 
 def _node(nid, typ, widgets=(), inputs=(), outputs=(), mode=0, title=None):
@@ -206,6 +209,41 @@ def test_core_image_nodes_run_and_progress_names_the_nodes(harness, capsys):
     assert run.code == 0, run.error
     assert any(p.endswith(".png") and "crop" in p for p in run.written)
     assert "#2 ImageCrop" in err and "#4 SaveImage" in err
+
+
+def test_runner_runs_a_subgraph_with_its_widget_and_an_override_of_an_inner_node(harness, capsys):
+    """An editor-format workflow with a subgraph node (ImageCrop inside, its width wired to a subgraph input,
+    so the subgraph node has a 'width' widget of its own): it runs; the crop has the subgraph node's width
+    (20, not the inner widget's 32) and the height set with --set on the inner node's id 5:2."""
+    from PIL import Image
+
+    sg_id = "1b7c0d9e-0000-4000-8000-00000000c0de"
+    definition = {
+        "id": sg_id, "name": "crop", "nodes": [
+            _node(2, "ImageCrop", [32, 16, 0, 0],
+                  inputs=[{"name": "image", "type": "IMAGE", "link": 10},
+                          {"name": "width", "type": "INT", "widget": {"name": "width"}, "link": 11}],
+                  outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [12]}])],
+        "links": [{"id": 10, "origin_id": -10, "origin_slot": 0, "target_id": 2, "target_slot": 0, "type": "IMAGE"},
+                  {"id": 11, "origin_id": -10, "origin_slot": 1, "target_id": 2, "target_slot": 1, "type": "INT"},
+                  {"id": 12, "origin_id": 2, "origin_slot": 0, "target_id": -20, "target_slot": 0, "type": "IMAGE"}],
+        "inputs": [{"name": "image", "type": "IMAGE", "linkIds": [10]}, {"name": "width", "type": "INT", "linkIds": [11]}],
+        "outputs": [{"name": "IMAGE", "type": "IMAGE", "linkIds": [12]}]}
+    wf = {"nodes": [
+        _node(1, "EmptyImage", [64, 48, 1, 0], outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [1]}]),
+        _node(5, sg_id, [20], inputs=[{"name": "image", "type": "IMAGE", "link": 1},
+                                      {"name": "width", "type": "INT", "widget": {"name": "width"}, "link": None}],
+              outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [2]}]),
+        _node(3, "SaveImage", ["runner/subgraph"], inputs=[{"name": "images", "type": "IMAGE", "link": 2}])],
+        "links": [[1, 1, 0, 5, 0, "IMAGE"], [2, 5, 0, 3, 0, "IMAGE"]], "definitions": {"subgraphs": [definition]}}
+    run = __import__("mergelab.run", fromlist=["execute_workflow"]).execute_workflow(wf, ["5:2.height=8"], harness)
+    err = capsys.readouterr().err
+    assert run.code == 0, run.error
+    written = [p for p in run.written if p.endswith(".png") and "subgraph" in p]
+    assert len(written) == 1, run.written
+    with Image.open(written[0]) as im:
+        assert im.size == (20, 8)
+    assert "#5:2 Image Crop" in err, err[-2000:]
 
 
 def test_models_folder_keeps_legacy_names_and_creates_nothing(tmp_path):
