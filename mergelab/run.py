@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mergelab.run", description=__doc__.split("\n\n")[0])
     p.add_argument("workflow", help="workflow JSON (saved from the editor, or API format)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                   help="override an input; NODE is a node id, title or unique type; VALUE is JSON or text; "
+                   help="override an input; NODE is a node id, title or unique type (a subgraph node: one "
+                        "of its widgets; a node inside subgraph node 5: 5:ID); VALUE is JSON or text; "
                         "INPUT may hold dots (block widgets: 9.input_blocks.4.=0)")
     p.add_argument("--models", help="models folder (with checkpoints/, loras/, ...); default: ComfyUI's own, "
                                     "with the folders its extra_model_paths.yaml adds")
@@ -102,8 +103,10 @@ def execute_workflow(workflow, overrides: List[str], harness, quiet: bool = Fals
 
     try:
         data = load_json(workflow) if isinstance(workflow, str) else workflow
-        prompt = to_api(data, comfy_nodes.NODE_CLASS_MAPPINGS, getattr(comfy_nodes, "NODE_DISPLAY_NAME_MAPPINGS", {}))
-        apply_overrides(prompt, overrides, comfy_nodes.NODE_CLASS_MAPPINGS)
+        subgraph_nodes: Dict[str, Dict[str, Any]] = {}
+        prompt = to_api(data, comfy_nodes.NODE_CLASS_MAPPINGS, getattr(comfy_nodes, "NODE_DISPLAY_NAME_MAPPINGS", {}),
+                        subgraph_nodes)
+        apply_overrides(prompt, overrides, comfy_nodes.NODE_CLASS_MAPPINGS, subgraph_nodes)
     except WorkflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return WorkflowRun(2, error=str(e))

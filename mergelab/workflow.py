@@ -173,8 +173,8 @@ def _subgraph_definitions(workflow: dict) -> Dict[str, _Graph]:
     return out
 
 
-def to_api(workflow: dict, node_classes: Dict[str, Any],
-           display_names: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
+def to_api(workflow: dict, node_classes: Dict[str, Any], display_names: Optional[Dict[str, str]] = None,
+           subgraph_nodes: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
     """Convert an editor-format workflow to an API-format prompt.  ``display_names`` (class type → the
     editor's default title; the type itself where it has none) gives every node a ``_meta.title`` as the
     frontend writes it.
@@ -185,7 +185,11 @@ def to_api(workflow: dict, node_classes: Dict[str, Any],
     from the subgraph node's widget for it (its ``widgets_values``); a subgraph node's output continues
     from the inner node linked to the definition's output.  Inner nodes run by their own modes.  One
     deliberate difference: PrimitiveNodes feeding the widgets of two subgraph nodes of one definition give
-    each its own value (frontend 1.32.9 gives both the value of the last one it serializes)."""
+    each its own value (frontend 1.32.9 gives both the value of the last one it serializes).
+
+    ``subgraph_nodes``, when given, receives the subgraph nodes by id: ``{"title", "widgets": {widget name:
+    [(node id, input name), ...]}}``, the inputs of the prompt that each of its widgets feeds (for
+    :func:`apply_overrides`)."""
     if is_api_format(workflow):
         return workflow
     if not isinstance(workflow, dict) or "nodes" not in workflow:
@@ -219,7 +223,7 @@ def to_api(workflow: dict, node_classes: Dict[str, Any],
             return resolve_input(host, i, None, seen)
         values = instance_widgets(host)
         name = subgraphs[host.node["type"]].inputs[index].get("name")
-        return ("value", values[name]) if name in values else None
+        return ("value", values[name], host, name) if name in values else None
 
     def instance_widgets(host: _Exe) -> Dict[str, Any]:
         """The values of a subgraph node's widgets, by input name, as the frontend loads them: its
@@ -314,6 +318,8 @@ def to_api(workflow: dict, node_classes: Dict[str, Any],
                 continue
             if sg.id in inside:
                 raise WorkflowError(f"subgraph '{sg.name}' contains itself ({where(exe)})")
+            if subgraph_nodes is not None:      # one entry per subgraph node, also those without a widget
+                subgraph_nodes.setdefault(exe.id, {"title": node.get("title") or sg.name, "widgets": {}})
             # the inner nodes run by their own modes: the editor's mute / bypass of a subgraph node sets
             # them (in the definition); a subgraph node's own mode only bypasses its outputs
             yield from executable(sg, exe.path + (str(node["id"]),), exe, inside + (sg.id,))
@@ -339,6 +345,11 @@ def to_api(workflow: dict, node_classes: Dict[str, Any],
                 inputs.pop(inp["name"], None)
             elif resolved[0] == "value":
                 inputs[inp["name"]] = resolved[1]
+                if len(resolved) == 4 and subgraph_nodes is not None:     # a subgraph node's widget
+                    host, widget = resolved[2], resolved[3]
+                    entry = subgraph_nodes.setdefault(host.id, {
+                        "title": host.node.get("title") or subgraphs[host.node["type"]].name, "widgets": {}})
+                    entry["widgets"].setdefault(widget, []).append((exe.id, inp["name"]))
             else:
                 inputs[inp["name"]] = [resolved[1], resolved[2]]
         entry: Dict[str, Any] = {"class_type": typ, "inputs": inputs}
@@ -373,18 +384,37 @@ def _split_target(prompt: Dict[str, Dict[str, Any]], target: str):
 
 
 def apply_overrides(prompt: Dict[str, Dict[str, Any]], overrides: List[str],
-                    node_classes: Optional[Dict[str, Any]] = None) -> None:
+                    node_classes: Optional[Dict[str, Any]] = None,
+                    subgraph_nodes: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
     """``NODE.INPUT=VALUE`` overrides; NODE is a node id, a title or a class type (when unique).  With
-    ``node_classes``, an INPUT the node's class does not have is an error naming the ones it has."""
+    ``node_classes``, an INPUT the node's class does not have is an error naming the ones it has.  With
+    ``subgraph_nodes`` (from :func:`to_api`), NODE may also be a subgraph node and INPUT one of its own
+    widgets: the value goes to every input that widget feeds."""
+    subgraph_nodes = subgraph_nodes or {}
+    named = {**prompt, **{nid: {"class_type": None, "inputs": dict.fromkeys(s["widgets"]),
+                                "_meta": {"title": s["title"]}} for nid, s in subgraph_nodes.items()}}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise WorkflowError(f"--set expects NODE.INPUT=VALUE, got {item!r}")
         target, raw = item.split("=", 1)
-        node_ref, input_name, ids = _split_target(prompt, target)
+        node_ref, input_name, ids = _split_target(named, target)
         if not ids:
             raise WorkflowError(f"--set {item!r}: no node with id, title or type {node_ref!r}")
         if len(ids) > 1:
             raise WorkflowError(f"--set {item!r}: {node_ref!r} matches nodes {ids}; use a node id")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if ids[0] in subgraph_nodes:
+            widgets = subgraph_nodes[ids[0]]["widgets"]
+            if input_name not in widgets:
+                raise WorkflowError(f"--set {item!r}: subgraph node {ids[0]} has no widget {input_name!r} that "
+                                    f"feeds a node; its widgets: {', '.join(widgets) or 'none'} (an inner node's "
+                                    f"input: --set {ids[0]}:<inner node id>.INPUT=VALUE)")
+            for nid, name in widgets[input_name]:
+                prompt[nid]["inputs"][name] = value
+            continue
         node = prompt[ids[0]]
         cls = (node_classes or {}).get(node["class_type"])
         if cls is not None and input_name not in node.get("inputs", {}):
@@ -392,8 +422,4 @@ def apply_overrides(prompt: Dict[str, Dict[str, Any]], overrides: List[str],
             if input_name not in names:
                 raise WorkflowError(f"--set {item!r}: node {ids[0]} ({node['class_type']}) has no input "
                                     f"{input_name!r}; its inputs: {', '.join(names)}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
         node["inputs"][input_name] = value

@@ -214,7 +214,9 @@ def test_core_image_nodes_run_and_progress_names_the_nodes(harness, capsys):
 def test_runner_runs_a_subgraph_with_its_widget_and_an_override_of_an_inner_node(harness, capsys):
     """An editor-format workflow with a subgraph node (ImageCrop inside, its width wired to a subgraph input,
     so the subgraph node has a 'width' widget of its own): it runs; the crop has the subgraph node's width
-    (20, not the inner widget's 32) and the height set with --set on the inner node's id 5:2."""
+    (20, not the inner widget's 32), then the width set with --set on the subgraph node (by its title) and the
+    height with --set on the inner node's id 5:2."""
+    import nodes
     from PIL import Image
 
     sg_id = "1b7c0d9e-0000-4000-8000-00000000c0de"
@@ -236,14 +238,21 @@ def test_runner_runs_a_subgraph_with_its_widget_and_an_override_of_an_inner_node
               outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [2]}]),
         _node(3, "SaveImage", ["runner/subgraph"], inputs=[{"name": "images", "type": "IMAGE", "link": 2}])],
         "links": [[1, 1, 0, 5, 0, "IMAGE"], [2, 5, 0, 3, 0, "IMAGE"]], "definitions": {"subgraphs": [definition]}}
-    run = __import__("mergelab.run", fromlist=["execute_workflow"]).execute_workflow(wf, ["5:2.height=8"], harness)
-    err = capsys.readouterr().err
-    assert run.code == 0, run.error
-    written = [p for p in run.written if p.endswith(".png") and "subgraph" in p]
-    assert len(written) == 1, run.written
-    with Image.open(written[0]) as im:
-        assert im.size == (20, 8)
-    assert "#5:2 Image Crop" in err, err[-2000:]
+    execute = __import__("mergelab.run", fromlist=["execute_workflow"]).execute_workflow
+    for overrides, size in [(["5:2.height=8"], (20, 8)), (["crop.width=24", "5:2.height=8"], (24, 8))]:
+        run = execute(wf, overrides, harness)
+        err = capsys.readouterr().err
+        assert run.code == 0, run.error
+        written = [p for p in run.written if p.endswith(".png") and "subgraph" in p]
+        assert len(written) == 1, run.written
+        with Image.open(written[0]) as im:
+            assert im.size == size, overrides
+        assert "#5:2 Image Crop" in err, err[-2000:]
+    subgraph_nodes = {}
+    prompt = to_api(wf, nodes.NODE_CLASS_MAPPINGS, None, subgraph_nodes)
+    assert subgraph_nodes == {"5": {"title": "crop", "widgets": {"width": [("5:2", "width")]}}}
+    with pytest.raises(WorkflowError, match=r"subgraph node 5 has no widget 'height' .* its widgets: width"):
+        apply_overrides(prompt, ["5.height=3"], nodes.NODE_CLASS_MAPPINGS, subgraph_nodes)
 
 
 def test_models_folder_keeps_legacy_names_and_creates_nothing(tmp_path):
