@@ -253,8 +253,9 @@ def to_api(workflow: dict, node_classes: Dict[str, Any], display_names: Optional
         return values
 
     def resolve_input(exe: _Exe, slot: int, want: Any, seen) -> Optional[tuple]:
-        """What feeds input ``slot`` of ``exe``: ("link", id, slot), ("value", v) or None.  ``want``: the
-        type of the input finally fed (which input a bypassed node passes through depends on it)."""
+        """What feeds input ``slot`` of ``exe``: ("link", id, slot), ("value", v), ("value", v, subgraph
+        node, widget name) for a subgraph node's widget, or None.  ``want``: the type of the input finally
+        fed (which input a bypassed node passes through depends on it)."""
         ins = exe.node.get("inputs") or []
         if not 0 <= slot < len(ins):
             return None
@@ -302,6 +303,11 @@ def to_api(workflow: dict, node_classes: Dict[str, Any], display_names: Optional
                 return None
             if link[0] == SUBGRAPH_INPUT_NODE:        # an input wired straight to an output
                 return from_subgraph_input(exe, link[1], seen)
+            host = exe.host
+            while host is not None:
+                if host.node.get("type") == typ:
+                    raise WorkflowError(f"subgraph '{sg.name}' contains itself ({where(exe)})")
+                host = host.host
             inner = sg.nodes.get(link[0])
             if inner is None:
                 raise WorkflowError(f"subgraph '{sg.name}': its output {slot} comes from node {link[0]}, which is "

@@ -481,6 +481,9 @@ async function runChecks() {
         // workflows with subgraphs (ComfyUI's own templates): the prompt the frontend queues for each, for
         // the comparison with mergelab.workflow.to_api (python -m mergelab.run)
         if (!PROMPT_WORKFLOWS) return { prompts: {} };
+        // what the frontend logs while it opens these (ComfyUI's templates hold links it reports as missing)
+        // is kept with this step, apart from the page's messages that test_page_has_no_console_errors checks
+        const consoleMark = result.console.length, errorMark = result.pageErrors.length;
         const workflows = JSON.parse(fs.readFileSync(PROMPT_WORKFLOWS, "utf-8"));
         const prompts = {};
         for (const [name, wf] of Object.entries(workflows)) {
@@ -574,7 +577,9 @@ async function runChecks() {
             return out;
         });
         await resetGraph();
-        return { prompts, built };
+        await page.waitForTimeout(500);
+        return { prompts, built, console: result.console.splice(consoleMark),
+                 pageErrors: result.pageErrors.splice(errorMark) };
     });
 
     await step("examples", async () => {

@@ -520,7 +520,10 @@ def test_runner_expands_subgraphs_as_the_frontend_does(browser):
     mergelab.run``) gives the prompt the frontend queues for the same workflow, node for node, ids included."""
     from mergelab.workflow import to_api
 
-    prompts = _step(browser, "subgraph_prompts")["prompts"]
+    step = _step(browser, "subgraph_prompts")
+    prompts = step["prompts"]
+    ours = [m for m in step["console"] + step["pageErrors"] if "/extensions/MergeLab/" in json.dumps(m)]
+    assert not ours, f"messages of our extension while the frontend opened these workflows: {ours}"
     with open(browser["_prompt_workflows"], encoding="utf-8") as f:
         workflows = json.load(f)
     assert len(workflows) >= 8, f"expected ComfyUI's templates with subgraphs, found {sorted(workflows)}"
@@ -538,7 +541,7 @@ def test_runner_expands_subgraphs_as_the_frontend_does(browser):
             out[nid] = {**node, "inputs": {k: v for k, v in node["inputs"].items() if k in names}}
         return out
 
-    built = _step(browser, "subgraph_prompts")["built"]
+    built = step["built"]
     assert sorted(built) == ["modes", "nested", "promoted_widget", "widget_per_instance"], sorted(built)
     # the editor's graphs are what they should be: two instances with their own values, a nested id
     assert {built["widget_per_instance"]["prompt"][k]["inputs"]["ratio"] for k in built["widget_per_instance"]["prompt"]

@@ -173,6 +173,15 @@ def test_converter_errors_name_broken_links_and_group_nodes(harness):
         to_api(wf, nodes.NODE_CLASS_MAPPINGS)
     with pytest.raises(WorkflowError, match="group node"):
         to_api({"nodes": [_node(1, "workflow>my group")], "links": []}, nodes.NODE_CLASS_MAPPINGS)
+    # a subgraph whose definition holds a node of itself (a damaged file): an error, not an endless recursion
+    loop = {"id": "loop-id", "name": "loop", "inputs": [], "outputs": [{"name": "MODEL", "type": "MODEL", "linkIds": [5]}],
+            "nodes": [_node(1, "loop-id", outputs=[{"name": "MODEL", "type": "MODEL", "links": [5]}])],
+            "links": [{"id": 5, "origin_id": 1, "origin_slot": 0, "target_id": -20, "target_slot": 0, "type": "MODEL"}]}
+    wf = {"nodes": [_node(3, "ModelSave", ["x"], inputs=[{"name": "model", "type": "MODEL", "link": 1}]),
+                    _node(2, "loop-id", outputs=[{"name": "MODEL", "type": "MODEL", "links": [1]}])],
+          "links": [[1, 2, 0, 3, 0, "MODEL"]], "definitions": {"subgraphs": [loop]}}
+    with pytest.raises(WorkflowError, match="subgraph 'loop' contains itself"):
+        to_api(wf, nodes.NODE_CLASS_MAPPINGS)
 
 
 def test_overrides_check_input_names_and_default_titles(harness):
