@@ -2,6 +2,9 @@
 
     python -m mergelab.run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--models DIR] [--output DIR] [--cpu]
 
+WORKFLOW may also be a file ComfyUI saved with its workflow in it (a PNG, a checkpoint, a LoRA): the
+workflow that made it runs again.
+
 Prints a text progress bar while nodes run and, at the end, the files the workflow wrote.
 Exits non-zero with a clear message for a missing file, invalid JSON, an unknown node type, a
 missing model or any failure during execution.
@@ -16,12 +19,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .workflow import WorkflowError, apply_overrides, load_json, to_api
+from .workflow import WorkflowError, apply_overrides, is_api_format, load_workflow, to_api
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mergelab.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("workflow", help="workflow JSON (saved from the editor, or API format)")
+    p.add_argument("workflow", help="workflow JSON (saved from the editor, or API format), or a file ComfyUI "
+                                    "saved with its workflow: a PNG, a .safetensors checkpoint or LoRA, a .latent")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="override an input; NODE is a node id, title or unique type (a subgraph node: one "
                         "of its widgets; a node inside subgraph node 5: 5:ID); VALUE is JSON or text; "
@@ -102,7 +106,7 @@ def execute_workflow(workflow, overrides: List[str], harness, quiet: bool = Fals
     import nodes as comfy_nodes  # ComfyUI's
 
     try:
-        data = load_json(workflow) if isinstance(workflow, str) else workflow
+        data = load_workflow(workflow) if isinstance(workflow, str) else workflow
         subgraph_nodes: Dict[str, Dict[str, Any]] = {}
         prompt = to_api(data, comfy_nodes.NODE_CLASS_MAPPINGS, getattr(comfy_nodes, "NODE_DISPLAY_NAME_MAPPINGS", {}),
                         subgraph_nodes)
@@ -125,7 +129,9 @@ def execute_workflow(workflow, overrides: List[str], harness, quiet: bool = Fals
     interrupted = []
     try:
         with _ctrl_c_interrupts(interrupted):
-            res = harness.run(prompt, listener=progress.event)
+            # as the editor queues it: what the workflow saves (images, checkpoints, LoRAs) holds it
+            extra = None if is_api_format(data) else {"extra_pnginfo": {"workflow": data}}
+            res = harness.run(prompt, listener=progress.event, extra_data=extra)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         progress.done()
@@ -213,7 +219,7 @@ def has_accelerator() -> bool:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        data = load_json(args.workflow)      # a missing file or bad JSON fails before ComfyUI starts
+        data = load_workflow(args.workflow)  # a missing file or bad JSON fails before ComfyUI starts
     except WorkflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

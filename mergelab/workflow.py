@@ -37,6 +37,46 @@ def load_json(path: str) -> Any:
         raise WorkflowError(f"{path} is not valid JSON: {e}") from None
 
 
+def _embedded_text(path: str) -> Optional[Dict[str, str]]:
+    """The text metadata ComfyUI writes into what it saves: a PNG's text chunks, a safetensors file's
+    header metadata (checkpoints, LoRAs, latents...); None for other files."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        from PIL import Image
+        with Image.open(path) as im:
+            return {k: v for k, v in (getattr(im, "text", None) or im.info).items() if isinstance(v, str)}
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        from safetensors import safe_open
+        try:
+            with safe_open(path, framework="pt") as f:
+                return dict(f.metadata() or {})
+        except Exception:       # noqa: BLE001 - not a safetensors file after all: read as JSON
+            return None
+    return None
+
+
+def load_workflow(path: str) -> Any:
+    """A workflow from a file: JSON (editor or API format), or the workflow ComfyUI embeds in what it
+    saves (a PNG, a .safetensors checkpoint / LoRA / .latent): its editor-format ``workflow``, else the
+    API ``prompt`` it ran."""
+    try:
+        meta = _embedded_text(path)
+    except FileNotFoundError:
+        raise WorkflowError(f"workflow file not found: {path}") from None
+    except OSError as e:
+        raise WorkflowError(f"cannot read {path}: {e}") from None
+    if meta is None:
+        return load_json(path)
+    for key in ("workflow", "prompt"):
+        if meta.get(key):
+            try:
+                return json.loads(meta[key])
+            except json.JSONDecodeError as e:
+                raise WorkflowError(f"the '{key}' ComfyUI saved in {path} is not valid JSON: {e}") from None
+    raise WorkflowError(f"{path} holds no ComfyUI workflow (saved with --disable-metadata, or not by ComfyUI)")
+
+
 def _input_spec(node_cls) -> List[Tuple[str, Any, dict]]:
     """Ordered (name, type, options) of a node class's required then optional inputs."""
     info = node_cls.INPUT_TYPES()

@@ -264,6 +264,43 @@ def test_runner_runs_a_subgraph_with_its_widget_and_an_override_of_an_inner_node
         apply_overrides(prompt, ["5.height=3"], nodes.NODE_CLASS_MAPPINGS, subgraph_nodes)
 
 
+def test_files_comfyui_saved_hold_the_workflow_and_run_again(harness, tmp_path, capsys):
+    """As queued from the editor, what an editor-format workflow saves holds it (a PNG's 'workflow' text, a
+    .latent's safetensors metadata), and the runner runs a workflow from such a file: the same outputs
+    again, in new files."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    from mergelab.workflow import load_workflow
+
+    execute = __import__("mergelab.run", fromlist=["execute_workflow"]).execute_workflow
+    wf = {"nodes": [
+        _node(1, "EmptyImage", [24, 16, 1, 0x3366CC], outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [1]}]),
+        _node(2, "SaveImage", ["runner/embedded"], inputs=[{"name": "images", "type": "IMAGE", "link": 1}]),
+        _node(3, "EmptyLatentImage", [64, 32, 1], outputs=[{"name": "LATENT", "type": "LATENT", "links": [2]}]),
+        _node(4, "SaveLatent", ["runner/embedded"], inputs=[{"name": "samples", "type": "LATENT", "link": 2}])],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 3, 0, 4, 0, "LATENT"]]}
+    first = execute(wf, [], harness, quiet=True)
+    assert first.code == 0, first.error
+    png = [p for p in first.written if p.endswith(".png") and "embedded" in p]
+    latent = [p for p in first.written if p.endswith(".latent") and "embedded" in p]
+    assert len(png) == 1 and len(latent) == 1, first.written
+    assert load_workflow(png[0]) == wf and load_workflow(latent[0]) == wf
+    for path in (png[0], latent[0]):
+        again = execute(path, [], harness, quiet=True)
+        assert again.code == 0, again.error
+        new_png = [p for p in again.written if p.endswith(".png") and "embedded" in p]
+        new_latent = [p for p in again.written if p.endswith(".latent") and "embedded" in p]
+        assert len(new_png) == 1 and new_png[0] != png[0] and len(new_latent) == 1 and new_latent[0] != latent[0]
+        with Image.open(png[0]) as a, Image.open(new_png[0]) as b:
+            assert a.size == (24, 16) and a.tobytes() == b.tobytes()
+        assert load_file(new_latent[0])["latent_tensor"].equal(load_file(latent[0])["latent_tensor"])
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (4, 4)).save(plain)
+    capsys.readouterr()
+    assert execute(str(plain), [], harness, quiet=True).code == 2
+    assert "holds no ComfyUI workflow" in capsys.readouterr().err
+
+
 def test_models_folder_keeps_legacy_names_and_creates_nothing(tmp_path):
     """python -m mergelab.run --models DIR in a real ComfyUI: a diffusion model in DIR/unet/ (ComfyUI's legacy
     folder beside diffusion_models/) is found (the file here is not a model, so loading it fails after
