@@ -15,7 +15,7 @@ from ..engine.lora_io import KEY_FORMATS, SAVE_DTYPES, left_out_warning, load_lo
 from ..engine.lora_ops import ExtractOptions, LoraMergeInput, extract_lora, merge_loras, resize_lora
 from ..engine.lora_svd import CLAMP_QUANTILE_MIN, RANK_MODES, SVD_METHODS, RankError, RankSpec, SVDOptions
 from ..engine.merge import DEVICES
-from ..engine.saving import comfy_progress
+from ..engine.saving import comfy_progress, prompt_metadata
 from .comfy_api_compat import io
 from .types import BlockWeightsType, LoraType, MergeMethodType
 from .widgets import widget_input
@@ -419,7 +419,8 @@ class SaveLoraNode(io.ComfyNode):
                                            "(same product); a value beyond fp16's range is an error."),
                     io.Boolean.Input("save_recipe", default=True, optional=True,
                                      tooltip="Write how the LoRA was made into the file's metadata (extraction / "
-                                             "merge settings, the graph upstream of this node and its input files)."),
+                                             "merge settings, the graph upstream of this node and its input files, "
+                                             "and ComfyUI's prompt and workflow as Save Checkpoint writes them)."),
                     io.Boolean.Input("hash_input_files", default=True, optional=True,
                                      tooltip="Compute the sha256 of every model file the graph loads for the recipe "
                                              "(once per file and session; about 2 s per GB). Off: only hashes "
@@ -436,8 +437,12 @@ class SaveLoraNode(io.ComfyNode):
         prefix = (filename_prefix or "").strip() or "loras/MergeLab_lora"
         try:
             recipe = _file_recipe(cls, lora, key_format, dtype, hash_input_files) if save_recipe else False
+            # with the recipe, ComfyUI's prompt / workflow too, as Save Checkpoint writes them (the editor and
+            # python -m mergelab.run read the workflow back from the file)
+            extra = prompt_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo, always_prompt=False) \
+                if save_recipe else None
             path = save_lora(lora, prefix, out_dir, key_format=key_format, dtype_name=dtype, recipe=recipe,
-                             progress=comfy_progress(len(lora.layers)))
+                             progress=comfy_progress(len(lora.layers)), extra_metadata=extra)
         except LoraError as e:
             _fail(e)
         except Exception as e:   # the output-folder guard of folder_paths raises a bare Exception

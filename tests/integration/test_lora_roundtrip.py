@@ -342,6 +342,17 @@ def test_save_lora_recipe_names_its_file_and_respects_disable_metadata(harness, 
         assert ("graph" in rec) is not disabled
         text = recipe.describe(rec, meta)
         assert "extract" in text and "rank" in text
+        # ComfyUI's prompt, as Save Checkpoint writes it: the runner makes the same LoRA again from the file
+        assert ("prompt" in meta) is not disabled
+        if not disabled:
+            from safetensors.torch import load_file
+            from mergelab.run import execute_workflow
+            again = execute_workflow(path, [], harness, quiet=True)
+            assert again.code == 0, again.error
+            made = [p for p in again.written if p.endswith(".safetensors") and "named_0" in p]
+            assert len(made) == 1 and made[0] != path, again.written
+            first, second = load_file(path), load_file(made[0])
+            assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_stacked_lora_saved_in_fp16_keeps_fp16_accuracy(harness):
