@@ -68,6 +68,9 @@ class LoraLayer:
     # a patch that is not a fixed difference (DoRA, OFT, ...) applies at this strength times the Apply
     # strength, as ComfyUI's loader at that strength would: what LoRA Stack makes of one at a strength ≠ 1
     strength: float = 1.0
+    # a DoRA patch: the weight it was loaded against (a :class:`BaseWeight`), from which its difference is
+    # taken where one is needed (Merge LoRAs, Resize LoRA)
+    base: Any = None
 
     # -- construction ---------------------------------------------------------------------------
     @staticmethod
@@ -138,7 +141,8 @@ class LoraLayer:
             return (u @ d).reshape(self.shape)
         if self.kind == "diff":
             return self.diff.to(device=device, dtype=dtype).reshape(self.shape)
-        return _patch_delta(self.patch, self.shape, device, dtype, key)
+        delta = _patch_delta(self.patch, self.shape, device, dtype, key, self.base)
+        return delta if self.strength == 1.0 else delta * self.strength
 
     def comfy_patch(self):
         """The value ComfyUI's loader would put in its patch dict for this layer."""
@@ -162,14 +166,22 @@ class LoraLayer:
 _DORA_SCALE_AT = {"lora": 4, "loha": 7, "lokr": 8, "glora": 5}
 
 
+def dora_scale(patch) -> Optional[torch.Tensor]:
+    """The DoRA magnitude of a ComfyUI LoRA / LoHa / LoKr / GLoRA patch, or None (not DoRA)."""
+    from comfy.weight_adapter import WeightAdapterBase
+    if not isinstance(patch, WeightAdapterBase):
+        return None
+    at, weights = _DORA_SCALE_AT.get(getattr(patch, "name", "")), getattr(patch, "weights", None)
+    return weights[at] if at is not None and weights is not None and len(weights) > at else None
+
+
 def not_a_difference(patch) -> Optional[str]:
     """Why a ComfyUI patch has no fixed difference ΔW (its result depends on the base weight), or None."""
     from comfy.weight_adapter import WeightAdapterBase
     if isinstance(patch, WeightAdapterBase):
         name = getattr(patch, "name", "")
         weights = getattr(patch, "weights", None)
-        at = _DORA_SCALE_AT.get(name)
-        if at is not None and weights is not None and len(weights) > at and weights[at] is not None:
+        if dora_scale(patch) is not None:
             return f"DoRA ({name}): its change depends on the base weight"
         if name == "lora" and weights is not None and len(weights) > 5 and weights[5] is not None:
             return "a LoRA that reshapes (pads) the weight, as a Flux Control LoRA's img_in does: not a difference"
@@ -184,11 +196,41 @@ def not_a_difference(patch) -> Optional[str]:
     return f"a '{kind}' patch (it replaces the weight), not a difference"
 
 
-def _patch_delta(patch, shape, device, dtype, key) -> torch.Tensor:
-    """ΔW of an opaque ComfyUI patch, by ComfyUI's own formula on a zero weight."""
+class BaseWeight:
+    """The weight of a model key as the MODEL / CLIP a LoRA was loaded with holds it (its patches
+    applied), read when asked.  It keeps only a weak reference: a LORA does not keep a model in memory."""
+
+    def __init__(self, obj):
+        import weakref
+        self._obj = weakref.ref(obj)
+
+    def __call__(self, key: LayerKey, device) -> Optional[torch.Tensor]:
+        obj = self._obj()
+        if obj is None:
+            return None
+        from .weights import key_source_for
+        w = key_source_for(obj, [base_key(key)]).read(base_key(key), torch.device(device or "cpu"))
+        if isinstance(key, tuple):
+            dim, start, length = key[1]
+            w = w.narrow(dim, start, length)
+        return w
+
+
+def _patch_delta(patch, shape, device, dtype, key, base: Optional[BaseWeight] = None) -> torch.Tensor:
+    """ΔW of an opaque ComfyUI patch, by ComfyUI's own formula on a zero weight; of a DoRA patch, by its
+    formula on the weight it was loaded against (``base``), minus that weight: exact on that model, at any
+    strength (ComfyUI applies DoRA at strength s as W + s·(DoRA(W) − W))."""
     from comfy.weight_adapter import WeightAdapterBase
     name = key_text(key)
     why = not_a_difference(patch)
+    if why is not None and base is not None and dora_scale(patch) is not None:
+        w0 = base(key, device)
+        if w0 is None:
+            raise LoraError(f"layer {name} is {why}, and the model it was loaded with (Load LoRA's) is no longer "
+                            "in memory: run Load LoRA again")
+        w0 = w0.reshape(shape)
+        out = patch.calculate_weight(w0.clone(), name, 1.0, 1.0, None, _identity, torch.float32, None)
+        return out.sub_(w0).to(dtype)
     if why is not None:
         raise LoraError(f"layer {name} is {why}; it has no fixed difference to merge, resize or save as LoRA "
                         "factors")
@@ -320,7 +362,7 @@ def concat_layers(parts: Sequence[Tuple[LoraLayer, float]], key: LayerKey) -> Lo
     if odd:
         if len(parts) == 1:     # alone on its weight: kept, at the product of the strengths
             l, c = parts[0]
-            return LoraLayer("patch", l.shape, patch=l.patch, strength=l.strength * c)
+            return LoraLayer("patch", l.shape, patch=l.patch, strength=l.strength * c, base=l.base)
         raise LoraError(f"layer {key_text(key)}: a {not_a_difference(odd[0][0].patch)}, cannot be summed with "
                         f"another LoRA's layer on the same weight; apply these LoRAs one after the other "
                         "(Apply LoRA or ComfyUI's LoraLoader) instead of stacking them")

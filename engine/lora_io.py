@@ -4,6 +4,7 @@ kohya metadata plus the recipe, counter file names, atomic write that never repl
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,8 +15,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from .lora import (Lora, LoraError, LoraLayer, LayerKey, UNET_PREFIX, arch_of, base_key, key_text,
-                   not_a_difference, target_shape, weight_shapes)
+from .lora import (BaseWeight, Lora, LoraError, LoraLayer, LayerKey, UNET_PREFIX, arch_of, base_key, dora_scale,
+                   is_model_key, key_text, not_a_difference, target_shape, weight_shapes)
 from .weights import fp16_overflow
 
 log = logging.getLogger("MergeLab")
@@ -209,6 +210,9 @@ def lora_from_state_dict(sd: Mapping[str, torch.Tensor], model=None, clip=None, 
             bad.append(f"{key_text(target)}: not in the model")
             continue
         layer = _layer_from_patch(patch, shape)
+        if layer.kind == "patch" and dora_scale(layer.patch) is not None:
+            owner = model if is_model_key(target) else clip
+            layer = dataclasses.replace(layer, base=BaseWeight(owner))
         if function is not None:
             layer = _rearranged(layer, function, target)
         problem = _fit_problem(layer, shape)
@@ -381,6 +385,22 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
         if k in skip:
             continue
         bk = base_key(k)
+        dora = _native_dora(layer)
+        if dora is not None:            # kept as DoRA (its factors and magnitude): it applies as loaded
+            up, down, alpha, mid, scale = dora
+            p = prefix_for(k)
+            put(p + ".lora_up.weight", up, k)
+            put(p + ".lora_down.weight", down, k)
+            if mid is not None:
+                put(p + ".lora_mid.weight", mid, k)
+            put(p + ".alpha", torch.tensor(float(alpha if alpha is not None else down.shape[0])), k,
+                to=torch.float32)
+            put(p + ".dora_scale", scale, k)
+            continue
+        if layer.kind == "patch" and dora_scale(layer.patch) is not None:
+            raise LoraError(f"cannot save layer {key_text(k)}: a DoRA at strength {layer.strength:g} (LoRA Stack's or "
+                            "block weights'); a file holds a DoRA at strength 1 only. Resize LoRA makes it a plain "
+                            "LoRA of the rank you choose (its difference on the model it was loaded with)")
         if layer.kind == "patch":
             try:
                 layer = LoraLayer.from_diff(layer.delta("cpu", torch.float32, k))
@@ -411,6 +431,18 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
         raise LoraError(f"none of the {len(layers)} layers of LoRA '{lora.name}' has a kohya name (lora_unet_…, "
                         "lora_te…): save it with key_format 'comfyui'")
     return out
+
+
+def _native_dora(layer: LoraLayer):
+    """``(up, down, alpha, mid, dora_scale)`` of a DoRA LoRA layer a file can hold as it is (at strength 1, on
+    a whole weight, not reshaped), else None."""
+    from comfy.weight_adapter import LoRAAdapter
+    if layer.kind != "patch" or layer.strength != 1.0 or not isinstance(layer.patch, LoRAAdapter):
+        return None
+    up, down, alpha, mid, scale, reshape = layer.patch.weights
+    if scale is None or reshape is not None:
+        return None
+    return up, down, alpha, mid, scale
 
 
 def kohya_unnamed(lora: Lora) -> List[LayerKey]:
@@ -504,9 +536,15 @@ def lora_metadata(lora: Lora, key_format: str, dtype_name: str, recipe: Optional
         return float(l.alpha if l.alpha is not None else l.rank)
 
     # kohya: ss_network_dim / ss_network_alpha are the linear layers' (conv layers' only when there are no
-    # linear ones); conv_dim / conv_alpha go into ss_network_args
-    conv = [l for l in lora.layers.values() if l.kind == "lora" and l.is_conv]
-    lin = [l for l in lora.layers.values() if l.kind == "lora" and not l.is_conv]
+    # linear ones); conv_dim / conv_alpha go into ss_network_args.  DoRA layers written as DoRA count as theirs.
+    factored = [l for l in lora.layers.values() if l.kind == "lora"]
+    for l in lora.layers.values():
+        dora = _native_dora(l)
+        if dora is not None:
+            factored.append(LoraLayer("lora", l.shape, up=dora[0], down=dora[1],
+                                      alpha=None if dora[2] is None else float(dora[2]), mid=dora[3]))
+    conv = [l for l in factored if l.is_conv]
+    lin = [l for l in factored if not l.is_conv]
     conv_ranks = sorted({l.rank for l in conv})
     lin_ranks = sorted({l.rank for l in lin})
     alphas = sorted({alpha(l) for l in (lin or conv)})

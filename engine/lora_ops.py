@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..merge_methods import MergeError, MergeMethod, key_seed
-from .lora import (Lora, LoraError, LoraLayer, LayerKey, arch_of, base_key, key_text, merge_arch)
+from .lora import (Lora, LoraError, LoraLayer, LayerKey, arch_of, base_key, dora_scale, key_text, merge_arch)
 from .precision import full_fp32_matmul
 from .weights import CLIP_OPTIONAL_SUFFIXES
 from .lora_svd import (RankError, RankSpec, SVDOptions, as_matrix, check_clamp_quantile, factorize,
@@ -365,7 +365,9 @@ def _resize_one(k, layer, spec, svd, seed, clamp_quantile, dev, out, stats) -> N
     if layer.kind in ("diff", "patch"):
         # a full difference (one a LoRA file holds, or LoRA Stack's sum of a LoHa/LoKr with others) or an
         # opaque patch: its ΔW is factorized to the rank like any other layer
-        what = "factorized diff" if layer.kind == "diff" else "converted patch"
+        what = "factorized diff" if layer.kind == "diff" else \
+            "DoRA: its difference on the model it was loaded with" if dora_scale(layer.patch) is not None else \
+            "converted patch"
         delta = layer.delta(dev, torch.float32, k)
         if delta.dim() < 2:
             out[k] = LoraLayer.from_diff(delta.cpu())

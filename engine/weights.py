@@ -274,6 +274,25 @@ def _gguf_dequantized(model, key: str, weight: torch.Tensor, device) -> torch.Te
     return w
 
 
+def key_source_for(obj, keys) -> KeySource:
+    """A :class:`KeySource` of only ``keys`` of a MODEL or CLIP (their stored weights, as before any
+    loaded-in patch, and their patch lists): cheaper than :meth:`KeySource.of` for a few keys."""
+    from comfy.model_patcher import get_key_weight
+    mp = patcher_of(obj)
+    entries = {}
+    for k in keys:
+        weight, _set, convert = get_key_weight(mp.model, k)
+        bk, hbk = mp.backup.get(k), mp.hook_backup.get(k)
+        if bk is not None:
+            weight = bk.weight
+        if hbk is not None:
+            weight = hbk[0]
+        entries[k] = [(weight, convert or _identity)] + list(mp.patches.get(k, []))
+    wrappers = {k: list(v) for k, v in (getattr(mp, "weight_wrapper_patches", None) or {}).items()
+                if v and k in entries}
+    return KeySource(entries, mp.model, wrappers=wrappers)
+
+
 def _key_patches(mp, prefix=None) -> Dict[str, list]:
     """``mp.get_key_patches(prefix)``.  ComfyUI-GGUF's layers put fake meta entries
     (``<layer>.temp.weight``, for its VRAM estimate) into ``state_dict()``, on which get_key_patches raises

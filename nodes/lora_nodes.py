@@ -115,7 +115,9 @@ class LoadLoraNode(io.ComfyNode):
             description="Read a LoRA file from the loras folder into a LORA value for the MergeLab LoRA nodes "
                         "(nothing is applied yet). kohya, diffusers/PEFT, ComfyUI and LyCORIS (LoCon, LoHa, LoKr) "
                         "files are understood through ComfyUI's own key maps for this MODEL and CLIP; tensors "
-                        "that match no layer are reported once, with their count.",
+                        "that match no layer are reported once, with their count. A DoRA layer stays DoRA when "
+                        "applied; where a fixed difference is needed (Merge LoRAs, Resize LoRA) it is its "
+                        "difference on this MODEL / CLIP (exact there, at any strength).",
             inputs=[io.Model.Input("model", tooltip="The diffusion model the LoRA is for (its key names decide "
                                                     "which layers the LoRA's tensors address)."),
                     io.Clip.Input("clip", optional=True, tooltip="The text encoder, for the LoRA's text-encoder "
@@ -151,7 +153,8 @@ class LoraStackNode(io.ComfyNode):
                         "is approximated). Block weights give a LoRA per-block strengths. DoRA (LoRA, LoHa or LoKr "
                         "with a dora_scale), GLoRA and OFT layers change the weight depending on the weight itself: "
                         "each is kept with its strength (applied as ComfyUI's LoraLoader applies one) and "
-                        "cannot share a weight with another LoRA of the stack.",
+                        "cannot share a weight with another LoRA of the stack (Merge LoRAs can combine a DoRA "
+                        "with others: through its difference on the model it was loaded with).",
             inputs=[LoraType.Input("lora", tooltip="The LoRA to add."),
                     io.Float.Input("strength_model", default=1.0, min=-20.0, max=20.0, step=0.01,
                                    tooltip="Strength of its diffusion-model layers."),

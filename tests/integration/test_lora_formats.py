@@ -10,6 +10,7 @@ import safetensors.torch
 import torch
 
 from mergelab import fixtures
+from mergelab.harness import api_node
 
 
 def pack(harness, sub):
@@ -327,10 +328,106 @@ def test_dora_stacks_at_any_strength_like_comfyuis_loader(harness, setup, kind):
     res = harness.run(g2)
     why = "GLoRA" if kind == "glora" else "DoRA"
     assert not res.success and why in res.error_text() and "one after the other" in res.error_text()
-    g3 = {"m": small, "l": g1["l"], "save": {"class_type": "MergeLab_SaveLoRA",
-                                             "inputs": {"lora": ["l", 0], "filename_prefix": f"loras/dora_{kind}"}}}
-    res = harness.run(harness.with_defaults(g3))
-    assert not res.success and why in res.error_text() and "depends on the base weight" in res.error_text()
+    # saved: a LoRA DoRA as it is (test_dora_merges_resizes_and_saves); a LoHa / LoKr DoRA and GLoRA cannot be
+    # written as LoRA factors, and the message says so (and how to get a plain LoRA from a DoRA)
+    if kind != "lora":
+        g3 = {"m": small, "l": g1["l"], "save": {"class_type": "MergeLab_SaveLoRA",
+                                                 "inputs": {"lora": ["l", 0], "filename_prefix": f"loras/dora_{kind}"}}}
+        res = harness.run(harness.with_defaults(g3))
+        expect = "depends on the base weight" if kind == "glora" else "Resize LoRA makes it a plain LoRA"
+        assert not res.success and why in res.error_text() and expect in res.error_text(), res.error_text()
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_dora_merges_resizes_and_saves(harness, setup, kind):
+    """A DoRA layer's difference on the model Load LoRA was given (DoRA(W) − W, which ComfyUI applies at
+    strength s as W + s·(DoRA(W) − W)) is what Merge LoRAs and Resize LoRA use: at full rank, Resize then
+    Apply at 0.4, and a linear merge of the LoRA at 0.5 + 0.3 then Apply at 0.5, give the weights ComfyUI's
+    LoraLoader gives at 0.4 (they were refused: no fixed difference).  Save LoRA writes a LoRA DoRA as DoRA
+    (factors and dora_scale), which ComfyUI's LoraLoader loads to the same weights as the original file.
+    Stacked at a strength ≠ 1 it cannot be saved, and the message says to resize it."""
+    import comfy.lora
+    import folder_paths
+    base = setup["base"]
+    km = comfy.lora.model_lora_keys_unet(base.model, {})
+    inv = {}
+    for n, t in km.items():
+        inv.setdefault(t, []).append(n)
+    sd = base.model.state_dict()
+    linears = [k for k, t in sd.items() if k.startswith("diffusion_model.") and t.dim() == 2][:4]
+    g = torch.Generator().manual_seed(21)
+    sdict = {}
+    for i, k in enumerate(linears):
+        name = min(n for n in inv[k] if n.startswith("lora_unet_"))
+        out_f, in_f = sd[k].shape
+        layer = _weight_dependent_layer("lora" if i % 2 else kind, out_f, in_f, g, i % 2 == 0)
+        sdict.update({f"{name}.{x}": v for x, v in layer.items()})
+    n = write(harness, setup, f"fmt_dora_ops_{kind}.safetensors", sdict)
+    full = max(min(sd[k].shape) for k in linears)
+    small = {"class_type": "MergeLabTest_SmallModel", "inputs": {"arch": "SD15", "seed": 0, "delta_seed": 0,
+                                                                 "delta_scale": 0.0, "dtype": "fp32"}}
+
+    def apply(src, strength, cap):
+        return {f"a_{cap}": {"class_type": "MergeLab_ApplyLoRA", "inputs": {
+                    "model": ["m", 0], "clip": ["m", 1], "lora": src, "strength_model": strength, "strength_clip": 1.0}},
+                f"c_{cap}": {"class_type": "MergeLabTest_Capture", "inputs": {"value": [f"a_{cap}", 0], "name": cap}}}
+
+    gr = {"m": small,
+          "l": {"class_type": "MergeLab_LoadLoRA", "inputs": {"model": ["m", 0], "clip": ["m", 1], "lora_name": n}},
+          "r": {"class_type": "MergeLab_ResizeLoRA", "inputs": {"lora": ["l", 0], "rank_mode": "fixed", "rank": full,
+                                                               "rank_param": 0.9, "clamp_quantile": 1.0,
+                                                               "device": "auto"}},
+          "method": api_node("MergeLab_Method_linear", normalize=False),
+          "i0": api_node("MergeLab_LoRAMergeInput", lora=["l", 0], weight=0.5),
+          "i1": api_node("MergeLab_LoRAMergeInput", lora=["l", 0], weight=0.3, loras=["i0", 0]),
+          "merge": {"class_type": "MergeLab_MergeLoRAs", "inputs": {
+              "method": ["method", 0], "loras": ["i1", 0], "rank_mode": "fixed", "rank": full, "rank_param": 0.9,
+              "seed": 0, "clamp_quantile": 1.0, "device": "auto"}},
+          "ref": {"class_type": "LoraLoader", "inputs": {"model": ["m", 0], "clip": ["m", 1], "lora_name": n,
+                                                         "strength_model": 0.4, "strength_clip": 1.0}},
+          "c_ref": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["ref", 0], "name": "ref"}},
+          "c_m": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["m", 0], "name": "base"}},
+          **apply(["r", 0], 0.4, "resized"), **apply(["merge", 0], 0.5, "merged")}
+    if kind == "lora":
+        gr["save"] = {"class_type": "MergeLab_SaveLoRA", "inputs": {"lora": ["l", 0], "dtype": "fp32",
+                                                                   "filename_prefix": "loras/dora_native"}}
+        gr["c_path"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["save", 0], "name": "path"}}
+    got = harness.run_ok(harness.with_defaults(gr)).captured
+    ws = pack(harness, "engine.weights")
+    cpu = torch.device("cpu")
+    ref, b = ws.KeySource.of(got["ref"]), ws.KeySource.of(got["base"])
+    for k in linears:
+        want = ref.read(k, cpu)
+        assert not torch.equal(want, b.read(k, cpu)), k
+        for cap in ("resized", "merged"):
+            close(ws.KeySource.of(got[cap]).read(k, cpu), want, f"{cap} {k}", rtol=1e-5)
+    if kind == "lora":
+        path = os.path.join(folder_paths.get_output_directory(), got["path"])
+        with safetensors.safe_open(path, "pt") as f:
+            keys = set(f.keys())
+            meta = f.metadata()
+        assert sum(k.endswith(".dora_scale") for k in keys) == 2 and meta["ss_network_dim"] == "4"
+        saved = harness.add_model_file("loras", path, name="dora_native_saved.safetensors")
+        m2, _ = harness.nodes.LoraLoader().load_lora(got["base"], None, saved, 0.4, 0.0)
+        again = ws.KeySource.of(m2)
+        for k in linears:
+            assert torch.equal(again.read(k, cpu), ref.read(k, cpu)), k
+    # loaded against a model that is gone since: a clear error (the LORA keeps no model in memory)
+    import gc
+    lio = pack(harness, "engine.lora_io")
+    gone = setup["base"].clone()
+    lora = lio.lora_from_state_dict(safetensors.torch.load_file(folder_paths.get_full_path("loras", n)), gone)
+    del gone
+    gc.collect()
+    with pytest.raises(Exception, match="no longer in memory: run Load LoRA again"):
+        lora.layers[linears[0]].delta()
+    # stacked at 0.8: a file cannot hold that DoRA
+    gs = {"m": small, "l": gr["l"],
+          "s": {"class_type": "MergeLab_LoRAStack", "inputs": {"lora": ["l", 0], "strength_model": 0.8,
+                                                              "strength_clip": 1.0}},
+          "save": {"class_type": "MergeLab_SaveLoRA", "inputs": {"lora": ["s", 0], "filename_prefix": "loras/dora_s"}}}
+    res = harness.run(harness.with_defaults(gs))
+    assert not res.success and "Resize LoRA makes it a plain LoRA" in res.error_text(), res.error_text()
 
 
 def test_unmatched_keys_reported_once_with_a_count(harness, setup):
