@@ -362,15 +362,24 @@ def test_dora_merges_resizes_and_saves(harness, setup, kind):
         out_f, in_f = sd[k].shape
         layer = _weight_dependent_layer("lora" if i % 2 else kind, out_f, in_f, g, i % 2 == 0)
         sdict.update({f"{name}.{x}": v for x, v in layer.items()})
+    # and a DoRA layer of the text encoder (read from the CLIP Load LoRA was given)
+    ckm = comfy.lora.model_lora_keys_clip(setup["clip"].cond_stage_model, {})
+    csd = setup["clip"].cond_stage_model.state_dict()
+    ck = next(k for k in ckm.values() if isinstance(k, str) and k in csd and "self_attn.q_proj" in k)
+    cname = min(n for n, t in ckm.items() if t == ck and n.startswith("lora_te"))
+    sdict.update({f"{cname}.{x}": v for x, v in _weight_dependent_layer(kind, *csd[ck].shape, g, True).items()})
     n = write(harness, setup, f"fmt_dora_ops_{kind}.safetensors", sdict)
-    full = max(min(sd[k].shape) for k in linears)
+    full = max(min(t.shape) for t in [sd[k] for k in linears] + [csd[ck]])
     small = {"class_type": "MergeLabTest_SmallModel", "inputs": {"arch": "SD15", "seed": 0, "delta_seed": 0,
                                                                  "delta_scale": 0.0, "dtype": "fp32"}}
 
     def apply(src, strength, cap):
         return {f"a_{cap}": {"class_type": "MergeLab_ApplyLoRA", "inputs": {
-                    "model": ["m", 0], "clip": ["m", 1], "lora": src, "strength_model": strength, "strength_clip": 1.0}},
-                f"c_{cap}": {"class_type": "MergeLabTest_Capture", "inputs": {"value": [f"a_{cap}", 0], "name": cap}}}
+                    "model": ["m", 0], "clip": ["m", 1], "lora": src, "strength_model": strength,
+                    "strength_clip": strength}},
+                f"c_{cap}": {"class_type": "MergeLabTest_Capture", "inputs": {"value": [f"a_{cap}", 0], "name": cap}},
+                f"cc_{cap}": {"class_type": "MergeLabTest_Capture", "inputs": {"value": [f"a_{cap}", 1],
+                                                                              "name": cap + "_clip"}}}
 
     gr = {"m": small,
           "l": {"class_type": "MergeLab_LoadLoRA", "inputs": {"model": ["m", 0], "clip": ["m", 1], "lora_name": n}},
@@ -384,9 +393,11 @@ def test_dora_merges_resizes_and_saves(harness, setup, kind):
               "method": ["method", 0], "loras": ["i1", 0], "rank_mode": "fixed", "rank": full, "rank_param": 0.9,
               "seed": 0, "clamp_quantile": 1.0, "device": "auto"}},
           "ref": {"class_type": "LoraLoader", "inputs": {"model": ["m", 0], "clip": ["m", 1], "lora_name": n,
-                                                         "strength_model": 0.4, "strength_clip": 1.0}},
+                                                         "strength_model": 0.4, "strength_clip": 0.4}},
           "c_ref": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["ref", 0], "name": "ref"}},
+          "cc_ref": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["ref", 1], "name": "ref_clip"}},
           "c_m": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["m", 0], "name": "base"}},
+          "cc_m": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["m", 1], "name": "base_clip"}},
           **apply(["r", 0], 0.4, "resized"), **apply(["merge", 0], 0.5, "merged")}
     if kind == "lora":
         gr["save"] = {"class_type": "MergeLab_SaveLoRA", "inputs": {"lora": ["l", 0], "dtype": "fp32",
@@ -401,12 +412,16 @@ def test_dora_merges_resizes_and_saves(harness, setup, kind):
         assert not torch.equal(want, b.read(k, cpu)), k
         for cap in ("resized", "merged"):
             close(ws.KeySource.of(got[cap]).read(k, cpu), want, f"{cap} {k}", rtol=1e-5)
+    want = ws.KeySource.of(got["ref_clip"]).read(ck, cpu)
+    assert not torch.equal(want, ws.KeySource.of(got["base_clip"]).read(ck, cpu))
+    for cap in ("resized", "merged"):
+        close(ws.KeySource.of(got[cap + "_clip"]).read(ck, cpu), want, f"{cap} {ck}", rtol=1e-5)
     if kind == "lora":
         path = os.path.join(folder_paths.get_output_directory(), got["path"])
         with safetensors.safe_open(path, "pt") as f:
             keys = set(f.keys())
             meta = f.metadata()
-        assert sum(k.endswith(".dora_scale") for k in keys) == 2 and meta["ss_network_dim"] == "4"
+        assert sum(k.endswith(".dora_scale") for k in keys) == 3 and meta["ss_network_dim"] == "4"
         saved = harness.add_model_file("loras", path, name="dora_native_saved.safetensors")
         m2, _ = harness.nodes.LoraLoader().load_lora(got["base"], None, saved, 0.4, 0.0)
         again = ws.KeySource.of(m2)
