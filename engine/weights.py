@@ -277,17 +277,8 @@ def _gguf_dequantized(model, key: str, weight: torch.Tensor, device) -> torch.Te
 def key_source_for(obj, keys) -> KeySource:
     """A :class:`KeySource` of only ``keys`` of a MODEL or CLIP (their stored weights, as before any
     loaded-in patch, and their patch lists): cheaper than :meth:`KeySource.of` for a few keys."""
-    from comfy.model_patcher import get_key_weight
     mp = patcher_of(obj)
-    entries = {}
-    for k in keys:
-        weight, _set, convert = get_key_weight(mp.model, k)
-        bk, hbk = mp.backup.get(k), mp.hook_backup.get(k)
-        if bk is not None:
-            weight = bk.weight
-        if hbk is not None:
-            weight = hbk[0]
-        entries[k] = [(weight, convert or _identity)] + list(mp.patches.get(k, []))
+    entries = {k: _key_entry(mp, k) for k in keys}
     wrappers = {k: list(v) for k, v in (getattr(mp, "weight_wrapper_patches", None) or {}).items()
                 if v and k in entries}
     return KeySource(entries, mp.model, wrappers=wrappers)
@@ -302,20 +293,26 @@ def _key_patches(mp, prefix=None) -> Dict[str, list]:
         return mp.get_key_patches(prefix)
     except AttributeError:
         pass
-    from comfy.model_patcher import get_key_weight
     out = {}
     for k in mp.model_state_dict(prefix):
         try:
-            weight, _set, convert = get_key_weight(mp.model, k)
+            out[k] = _key_entry(mp, k)
         except AttributeError:
             continue
-        bk, hbk = mp.backup.get(k), mp.hook_backup.get(k)
-        if bk is not None:
-            weight = bk.weight
-        if hbk is not None:
-            weight = hbk[0]
-        out[k] = [(weight, convert or _identity)] + list(mp.patches.get(k, []))
     return out
+
+
+def _key_entry(mp, k: str) -> list:
+    """``[(stored weight, convert function)] + patches`` of one key, as ``get_key_patches`` gives it (the
+    weight as before any loaded-in patch)."""
+    from comfy.model_patcher import get_key_weight
+    weight, _set, convert = get_key_weight(mp.model, k)
+    bk, hbk = mp.backup.get(k), mp.hook_backup.get(k)
+    if bk is not None:
+        weight = bk.weight
+    if hbk is not None:
+        weight = hbk[0]
+    return [(weight, convert or _identity)] + list(mp.patches.get(k, []))
 
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                 if hasattr(torch, n))

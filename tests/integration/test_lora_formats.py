@@ -271,6 +271,25 @@ def _weight_dependent_layer(kind, out_f, in_f, g, decomposed):
     return d
 
 
+def _alternating_layers(setup, kind, seed, decomposed):
+    """LoRA-file entries on the base's first 4 linear UNet weights: a ``kind`` layer (DoRA when
+    ``decomposed``) on the 1st and 3rd, a plain LoRA on the others; with the state dict and those keys."""
+    import comfy.lora
+    inv = {}
+    for n, t in comfy.lora.model_lora_keys_unet(setup["base"].model, {}).items():
+        inv.setdefault(t, []).append(n)
+    sd = setup["base"].model.state_dict()
+    linears = [k for k, t in sd.items() if k.startswith("diffusion_model.") and t.dim() == 2][:4]
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, k in enumerate(linears):
+        name = min(n for n in inv[k] if n.startswith("lora_unet_"))
+        plain = i % 2 == 1
+        layer = _weight_dependent_layer("lora" if plain else kind, *sd[k].shape, g, decomposed and not plain)
+        out.update({f"{name}.{x}": v for x, v in layer.items()})
+    return sd, linears, out
+
+
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "glora"])
 def test_dora_stacks_at_any_strength_like_comfyuis_loader(harness, setup, kind):
     """A DoRA layer (a LoRA, LoHa or LoKr with a dora_scale) and a GLoRA layer have no fixed ΔW (DoRA
@@ -279,22 +298,7 @@ def test_dora_stacks_at_any_strength_like_comfyuis_loader(harness, setup, kind):
     LoraLoader gives at 0.4, on these and plain layers alike.  Summing one with another LoRA on the same
     weight is refused with a message that says what to do instead; saving it as LoRA factors is refused
     (LoHa / LoKr DoRA and GLoRA were evaluated on a zero weight: weights of 1e6, or GLoRA 11 % off)."""
-    import comfy.lora
-    base, clip = setup["base"], setup["clip"]
-    km = comfy.lora.model_lora_keys_unet(base.model, {})
-    inv = {}
-    for n, t in km.items():
-        inv.setdefault(t, []).append(n)
-    sd = base.model.state_dict()
-    linears = [k for k, t in sd.items() if k.startswith("diffusion_model.") and t.dim() == 2][:4]
-    g = torch.Generator().manual_seed(12)
-    dora = {}
-    for i, k in enumerate(linears):
-        name = min(n for n in inv[k] if n.startswith("lora_unet_"))
-        out_f, in_f = sd[k].shape
-        plain = i % 2 == 1
-        layer = _weight_dependent_layer("lora" if plain else kind, out_f, in_f, g, not plain and kind != "glora")
-        dora.update({f"{name}.{x}": v for x, v in layer.items()})
+    sd, linears, dora = _alternating_layers(setup, kind, 12, kind != "glora")
     n = write(harness, setup, f"fmt_dora_{kind}.safetensors", dora)
     small = {"class_type": "MergeLabTest_SmallModel", "inputs": {"arch": "SD15", "seed": 0, "delta_seed": 0,
                                                                  "delta_scale": 0.0, "dtype": "fp32"}}
@@ -348,20 +352,8 @@ def test_dora_merges_resizes_and_saves(harness, setup, kind):
     Stacked at a strength ≠ 1 it cannot be saved, and the message says to resize it."""
     import comfy.lora
     import folder_paths
-    base = setup["base"]
-    km = comfy.lora.model_lora_keys_unet(base.model, {})
-    inv = {}
-    for n, t in km.items():
-        inv.setdefault(t, []).append(n)
-    sd = base.model.state_dict()
-    linears = [k for k, t in sd.items() if k.startswith("diffusion_model.") and t.dim() == 2][:4]
-    g = torch.Generator().manual_seed(21)
-    sdict = {}
-    for i, k in enumerate(linears):
-        name = min(n for n in inv[k] if n.startswith("lora_unet_"))
-        out_f, in_f = sd[k].shape
-        layer = _weight_dependent_layer("lora" if i % 2 else kind, out_f, in_f, g, i % 2 == 0)
-        sdict.update({f"{name}.{x}": v for x, v in layer.items()})
+    sd, linears, sdict = _alternating_layers(setup, kind, 21, True)
+    g = torch.Generator().manual_seed(22)
     # and a DoRA layer of the text encoder (read from the CLIP Load LoRA was given)
     ckm = comfy.lora.model_lora_keys_clip(setup["clip"].cond_stage_model, {})
     csd = setup["clip"].cond_stage_model.state_dict()
