@@ -21,7 +21,7 @@ const DOCS = !!args.docs;
 const DOCS_DIR = path.resolve(String(args["docs-dir"] ?? "docs/images"));
 const PACK = String(args.pack ?? "MergeLab");
 const EXAMPLE_TIMEOUT_MS = Number(args["example-timeout"] ?? 300000);
-// a JSON file {name: editor-format workflow}: each is opened and its API prompt recorded (step subgraph_prompts)
+// a JSON file {name: editor-format workflow}: each is opened and its API prompt recorded (step workflow_prompts)
 const PROMPT_WORKFLOWS = args["prompt-workflows"] ? String(args["prompt-workflows"]) : null;
 // the example workflows to queue (comma-separated names); the others are opened and checked only
 const RUN_EXAMPLES = new Set(String(args.run ?? "").split(",").filter(Boolean));
@@ -477,8 +477,8 @@ async function runChecks() {
         return { before, clicked, reloaded };
     });
 
-    await step("subgraph_prompts", async () => {
-        // workflows with subgraphs (ComfyUI's own templates): the prompt the frontend queues for each, for
+    await step("workflow_prompts", async () => {
+        // ComfyUI's own templates (some with subgraphs): the prompt the frontend queues for each, for
         // the comparison with mergelab.workflow.to_api (python -m mergelab.run)
         if (!PROMPT_WORKFLOWS) return { prompts: {} };
         // what the frontend logs while it opens these (ComfyUI's templates hold links it reports as missing)
