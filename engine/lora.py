@@ -112,6 +112,8 @@ class LoraLayer:
         for t in (self.up, self.down, self.mid, self.diff):
             if t is not None:
                 n += t.numel()
+        if self.kind == "patch":        # a kept ComfyUI patch (DoRA, LoHa, ...): the tensors it holds
+            n += sum(t.numel() for t in (getattr(self.patch, "weights", None) or ()) if isinstance(t, torch.Tensor))
         return n
 
     def tensors(self) -> List[torch.Tensor]:
@@ -226,8 +228,9 @@ def _patch_delta(patch, shape, device, dtype, key, base: Optional[BaseWeight] = 
     if why is not None and base is not None and dora_scale(patch) is not None:
         w0 = base(key, device)
         if w0 is None:
-            raise LoraError(f"layer {name} is {why}, and the model it was loaded with (Load LoRA's) is no longer "
-                            "in memory: run Load LoRA again")
+            raise LoraError(f"layer {name} is {why}, and the model Load LoRA was given is no longer in memory: "
+                            "ComfyUI freed it before this node ran (--cache-none, or evicted from its cache). Use "
+                            "that model after this node too (e.g. in Apply LoRA), or run with ComfyUI's default cache")
         w0 = w0.reshape(shape)
         out = patch.calculate_weight(w0.clone(), name, 1.0, 1.0, None, _identity, torch.float32, None)
         return out.sub_(w0).to(dtype)
@@ -293,9 +296,16 @@ class Lora:
 
     def summary(self) -> str:
         kinds: Dict[str, int] = {}
+        ranks_seen = set()
         for l in self.layers.values():
-            kinds[l.kind] = kinds.get(l.kind, 0) + 1
-        ranks = sorted({l.rank for l in self.layers.values() if l.kind == "lora"})
+            dora = l.kind == "patch" and dora_scale(l.patch) is not None
+            kind = "DoRA" if dora else l.kind
+            kinds[kind] = kinds.get(kind, 0) + 1
+            if l.kind == "lora":
+                ranks_seen.add(l.rank)
+            elif dora and getattr(l.patch, "name", "") == "lora":
+                ranks_seen.add(int(l.patch.weights[1].shape[0]))
+        ranks = sorted(ranks_seen)
         rank_txt = (f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}") if ranks else "no rank"
         return (f"LoRA '{self.name}': {len(self.model_keys())} model + {len(self.clip_keys())} text-encoder layers "
                 f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}), {rank_txt}, "

@@ -358,6 +358,11 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
     (it may raise to cancel)."""
     if key_format not in KEY_FORMATS:
         raise LoraError(f"unknown key format {key_format!r}; choose one of {', '.join(KEY_FORMATS)}")
+    for k, parts in _file_layer_keys(lora).items():
+        if parts != [k]:        # slices joined into one layer of the whole weight: a DoRA part cannot be
+            for p in parts:
+                if lora.layers[p].kind == "patch" and dora_scale(lora.layers[p].patch) is not None:
+                    _refuse_dora(p, lora.layers[p])
     layers = _whole_weight_layers(lora)
     skip = set(kohya_unnamed(lora)) if key_format == "kohya" else set()
 
@@ -385,7 +390,7 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
         if k in skip:
             continue
         bk = base_key(k)
-        dora = _native_dora(layer)
+        dora = _native_dora(layer) if isinstance(k, str) else None
         if dora is not None:            # kept as DoRA (its factors and magnitude): it applies as loaded
             up, down, alpha, mid, scale = dora
             p = prefix_for(k)
@@ -398,9 +403,7 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
             put(p + ".dora_scale", scale, k)
             continue
         if layer.kind == "patch" and dora_scale(layer.patch) is not None:
-            raise LoraError(f"cannot save layer {key_text(k)}: a DoRA at strength {layer.strength:g} (LoRA Stack's or "
-                            "block weights'); a file holds a DoRA at strength 1 only. Resize LoRA makes it a plain "
-                            "LoRA of the rank you choose (its difference on the model it was loaded with)")
+            _refuse_dora(k, layer)
         if layer.kind == "patch":
             try:
                 layer = LoraLayer.from_diff(layer.delta("cpu", torch.float32, k))
@@ -431,6 +434,19 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
         raise LoraError(f"none of the {len(layers)} layers of LoRA '{lora.name}' has a kohya name (lora_unet_…, "
                         "lora_te…): save it with key_format 'comfyui'")
     return out
+
+
+def _refuse_dora(k: LayerKey, layer: LoraLayer) -> None:
+    """Why a DoRA layer cannot be written as DoRA, and what to do instead."""
+    if isinstance(k, tuple):
+        why = f"a DoRA on part of the fused weight {base_key(k)}, which a file cannot hold as DoRA"
+    elif layer.strength != 1.0:
+        why = (f"a DoRA at strength {layer.strength:g} (LoRA Stack's or block weights'); a file holds a DoRA at "
+               "strength 1 only")
+    else:
+        why = f"a {getattr(layer.patch, 'name', '?')} DoRA; only a LoRA DoRA (up/down factors) is written as DoRA"
+    raise LoraError(f"cannot save layer {key_text(k)}: {why}. Resize LoRA makes it a plain LoRA of the rank you "
+                    "choose (its difference on the model it was loaded with)")
 
 
 def _native_dora(layer: LoraLayer):
@@ -568,10 +584,14 @@ def lora_metadata(lora: Lora, key_format: str, dtype_name: str, recipe: Optional
         "mergelab.dtype": dtype_name,
         "mergelab.layers": str(len(lora.layers)),
     }
+    args: Dict[str, str] = {}
     if conv_ranks:
         conv_alphas = sorted({alpha(l) for l in conv})
-        meta["ss_network_args"] = json.dumps({"conv_dim": _one_or_dynamic(conv_ranks, num),
-                                              "conv_alpha": _one_or_dynamic(conv_alphas, num)})
+        args.update(conv_dim=_one_or_dynamic(conv_ranks, num), conv_alpha=_one_or_dynamic(conv_alphas, num))
+    if any(_native_dora(l) is not None for k, l in lora.layers.items() if isinstance(k, str)):
+        args["dora_wd"] = "True"            # as kohya / LyCORIS mark a DoRA network
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     if recipe is not False:     # False: no recipe at all
         meta["mergelab.recipe"] = json.dumps(recipe if recipe is not None else lora.source, default=str)
     return meta

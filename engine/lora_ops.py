@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -357,6 +357,9 @@ def resize_lora(lora: Lora, spec: RankSpec, device: str = "auto", clamp_quantile
     return new_lora, "\n".join(lines)
 
 
+DORA_NOTE = "DoRA: its difference on the model it was loaded with"
+
+
 def _resize_one(k, layer, spec, svd, seed, clamp_quantile, dev, out, stats) -> None:
     if layer.kind == "diff" and len(layer.shape) < 2:
         out[k] = layer                                      # a bias or norm difference: nothing to factorize
@@ -366,8 +369,7 @@ def _resize_one(k, layer, spec, svd, seed, clamp_quantile, dev, out, stats) -> N
         # a full difference (one a LoRA file holds, or LoRA Stack's sum of a LoHa/LoKr with others) or an
         # opaque patch: its ΔW is factorized to the rank like any other layer
         what = "factorized diff" if layer.kind == "diff" else \
-            "DoRA: its difference on the model it was loaded with" if dora_scale(layer.patch) is not None else \
-            "converted patch"
+            DORA_NOTE if dora_scale(layer.patch) is not None else "converted patch"
         delta = layer.delta(dev, torch.float32, k)
         if delta.dim() < 2:
             out[k] = LoraLayer.from_diff(delta.cpu())
@@ -556,7 +558,8 @@ def merge_loras(inputs: Sequence[LoraMergeInput], method: MergeMethod, spec: Ran
            "rank": spec.to_dict(), "svd": svd.to_dict(), "clamp_quantile": clamp_quantile,
            "inputs": [{"name": nm, "params": dict(i.params), "lora": i.lora.source} for i, nm in zip(inputs, names)]}
     merged_lora = Lora.make(out, lnames, arch, src, whole_shapes)
-    path = "exact on the factors (linear in the models)" if coeffs is not None else "on each layer's full ΔW"
+    path = ("linear in the models: exact on LoRA factors, other layers' ΔW factorized" if coeffs is not None
+            else "on each layer's full ΔW")
     lines = [f"MergeLab LoRA merge: {method!r} of {n} LoRA(s), {path}; {spec.describe()}; "
              f"{time.perf_counter() - t0:.2f} s on {dev.type}",
              f"{len(out)} layers ({dropped} all-zero after merging, dropped); "
@@ -659,6 +662,8 @@ def _merge_one(key, shape, inputs, m, per_model, coeffs, spec, svd, seed, dev, c
             layer = LoraLayer.from_diff(merged.cpu())
             st = LayerStat(key, shape, "diff")
         del merged
+    if st is not None and any(l.kind == "patch" and dora_scale(l.patch) is not None for _, l in present):
+        st = replace(st, note=(st.note + "; " if st.note else "") + DORA_NOTE)
     return layer, st
 
 

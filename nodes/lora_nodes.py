@@ -407,7 +407,9 @@ class SaveLoraNode(io.ComfyNode):
                         "with a counter; never over an existing file, atomically. kohya key names (lora_unet_…, "
                         "lora_te…, with .alpha) load in ComfyUI, A1111/Forge and kohya tools; comfyui names are "
                         "what ComfyUI's own Extract and Save Lora writes. Metadata: ss_network_dim/alpha/module, "
-                        "the base model and the recipe that made the LoRA.",
+                        "the base model and the recipe that made the LoRA. A DoRA layer of a LoRA is written as "
+                        "DoRA (with its dora_scale) at strength 1; resize others (LoHa / LoKr DoRA, a stacked "
+                        "DoRA) to a plain LoRA first.",
             inputs=[LoraType.Input("lora", tooltip="The LoRA to save."),
                     io.String.Input("filename_prefix", default="loras/MergeLab_lora",
                                     tooltip="Folder and name under the output folder; _00001_ etc. is appended."),

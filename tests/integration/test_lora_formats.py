@@ -1,6 +1,7 @@
 """LoRA files in kohya, ComfyUI-native, diffusers/PEFT and LyCORIS LoCon layouts, written by the test,
 load (MergeLab's Load LoRA node and ComfyUI's own LoraLoader) to the same ΔW as the kohya file."""
 import importlib
+import json
 import logging
 import math
 import os
@@ -338,8 +339,35 @@ def test_dora_stacks_at_any_strength_like_comfyuis_loader(harness, setup, kind):
         g3 = {"m": small, "l": g1["l"], "save": {"class_type": "MergeLab_SaveLoRA",
                                                  "inputs": {"lora": ["l", 0], "filename_prefix": f"loras/dora_{kind}"}}}
         res = harness.run(harness.with_defaults(g3))
-        expect = "depends on the base weight" if kind == "glora" else "Resize LoRA makes it a plain LoRA"
+        expect = "depends on the base weight" if kind == "glora" else \
+            "only a LoRA DoRA (up/down factors) is written as DoRA. Resize LoRA makes it a plain LoRA"
         assert not res.success and why in res.error_text() and expect in res.error_text(), res.error_text()
+
+
+def test_dora_on_slices_of_a_fused_weight_is_not_saved_as_a_full_difference(harness, setup):
+    """A diffusers Flux DoRA on q / k / v addresses slices of the fused img_attn.qkv.  Save LoRA joins a
+    weight's slices into one layer; for DoRA slices that was a full-size .diff (their difference on the
+    loaded model, wrong on any other base) written without a word.  It is refused, saying to resize."""
+    base = fixtures.small_model("Flux")
+    w = base.model.state_dict()["diffusion_model.double_blocks.0.img_attn.qkv.weight"]
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for i, name in enumerate(("to_q", "to_k", "to_v")):
+        layer = _weight_dependent_layer("lora", w.shape[0] // 3, w.shape[1], g, True)
+        p = f"transformer.transformer_blocks.0.attn.{name}"
+        sd.update({p + ".lora_A.weight": layer["lora_down.weight"], p + ".lora_B.weight": layer["lora_up.weight"],
+                   p + ".alpha": layer["alpha"], p + ".dora_scale": layer["dora_scale"]})
+    n = write(harness, setup, "fmt_flux_qkv_dora.safetensors", sd)
+    g1 = {"m": {"class_type": "MergeLabTest_SmallModel", "inputs": {"arch": "Flux", "seed": 0, "delta_seed": 0,
+                                                                    "delta_scale": 0.0, "dtype": "fp32"}},
+          "l": {"class_type": "MergeLab_LoadLoRA", "inputs": {"model": ["m", 0], "clip": ["m", 1], "lora_name": n}},
+          "c": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["l", 0], "name": "lora"}}}
+    lora = harness.run_ok(g1).captured["lora"]
+    assert any(isinstance(k, tuple) for k in lora.layers), "the DoRA should address slices"
+    g1["save"] = api_node("MergeLab_SaveLoRA", lora=["l", 0], filename_prefix="loras/flux_qkv_dora")
+    res = harness.run(harness.with_defaults(g1))
+    assert not res.success and "a DoRA on part of the fused weight" in res.error_text(), res.error_text()
+    assert "Resize LoRA makes it a plain LoRA" in res.error_text()
 
 
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
@@ -390,12 +418,17 @@ def test_dora_merges_resizes_and_saves(harness, setup, kind):
           "cc_ref": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["ref", 1], "name": "ref_clip"}},
           "c_m": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["m", 0], "name": "base"}},
           "cc_m": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["m", 1], "name": "base_clip"}},
+          "c_l": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["l", 0], "name": "lora"}},
+          "c_rep": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 1], "name": "report"}},
           **apply(["r", 0], 0.4, "resized"), **apply(["merge", 0], 0.5, "merged")}
     if kind == "lora":
         gr["save"] = {"class_type": "MergeLab_SaveLoRA", "inputs": {"lora": ["l", 0], "dtype": "fp32",
                                                                    "filename_prefix": "loras/dora_native"}}
         gr["c_path"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["save", 0], "name": "path"}}
     got = harness.run_ok(harness.with_defaults(gr)).captured
+    # the reports say what a DoRA layer became; Load LoRA's summary counts the DoRA layers and their rank
+    assert got["report"].count("DoRA: its difference on the model it was loaded with") == 3, got["report"]
+    assert "3 DoRA" in got["lora"].summary() and got["lora"].numel() > 0
     ws = pack(harness, "engine.weights")
     cpu = torch.device("cpu")
     ref, b = ws.KeySource.of(got["ref"]), ws.KeySource.of(got["base"])
@@ -414,6 +447,7 @@ def test_dora_merges_resizes_and_saves(harness, setup, kind):
             keys = set(f.keys())
             meta = f.metadata()
         assert sum(k.endswith(".dora_scale") for k in keys) == 3 and meta["ss_network_dim"] == "4"
+        assert json.loads(meta["ss_network_args"]) == {"dora_wd": "True"}
         saved = harness.add_model_file("loras", path, name="dora_native_saved.safetensors")
         m2, _ = harness.nodes.LoraLoader().load_lora(got["base"], None, saved, 0.4, 0.0)
         again = ws.KeySource.of(m2)
@@ -426,7 +460,7 @@ def test_dora_merges_resizes_and_saves(harness, setup, kind):
     lora = lio.lora_from_state_dict(safetensors.torch.load_file(folder_paths.get_full_path("loras", n)), gone)
     del gone
     gc.collect()
-    with pytest.raises(Exception, match="no longer in memory: run Load LoRA again"):
+    with pytest.raises(Exception, match="no longer in memory: ComfyUI freed it"):
         lora.layers[linears[0]].delta()
     # stacked at 0.8: a file cannot hold that DoRA
     gs = {"m": small, "l": gr["l"],

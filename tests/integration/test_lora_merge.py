@@ -101,7 +101,7 @@ def test_linear_merge_at_full_rank_equals_weighted_sum(harness):
     res = harness.run_ok(merge_graph("MergeLab_Method_linear", mi, [("a", {"weight": 0.7}), ("b", {"weight": -0.4})],
                                      rank=10))
     out = res.captured["lora"]
-    assert "exact on the factors" in res.captured["report"]
+    assert "linear in the models: exact on LoRA factors" in res.captured["report"]
     d1, d2, dm = deltas(l1), deltas(l2), deltas(out)
     assert set(dm) == set(d1) | set(d2)
     for k in dm:
