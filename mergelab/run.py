@@ -129,8 +129,10 @@ def execute_workflow(workflow, overrides: List[str], harness, quiet: bool = Fals
     interrupted = []
     try:
         with _ctrl_c_interrupts(interrupted):
-            # as the editor queues it: what the workflow saves (images, checkpoints, LoRAs) holds it
-            extra = None if is_api_format(data) else {"extra_pnginfo": {"workflow": data}}
+            # as the editor queues it: what the workflow saves (images, checkpoints, LoRAs) holds it; not
+            # with --set overrides, which the editor-format workflow does not show (the prompt saved, which
+            # has them, is what then runs again from the file)
+            extra = None if is_api_format(data) or overrides else {"extra_pnginfo": {"workflow": data}}
             res = harness.run(prompt, listener=progress.event, extra_data=extra)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)

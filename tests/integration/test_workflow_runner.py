@@ -294,6 +294,13 @@ def test_files_comfyui_saved_hold_the_workflow_and_run_again(harness, tmp_path, 
         with Image.open(png[0]) as a, Image.open(new_png[0]) as b:
             assert a.size == (24, 16) and a.tobytes() == b.tobytes()
         assert load_file(new_latent[0])["latent_tensor"].equal(load_file(latent[0])["latent_tensor"])
+    # with --set, the file holds the prompt that ran (the editor-format workflow lacks the override)
+    changed = execute(wf, ["1.width=20"], harness, quiet=True)
+    png = [p for p in changed.written if p.endswith(".png") and "embedded" in p]
+    assert load_workflow(png[0])["1"]["inputs"]["width"] == 20
+    again = execute(png[0], [], harness, quiet=True)
+    with Image.open([p for p in again.written if p.endswith(".png")][0]) as im:
+        assert im.size == (20, 16)
     plain = tmp_path / "plain.png"
     Image.new("RGB", (4, 4)).save(plain)
     capsys.readouterr()
