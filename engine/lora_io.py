@@ -358,11 +358,6 @@ def lora_state_dict(lora: Lora, key_format: str = "kohya", dtype: torch.dtype = 
     (it may raise to cancel)."""
     if key_format not in KEY_FORMATS:
         raise LoraError(f"unknown key format {key_format!r}; choose one of {', '.join(KEY_FORMATS)}")
-    for k, parts in _file_layer_keys(lora).items():
-        if parts != [k]:        # slices joined into one layer of the whole weight: a DoRA part cannot be
-            for p in parts:
-                if lora.layers[p].kind == "patch" and dora_scale(lora.layers[p].patch) is not None:
-                    _refuse_dora(p, lora.layers[p])
     layers = _whole_weight_layers(lora)
     skip = set(kohya_unnamed(lora)) if key_format == "kohya" else set()
 
@@ -532,6 +527,8 @@ def _join_slices(shape: Tuple[int, ...], parts: List[Tuple[LayerKey, LoraLayer]]
         return LoraLayer("lora", tuple(shape), up=up.to(dtype), down=torch.cat(downs).to(dtype), alpha=alpha)
     diff = torch.zeros(shape, dtype=torch.float32)
     for k, l in parts:
+        if l.kind == "patch" and dora_scale(l.patch) is not None:
+            _refuse_dora(k, l)      # its difference would hold only on the model it was loaded with
         start, size = _rows(k, shape)
         diff.narrow(0, start, size).add_(l.delta(cpu, torch.float32, k))
     return LoraLayer.from_diff(diff)
