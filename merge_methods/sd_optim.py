@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from .spec import BASE_NONE, BOOL, CHOICE, FLOAT, INT, Param, merge_method
+from .ops import magnitude_cut
+from .spec import BASE_NONE, BOOL, CHOICE, FLOAT, INT, Param, merge_method, slices
 
 # -- geometric median (Weiszfeld on the Gram matrix) ---------------------------------------------------
 
@@ -163,6 +164,21 @@ def rowwise_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     return above.logical_or_(tied.logical_and_(torch.cumsum(tied, dim=1) <= need))
 
 
+def keep_top_(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Zero, in place, all but the ``k`` entries of largest magnitude of each row of ``rows`` (N, n)
+    (ties broken by index, as :func:`rowwise_topk_mask`).  fp32 rows take the span-wise cut of the
+    TIES methods (a sampled bracket, then an exact count: several times faster than a row-wise
+    ``kthvalue`` on big tensors, and no whole-row temporary); fp64 rows the mask."""
+    if rows.dtype != torch.float32:
+        return rows.mul_(rowwise_topk_mask(rows.abs(), k))
+    spans = slices(rows.shape[1], rows.device)
+    for row in rows:
+        cut = magnitude_cut(row, k, spans)
+        for j, (s, e) in enumerate(spans):
+            cut.prune_(row[s:e], j)
+    return rows
+
+
 def _rows(shape) -> tuple:
     """(rows, row length) of the view Model Stock's cosines use: one row per output channel."""
     if len(shape) >= 2:
@@ -208,7 +224,7 @@ def ties_filter(deltas: torch.Tensor, k: float, vote: str, min_agreement: float 
     n = flat.shape[1]
     kk = int(k * n)
     if kk < n:
-        flat.mul_(rowwise_topk_mask(flat.abs(), kk))
+        keep_top_(flat, kk)
     signs = torch.sign(flat)
     total = flat.sum(dim=0) if vote == "sum" else signs.sum(dim=0)
     agree = signs.mul_(torch.sign(total)) > 0  # same non-zero sign as the elected one

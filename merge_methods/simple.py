@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .ops import kth_largest
 from .spec import BASE_NONE, BASE_REQUIRED, BOOL, FLOAT, Param, merge_method
 
 _FUSION_EPS = 1e-8      # mergekit arcee_fusion: added to both softmaxes before the KL divergence
@@ -24,8 +25,9 @@ def nearswap(base, models, ctx, *, t):
 
 
 def _kth_smallest(flat: torch.Tensor, index: int) -> torch.Tensor:
-    """The value at 0-based position ``index`` of the ascending sort of ``flat`` (exact, any size)."""
-    return torch.kthvalue(flat, index + 1).values
+    """The value at 0-based position ``index`` of the ascending sort of ``flat`` (exact, any size; a
+    sampled bracket first, so big tensors cost a fraction of a whole-tensor ``kthvalue``)."""
+    return kth_largest(flat, flat.numel() - index)
 
 
 @merge_method(

@@ -336,6 +336,21 @@ def test_rowwise_topk_mask_ties_and_counts():
     assert m[1].tolist() == [True, True, False, False, False]
 
 
+@pytest.mark.parametrize("k", [1, 100_000, 1_234_567, 2_500_000 - 1])
+def test_keep_top_equals_the_rowwise_mask_on_long_rows_with_ties(k):
+    # rows over one slice (1M entries) long, of fp16-rounded values: every threshold is tied many times,
+    # and the tied entries kept run across slice boundaries; fp32 takes the span-wise cut, the mask is the
+    # definition (exactly k per row, ties by index)
+    g = torch.Generator().manual_seed(21)
+    rows = torch.randn(3, 2_500_000, generator=g).half().float()
+    rows[1, ::7] = 0.0
+    expected = rows * so.rowwise_topk_mask(rows.abs(), k)
+    out = so.keep_top_(rows.clone(), k)
+    assert torch.equal(out, expected)
+    assert out.count_nonzero(dim=1).tolist() == expected.count_nonzero(dim=1).tolist()
+    assert torch.equal(so.keep_top_(rows.double(), k), expected.double())
+
+
 def test_ties_edge_cases():
     r = gen(13)
     base = r(5, 4)
