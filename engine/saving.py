@@ -35,12 +35,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import safetensors_writer as stw
-from .weights import KeySource, UNET_PREFIX, fp16_overflow, is_quantized, quant_scale_keys, storage_dtype
+from .weights import KeySource, UNET_PREFIX, is_quantized, overflow, overflow_limit, quant_scale_keys, storage_dtype
 
 log = logging.getLogger("MergeLab")
 
-DTYPE_CHOICES = ("keep", "fp16", "bf16", "fp32")
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_CHOICES = ("keep", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+           "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# dtypes with a range a weight may exceed (bf16 and fp32 have fp32's): a weight beyond it is an error
+_NARROW = {torch.float16: "fp16", torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
 _STD_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # CLIPSave's split of a CLIP's state dict into one file per text encoder (ComfyUI 0.3.64 / 0.3.75)
 # ComfyUI's CLIPSave list, plus the Qwen encoders of Z-Image and Omnigen2: without their prefix stripped,
@@ -81,13 +85,14 @@ class Part:
 
 def _cast(t: torch.Tensor, dtype: Optional[torch.dtype], key: str = "") -> torch.Tensor:
     """``t`` on the CPU in ``dtype`` (floats only); no copy when it already is.  A weight that does not
-    fit fp16 is an error naming it (it would be written as ±inf)."""
+    fit fp16 or fp8 is an error naming it (it would be written as ±inf, or clamped to ±448 in e4m3fn)."""
     t = t.detach()
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-        big = fp16_overflow(t) if dtype == torch.float16 else None
+        name = _NARROW.get(dtype)
+        big = overflow(t, overflow_limit(dtype)) if name is not None else None
         if big is not None:
-            raise SaveError(f"weight '{key}' does not fit fp16 (largest |value| {big:.6g}, fp16 holds up to 65504): "
-                            "save it with dtype bf16 or fp32")
+            raise SaveError(f"weight '{key}' does not fit {name} (largest |value| {big:.6g}, {name} holds up to "
+                            f"{torch.finfo(dtype).max:g}): save it with dtype bf16 or fp32")
         return t.to(device="cpu", dtype=dtype)
     return t.to(device="cpu")
 
@@ -279,11 +284,13 @@ class FilePlan:
 
 def plan_from_conversion(parts: Dict[str, Part], convert: Callable[[Dict[str, Dict[str, torch.Tensor]]], Dict[str, Any]],
                          part_converters: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]],
-                         dtype: Optional[torch.dtype], extra: Optional[Dict[str, torch.Tensor]] = None) -> FilePlan:
+                         dtype: Optional[torch.dtype], extra: Optional[Dict[str, torch.Tensor]] = None,
+                         keep_parts: Tuple[str, ...] = ()) -> FilePlan:
     """Run ``convert`` (ComfyUI's layout conversion) on placeholders of ``parts`` and turn its output
     into a list of tensors to write.  ``part_converters[part]`` is the conversion of one part alone,
     used to compute derived tensors from real source tensors.  ``dtype``: the output float dtype
-    (None: keep).  ``extra``: tensors added as is (ComfyUI's extra keys)."""
+    (None: keep).  ``extra``: tensors added as is (ComfyUI's extra keys).  ``keep_parts``: parts whose
+    tensors keep their dtype whatever ``dtype`` is."""
     ph: Dict[str, Dict[str, torch.Tensor]] = {}
     by_id: Dict[int, Tuple[str, str]] = {}
     for pname, part in parts.items():
@@ -314,7 +321,7 @@ def plan_from_conversion(parts: Dict[str, Part], convert: Callable[[Dict[str, Di
         src = by_id.get(id(value))
         if src is not None and value is ph[src[0]].get(src[1]):
             item = parts[src[0]].items[src[1]]
-            tgt = _target(item.dtype, dtype, item.weight)
+            tgt = _target(item.dtype, None if src[0] in keep_parts else dtype, item.weight)
             plans.append(stw.TensorPlan(name, tgt, item.shape, _identity_producer(item, tgt)))
             continue
         deps = getattr(value, _DEPS, None)
@@ -328,7 +335,7 @@ def plan_from_conversion(parts: Dict[str, Part], convert: Callable[[Dict[str, Di
                 raise SaveError(f"cannot stream '{name}': it is derived from {pname} tensors and there is no "
                                 f"conversion to recompute it")
             weight = any(parts[pname].items[k].weight for _, k in deps)
-            tgt = _target(value.dtype, dtype, weight)
+            tgt = _target(value.dtype, None if pname in keep_parts else dtype, weight)
             plans.append(stw.TensorPlan(name, tgt, tuple(value.shape),
                                         _derived_producer(name, parts[pname], sorted(k for _, k in deps),
                                                           part_converters[pname], tgt, tuple(value.shape))))
@@ -402,7 +409,11 @@ def plan_checkpoint(model, clip=None, vae=None, dtype: str = "keep",
     converters = {"unet": cfg.process_unet_state_dict_for_saving,
                   "clip": cfg.process_clip_state_dict_for_saving,
                   "vae": cfg.process_vae_state_dict_for_saving}
-    return plan_from_conversion(parts, convert, converters, output_dtype(dtype), extra=extra_keys)
+    out = output_dtype(dtype)
+    # ComfyUI runs a VAE in fp16/bf16/fp32 only: fp8 is for the diffusion model and the text encoders (what
+    # ComfyUI holds in fp8 when it loads them with weight_dtype fp8)
+    return plan_from_conversion(parts, convert, converters, out, extra=extra_keys,
+                                keep_parts=("vae",) if out in FP8_DTYPES else ())
 
 
 def clip_file_groups(clip) -> List[Tuple[str, Part]]:

@@ -6,6 +6,7 @@ time, on the device we choose, in fp32, without touching the model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -229,11 +230,24 @@ _FP16_OVERFLOW = 65520.0         # the smallest magnitude fp16 rounds to inf
 def fp16_overflow(t: torch.Tensor) -> Optional[float]:
     """The largest |value| of ``t`` when some value rounds to ±inf in fp16 (inf itself included), else
     None: the check before a result is kept or saved in fp16."""
+    return overflow(t, _FP16_OVERFLOW)
+
+
+def overflow_limit(dtype: torch.dtype) -> float:
+    """The smallest magnitude that does not round to a finite value of ``dtype``: its largest value plus
+    half a step there (fp16 65520, fp8 e4m3fn 464, fp8 e5m2 61440).  torch's cast to e4m3fn, which has
+    no infinity, clamps such values to ±448 without a word."""
+    fi = torch.finfo(dtype)
+    return fi.max + 2.0 ** (math.floor(math.log2(fi.max))) * fi.eps / 2
+
+
+def overflow(t: torch.Tensor, limit: float) -> Optional[float]:
+    """The largest |value| of ``t`` when it reaches ``limit`` (inf included), else None."""
     if not t.numel() or not t.is_floating_point():
         return None
     lo, hi = torch.aminmax(t)
     big = torch.maximum(-lo, hi)
-    return float(big) if bool(big >= _FP16_OVERFLOW) else None
+    return float(big) if bool(big >= limit) else None
 
 
 def is_quantized(t) -> bool:

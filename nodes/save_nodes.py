@@ -33,8 +33,13 @@ def _dtype_input():
     return io.Combo.Input("dtype", options=list(saving.DTYPE_CHOICES), default="keep",
                           tooltip="Dtype of the saved weights: keep = the dtype each weight has in ComfyUI "
                                   "(fp8 weights are saved dequantized, as bf16); fp16 / bf16 / fp32 convert every "
-                                  "floating-point weight. The weights are computed in fp32 and rounded once. A "
-                                  "weight beyond fp16's range (65504) saved as fp16 is an error naming it.")
+                                  "floating-point weight. fp8_e4m3fn / fp8_e5m2 halve an fp16 file again: the "
+                                  "diffusion model's and text encoders' weights are rounded to fp8 (a plain cast, as "
+                                  "ComfyUI's own fp8 loading; e4m3fn rounds |values| under about 0.001 to 0), the "
+                                  "VAE keeps its dtype; ComfyUI loads it as other fp8 checkpoints. Weights with "
+                                  "patches (LoRAs) are computed in fp32 and rounded once; merged weights are held "
+                                  "in the base's dtype, so another dtype rounds them again. A weight beyond the "
+                                  "dtype's range (fp16 65504, e4m3fn 448, e5m2 57344) is an error naming it.")
 
 
 def _recipe_inputs():

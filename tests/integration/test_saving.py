@@ -317,6 +317,48 @@ def test_output_dtype_conversion_rounds_once(harness):
         assert n == len([k for k in got if k.startswith("model.diffusion_model.")])
 
 
+@pytest.mark.parametrize("mode", ["fp8_e4m3fn", "fp8_e5m2"])
+def test_fp8_checkpoint_holds_the_weights_rounded_once_and_reloads(harness, mode):
+    """dtype fp8: the diffusion model's and the text encoder's weights are the fp32 patched weights rounded
+    once to fp8, the VAE keeps its dtype and values (ComfyUI's loaders read such a file back: see the
+    full-size test below)."""
+    weights = pack(harness, "engine.weights")
+    dt = getattr(torch, mode.replace("fp8", "float8"))
+    before = outputs_in(harness.output_dir)
+    prompt = {
+        "1": small("SD15"), "2": small("SD15", delta_seed=1, delta_scale=0.02),
+        "3": {"class_type": "MergeLabTest_BulkMergeSimple",
+              "inputs": {"model1": ["1", 0], "model2": ["2", 0], "clip1": ["1", 1], "clip2": ["2", 1], "ratio": 0.3}},
+        "5": {"class_type": "MergeLabTest_TinyVAE", "inputs": {}},
+        "6": {"class_type": "MergeLab_SaveCheckpoint",
+              "inputs": {"model": ["3", 0], "clip": ["3", 1], "vae": ["5", 0], "filename_prefix": f"fp8/{mode}",
+                         "dtype": mode, "save_recipe": False, "hash_input_files": False}},
+        "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["3", 0], "name": "model"}},
+        "c2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["3", 1], "name": "clip"}},
+        "c3": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["5", 0], "name": "vae"}},
+    }
+    res = harness.run_ok(prompt)
+    (saved,) = new_files(harness, before)
+    path = os.path.join(harness.output_dir, saved)
+    got, _ = read_all(path)
+    cpu = torch.device("cpu")
+    model_src, clip_src = weights.KeySource.of(res.captured["model"]), weights.KeySource.of(res.captured["clip"])
+    n_model = n_clip = 0
+    for key in model_src.keys():
+        t = got["model." + key]
+        assert t.dtype == dt and torch.equal(t, model_src.read(key, cpu).to(dt)), key
+        n_model += 1
+    for key in clip_src.keys():
+        name = "cond_stage_model." + key[len("clip_l."):]
+        if name in got and got[name].is_floating_point():
+            assert got[name].dtype == dt and torch.equal(got[name], clip_src.read(key, cpu).to(dt)), key
+            n_clip += 1
+    vae_sd = res.captured["vae"].get_sd()
+    for key, t in vae_sd.items():
+        assert got["first_stage_model." + key].dtype == t.dtype and torch.equal(got["first_stage_model." + key], t)
+    assert n_model == len([k for k in got if k.startswith("model.diffusion_model.")]) and n_clip > 100
+
+
 # ---------------------------------------------------------------------------------------------
 # full size: one run
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +417,42 @@ def test_full_size_sd15_merge_reloads_bit_exact(harness, full_sd15, tuned_sd15):
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.predict_key"] == "epsilon"
     rec = json.loads(meta["mergelab.recipe"])
     assert set(rec["graph"]["files"]) == {f"checkpoints/{a}", f"checkpoints/{b}"}
+
+
+def test_full_size_sd15_fp8_model_reloads_as_fp8(harness, full_sd15):
+    """A full-size SD1.5 UNet saved by Save Model in fp8_e4m3fn: UNETLoader detects it as SD1.5, and with
+    weight_dtype fp8_e4m3fn holds exactly the file's fp8 weights, which are the model's rounded once."""
+    a = os.path.basename(full_sd15)
+    before = outputs_in(harness.output_dir)
+    res = harness.run_ok({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": a}},
+        "2": {"class_type": "MergeLab_SaveModel",
+              "inputs": {"model": ["1", 0], "filename_prefix": "full/sd15_fp8", "dtype": "fp8_e4m3fn",
+                         "save_recipe": False, "hash_input_files": False}},
+        "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "model"}},
+    })
+    (saved,) = new_files(harness, before)
+    path = os.path.join(harness.output_dir, saved)
+    assert os.path.getsize(path) < 0.9e9                     # one byte per weight (860 M)
+    name = harness.add_model_file("diffusion_models", path, name="reloaded_sd15_fp8.safetensors")
+    res2 = harness.run_ok({
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "fp8_e4m3fn"}},
+        "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "model"}},
+    })
+    model2 = res2.captured["model"]
+    assert type(model2.model.model_config).__name__ == "SD15"
+    want = res.captured["model"].model.state_dict()
+    n = 0
+    with safe_open(path, "pt") as f:
+        for key, t in model2.model.state_dict().items():
+            if not key.startswith("diffusion_model."):
+                continue
+            stored = f.get_tensor("model." + key)
+            assert stored.dtype == torch.float8_e4m3fn and t.dtype == torch.float8_e4m3fn, key
+            assert torch.equal(t.view(torch.uint8), stored.view(torch.uint8)), key
+            assert torch.equal(stored, want[key].to(torch.float8_e4m3fn)), key
+            n += 1
+    assert n == 686
 
 
 def read_all_meta(path):
@@ -848,6 +926,35 @@ def test_a_weight_that_does_not_fit_fp16_is_an_error_naming_it(harness):
     (saved,) = new_files(harness, before)
     with safe_open(os.path.join(harness.output_dir, saved), "pt") as f:
         assert float(f.get_tensor("model." + key + ".weight").float().max()) > 9e4
+
+
+def test_a_weight_beyond_fp8s_range_is_an_error_naming_it(harness):
+    """torch's cast to fp8 e4m3fn clamps 1000 to 448 without a word (e5m2 would hold about 1024): saved with
+    dtype fp8_e4m3fn, such a weight is refused by name and nothing is written; fp8_e5m2 saves it."""
+    from mergelab import fixtures
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_k"
+    shape = fixtures.small_model("SD15").model.state_dict()[key + ".weight"].shape
+    path = os.path.join(harness.output_dir, "..", "big_fp8_diff.safetensors")
+    save_file({key + ".diff": torch.full(shape, 1000.0)}, path)
+    lora = harness.add_model_file("loras", path, name="big_fp8_diff.safetensors")
+
+    def prompt(dtype):
+        return {"1": small("SD15"),
+                "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora,
+                                                                     "strength_model": 1.0}},
+                "3": {"class_type": "MergeLab_SaveModel", "inputs": {"model": ["2", 0], "filename_prefix": f"big8/{dtype}",
+                                                                    "dtype": dtype, "save_recipe": False,
+                                                                    "hash_input_files": False}}}
+    before = outputs_in(harness.output_dir)
+    res = harness.run(prompt("fp8_e4m3fn"))
+    assert not res.success
+    assert f"weight '{key}.weight' does not fit fp8_e4m3fn" in res.error_text()
+    assert new_files(harness, before) == []
+    harness.run_ok(prompt("fp8_e5m2"))
+    (saved,) = new_files(harness, before)
+    with safe_open(os.path.join(harness.output_dir, saved), "pt") as f:
+        t = f.get_tensor("model." + key + ".weight")
+        assert t.dtype == torch.float8_e5m2 and float(t.float().max()) > 900
 
 
 class _QwenTextEncoder:
