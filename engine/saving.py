@@ -22,6 +22,7 @@ file holds what ComfyUI would have written, and the header can be computed befor
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
@@ -30,7 +31,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -39,7 +40,9 @@ from .weights import KeySource, UNET_PREFIX, is_quantized, overflow, overflow_li
 
 log = logging.getLogger("MergeLab")
 
-DTYPE_CHOICES = ("keep", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
+SCALED_FP8 = "fp8_e4m3fn_scaled"
+DTYPE_CHOICES = ("keep", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", SCALED_FP8)
+CLIP_DTYPE_CHOICES = DTYPE_CHOICES[:-1]       # ComfyUI reads scaled fp8 text encoders only for T5 and Llama
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
            "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -58,7 +61,9 @@ class SaveError(ValueError):
 
 
 def output_dtype(mode: str) -> Optional[torch.dtype]:
-    if mode == "keep":
+    """The dtype every floating-point weight is converted to; None keeps each one's (``keep``, and the
+    weights that ``fp8_e4m3fn_scaled`` does not quantize)."""
+    if mode in ("keep", SCALED_FP8):
         return None
     try:
         return _DTYPES[mode]
@@ -285,12 +290,14 @@ class FilePlan:
 def plan_from_conversion(parts: Dict[str, Part], convert: Callable[[Dict[str, Dict[str, torch.Tensor]]], Dict[str, Any]],
                          part_converters: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]],
                          dtype: Optional[torch.dtype], extra: Optional[Dict[str, torch.Tensor]] = None,
-                         keep_parts: Tuple[str, ...] = ()) -> FilePlan:
+                         keep_parts: Tuple[str, ...] = (),
+                         fp8_scaled: Collection[Tuple[str, str]] = ()) -> FilePlan:
     """Run ``convert`` (ComfyUI's layout conversion) on placeholders of ``parts`` and turn its output
     into a list of tensors to write.  ``part_converters[part]`` is the conversion of one part alone,
     used to compute derived tensors from real source tensors.  ``dtype``: the output float dtype
     (None: keep).  ``extra``: tensors added as is (ComfyUI's extra keys).  ``keep_parts``: parts whose
-    tensors keep their dtype whatever ``dtype`` is."""
+    tensors keep their dtype whatever ``dtype`` is.  ``fp8_scaled``: the (part, key) of the weights written as
+    scaled fp8 (see :func:`_scaled_fp8_plans`)."""
     ph: Dict[str, Dict[str, torch.Tensor]] = {}
     by_id: Dict[int, Tuple[str, str]] = {}
     for pname, part in parts.items():
@@ -321,6 +328,9 @@ def plan_from_conversion(parts: Dict[str, Part], convert: Callable[[Dict[str, Di
         src = by_id.get(id(value))
         if src is not None and value is ph[src[0]].get(src[1]):
             item = parts[src[0]].items[src[1]]
+            if src in fp8_scaled and name.endswith(".weight"):
+                plans.extend(_scaled_fp8_plans(name, item))
+                continue
             tgt = _target(item.dtype, None if src[0] in keep_parts else dtype, item.weight)
             plans.append(stw.TensorPlan(name, tgt, item.shape, _identity_producer(item, tgt)))
             continue
@@ -346,6 +356,46 @@ def plan_from_conversion(parts: Dict[str, Part], convert: Callable[[Dict[str, Di
         const = value.detach().cpu().contiguous().clone()
         plans.append(stw.TensorPlan(name, const.dtype, tuple(const.shape), lambda c=const: c))
     return FilePlan(plans, dropped)
+
+
+FP8_MAX = 448.0       # the largest float8_e4m3fn
+
+
+def _scaled_fp8_plans(name: str, item: _Item) -> List[stw.TensorPlan]:
+    """A weight as ComfyUI's scaled fp8 layers hold it: ``name`` = fp8 e4m3fn of W / s and
+    ``<layer>.scale_weight`` = s = max|W| / 448 (fp32, 1 for an all-zero W), which ComfyUI multiplies back
+    (``weight.to(fp32) * scale_weight``).  The scale is planned just before the weight; whichever of the
+    two is produced first computes both from one read of W."""
+    held: Dict[str, torch.Tensor] = {}
+
+    def compute() -> None:
+        w = item.produce(torch.float32)
+        amax = w.abs().amax() if w.numel() else torch.zeros((), dtype=torch.float32)
+        if not bool(torch.isfinite(amax)):
+            raise SaveError(f"weight '{name}' holds inf or NaN; it cannot be saved as scaled fp8")
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(torch.float32)
+        held["weight"] = (w / scale).to(torch.float8_e4m3fn)       # |W / s| <= 448: no clamping
+        held["scale"] = scale
+
+    def take(which: str):
+        def produce() -> torch.Tensor:
+            if which not in held:
+                compute()
+            return held.pop(which)
+        return produce
+
+    scale_name = name[: -len("weight")] + "scale_weight"
+    return [stw.TensorPlan(scale_name, torch.float32, (), take("scale")),
+            stw.TensorPlan(name, torch.float8_e4m3fn, tuple(item.shape), take("weight"))]
+
+
+def _linear_weight_keys(base_model) -> set:
+    """The weights of the diffusion model's Linear layers, by their key in the UNet part: the layers that
+    ComfyUI's scaled fp8 operations hold in fp8 (other layers keep the model's dtype)."""
+    dm = base_model.diffusion_model
+    return {f"{n}.weight" for n, m in dm.named_modules()
+            if isinstance(m, torch.nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 2}
 
 
 def _target(native: torch.dtype, dtype: Optional[torch.dtype], weight: bool) -> torch.dtype:
@@ -378,13 +428,14 @@ def _derived_producer(name: str, part: Part, keys: List[str], conv, tgt: torch.d
     return produce
 
 
-def _drop_markers(sd: Dict[str, Any], parts: Dict[str, Part]) -> Dict[str, Any]:
-    """Drop ComfyUI's scaled-fp8 / quantization markers: MergeLab writes fp8 weights dequantized.
+def _drop_markers(sd: Dict[str, Any], parts: Dict[str, Part], scaled: bool = False) -> Dict[str, Any]:
+    """Drop ComfyUI's scaled-fp8 / quantization markers: MergeLab writes fp8 weights dequantized (unless
+    ``scaled``: then the marker set for the scaled fp8 file stays).
 
     ``state_dict_for_saving`` adds them to the UNet dict before its keys get their prefix, so they arrive
     as ``model.diffusion_model.scaled_fp8``: a file keeping that marker is loaded back as scaled fp8, its
     dequantized weights pushed into fp8 layers with a scale of 1."""
-    markers = ("scaled_fp8", "_quantization_metadata")
+    markers = ("_quantization_metadata",) if scaled else ("scaled_fp8", "_quantization_metadata")
     for k in [k for k in sd if k.rsplit(".", 1)[-1] in markers]:
         sd.pop(k)
     return sd
@@ -401,10 +452,19 @@ def plan_checkpoint(model, clip=None, vae=None, dtype: str = "keep",
     if vae is not None:
         parts["vae"] = vae_part(vae)
 
+    scaled = dtype == SCALED_FP8
+
     def convert(ph):
         proxy = _planning_copy(base, ph["unet"])
-        sd = type(base).state_dict_for_saving(proxy, ph.get("clip"), ph.get("vae"), None)
-        return _drop_markers(sd, parts)
+        if scaled:      # ComfyUI's own save of a scaled fp8 model writes the marker where its loader looks
+            proxy.model_config = copy.copy(cfg)
+            proxy.model_config.scaled_fp8 = torch.float8_e4m3fn
+        sd = _drop_markers(type(base).state_dict_for_saving(proxy, ph.get("clip"), ph.get("vae"), None), parts, scaled)
+        for k in [k for k in sd if scaled and k.rsplit(".", 1)[-1] == "scaled_fp8"]:
+            # two entries: ComfyUI's loader then computes in the model's dtype (its fp8 matmul, which the empty
+            # marker of its own saves allows, would clamp the activations to ±448 with an input scale of 1)
+            sd[k] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+        return sd
 
     converters = {"unet": cfg.process_unet_state_dict_for_saving,
                   "clip": cfg.process_clip_state_dict_for_saving,
@@ -412,8 +472,9 @@ def plan_checkpoint(model, clip=None, vae=None, dtype: str = "keep",
     out = output_dtype(dtype)
     # ComfyUI runs a VAE in fp16/bf16/fp32 only: fp8 is for the diffusion model and the text encoders (what
     # ComfyUI holds in fp8 when it loads them with weight_dtype fp8)
+    linear = {("unet", k) for k in _linear_weight_keys(base)} if scaled else ()
     return plan_from_conversion(parts, convert, converters, out, extra=extra_keys,
-                                keep_parts=("vae",) if out in FP8_DTYPES else ())
+                                keep_parts=("vae",) if out in FP8_DTYPES else (), fp8_scaled=linear)
 
 
 def clip_file_groups(clip) -> List[Tuple[str, Part]]:
@@ -431,6 +492,9 @@ def clip_file_groups(clip) -> List[Tuple[str, Part]]:
 
 def plan_clip_file(prefix: str, part: Part, dtype: str = "keep") -> FilePlan:
     import comfy.utils
+    if dtype == SCALED_FP8:
+        raise SaveError(f"dtype {SCALED_FP8} is for diffusion models (Save Model / Save Checkpoint); save text "
+                        f"encoders with fp8_e4m3fn")
     replace = {}
     if prefix:
         replace[prefix] = ""

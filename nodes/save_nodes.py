@@ -29,17 +29,24 @@ def _hidden():
     return hs
 
 
-def _dtype_input():
-    return io.Combo.Input("dtype", options=list(saving.DTYPE_CHOICES), default="keep",
+_SCALED_HELP = (" fp8_e4m3fn_scaled: ComfyUI's scaled fp8 format (as its fp8_scaled files): each Linear layer of "
+                "the diffusion model in fp8 with its own scale (max|W|/448, so small weights keep their precision), "
+                "every other weight, the text encoders and the VAE as keep.")
+
+
+def _dtype_input(scaled: bool = True):
+    return io.Combo.Input("dtype", options=list(saving.DTYPE_CHOICES if scaled else saving.CLIP_DTYPE_CHOICES),
+                          default="keep",
                           tooltip="Dtype of the saved weights: keep = the dtype each weight has in ComfyUI "
                                   "(fp8 weights are saved dequantized, as bf16); fp16 / bf16 / fp32 convert every "
                                   "floating-point weight. fp8_e4m3fn / fp8_e5m2 halve an fp16 file again: the "
                                   "diffusion model's and text encoders' weights are rounded to fp8 (a plain cast, as "
                                   "ComfyUI's own fp8 loading; e4m3fn rounds |values| under about 0.001 to 0), the "
-                                  "VAE keeps its dtype; ComfyUI loads it as other fp8 checkpoints. Weights with "
-                                  "patches (LoRAs) are computed in fp32 and rounded once; merged weights are held "
-                                  "in the base's dtype, so another dtype rounds them again. A weight beyond the "
-                                  "dtype's range (fp16 65504, e4m3fn 448, e5m2 57344) is an error naming it.")
+                                  "VAE keeps its dtype; ComfyUI loads it as other fp8 checkpoints."
+                                  + (_SCALED_HELP if scaled else "") +
+                                  " Weights with patches (LoRAs) are computed in fp32 and rounded once; merged "
+                                  "weights are held in the base's dtype, so another dtype rounds them again. A weight "
+                                  "beyond the dtype's range (fp16 65504, e4m3fn 448, e5m2 57344) is an error naming it.")
 
 
 def _recipe_inputs():
@@ -208,7 +215,7 @@ class SaveCLIPNode(io.ComfyNode):
                     io.String.Input("filename_prefix", default="clip/MergeLab",
                                     tooltip="Folder/name under ComfyUI's output folder; the encoder name and a "
                                             "counter are added (name_clip_l_00001_.safetensors)."),
-                    _dtype_input()] + _recipe_inputs(),
+                    _dtype_input(scaled=False)] + _recipe_inputs(),
             outputs=[io.String.Output(display_name="filenames",
                                       tooltip="The saved files, relative to the output folder, one per line.")],
             hidden=_hidden(),

@@ -419,40 +419,109 @@ def test_full_size_sd15_merge_reloads_bit_exact(harness, full_sd15, tuned_sd15):
     assert set(rec["graph"]["files"]) == {f"checkpoints/{a}", f"checkpoints/{b}"}
 
 
-def test_full_size_sd15_fp8_model_reloads_as_fp8(harness, full_sd15):
-    """A full-size SD1.5 UNet saved by Save Model in fp8_e4m3fn: UNETLoader detects it as SD1.5, and with
-    weight_dtype fp8_e4m3fn holds exactly the file's fp8 weights, which are the model's rounded once."""
-    a = os.path.basename(full_sd15)
+def test_scaled_fp8_checkpoint_quantizes_the_diffusion_models_linear_layers_only(harness):
+    """fp8_e4m3fn_scaled on a merged Flux checkpoint: each Linear weight of the diffusion model is its fp32 patched
+    weight W as fp8 of W / s with s = max|W| / 448 beside it, one two-entry marker says so, and every other
+    tensor (the diffusion model's other weights, the text encoders, the VAE) is what keep writes; Save CLIP
+    refuses the mode (ComfyUI reads scaled text encoders for T5 and Llama only)."""
+    saving = pack(harness, "engine.saving")
+    weights = pack(harness, "engine.weights")
+    prompt = {
+        "1": small("Flux"), "2": small("Flux", delta_seed=1, delta_scale=0.02),
+        "3": {"class_type": "MergeLabTest_BulkMergeSimple",
+              "inputs": {"model1": ["1", 0], "model2": ["2", 0], "clip1": ["1", 1], "clip2": ["2", 1], "ratio": 0.3}},
+        "5": {"class_type": "MergeLabTest_TinyVAE", "inputs": {}},
+        "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["3", 0], "name": "model"}},
+        "c2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["3", 1], "name": "clip"}},
+        "c3": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["5", 0], "name": "vae"}},
+    }
+    res = harness.run_ok(prompt)
+    m, c, v = res.captured["model"], res.captured["clip"], res.captured["vae"]
+    scaled = saving.save_checkpoint(m, c, v, "scaled/flux", "fp8_e4m3fn_scaled", default_prefix="scaled/x", fsync=False)
+    keep = saving.save_checkpoint(m, c, v, "scaled/flux_keep", "keep", default_prefix="scaled/x", fsync=False)
+    got, _ = read_all(scaled.path)
+    ref, _ = read_all(keep.path)
+    assert [k for k in got if k.endswith("scaled_fp8")] == ["model.diffusion_model.scaled_fp8"]
+    marker = got.pop("model.diffusion_model.scaled_fp8")
+    assert marker.dtype == torch.float8_e4m3fn and marker.numel() == 2
+    ks = weights.KeySource.of(m)
+    linear = {f"model.diffusion_model.{n}.weight" for n, mod in m.model.diffusion_model.named_modules()
+              if isinstance(mod, torch.nn.Linear)}
+    assert len(linear) > 20
+    cpu = torch.device("cpu")
+    for name in linear:
+        w = ks.read(name[len("model."):], cpu)
+        s = got.pop(name[: -len("weight")] + "scale_weight")
+        assert s.dtype == torch.float32 and s.shape == () and float(s) == float(w.abs().max() / 448.0), name
+        assert torch.equal(got.pop(name), (w / s).to(torch.float8_e4m3fn)), name
+    assert sorted(got) == sorted(k for k in ref if k not in linear)
+    for k, t in got.items():
+        assert t.dtype == ref[k].dtype and torch.equal(t, ref[k]), k
+    with pytest.raises(saving.SaveError, match="for diffusion models"):
+        saving.save_clip(c, "scaled/clip", "fp8_e4m3fn_scaled", default_prefix="scaled/y", fsync=False)
+
+
+@pytest.mark.parametrize("mode", ["fp8_e4m3fn", "fp8_e4m3fn_scaled"])
+def test_fp8_model_file_reloads_through_unetloader(harness, mode):
+    """An SD1.5 UNet (the demo's small checkpoint, which ComfyUI's detection knows) saved by Save Model in fp8.
+    Plain: UNETLoader with weight_dtype fp8_e4m3fn detects SD1.5 and holds exactly the file's fp8 weights,
+    which are the model's rounded once.  Scaled: UNETLoader detects ComfyUI's scaled fp8 format by itself;
+    every Linear layer holds the file's fp8 weight and scale (W / s rounded once, s = max|W| / 448), and what it
+    computes with (fp8 x s) is within fp8's rounding of W; every other weight is the model's own."""
+    from mergelab import demo
+    ckpt = harness.add_model_file("checkpoints", demo.small_sd15_checkpoint(), name="fp8_src_sd15.safetensors")
     before = outputs_in(harness.output_dir)
     res = harness.run_ok({
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": a}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "MergeLab_SaveModel",
-              "inputs": {"model": ["1", 0], "filename_prefix": "full/sd15_fp8", "dtype": "fp8_e4m3fn",
+              "inputs": {"model": ["1", 0], "filename_prefix": f"fp8unet/{mode}", "dtype": mode,
                          "save_recipe": False, "hash_input_files": False}},
         "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "model"}},
     })
     (saved,) = new_files(harness, before)
     path = os.path.join(harness.output_dir, saved)
-    assert os.path.getsize(path) < 0.9e9                     # one byte per weight (860 M)
-    name = harness.add_model_file("diffusion_models", path, name="reloaded_sd15_fp8.safetensors")
+    scaled = mode.endswith("_scaled")
+    name = harness.add_model_file("diffusion_models", path, name=f"reloaded_{mode}.safetensors")
     res2 = harness.run_ok({
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "fp8_e4m3fn"}},
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": name,
+                                                    "weight_dtype": "default" if scaled else "fp8_e4m3fn"}},
         "c1": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "model"}},
     })
     model2 = res2.captured["model"]
     assert type(model2.model.model_config).__name__ == "SD15"
+    assert model2.model.model_config.scaled_fp8 == (torch.float8_e4m3fn if scaled else None)
     want = res.captured["model"].model.state_dict()
+    dm = model2.model.diffusion_model
+    linear = {f"diffusion_model.{n}.weight": m for n, m in dm.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(linear) > 50
     n = 0
     with safe_open(path, "pt") as f:
+        file_keys = set(f.keys())
+        assert ("model.diffusion_model.scaled_fp8" in file_keys) == scaled
+        assert model2.model.model_config.optimizations.get("fp8", False) is False     # no fp8 matmul
         for key, t in model2.model.state_dict().items():
-            if not key.startswith("diffusion_model."):
+            if not key.startswith("diffusion_model.") or key.endswith((".scale_weight", ".scale_input")):
                 continue
             stored = f.get_tensor("model." + key)
-            assert stored.dtype == torch.float8_e4m3fn and t.dtype == torch.float8_e4m3fn, key
-            assert torch.equal(t.view(torch.uint8), stored.view(torch.uint8)), key
-            assert torch.equal(stored, want[key].to(torch.float8_e4m3fn)), key
+            w = want[key].float()
+            if scaled and key in linear:
+                s = f.get_tensor("model." + key[: -len("weight")] + "scale_weight")
+                assert s.dtype == torch.float32 and s.shape == () and float(s) == float(w.abs().max() / 448.0), key
+                assert stored.dtype == t.dtype == torch.float8_e4m3fn, key
+                assert torch.equal(t.view(torch.uint8), stored.view(torch.uint8)), key
+                assert torch.equal(stored, (w / s).to(torch.float8_e4m3fn)), key
+                used = linear[key].convert_weight(t)              # what ComfyUI computes with
+                assert bool(((used - w).abs() <= w.abs() * 2.0 ** -4 + s * 2.0 ** -10).all()), key
+            elif scaled:
+                assert stored.dtype == want[key].dtype and torch.equal(stored, want[key]), key
+                # ComfyUI 0.3.75 creates a scaled Linear's bias in fp8 as well (rounded at load, unscaled)
+                assert torch.equal(t, stored.to(t.dtype)), key
+            else:
+                assert stored.dtype == t.dtype == torch.float8_e4m3fn, key
+                assert torch.equal(t.view(torch.uint8), stored.view(torch.uint8)), key
+                assert torch.equal(stored, want[key].to(torch.float8_e4m3fn)), key
             n += 1
-    assert n == 686
+    assert n == len([k for k in want if k.startswith("diffusion_model.")])
 
 
 def read_all_meta(path):
