@@ -1,10 +1,11 @@
 """Two-model methods: mergekit's ``nearswap``, ``arcee_fusion`` and ``passthrough``; ComfyUI's
-``weighted_sum`` (ModelMergeSimple) and the classic ``add_difference``."""
+``weighted_sum`` (ModelMergeSimple), the classic ``add_difference`` and its supermerger / sd-mecha
+variants ``train_difference`` and ``add_perpendicular``."""
 from __future__ import annotations
 
 import torch
 
-from .ops import kth_largest
+from .ops import dot64, kth_largest, sumsq
 from .spec import BASE_NONE, BASE_REQUIRED, BOOL, FLOAT, Param, merge_method
 
 _FUSION_EPS = 1e-8      # mergekit arcee_fusion: added to both softmaxes before the KL divergence
@@ -103,3 +104,42 @@ def add_difference(base, models, ctx, *, alpha, clamp_to_ab):
     if clamp_to_ab:
         out = torch.maximum(torch.minimum(out, torch.maximum(a, b)), torch.minimum(a, b))
     return out
+
+
+@merge_method(
+    "train_difference", base=BASE_REQUIRED, min_models=2, max_models=2, source="supermerger / sd-mecha",
+    elementwise=True,
+    help="supermerger's Train Difference (sd-mecha's train_difference_mask with add_difference): A + alpha·1.8·"
+         "(B − C)·|B − A|/(|B − A| + |B − C|), with the models as A (first) and B (second) and the base as C, the "
+         "model B was trained from. Per element, the more B differs from A compared with what its training "
+         "changed, the more of B's training difference is added (none where B equals A, up to 1.8·alpha of it); "
+         "elements where A, B and C are equal add nothing.",
+    params=(Param("alpha", FLOAT, 1.0, "Strength of the added difference (B − C), before the per-element "
+                  "factor 1.8·|B − A|/(|B − A| + |B − C|).", min=-10.0, max=10.0, step=0.01),),
+)
+def train_difference(base, models, ctx, *, alpha):
+    a, b = models[0], models[1]
+    trained = b - base
+    far = (b - a).abs_()
+    share = far.div_(trained.abs().add_(far)).nan_to_num_(nan=0.0)      # 0/0 where A = B = C
+    return torch.addcmul(a, share, trained, value=1.8 * float(alpha))
+
+
+@merge_method(
+    "add_perpendicular", base=BASE_REQUIRED, min_models=2, max_models=2, source="sd-mecha",
+    help="sd-mecha's add_perpendicular: A + alpha·P, where P is the part of B's difference (B − C) "
+         "perpendicular to A's (A − C), over the whole tensor: P = (B − C) − (A − C)·⟨A − C, B − C⟩/‖A − C‖². "
+         "Adds what B learned that A has not, without pushing further along A's own change. Models: A (first), "
+         "B (second); base: C, their common ancestor. Where A − C is 0 all of B − C is perpendicular to it and "
+         "is added (sd-mecha adds nothing there); the dot product and norm are accumulated in fp64.",
+    params=(Param("alpha", FLOAT, 1.0, "Strength of the added perpendicular difference.",
+                  min=-10.0, max=10.0, step=0.01),),
+)
+def add_perpendicular(base, models, ctx, *, alpha):
+    a = models[0]
+    a_diff, b_diff = a - base, models[1] - base
+    norm2 = sumsq(a_diff)
+    along = torch.where(norm2 > 0, dot64(a_diff, b_diff) / norm2.clamp(min=torch.finfo(norm2.dtype).tiny),
+                        torch.zeros_like(norm2))
+    perp = b_diff.sub_(a_diff.mul_(along.to(a_diff.dtype)))
+    return a.add(perp, alpha=float(alpha))

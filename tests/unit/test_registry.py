@@ -16,6 +16,8 @@ EXPECTED = {
     "geometric_median",
     # ComfyUI
     "weighted_sum", "add_difference",
+    # supermerger / sd-mecha
+    "train_difference", "add_perpendicular",
 }
 
 

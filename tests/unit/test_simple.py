@@ -1,9 +1,20 @@
-"""nearswap, arcee_fusion, passthrough, weighted_sum, add_difference."""
+"""nearswap, arcee_fusion, passthrough, weighted_sum, add_difference, train_difference, add_perpendicular."""
+import warnings
+
 import pytest
 import torch
 
 import merge_methods as mm
 from merge_methods import MergeError
+
+try:  # sd-mecha warns at import about python-Levenshtein (optional speed-up of fuzzywuzzy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import sd_mecha
+except Exception:  # pragma: no cover - depends on the environment
+    sd_mecha = None
+
+needs_mecha = pytest.mark.skipif(sd_mecha is None, reason="sd-mecha not installed")
 
 
 def run(name, base, models, create_kw=None, **params):
@@ -212,10 +223,82 @@ def test_add_difference_properties():
         mm.create("add_difference", alpha=20.0)
 
 
+# ============================================================================== train_difference
+def test_train_difference_by_hand():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    b = torch.tensor([2.0, 0.0, 3.5, 4.0, 1.0])
+    c = torch.tensor([0.5, 1.0, 3.0, 2.0, 1.0])
+    # A + 1.8·alpha·(B − C)·|B − A|/(|B − A| + |B − C|):
+    # 1 + 1.8·1.5·1/2.5 = 2.08; 2 − 1.8·(2/3) = 0.8; 3 + 1.8·0.5·0.5 = 3.45; B = A: 4; B = C: 5
+    torch.testing.assert_close(run("train_difference", c, [a, b]), torch.tensor([2.08, 0.8, 3.45, 4.0, 5.0]))
+    torch.testing.assert_close(run("train_difference", c, [a, b], {"alpha": 0.5}),
+                               torch.tensor([1.54, 1.4, 3.225, 4.0, 5.0]))
+    assert torch.equal(run("train_difference", c, [a, b], {"alpha": 0.0}), a)
+    # A = B = C: 0/0 adds nothing (no NaN)
+    same = torch.ones(4)
+    assert torch.equal(run("train_difference", same, [same, same]), same)
+
+
+def test_train_difference_adds_at_most_1_8_alpha_of_the_trained_difference():
+    r = gen(20)
+    a, b, c = r(6, 7), r(6, 7), r(6, 7)
+    out = run("train_difference", c, [a, b], {"alpha": 0.7})
+    share = (out - a) / (1.8 * 0.7 * (b - c))
+    assert bool((share >= -1e-6).all() and (share <= 1 + 1e-5).all())
+    torch.testing.assert_close(share, (b - a).abs() / ((b - a).abs() + (b - c).abs()), atol=1e-4, rtol=1e-4)
+
+
+@needs_mecha
+def test_train_difference_agrees_with_sdmecha():
+    r = gen(21)
+    a, b, c = r(30, 40), r(30, 40), r(30, 40)
+    b[0] = a[0]                  # B = A: nothing added
+    a[1], b[1] = c[1], c[1]      # A = B = C: 0/0
+    for alpha in (1.0, 0.35, -0.5):
+        mask = sd_mecha.train_difference_mask.__wrapped__(a, b, c, alpha=torch.tensor(alpha))
+        ref = a.addcmul(b - c, mask)
+        torch.testing.assert_close(run("train_difference", c, [a, b], {"alpha": alpha}), ref, atol=1e-6, rtol=1e-6)
+
+
+# ============================================================================== add_perpendicular
+def test_add_perpendicular_by_hand():
+    a = torch.tensor([1.0, 2.0, 3.0])
+    b = torch.tensor([2.0, 0.0, 3.5])
+    c = torch.tensor([0.5, 1.0, 3.0])
+    # A − C = (.5, 1, 0), B − C = (1.5, −1, .5); ⟨·,·⟩ = −.25, ‖A − C‖² = 1.25: P = (B − C) + 0.2·(A − C)
+    torch.testing.assert_close(run("add_perpendicular", c, [a, b]), torch.tensor([2.6, 1.2, 3.5]))
+    torch.testing.assert_close(run("add_perpendicular", c, [a, b], {"alpha": 0.5}), torch.tensor([1.8, 1.6, 3.25]))
+
+
+def test_add_perpendicular_properties():
+    r = gen(22)
+    a, b, c = r(5, 4, 3, 3), r(5, 4, 3, 3), r(5, 4, 3, 3)
+    out = run("add_perpendicular", c, [a, b], {"alpha": 1.3})
+    # the added part is perpendicular to A's difference
+    cos = torch.dot((out - a).double().flatten(), (a - c).double().flatten()) / ((out - a).double().norm() * (a - c).double().norm())
+    assert abs(float(cos)) < 1e-6
+    # B's difference parallel to A's: nothing is added; B = C: A; A = C: all of B − C
+    torch.testing.assert_close(run("add_perpendicular", c, [a, c + 2.5 * (a - c)]), a, atol=1e-5, rtol=1e-5)
+    assert torch.equal(run("add_perpendicular", c, [a, c.clone()]), a)
+    torch.testing.assert_close(run("add_perpendicular", c, [c.clone(), b], {"alpha": 0.5}), c + 0.5 * (b - c))
+
+
+@needs_mecha
+def test_add_perpendicular_agrees_with_sdmecha():
+    r = gen(23)
+    a, b, c = r(64, 80), r(64, 80), r(64, 80)
+    for alpha in (1.0, 0.4):
+        perp = sd_mecha.perpendicular_component.__wrapped__((a - c).double(), (b - c).double())
+        ref = a.double() + alpha * perp
+        torch.testing.assert_close(run("add_perpendicular", c, [a, b], {"alpha": alpha}).double(), ref,
+                                   atol=1e-5, rtol=1e-5)
+
+
 # ============================================================================== common edge cases
 CASES = {
     "nearswap": (True, 1), "arcee_fusion": (True, 1), "passthrough": (False, 1),
-    "weighted_sum": (False, 2), "add_difference": (True, 2),
+    "weighted_sum": (False, 2), "add_difference": (True, 2), "train_difference": (True, 2),
+    "add_perpendicular": (True, 2),
 }
 
 

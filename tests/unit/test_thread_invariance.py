@@ -10,7 +10,7 @@ import torch
 import merge_methods as mm
 
 CASES = [("dare_ties", {}), ("dare_linear", {}), ("della", {}), ("della_linear", {}), ("ties", {"rescale": "l1"}),
-         ("ties", {}), ("model_stock", {}), ("sce", {}), ("task_arithmetic", {})]
+         ("ties", {}), ("model_stock", {}), ("sce", {}), ("task_arithmetic", {}), ("add_perpendicular", {})]
 
 
 def _inputs(n=3, size=(600, 700)):
@@ -32,6 +32,7 @@ def _with_threads(n, fn):
 def test_bit_identical_with_one_and_several_threads(name, params):
     method = mm.create(name, **params)
     base, models = _inputs()
+    models = models[: method.spec.max_models or len(models)]
     kw = {}
     per_model = {p.name for p in method.spec.per_model_params}
     if "density" in per_model:
