@@ -3,7 +3,8 @@
 For every key: read each input's effective weight (its LoRAs applied, fp8 dequantized) onto the
 compute device in fp32, resolve the per-key parameters (block weights scale them), run the merge
 method, apply the mask, cast to the base's dtype on the offload device and keep it as a ``set`` patch
-on a clone of the base.  Inputs are never modified; nothing is left on the GPU.
+on a clone of the base (of model 1 for add_difference and its kin).  Inputs are never modified; nothing is
+left on the GPU.
 """
 from __future__ import annotations
 
@@ -88,16 +89,31 @@ def check_architectures(objs: Sequence[Any], names: Sequence[str]) -> None:
         raise MergeError(f"cannot merge {what} of different architectures ({desc})")
 
 
+def _fewer_input_channels(shape, ref_shape) -> bool:
+    """``shape`` is ``ref_shape`` with fewer entries along dim 1 (the input channels of a conv or linear
+    weight): the first layer of an SD1.5 / SDXL model (4 channels) against an inpainting (9) or
+    instruct-pix2pix (8) one, Flux's img_in against Flux Fill's."""
+    shape, ref_shape = tuple(shape), tuple(ref_shape)
+    return (len(shape) == len(ref_shape) >= 2 and shape[0] == ref_shape[0] and shape[2:] == ref_shape[2:]
+            and 0 < shape[1] < ref_shape[1])
+
+
 def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[str], on_mismatch: str,
-              notes: Optional[List[str]] = None) -> List[str]:
-    """The keys to merge, in the reference model's order; errors or warns about mismatches up front (the
-    warning is logged and added to ``notes``, the merge report's)."""
-    ref = base if base is not None else sources[0]
-    ref_name = names[0]
+              notes: Optional[List[str]] = None, *, ref_index: int = 0,
+              widened: Optional[Dict[str, int]] = None) -> List[str]:
+    """The keys to merge, in the reference model's order (``ref_index`` into base + sources); errors or warns
+    about mismatches up front (the warning is logged and added to ``notes``, the merge report's).
+
+    ``widened``: when given, a key where the other inputs have fewer input channels than the reference (all
+    the same number, see :func:`_fewer_input_channels`) is merged on those channels, as supermerger does for
+    inpainting models, instead of being a mismatch: ``widened[key]`` = that number."""
     all_sources = ([base] if base is not None else []) + list(sources)
+    ref = all_sources[ref_index]
+    ref_name = names[ref_index]
     keys = ref.keys()
     missing: Dict[str, List[str]] = {}
     shape_bad: Dict[str, List[str]] = {}
+    narrower: Dict[str, Dict[str, int]] = {}          # key -> {input name: its input channels}
     for src, name in zip(all_sources, names):
         if src is ref:
             continue
@@ -106,7 +122,32 @@ def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[s
             if k not in have:
                 missing.setdefault(name, []).append(k)
             elif src.shape(k) != ref.shape(k):
+                if widened is not None and _fewer_input_channels(src.shape(k), ref.shape(k)):
+                    narrower.setdefault(k, {})[name] = int(src.shape(k)[1])
+                    continue
                 shape_bad.setdefault(name, []).append(f"{k} {tuple(src.shape(k))} vs {tuple(ref.shape(k))}")
+    for k, widths in narrower.items():
+        if len(set(widths.values())) == 1:
+            widened[k] = next(iter(widths.values()))
+        else:                                           # inputs that differ among themselves
+            for name, w in widths.items():
+                shape = (ref.shape(k)[0], w) + tuple(ref.shape(k)[2:])
+                shape_bad.setdefault(name, []).append(f"{k} {shape} vs {tuple(ref.shape(k))}")
+    absent_anywhere = {k for ks in missing.values() for k in ks}
+    bad_anywhere = {s.split(" ")[0] for ks in shape_bad.values() for s in ks}
+    if widened is not None:
+        for k in list(widened):
+            if k in absent_anywhere or k in bad_anywhere:
+                del widened[k]
+        if widened:
+            first = next(iter(widened))
+            note = (f"{len(widened)} key(s) of {ref_name} have more input channels than the other inputs' ("
+                    f"{first}: {tuple(ref.shape(first))} vs {widened[first]} channels, as an inpainting or "
+                    f"instruct model's first layer): merged on the channels they share, the others keep "
+                    f"{ref_name}'s values")
+            log.warning("MergeLab: %s", note)
+            if notes is not None:
+                notes.append(note)
     extra = {name: [k for k in src.keys() if k not in ref.entries]
              for src, name in zip(all_sources, names) if src is not ref}
     extra = {n: ks for n, ks in extra.items() if ks}
@@ -120,8 +161,16 @@ def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[s
     for name, ks in extra.items():
         parts.append(f"{len(ks)} key(s) of {name} not in {ref_name}: {_preview(ks)}")
     if on_mismatch != "skip":
-        raise MergeError("the models do not have the same keys and shapes:\n  " + "\n  ".join(parts) +
-                         "\nSet on_mismatch to 'skip' to merge only the keys they share (the rest keep the base).")
+        hint = ""
+        if widened is not None and any(_fewer_input_channels(ref.shape(k), src.shape(k))
+                                       for src in all_sources if src is not ref
+                                       for k in keys if k in src.entries and src.shape(k) != ref.shape(k)):
+            hint = (f"\nAn input has more input channels than {ref_name} (an inpainting or instruct model?): the "
+                    f"result is a copy of {ref_name}, so such a model must be {ref_name} (with add_difference: "
+                    f"model 1, A).")
+        raise MergeError("the models do not have the same keys and shapes:\n  " + "\n  ".join(parts) + hint +
+                         f"\nSet on_mismatch to 'skip' to merge only the keys they share (the rest keep {ref_name}'s "
+                         f"values).")
     # counted once per key, however many inputs it is wrong in, so that the numbers add up
     absent = {k for ks in missing.values() for k in ks}
     other_shape = {s.split(" ")[0] for ks in shape_bad.values() for s in ks} - absent
@@ -171,8 +220,9 @@ def resolve_params(method: MergeMethod, inputs: List[MergeInput], factors: Dict[
 @torch.no_grad()
 @full_fp32_matmul()
 def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, options: MergeOptions):
-    """Merge ``inputs`` (and ``base``) with ``method``; returns a patched clone of the base (or of
-    the first input when no base is given).  Works for MODEL patchers and CLIP objects alike."""
+    """Merge ``inputs`` (and ``base``) with ``method``; returns a patched clone of the base (of the first
+    input when no base is given, or when the method changes model 1: ``spec.result_is_model1``).  Works for
+    MODEL patchers and CLIP objects alike."""
     spec = method.spec
     check_choice("compute_dtype", options.compute_dtype, COMPUTE_DTYPES)
     check_choice("on_mismatch", options.on_mismatch, ON_MISMATCH)
@@ -198,8 +248,11 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     if len({is_clip(o) for o in objs}) > 1:
         raise MergeError("cannot merge a CLIP with a MODEL")
     check_architectures(objs, names)
-    ref_obj = base if base is not None else inputs[0].model
-    for note in settings_not_kept(ref_obj, names[0], list(zip(objs, names))):
+    # the model the result is a copy of: the base (model 1 without one), or model 1 for the methods that
+    # change it (add_difference: A + (B - C))
+    ref_index = 1 if spec.result_is_model1 and base is not None else 0
+    ref_obj, ref_name = objs[ref_index], names[ref_index]
+    for note in settings_not_kept(ref_obj, ref_name, list(zip(objs, names))):
         _warn(options, note)
 
     base_src = KeySource.of(base).read_only() if base is not None else None
@@ -208,10 +261,11 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     # base (whose dtype the result is kept in), its weight is read as a copy in the compute dtype, so the
     # result is rounded once, to the base's dtype (not first to model 1's bf16, say)
     first_copy = KeySource.of(inputs[0].model) if base is not None and base_for_method is None else None
+    widened: Dict[str, int] = {}
     keys = plan_keys(base_src, sources, names, options.on_mismatch,
-                     options.stats.notes if options.stats is not None else None)
+                     options.stats.notes if options.stats is not None else None, ref_index=ref_index, widened=widened)
     clip = is_clip(objs[0])
-    ref_src = base_src if base_src is not None else sources[0]
+    ref_src = (([base_src] if base_src is not None else []) + sources)[ref_index]
 
     bw = options.block_weights
     if bw is not None:
@@ -248,20 +302,24 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
             mm.throw_exception_if_processing_interrupted()
             factors = bw.factors(key, len(inputs)) if bw is not None else {}
             m, per_model = resolve_params(method, inputs, factors)
+            width = widened.get(key)
             if options.mask is not None and options.mask.state(key) == "none":
-                # the mask selects nothing here: the key keeps the base's (model 1's) value, which the
-                # result, a clone of it, already has: no computation, and no patch holding a copy
+                # the mask selects nothing here: the key keeps the value of the model the result is a copy
+                # of, which it already has: no computation, and no patch holding a copy
                 if options.stats is not None:
                     b = base_src.read(key, device, work_dtype) if base_src is not None else None
                     xs = [s.read(key, device, work_dtype) for s in sources]
-                    options.stats.add(key, b if b is not None else xs[0], b, xs)
-                    del b, xs
+                    b, xs, own = _shared_channels(b, xs, ref_index, width)
+                    options.stats.add(key, own, b, xs)
+                    del b, xs, own
                 advance(i)
                 continue
             b = base_src.read(key, device, work_dtype) if base_src is not None else None
             xs = [s.read(key, device, work_dtype) for s in sources]
             if first_copy is not None and xs[0].dtype not in (work_dtype, storage_dtype(ref_src.dtype(key))):
                 xs[0] = first_copy.read(key, device, work_dtype)
+            full = (([b] if b is not None else []) + xs)[ref_index] if width is not None else None   # whole
+            b, xs, own = _shared_channels(b, xs, ref_index, width)
             if clip and key.endswith(CLIP_OPTIONAL_SUFFIXES) and not all_finite([b] + xs):
                 _warn(options, _kept_note(key, "not finite in an input"))
                 del b, xs
@@ -276,15 +334,19 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
                 del b, xs, out
                 advance(i)
                 continue
+            if width is not None:           # the reference's other input channels are kept
+                whole = full.clone()
+                whole[:, :width] = out
+                out, own = whole, full
+                del whole
             if options.mask is not None:
-                keep = b if b is not None else xs[0]
                 sel = options.mask.selection(key, out.shape, device)
                 if sel is not None:
-                    out = torch.where(sel, out, keep)
+                    out = torch.where(sel, out, own)
             if options.stats is not None:
-                options.stats.add(key, out, b, xs)
+                options.stats.add(key, out[:, :width] if width is not None else out, b, xs)
             merged[key] = to_storage(key, out, storage_dtype(ref_src.dtype(key)), offload)
-            del out, b, xs
+            del out, b, xs, own, full
             advance(i)
     finally:
         memory.close()
@@ -295,6 +357,16 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     return result
 
 
+
+
+def _shared_channels(b: Optional[torch.Tensor], xs: List[torch.Tensor], ref_index: int, width: Optional[int]):
+    """``(b, xs, own)``: the base and the models as the method sees them, and the values of the model the result
+    is a copy of; for a widened key (see :func:`plan_keys`) all of them cut to their first ``width`` input
+    channels."""
+    if width is not None:
+        b = b[:, :width].contiguous() if b is not None and b.shape[1] != width else b
+        xs = [x[:, :width].contiguous() if x.shape[1] != width else x for x in xs]
+    return b, xs, (([b] if b is not None else []) + xs)[ref_index]
 
 
 def _warn(options: MergeOptions, note: str) -> None:

@@ -8,7 +8,11 @@ import torch
 from .ops import dot64, kth_largest, sumsq
 from .spec import BASE_NONE, BASE_REQUIRED, BOOL, FLOAT, Param, merge_method
 
-_FUSION_EPS = 1e-8      # mergekit arcee_fusion: added to both softmaxes before the KL divergence
+_FUSION_EPS = 1e-8
+# the help of the methods that change model 1 (result_is_model1)
+_RESULT_IS_A = (" The Model / CLIP Merger returns a copy of A with its settings; an inpainting or instruct-pix2pix A "
+                "(more input channels than B and C) stays one: its first input layer is merged on the channels all "
+                "three share and keeps its extra ones.")      # mergekit arcee_fusion: added to both softmaxes before the KL divergence
 
 
 @merge_method(
@@ -91,9 +95,10 @@ def weighted_sum(base, models, ctx, *, ratio):
 
 @merge_method(
     "add_difference", base=BASE_REQUIRED, min_models=2, max_models=2, source="supermerger / sd-mecha", elementwise=True,
+    result_is_model1=True,
     help="A + alpha·(B − C), with the models as A (first) and B (second) and the base as C, the model B "
          "was trained from (e.g. A = an inpainting model, B = a fine-tune, C = SD1.5). clamp_to_ab "
-         "limits each element to the range spanned by A and B, as sd-mecha's option does.",
+         "limits each element to the range spanned by A and B, as sd-mecha's option does." + _RESULT_IS_A,
     params=(Param("alpha", FLOAT, 1.0, "Strength of the added difference (B − C).",
                   min=-10.0, max=10.0, step=0.01),
             Param("clamp_to_ab", BOOL, False, "Clamp each result element between A's and B's values.")),
@@ -108,12 +113,13 @@ def add_difference(base, models, ctx, *, alpha, clamp_to_ab):
 
 @merge_method(
     "train_difference", base=BASE_REQUIRED, min_models=2, max_models=2, source="supermerger / sd-mecha",
+    result_is_model1=True,
     elementwise=True,
     help="supermerger's Train Difference (sd-mecha's train_difference_mask with add_difference): A + alpha·1.8·"
          "(B − C)·|B − A|/(|B − A| + |B − C|), with the models as A (first) and B (second) and the base as C, the "
          "model B was trained from. Per element, the more B differs from A compared with what its training "
          "changed, the more of B's training difference is added (none where B equals A, up to 1.8·alpha of it); "
-         "elements where A, B and C are equal add nothing.",
+         "elements where A, B and C are equal add nothing." + _RESULT_IS_A,
     params=(Param("alpha", FLOAT, 1.0, "Strength of the added difference (B − C), before the per-element "
                   "factor 1.8·|B − A|/(|B − A| + |B − C|).", min=-10.0, max=10.0, step=0.01),),
 )
@@ -126,12 +132,12 @@ def train_difference(base, models, ctx, *, alpha):
 
 
 @merge_method(
-    "add_perpendicular", base=BASE_REQUIRED, min_models=2, max_models=2, source="sd-mecha",
+    "add_perpendicular", base=BASE_REQUIRED, min_models=2, max_models=2, source="sd-mecha", result_is_model1=True,
     help="sd-mecha's add_perpendicular: A + alpha·P, where P is the part of B's difference (B − C) "
          "perpendicular to A's (A − C), over the whole tensor: P = (B − C) − (A − C)·⟨A − C, B − C⟩/‖A − C‖². "
          "Adds what B learned that A has not, without pushing further along A's own change. Models: A (first), "
          "B (second); base: C, their common ancestor. Where A − C is 0 all of B − C is perpendicular to it and "
-         "is added (sd-mecha adds nothing there); the dot product and norm are accumulated in fp64.",
+         "is added (sd-mecha adds nothing there); the dot product and norm are accumulated in fp64." + _RESULT_IS_A,
     params=(Param("alpha", FLOAT, 1.0, "Strength of the added perpendicular difference.",
                   min=-10.0, max=10.0, step=0.01),),
 )

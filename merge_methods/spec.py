@@ -113,6 +113,9 @@ class MethodSpec:
     streamed: Optional[Callable[..., Optional[torch.Tensor]]] = field(default=None, compare=False)
     check: Optional[Callable[[Mapping[str, Any], Mapping[str, List[Any]]], Optional[str]]] = field(
         default=None, compare=False)
+    #: the result is model 1 changed (A + ...: add_difference and its kin), not the base changed: a model
+    #: merger returns a copy of model 1, with its settings and its layers (an inpainting A stays one)
+    result_is_model1: bool = False
 
     @property
     def global_params(self) -> Tuple[Param, ...]:
@@ -139,6 +142,7 @@ class MethodSpec:
     def describe(self) -> Dict[str, Any]:
         return {"name": self.name, "help": self.help, "source": self.source, "base": self.base,
                 "models": self.models_text(), "randomized": self.randomized,
+                "result": "model 1" if self.result_is_model1 else "base",
                 "params": [p.describe() for p in self.params]}
 
 
@@ -148,7 +152,7 @@ _REGISTRY: Dict[str, MethodSpec] = {}
 def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_REQUIRED, min_models: int = 1,
                  max_models: Optional[int] = None, help: str, source: str, randomized: bool = False,
                  elementwise: bool = False, streamed: Optional[Callable] = None,
-                 check: Optional[Callable] = None):
+                 check: Optional[Callable] = None, result_is_model1: bool = False):
     """Register ``fn(base, models, ctx, **params)`` as a merge method.
 
     ``models`` reaches ``fn`` as one fp32 tensor stacked over models (shape ``(N, *shape)``),
@@ -163,12 +167,16 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_RE
     :class:`SpanInputs` (several passes, no whole-tensor stack); it returns the merged tensor
     (``inputs.new_output()``), bit-identical to ``fn``'s, or None to leave settings it does not cover
     to ``fn``.
+    ``result_is_model1``: the method computes model 1 plus something (it needs a base); mergers then return
+    a changed copy of model 1 instead of the base.
     """
     if base not in (BASE_REQUIRED, BASE_OPTIONAL, BASE_NONE):
         raise ValueError(f"bad base requirement {base!r}")
     if elementwise and randomized:
         raise ValueError(f"merge method {name!r}: a randomized method cannot be elementwise (its draws "
                          f"would depend on the slicing)")
+    if result_is_model1 and base != BASE_REQUIRED:
+        raise ValueError(f"merge method {name!r}: result_is_model1 is for methods that take a base")
     if elementwise and streamed is not None:
         raise ValueError(f"merge method {name!r}: an elementwise method is already merged span by span; "
                          f"it takes no streamed implementation")
@@ -181,7 +189,8 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_RE
             raise ValueError(f"merge method {name!r} declares a parameter twice")
         _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=tuple(params), base=base, min_models=min_models,
                                      max_models=max_models, help=help, source=source, randomized=randomized,
-                                     elementwise=elementwise, streamed=streamed, check=check)
+                                     elementwise=elementwise, streamed=streamed, check=check,
+                                     result_is_model1=result_is_model1)
         return fn
 
     return register

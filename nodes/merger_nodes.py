@@ -77,12 +77,16 @@ def _common_inputs(kind: str) -> List[Any]:
                                "fp64). Results are rounded once to the base's dtype (bf16 for an fp8 base)."),
         io.Combo.Input("on_mismatch", options=list(ON_MISMATCH), default="error",
                        tooltip="Keys missing from a model or with another shape: stop with a list of them, or "
-                               "skip them (they keep the base, or model 1 without a base) with one warning."),
+                               "skip them (they keep the values of the model the result copies: the base, or "
+                               "model 1) with one warning. A first layer with more input channels in that model "
+                               "than in the others (an inpainting or instruct model) is not a mismatch: it is "
+                               "merged on the channels they share and keeps its others."),
         BlockWeightsType.Input("block_weights", optional=True,
                                tooltip="Per-block factors on a parameter (weight, density, t, ...)."),
     ] + ([] if kind == "clip" else [    # the maskers make masks of a MODEL's keys
         ModelMaskType.Input("mask", optional=True,
-                            tooltip="Only selected parameters change; the rest keep the base (or model 1)."),
+                            tooltip="Only selected parameters change; the rest keep the values of the model the "
+                                    "result copies (the base, or model 1)."),
     ])
 
 
@@ -119,9 +123,11 @@ class ModelMergerNode(io.ComfyNode):
             display_name="Model Merger",
             category=CATEGORY,
             description="Merge any number of models with a merge method, key by key. The result is a copy of "
-                        "the base with the merged weights; the inputs are never modified. It keeps the base's "
-                        "settings (prediction type, ModelSampling and other sampling patches such as FreeU); "
-                        "other inputs' settings are not merged, and a warning names those that differ.",
+                        "the base with the merged weights (a copy of model 1, A, for add_difference, "
+                        "train_difference and add_perpendicular, which change A); the inputs are never modified. "
+                        "It keeps that model's settings (prediction type, ModelSampling and other sampling "
+                        "patches such as FreeU) and layers (an inpainting A stays an inpainting model); other "
+                        "inputs' settings are not merged, and a warning names those that differ.",
             inputs=[io.Model.Input("base", optional=True,
                                    tooltip="The base model (task vectors are taken relative to it). Optional for "
                                            "methods that need none; the result then copies model 1's settings "
@@ -145,7 +151,8 @@ class CLIPMergerNode(io.ComfyNode):
             display_name="CLIP Merger",
             category=CATEGORY,
             description="Merge the text encoders (CLIP) of the Merge Inputs with a merge method, key by key. "
-                        "The result keeps the base's (or model 1's) settings: CLIP last layer, tokenizer options "
+                        "The result keeps the base's (or model 1's, without a base or for add_difference and its "
+                        "kin) settings: CLIP last layer, tokenizer options "
                         "and hooks (SetClipHooks, which are applied when encoding and are not weights); a "
                         "warning names other inputs whose settings differ.",
             inputs=[io.Clip.Input("base", optional=True, tooltip="The base text encoder (its settings are kept; "

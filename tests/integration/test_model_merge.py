@@ -902,3 +902,108 @@ def test_fp16_models_with_an_empty_parameter_merge(harness):
     out = eng.merge_models(None, [eng.MergeInput(m) for m in ms], mm.create("weighted_sum", ratio=0.5),
                            eng.MergeOptions(device="cpu"))
     assert out.patches["diffusion_model.out.2.empty"][-1][1][1][0].shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# add_difference and its kin: the result is model 1 (A) changed; an inpainting A stays one
+# ---------------------------------------------------------------------------------------------
+class AnyArchModel:
+    """Test node: the small MODEL of any architecture fixtures builds (inpainting ones included)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"arch": ("STRING", {"default": "SD15"}), "delta_seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "go"
+    CATEGORY = "testing"
+
+    def go(self, arch, delta_seed):
+        return (fixtures.small_model(arch, delta_seed=delta_seed or None, delta_scale=DELTA if delta_seed else 0.0),)
+
+
+def _difference_graph(method, a_arch, b_arch, c_arch, global_inputs=None, on_mismatch="error"):
+    any_model = {"class_type": "MergeLabTest_AnyArchModel"}
+    return {
+        "a": dict(any_model, inputs={"arch": a_arch, "delta_seed": 3}),
+        "b": dict(any_model, inputs={"arch": b_arch, "delta_seed": 5}),
+        "c": dict(any_model, inputs={"arch": c_arch, "delta_seed": 0}),
+        "ia": {"class_type": "MergeLab_MergeInput", "inputs": {"model": ["a", 0]}},
+        "ib": {"class_type": "MergeLab_MergeInput", "inputs": {"model": ["b", 0], "models": ["ia", 0]}},
+        "m": {"class_type": f"MergeLab_Method_{method}", "inputs": dict(global_inputs or {})},
+        "merge": {"class_type": "MergeLab_ModelMerger",
+                  "inputs": {"method": ["m", 0], "models": ["ib", 0], "base": ["c", 0], "seed": 0, "device": "auto",
+                             "compute_dtype": "fp32", "on_mismatch": on_mismatch}},
+        "cap": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 0], "name": "out"}},
+        "cap_a": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["a", 0], "name": "a"}},
+        "cap_report": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["merge", 1], "name": "report"}},
+    }
+
+
+@pytest.mark.parametrize("method,inpaint,arch,wide,width", [
+    ("add_difference", "SD15_inpaint", "SD15", "diffusion_model.input_blocks.0.0.weight", 4),
+    ("train_difference", "SD15_inpaint", "SD15", "diffusion_model.input_blocks.0.0.weight", 4),
+    ("add_difference", "FluxInpaint", "Flux", "diffusion_model.img_in.weight", 64)])
+def test_a_difference_added_to_an_inpainting_model_keeps_it_one(harness, method, inpaint, arch, wide, width):
+    """The classic recipe: inpainting A + (fine-tune B − its base C).  The result was a copy of the base C, so
+    A's 9-channel first layer was a mismatch (with on_mismatch skip the result was a plain SD1.5 model).  Now
+    the result is a copy of A: every key is the method's result, and A's first layer is merged on the channels
+    all share (the latent's) and keeps its mask / masked-image channels, as supermerger does; FLUX.1 Fill's
+    img_in the same way."""
+    harness.register_test_node("MergeLabTest_AnyArchModel", AnyArchModel)
+    r = harness.run_ok(harness.with_defaults(_difference_graph(method, inpaint, arch, arch, {"alpha": 0.7})))
+    out, a = r.captured["out"], r.captured["a"]
+    assert out.model is a.model                                         # a copy of A
+    a_model = fixtures.small_model(inpaint, delta_seed=3, delta_scale=DELTA)
+    b_model = fixtures.small_model(arch, delta_seed=5, delta_scale=DELTA)
+    c_model = fixtures.small_model(arch)
+    mm = pack(harness, "merge_methods")
+    m = mm.create(method, alpha=0.7)
+    sd_a, sd_b, sd_c = (x.model.state_dict() for x in (a_model, b_model, c_model))
+    got = effective(out, wide, harness)
+    assert got.shape == sd_a[wide].shape and sd_b[wide].shape[1] == width
+    want = m.merge(sd_c[wide].float(), [sd_a[wide][:, :width].float(), sd_b[wide].float()], key=wide)
+    assert torch.equal(got[:, :width], want)
+    assert torch.equal(got[:, width:], sd_a[wide][:, width:].float())
+    assert not torch.equal(got[:, :width], sd_a[wide][:, :width].float())
+    keys = [k for k in sd_a if k.startswith("diffusion_model.") and k != wide]
+    for key in sample_keys(keys):
+        want = m.merge(sd_c[key].float(), [sd_a[key].float(), sd_b[key].float()], key=key)
+        assert torch.equal(effective(out, key, harness), want), key
+    assert "more input channels" in r.captured["report"]
+    if method == "add_difference" and arch == "SD15":
+        # a mask made for A: its unselected entries keep A's values, on the wide layer too
+        g = _difference_graph(method, inpaint, arch, arch, {"alpha": 0.7})
+        g["mask"] = {"class_type": "MergeLab_RandomMasker", "inputs": {"model": ["a", 0], "density": 0.5, "seed": 1}}
+        g["merge"]["inputs"]["mask"] = ["mask", 0]
+        g["cap_mask"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["mask", 0], "name": "mask"}}
+        r2 = harness.run_ok(harness.with_defaults(g))
+        sel = r2.captured["mask"].selection(wide, got.shape, "cpu")
+        masked = effective(r2.captured["out"], wide, harness)
+        assert 0 < int(sel.sum()) < sel.numel()
+        assert torch.equal(masked, torch.where(sel, got, sd_a[wide].float()))
+
+
+def test_an_inpainting_model_in_the_wrong_place_is_an_error_saying_where_it_goes(harness):
+    """add_difference with the inpainting model as B: its first layer cannot go into a copy of A; the error
+    says the result is a copy of model 1 and that such a model belongs there."""
+    harness.register_test_node("MergeLabTest_AnyArchModel", AnyArchModel)
+    r = harness.run(harness.with_defaults(_difference_graph("add_difference", "SD15", "SD15_inpaint", "SD15")))
+    assert not r.success
+    text = r.error_text()
+    assert "diffusion_model.input_blocks.0.0.weight (32, 9, 3, 3) vs (32, 4, 3, 3)" in text
+    assert "the result is a copy of model 1" in text
+
+
+def test_add_difference_keeps_model_1s_settings(harness):
+    """A v-prediction A (ModelSamplingDiscrete) + (B − C) with eps B and C: the result samples as A does (it
+    was a copy of the eps base C, with a warning that A's sampling was dropped)."""
+    harness.register_test_node("MergeLabTest_AnyArchModel", AnyArchModel)
+    g = _difference_graph("add_difference", "SD15", "SD15", "SD15")
+    g["vp"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["a", 0], "sampling": "v_prediction",
+                                                                 "zsnr": False}}
+    g["ia"]["inputs"]["model"] = ["vp", 0]
+    r = harness.run_ok(harness.with_defaults(g))
+    import comfy.model_sampling
+    assert isinstance(r.captured["out"].get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION)
+    assert "not in the result" not in r.captured["report"]
