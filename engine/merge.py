@@ -82,7 +82,7 @@ def check_architectures(objs: Sequence[Any], names: Sequence[str]) -> None:
         shown = [f.rsplit(".", 1)[-1] for f in fams]
         what = "text encoders (CLIP)"
     else:
-        fams = shown = [model_family(o).split(":")[0] for o in objs]
+        fams = shown = [_architecture(o) for o in objs]
         what = "models"
     if len(set(fams)) > 1:
         desc = ", ".join(f"{n}: {f}" for n, f in zip(names, shown))
@@ -96,6 +96,15 @@ def _fewer_input_channels(shape, ref_shape) -> bool:
     shape, ref_shape = tuple(shape), tuple(ref_shape)
     return (len(shape) == len(ref_shape) >= 2 and shape[0] == ref_shape[0] and shape[2:] == ref_shape[2:]
             and 0 < shape[1] < ref_shape[1])
+
+
+def _architecture(obj) -> str:
+    """The model_base class of a MODEL; an instruct-pix2pix one (ComfyUI's IP2P mixin) counts as its plain
+    class: it differs only in its first layer's input channels, which a merge handles (see :func:`plan_keys`)."""
+    cls = type(patcher_of(obj).model)
+    if any(c.__name__ == "IP2P" for c in cls.__mro__[1:]):
+        cls = next((b for b in cls.__bases__ if b.__name__ != "IP2P"), cls)
+    return cls.__name__
 
 
 def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[str], on_mismatch: str,

@@ -595,9 +595,10 @@ _SMALL_UNET: Dict[str, Dict[str, Any]] = {
                  vec_in_dim=_CLIP_L_SMALL["hidden_size"]),
 }
 _SMALL_UNET["FluxSchnell"] = dict(_SMALL_UNET["Flux"], guidance_embed=False)
-# MODEL only: an inpainting SD1.5 (9 input channels) and FLUX.1 Fill (img_in over 384 inputs), the first
-# layer of each wider than its base model's
+# MODEL only: an inpainting and an instruct-pix2pix SD1.5 (9 and 8 input channels) and FLUX.1 Fill (img_in
+# over 384 inputs), the first layer of each wider than its base model's
 _SMALL_UNET["SD15_inpaint"] = dict(_SMALL_UNET["SD15"], in_channels=9)
+_SMALL_UNET["SD15_instructpix2pix"] = dict(_SMALL_UNET["SD15"], in_channels=8)
 _SMALL_UNET["FluxInpaint"] = dict(_SMALL_UNET["Flux"], in_channels=96)
 # MODEL only (no small CLIP, not offered by the loader node): architectures with parameters that ComfyUI's
 # loader does not patch (WAN's blocks.N.modulation, SD3's pos_embed)

@@ -943,13 +943,15 @@ def _difference_graph(method, a_arch, b_arch, c_arch, global_inputs=None, on_mis
 @pytest.mark.parametrize("method,inpaint,arch,wide,width", [
     ("add_difference", "SD15_inpaint", "SD15", "diffusion_model.input_blocks.0.0.weight", 4),
     ("train_difference", "SD15_inpaint", "SD15", "diffusion_model.input_blocks.0.0.weight", 4),
+    ("add_difference", "SD15_instructpix2pix", "SD15", "diffusion_model.input_blocks.0.0.weight", 4),
     ("add_difference", "FluxInpaint", "Flux", "diffusion_model.img_in.weight", 64)])
 def test_a_difference_added_to_an_inpainting_model_keeps_it_one(harness, method, inpaint, arch, wide, width):
     """The classic recipe: inpainting A + (fine-tune B − its base C).  The result was a copy of the base C, so
     A's 9-channel first layer was a mismatch (with on_mismatch skip the result was a plain SD1.5 model).  Now
     the result is a copy of A: every key is the method's result, and A's first layer is merged on the channels
     all share (the latent's) and keeps its mask / masked-image channels, as supermerger does; FLUX.1 Fill's
-    img_in the same way."""
+    img_in the same way, and an instruct-pix2pix A (a model class of its own in ComfyUI, which the architecture
+    check refused as another architecture)."""
     harness.register_test_node("MergeLabTest_AnyArchModel", AnyArchModel)
     r = harness.run_ok(harness.with_defaults(_difference_graph(method, inpaint, arch, arch, {"alpha": 0.7})))
     out, a = r.captured["out"], r.captured["a"]
