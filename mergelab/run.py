@@ -2,8 +2,8 @@
 
     python -m mergelab.run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--models DIR] [--output DIR] [--cpu]
 
-WORKFLOW may also be a file ComfyUI saved with its workflow in it (a PNG, a checkpoint, a LoRA): the
-workflow that made it runs again.
+WORKFLOW may also be a file ComfyUI saved with its workflow in it (a PNG or animated WebP, an MP4 / WebM
+video or audio file, a checkpoint, a LoRA): the workflow that made it runs again.
 
 Prints a text progress bar while nodes run and, at the end, the files the workflow wrote.
 Exits non-zero with a clear message for a missing file, invalid JSON, an unknown node type, a
@@ -25,7 +25,8 @@ from .workflow import WorkflowError, apply_overrides, is_api_format, load_workfl
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mergelab.run", description=__doc__.split("\n\n")[0])
     p.add_argument("workflow", help="workflow JSON (saved from the editor, or API format), or a file ComfyUI "
-                                    "saved with its workflow: a PNG, a .safetensors checkpoint or LoRA, a .latent")
+                                    "saved with its workflow: a PNG or WebP, a video or audio file, a .safetensors "
+                                    "checkpoint or LoRA, a .latent")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="override an input; NODE is a node id, title or unique type (a subgraph node: one "
                         "of its widgets; a node inside subgraph node 5: 5:ID); VALUE is JSON or text; "

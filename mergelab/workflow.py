@@ -37,15 +37,41 @@ def load_json(path: str) -> Any:
         raise WorkflowError(f"{path} is not valid JSON: {e}") from None
 
 
+# containers ComfyUI's video and audio nodes write with the workflow in their metadata (read with av):
+# MP4 / MOV (ISO BMFF), WebM / Matroska, FLAC, Ogg (Opus, Vorbis), MP3
+_AV_MAGIC = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (0, b"fLaC"), (0, b"OggS"), (0, b"ID3"))
+
+
 def _embedded_text(path: str) -> Optional[Dict[str, str]]:
-    """The text metadata ComfyUI writes into what it saves: a PNG's text chunks, a safetensors file's
-    header metadata (checkpoints, LoRAs, latents...); None for other files."""
+    """The text metadata ComfyUI writes into what it saves: a PNG's text chunks, a WebP's EXIF entries
+    (``workflow:{...}``, ``prompt:{...}``: SaveAnimatedWEBP), a video's or audio file's container metadata
+    (SaveVideo, SaveWEBM, SaveAudio), a safetensors file's header metadata (checkpoints, LoRAs, latents...);
+    None for other files."""
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         from PIL import Image
         with Image.open(path) as im:
             return {k: v for k, v in (getattr(im, "text", None) or im.info).items() if isinstance(v, str)}
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        from PIL import Image
+        with Image.open(path) as im:
+            exif = im.getexif()
+        out = {}
+        for value in exif.values():
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            if isinstance(value, str) and ":" in value:
+                name, _, text = value.partition(":")
+                out.setdefault(name.strip(), text)
+        return out
+    if any(head[at:at + len(magic)] == magic for at, magic in _AV_MAGIC):
+        import av
+        try:
+            with av.open(path) as container:     # Matroska (WebM) upper-cases its tag names: PROMPT
+                return {str(k).lower(): v for k, v in container.metadata.items() if isinstance(v, str)}
+        except av.error.FFmpegError as e:
+            raise WorkflowError(f"cannot read the metadata of {path}: {e}") from None
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
         from safetensors import safe_open
         try:
@@ -58,8 +84,8 @@ def _embedded_text(path: str) -> Optional[Dict[str, str]]:
 
 def load_workflow(path: str) -> Any:
     """A workflow from a file: JSON (editor or API format), or the workflow ComfyUI embeds in what it
-    saves (a PNG, a .safetensors checkpoint / LoRA / .latent): its editor-format ``workflow``, else the
-    API ``prompt`` it ran."""
+    saves (a PNG or animated WebP, a video or audio file, a .safetensors checkpoint / LoRA / .latent): its
+    editor-format ``workflow``, else the API ``prompt`` it ran."""
     try:
         meta = _embedded_text(path)
     except FileNotFoundError:

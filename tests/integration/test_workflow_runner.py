@@ -308,6 +308,39 @@ def test_files_comfyui_saved_hold_the_workflow_and_run_again(harness, tmp_path, 
     assert "holds no ComfyUI workflow" in capsys.readouterr().err
 
 
+def test_animated_webp_and_videos_comfyui_saved_hold_the_workflow_and_run_again(harness):
+    """The workflow in an animated WebP (SaveAnimatedWEBP's EXIF entries 'workflow:{...}') and in videos
+    (SaveVideo's MP4, SaveWEBM's WebM: their container metadata) is read back and runs again: the same
+    outputs, in new files.  (The runner read PNGs and safetensors files only.)"""
+    from mergelab.workflow import load_workflow
+
+    execute = __import__("mergelab.run", fromlist=["execute_workflow"]).execute_workflow
+    wf = {"nodes": [
+        _node(1, "EmptyImage", [32, 16, 2, 0x3366CC], outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [1, 2, 3]}]),
+        _node(2, "SaveAnimatedWEBP", ["runner/anim", 6.0, True, 80, "default"],
+              inputs=[{"name": "images", "type": "IMAGE", "link": 1}]),
+        _node(3, "CreateVideo", [8.0], inputs=[{"name": "images", "type": "IMAGE", "link": 2}],
+              outputs=[{"name": "VIDEO", "type": "VIDEO", "links": [4]}]),
+        _node(4, "SaveVideo", ["runner/clip", "mp4", "h264"], inputs=[{"name": "video", "type": "VIDEO", "link": 4}]),
+        _node(5, "SaveWEBM", ["runner/clipw", "vp9", 8.0, 32.0], inputs=[{"name": "images", "type": "IMAGE", "link": 3}])],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 1, 0, 3, 0, "IMAGE"], [3, 1, 0, 5, 0, "IMAGE"],
+                  [4, 3, 0, 4, 0, "VIDEO"]]}
+    first = execute(wf, [], harness, quiet=True)
+    assert first.code == 0, first.error
+    saved = {ext: [p for p in first.written if p.endswith(ext)] for ext in (".webp", ".mp4", ".webm")}
+    assert all(len(v) == 1 for v in saved.values()), first.written
+    for ext, (path,) in saved.items():
+        assert load_workflow(path) == wf, ext
+        again = execute(path, [], harness, quiet=True)
+        assert again.code == 0, again.error
+        made = {e: [p for p in again.written if p.endswith(e)] for e in saved}
+        assert all(len(v) == 1 and v[0] not in saved[e] for e, v in made.items()), (ext, again.written)
+    # with --set, the prompt that ran (under 'prompt')
+    changed = execute(wf, ["1.width=24"], harness, quiet=True)
+    (webp,) = [p for p in changed.written if p.endswith(".webp")]
+    assert load_workflow(webp)["1"]["inputs"]["width"] == 24
+
+
 def test_models_folder_keeps_legacy_names_and_creates_nothing(tmp_path):
     """python -m mergelab.run --models DIR in a real ComfyUI: a diffusion model in DIR/unet/ (ComfyUI's legacy
     folder beside diffusion_models/) is found (the file here is not a model, so loading it fails after
