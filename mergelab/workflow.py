@@ -68,8 +68,14 @@ def _embedded_text(path: str) -> Optional[Dict[str, str]]:
     if any(head[at:at + len(magic)] == magic for at, magic in _AV_MAGIC):
         import av
         try:
-            with av.open(path) as container:     # Matroska (WebM) upper-cases its tag names: PROMPT
-                return {str(k).lower(): v for k, v in container.metadata.items() if isinstance(v, str)}
+            with av.open(path) as container:
+                # Matroska (WebM) upper-cases its tag names (PROMPT); Ogg keeps them on the stream
+                found = {}
+                for meta in [container.metadata] + [st.metadata for st in container.streams]:
+                    for k, v in meta.items():
+                        if isinstance(v, str):
+                            found.setdefault(str(k).lower(), v)
+                return found
         except av.error.FFmpegError as e:
             raise WorkflowError(f"cannot read the metadata of {path}: {e}") from None
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:

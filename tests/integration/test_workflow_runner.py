@@ -341,6 +341,29 @@ def test_animated_webp_and_videos_comfyui_saved_hold_the_workflow_and_run_again(
     assert load_workflow(webp)["1"]["inputs"]["width"] == 24
 
 
+@pytest.mark.parametrize("fmt,codec,sample_format", [("flac", "flac", "s16"), ("ogg", "libopus", "flt"),
+                                                      ("mp3", "libmp3lame", "flt")])
+def test_audio_files_give_back_their_workflow(tmp_path, fmt, codec, sample_format):
+    """Audio written as ComfyUI's SaveAudio / SaveAudioOpus / SaveAudioMP3 write it (the workflow and prompt as
+    the container's metadata; their nodes need torchaudio, which this environment lacks, so the file is made with
+    av directly): the workflow comes back (Ogg holds the tags on its stream)."""
+    import av
+    import numpy as np
+    from mergelab.workflow import load_workflow
+    wf = {"nodes": [], "links": [], "extra": {"note": "audio"}}
+    path = str(tmp_path / f"sound.{fmt}")
+    with av.open(path, mode="w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=48000)
+        out.metadata["prompt"] = json.dumps({"1": {"class_type": "EmptyImage", "inputs": {}}})
+        out.metadata["workflow"] = json.dumps(wf)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 960), dtype=np.int16 if sample_format == "s16" else np.float32),
+                                           format=sample_format, layout="mono")
+        frame.sample_rate = 48000
+        for packet in list(stream.encode(frame)) + list(stream.encode()):
+            out.mux(packet)
+    assert load_workflow(path) == wf
+
+
 def test_models_folder_keeps_legacy_names_and_creates_nothing(tmp_path):
     """python -m mergelab.run --models DIR in a real ComfyUI: a diffusion model in DIR/unet/ (ComfyUI's legacy
     folder beside diffusion_models/) is found (the file here is not a model, so loading it fails after
