@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mergelab import fixtures
+from test_comfy_state import AnyArchModel as _AnyArchModel
 
 ARCHS = ("SD15", "SDXL", "Flux")
 DELTA = 0.02
@@ -907,23 +908,15 @@ def test_fp16_models_with_an_empty_parameter_merge(harness):
 # ---------------------------------------------------------------------------------------------
 # add_difference and its kin: the result is model 1 (A) changed; an inpainting A stays one
 # ---------------------------------------------------------------------------------------------
-class AnyArchModel:
-    """Test node: the small MODEL of any architecture fixtures builds (inpainting ones included)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"arch": ("STRING", {"default": "SD15"}), "delta_seed": ("INT", {"default": 0})}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "go"
-    CATEGORY = "testing"
+class AnyArchModel(_AnyArchModel):
+    """Test node: the small MODEL of any architecture fixtures builds (inpainting ones included), tuned by DELTA."""
 
     def go(self, arch, delta_seed):
         return (fixtures.small_model(arch, delta_seed=delta_seed or None, delta_scale=DELTA if delta_seed else 0.0),)
 
 
 def _difference_graph(method, a_arch, b_arch, c_arch, global_inputs=None, on_mismatch="error"):
-    any_model = {"class_type": "MergeLabTest_AnyArchModel"}
+    any_model = {"class_type": "MergeLabTest_AnyArchModelDelta"}
     return {
         "a": dict(any_model, inputs={"arch": a_arch, "delta_seed": 3}),
         "b": dict(any_model, inputs={"arch": b_arch, "delta_seed": 5}),
@@ -952,7 +945,7 @@ def test_a_difference_added_to_an_inpainting_model_keeps_it_one(harness, method,
     all share (the latent's) and keeps its mask / masked-image channels, as supermerger does; FLUX.1 Fill's
     img_in the same way, and an instruct-pix2pix A (a model class of its own in ComfyUI, which the architecture
     check refused as another architecture)."""
-    harness.register_test_node("MergeLabTest_AnyArchModel", AnyArchModel)
+    harness.register_test_node("MergeLabTest_AnyArchModelDelta", AnyArchModel)
     r = harness.run_ok(harness.with_defaults(_difference_graph(method, inpaint, arch, arch, {"alpha": 0.7})))
     out, a = r.captured["out"], r.captured["a"]
     assert out.model is a.model                                         # a copy of A
@@ -989,7 +982,7 @@ def test_a_difference_added_to_an_inpainting_model_keeps_it_one(harness, method,
 def test_an_inpainting_model_in_the_wrong_place_is_an_error_saying_where_it_goes(harness):
     """add_difference with the inpainting model as B: its first layer cannot go into a copy of A; the error
     says the result is a copy of model 1 and that such a model belongs there."""
-    harness.register_test_node("MergeLabTest_AnyArchModel", AnyArchModel)
+    harness.register_test_node("MergeLabTest_AnyArchModelDelta", AnyArchModel)
     r = harness.run(harness.with_defaults(_difference_graph("add_difference", "SD15", "SD15_inpaint", "SD15")))
     assert not r.success
     text = r.error_text()
@@ -1000,7 +993,7 @@ def test_an_inpainting_model_in_the_wrong_place_is_an_error_saying_where_it_goes
 def test_add_difference_keeps_model_1s_settings(harness):
     """A v-prediction A (ModelSamplingDiscrete) + (B − C) with eps B and C: the result samples as A does (it
     was a copy of the eps base C, with a warning that A's sampling was dropped)."""
-    harness.register_test_node("MergeLabTest_AnyArchModel", AnyArchModel)
+    harness.register_test_node("MergeLabTest_AnyArchModelDelta", AnyArchModel)
     g = _difference_graph("add_difference", "SD15", "SD15", "SD15")
     g["vp"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["a", 0], "sampling": "v_prediction",
                                                                  "zsnr": False}}

@@ -5,7 +5,6 @@ Reference agreement uses ``sd_mecha.<method>.__wrapped__`` when sd-mecha (and it
 dependency fuzzywuzzy) is installed; those tests are skipped otherwise.
 """
 import math
-import warnings
 
 import pytest
 import torch
@@ -15,14 +14,7 @@ from merge_methods import MergeError
 from merge_methods import sd_optim as so
 from merge_methods import sd_optim_projection as sp
 
-try:  # sd-mecha warns at import about python-Levenshtein (optional speed-up of fuzzywuzzy)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import sd_mecha
-except Exception:  # pragma: no cover - depends on the environment
-    sd_mecha = None
-
-needs_mecha = pytest.mark.skipif(sd_mecha is None, reason="sd-mecha not installed")
+from references import needs_mecha, sd_mecha
 
 ALL = ("geometric_median", "ties_sum_extended", "ties_sum_with_dropout", "multi_domain_alignment",
        "lowrank_orthogonal_projection")

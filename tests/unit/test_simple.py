@@ -1,20 +1,11 @@
 """nearswap, arcee_fusion, passthrough, weighted_sum, add_difference, train_difference, add_perpendicular."""
-import warnings
-
 import pytest
 import torch
 
 import merge_methods as mm
 from merge_methods import MergeError
 
-try:  # sd-mecha warns at import about python-Levenshtein (optional speed-up of fuzzywuzzy)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import sd_mecha
-except Exception:  # pragma: no cover - depends on the environment
-    sd_mecha = None
-
-needs_mecha = pytest.mark.skipif(sd_mecha is None, reason="sd-mecha not installed")
+from references import needs_mecha, sd_mecha
 
 
 def run(name, base, models, create_kw=None, **params):
