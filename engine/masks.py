@@ -359,6 +359,10 @@ class ModelMask:
             return part.dense_cpu(key, n).to(device).view(shape)
         raise AssertionError(type(part))
 
+    def shape(self, key: str) -> Tuple[int, ...]:
+        """The shape of ``key``'s tensor in the model the mask was made for."""
+        return self.layout.shapes[self._index(key)]
+
     def selection(self, key: str, shape: Sequence[int], device: torch.device | str) -> Optional[torch.Tensor]:
         """What ``engine.merge.merge_models`` asks per key: a bool tensor of ``shape`` on ``device``
         (True = take the merge result, False = keep the base / model 1), or ``None`` when every entry of

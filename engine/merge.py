@@ -2,8 +2,8 @@
 
 For every key: read each input's effective weight (its LoRAs applied, fp8 dequantized) onto the
 compute device in fp32, resolve the per-key parameters (block weights scale them), run the merge
-method, apply the mask, cast to the base's dtype on the offload device and keep it as a ``set`` patch
-on a clone of the base (of model 1 for add_difference and its kin).  Inputs are never modified; nothing is
+method, apply the mask, cast to the dtype of the model the result copies on the offload device and keep it as
+a ``set`` patch on a clone of that model: the base (model 1 for add_difference and its kin, or without a base).  Inputs are never modified; nothing is
 left on the GPU.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -89,13 +89,28 @@ def check_architectures(objs: Sequence[Any], names: Sequence[str]) -> None:
         raise MergeError(f"cannot merge {what} of different architectures ({desc})")
 
 
-def _fewer_input_channels(shape, ref_shape) -> bool:
+def _fewer_input_channels(shape, ref_shape, channels: Optional[Tuple[int, int]] = None) -> bool:
     """``shape`` is ``ref_shape`` with fewer entries along dim 1 (the input channels of a conv or linear
     weight): the first layer of an SD1.5 / SDXL model (4 channels) against an inpainting (9) or
-    instruct-pix2pix (8) one, Flux's img_in against Flux Fill's."""
+    instruct-pix2pix (8) one, Flux's img_in against Flux Fill's.  ``channels``: (the input's, the reference's)
+    model input channels; then only a layer whose dim 1 grows in that proportion counts (the layer that takes
+    the model's input: not SD2's wider cross-attention against SD1's)."""
     shape, ref_shape = tuple(shape), tuple(ref_shape)
-    return (len(shape) == len(ref_shape) >= 2 and shape[0] == ref_shape[0] and shape[2:] == ref_shape[2:]
-            and 0 < shape[1] < ref_shape[1])
+    fewer = (len(shape) == len(ref_shape) >= 2 and shape[0] == ref_shape[0] and shape[2:] == ref_shape[2:]
+             and 0 < shape[1] < ref_shape[1])
+    if fewer and channels is not None:
+        return channels[0] < channels[1] and shape[1] * channels[1] == ref_shape[1] * channels[0]
+    return fewer
+
+
+def input_channels(obj) -> Optional[int]:
+    """The input channels of a MODEL's diffusion model (its config's ``in_channels``), None for a CLIP or
+    a model whose config does not say."""
+    if is_clip(obj):
+        return None
+    cfg = getattr(getattr(patcher_of(obj).model, "model_config", None), "unet_config", None) or {}
+    value = cfg.get("in_channels")
+    return int(value) if isinstance(value, int) else None
 
 
 def _architecture(obj) -> str:
@@ -109,13 +124,15 @@ def _architecture(obj) -> str:
 
 def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[str], on_mismatch: str,
               notes: Optional[List[str]] = None, *, ref_index: int = 0,
-              widened: Optional[Dict[str, int]] = None) -> List[str]:
+              widened: Optional[Dict[str, int]] = None,
+              channels: Optional[Sequence[Optional[int]]] = None) -> List[str]:
     """The keys to merge, in the reference model's order (``ref_index`` into base + sources); errors or warns
     about mismatches up front (the warning is logged and added to ``notes``, the merge report's).
 
     ``widened``: when given, a key where the other inputs have fewer input channels than the reference (all
     the same number, see :func:`_fewer_input_channels`) is merged on those channels, as supermerger does for
-    inpainting models, instead of being a mismatch: ``widened[key]`` = that number."""
+    inpainting models, instead of being a mismatch: ``widened[key]`` = that number.  Only where the models'
+    own input channels (``channels``, per input, from :func:`input_channels`) differ in the same proportion."""
     all_sources = ([base] if base is not None else []) + list(sources)
     ref = all_sources[ref_index]
     ref_name = names[ref_index]
@@ -123,15 +140,18 @@ def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[s
     missing: Dict[str, List[str]] = {}
     shape_bad: Dict[str, List[str]] = {}
     narrower: Dict[str, Dict[str, int]] = {}          # key -> {input name: its input channels}
-    for src, name in zip(all_sources, names):
+    for i, (src, name) in enumerate(zip(all_sources, names)):
         if src is ref:
             continue
         have = src.entries
+        pair = None
+        if channels is not None and channels[i] is not None and channels[ref_index] is not None:
+            pair = (channels[i], channels[ref_index])
         for k in keys:
             if k not in have:
                 missing.setdefault(name, []).append(k)
             elif src.shape(k) != ref.shape(k):
-                if widened is not None and _fewer_input_channels(src.shape(k), ref.shape(k)):
+                if widened is not None and pair is not None and _fewer_input_channels(src.shape(k), ref.shape(k), pair):
                     narrower.setdefault(k, {})[name] = int(src.shape(k)[1])
                     continue
                 shape_bad.setdefault(name, []).append(f"{k} {tuple(src.shape(k))} vs {tuple(ref.shape(k))}")
@@ -171,12 +191,12 @@ def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[s
         parts.append(f"{len(ks)} key(s) of {name} not in {ref_name}: {_preview(ks)}")
     if on_mismatch != "skip":
         hint = ""
-        if widened is not None and any(_fewer_input_channels(ref.shape(k), src.shape(k))
-                                       for src in all_sources if src is not ref
-                                       for k in keys if k in src.entries and src.shape(k) != ref.shape(k)):
-            hint = (f"\nAn input has more input channels than {ref_name} (an inpainting or instruct model?): the "
-                    f"result is a copy of {ref_name}, so such a model must be {ref_name} (with add_difference: "
-                    f"model 1, A).")
+        wider = [names[i] for i, c in enumerate(channels or ()) if c is not None and channels[ref_index] is not None
+                 and c > channels[ref_index]]
+        if widened is not None and wider:
+            hint = (f"\n{', '.join(wider)} take(s) more input channels than {ref_name} (an inpainting or instruct "
+                    f"model?): the result is a copy of {ref_name}, so such a model must be {ref_name} (with "
+                    f"add_difference: model 1, A).")
         raise MergeError("the models do not have the same keys and shapes:\n  " + "\n  ".join(parts) + hint +
                          f"\nSet on_mismatch to 'skip' to merge only the keys they share (the rest keep {ref_name}'s "
                          f"values).")
@@ -272,7 +292,8 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
     first_copy = KeySource.of(inputs[0].model) if base is not None and base_for_method is None else None
     widened: Dict[str, int] = {}
     keys = plan_keys(base_src, sources, names, options.on_mismatch,
-                     options.stats.notes if options.stats is not None else None, ref_index=ref_index, widened=widened)
+                     options.stats.notes if options.stats is not None else None, ref_index=ref_index, widened=widened,
+                     channels=[input_channels(o) for o in objs])
     clip = is_clip(objs[0])
     ref_src = (([base_src] if base_src is not None else []) + sources)[ref_index]
 
@@ -343,12 +364,22 @@ def merge_models(base: Any, inputs: List[MergeInput], method: MergeMethod, optio
                 del b, xs, out
                 advance(i)
                 continue
+            if width is not None and options.mask is not None and options.mask.shape(key) == tuple(out.shape):
+                # a mask made for the narrower models (the base C of an inpainting A + (B - C)): on the shared
+                # channels; the reference's others are kept whole
+                sel = options.mask.selection(key, out.shape, device)
+                if sel is not None:
+                    out = torch.where(sel, out, own)
+                del sel
+                masked = True
+            else:
+                masked = False
             if width is not None:           # the reference's other input channels are kept
                 whole = full.clone()
                 whole[:, :width] = out
                 out, own = whole, full
                 del whole
-            if options.mask is not None:
+            if options.mask is not None and not masked:
                 sel = options.mask.selection(key, out.shape, device)
                 if sel is not None:
                     out = torch.where(sel, out, own)

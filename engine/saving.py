@@ -96,8 +96,9 @@ def _cast(t: torch.Tensor, dtype: Optional[torch.dtype], key: str = "") -> torch
         name = _NARROW.get(dtype)
         big = overflow(t, overflow_limit(dtype)) if name is not None else None
         if big is not None:
+            other = "fp8_e5m2, fp8_e4m3fn_scaled, bf16 or fp32" if dtype == torch.float8_e4m3fn else "bf16 or fp32"
             raise SaveError(f"weight '{key}' does not fit {name} (largest |value| {big:.6g}, {name} holds up to "
-                            f"{torch.finfo(dtype).max:g}): save it with dtype bf16 or fp32")
+                            f"{torch.finfo(dtype).max:g}): save it with dtype {other}")
         return t.to(device="cpu", dtype=dtype)
     return t.to(device="cpu")
 
@@ -393,9 +394,10 @@ def _linear_weight_keys(base_model) -> set:
     """The weights of the diffusion model's Linear layers, by their key in the UNet part: the layers that
     ComfyUI's scaled fp8 operations hold in fp8 (other layers keep the model's dtype)."""
     dm = base_model.diffusion_model
+    # ComfyUI's operations only (they have comfy_cast_weights): a plain torch Linear stays unscaled when loaded
     return {f"{n}.weight" for n, m in dm.named_modules()
-            if isinstance(m, torch.nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)
-            and m.weight.dim() == 2}
+            if isinstance(m, torch.nn.Linear) and hasattr(m, "comfy_cast_weights")
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2}
 
 
 def _target(native: torch.dtype, dtype: Optional[torch.dtype], weight: bool) -> torch.dtype:

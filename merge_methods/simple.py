@@ -8,11 +8,12 @@ import torch
 from .ops import dot64, kth_largest, sumsq
 from .spec import BASE_NONE, BASE_REQUIRED, BOOL, FLOAT, Param, merge_method
 
-_FUSION_EPS = 1e-8
+_FUSION_EPS = 1e-8      # mergekit arcee_fusion: added to both softmaxes before the KL divergence
+
 # the help of the methods that change model 1 (result_is_model1)
 _RESULT_IS_A = (" The Model / CLIP Merger returns a copy of A with its settings; an inpainting or instruct-pix2pix A "
                 "(more input channels than B and C) stays one: its first input layer is merged on the channels all "
-                "three share and keeps its extra ones.")      # mergekit arcee_fusion: added to both softmaxes before the KL divergence
+                "three share and keeps its extra ones.")
 
 
 @merge_method(

@@ -74,7 +74,8 @@ def _common_inputs(kind: str) -> List[Any]:
                        tooltip="Where the math runs: auto = ComfyUI's device (the GPU when there is one)."),
         io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="fp32",
                        tooltip="Precision of the math: fp32, or fp64 (slower; every method then computes in "
-                               "fp64). Results are rounded once to the base's dtype (bf16 for an fp8 base)."),
+                               "fp64). Results are rounded once to the dtype of the model the result copies (the "
+                               "base's; model 1's for add_difference and its kin; bf16 for an fp8 model)."),
         io.Combo.Input("on_mismatch", options=list(ON_MISMATCH), default="error",
                        tooltip="Keys missing from a model or with another shape: stop with a list of them, or "
                                "skip them (they keep the values of the model the result copies: the base, or "

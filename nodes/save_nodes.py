@@ -29,9 +29,10 @@ def _hidden():
     return hs
 
 
-_SCALED_HELP = (" fp8_e4m3fn_scaled: ComfyUI's scaled fp8 format (as its fp8_scaled files): each Linear layer of "
-                "the diffusion model in fp8 with its own scale (max|W|/448, so small weights keep their precision), "
-                "every other weight, the text encoders and the VAE as keep.")
+_SCALED_HELP = (" fp8_e4m3fn_scaled: ComfyUI's scaled fp8 format (as its fp8_scaled files): each Linear layer's "
+                "weight of the diffusion model in fp8 with its own scale (max|W|/448, so small weights keep their "
+                "precision), every other weight, the text encoders and the VAE as keep (ComfyUI 0.3.75 rounds a "
+                "scaled layer's bias to plain fp8 when it loads the file).")
 
 
 def _dtype_input(scaled: bool = True):
@@ -45,8 +46,9 @@ def _dtype_input(scaled: bool = True):
                                   "VAE keeps its dtype; ComfyUI loads it as other fp8 checkpoints."
                                   + (_SCALED_HELP if scaled else "") +
                                   " Weights with patches (LoRAs) are computed in fp32 and rounded once; merged "
-                                  "weights are held in the base's dtype, so another dtype rounds them again. A weight "
-                                  "beyond the dtype's range (fp16 65504, e4m3fn 448, e5m2 57344) is an error naming it.")
+                                  "weights are held in the dtype of the model the merge copies, so another dtype "
+                                  "rounds them again. A weight beyond the dtype's range (fp16 65504, e4m3fn 448, e5m2 "
+                                  "57344) is an error naming it.")
 
 
 def _recipe_inputs():

@@ -977,6 +977,13 @@ def test_a_difference_added_to_an_inpainting_model_keeps_it_one(harness, method,
         masked = effective(r2.captured["out"], wide, harness)
         assert 0 < int(sel.sum()) < sel.numel()
         assert torch.equal(masked, torch.where(sel, got, sd_a[wide].float()))
+        # a mask made for the base C (4 channels) applies to the shared channels; A's others are kept
+        g["mask"]["inputs"]["model"] = ["c", 0]
+        r3 = harness.run_ok(harness.with_defaults(g))
+        sel = r3.captured["mask"].selection(wide, (got.shape[0], width) + tuple(got.shape[2:]), "cpu")
+        masked = effective(r3.captured["out"], wide, harness)
+        assert torch.equal(masked[:, :width], torch.where(sel, got[:, :width], sd_a[wide][:, :width].float()))
+        assert torch.equal(masked[:, width:], sd_a[wide][:, width:].float())
 
 
 def test_an_inpainting_model_in_the_wrong_place_is_an_error_saying_where_it_goes(harness):
@@ -1002,3 +1009,33 @@ def test_add_difference_keeps_model_1s_settings(harness):
     import comfy.model_sampling
     assert isinstance(r.captured["out"].get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION)
     assert "not in the result" not in r.captured["report"]
+
+
+class _Keys:
+    """A stand-in for a KeySource in :func:`plan_keys`: keys and shapes only."""
+
+    def __init__(self, shapes):
+        self.entries = dict(shapes)
+
+    def keys(self):
+        return list(self.entries)
+
+    def shape(self, k):
+        return torch.Size(self.entries[k])
+
+
+def test_only_the_layer_that_takes_the_models_input_is_widened(harness):
+    """A key is merged on its shared input channels only when the models' own input channels differ in the
+    same proportion: an inpainting model's first layer (9:4), not SD2's cross-attention against SD1's
+    (1024:768), which ComfyUI's architecture check lets through (both are BaseModel)."""
+    merge = pack(harness, "engine.merge")
+    first, attn = "diffusion_model.input_blocks.0.0.weight", "diffusion_model.x.attn2.to_k.weight"
+    ref = _Keys({first: (320, 9, 3, 3), attn: (320, 1024)})
+    other = _Keys({first: (320, 4, 3, 3), attn: (320, 768)})
+    widened = {}
+    keys = merge.plan_keys(ref, [other], ["base", "model 1"], "skip", ref_index=0, widened=widened, channels=[9, 4])
+    assert widened == {first: 4} and keys == [first]            # attn2 is skipped as a mismatch, not widened
+    widened = {}
+    with pytest.raises(merge.MergeError, match="other shapes"):
+        merge.plan_keys(ref, [other], ["base", "model 1"], "error", ref_index=0, widened=widened, channels=[4, 4])
+    assert widened == {}
