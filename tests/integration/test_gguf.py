@@ -76,3 +76,33 @@ def test_a_lora_on_a_gguf_model_through_merge_lab_gives_lora_loaders_weights(har
             mm.unload_all_models()
     for k in keys:
         torch.testing.assert_close(outs[1][k], outs[0][k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("gguf_is_base", [False, True])
+def test_gguf_and_plain_models_merge_together(harness, gguf_models, gguf_is_base):
+    """A GGUF fine-tune merged with plain checkpoints of the same architecture (and the other way round): every
+    weight is the method applied to what each model computes with, kept in the base's storage (a GGUF base's
+    quantized weights as bf16)."""
+    import comfy.model_management as mm
+    from mergelab import fixtures
+    eng, mmeth = pack(harness, "engine.merge"), pack(harness, "merge_methods")
+    gguf_base, gguf_ins = gguf_models
+    plain_base = fixtures.small_model("Flux")
+    plain = fixtures.small_model("Flux", delta_seed=7, delta_scale=0.02)
+    base, ins = (gguf_base, [plain, gguf_ins[0]]) if gguf_is_base else (plain_base, [gguf_ins[0], plain])
+    keys = fg.param_keys(gguf_base)
+    quantized = [k for k in keys if fg.is_q8(fg.stored(gguf_base, k))]
+    refs = {k: (fg.weights(base, [k])[k], [fg.weights(m, [k])[k] for m in ins]) for k in keys}
+    method = mmeth.create("ties")
+    out = eng.merge_models(base, [eng.MergeInput(m, {"density": 0.5}, f"m{i}") for i, m in enumerate(ins)], method,
+                           eng.MergeOptions(seed=3, device="cpu"))
+    mm.load_models_gpu([out], force_full_load=True)
+    try:
+        got = fg.weights(out, keys)
+    finally:
+        mm.unload_all_models()
+    for k in keys:
+        exp = method.merge(refs[k][0], refs[k][1], key=k, seed=3, density=[0.5, 0.5])
+        if gguf_is_base and k in quantized:
+            exp = exp.bfloat16().float()
+        assert torch.equal(got[k], exp), k
