@@ -3,8 +3,8 @@
 For every key: read each input's effective weight (its LoRAs applied, fp8 dequantized) onto the
 compute device in fp32, resolve the per-key parameters (block weights scale them), run the merge
 method, apply the mask, cast to the dtype of the model the result copies on the offload device and keep it as
-a ``set`` patch on a clone of that model: the base (model 1 for add_difference and its kin, or without a base).  Inputs are never modified; nothing is
-left on the GPU.
+a ``set`` patch on a clone of that model: the base (model 1 for add_difference and its kin, or without a
+base).  Inputs are never modified; nothing is left on the GPU.
 """
 from __future__ import annotations
 
@@ -151,7 +151,8 @@ def plan_keys(base: Optional[KeySource], sources: List[KeySource], names: List[s
             if k not in have:
                 missing.setdefault(name, []).append(k)
             elif src.shape(k) != ref.shape(k):
-                if widened is not None and pair is not None and _fewer_input_channels(src.shape(k), ref.shape(k), pair):
+                if (widened is not None and pair is not None
+                        and _fewer_input_channels(src.shape(k), ref.shape(k), pair)):
                     narrower.setdefault(k, {})[name] = int(src.shape(k)[1])
                     continue
                 shape_bad.setdefault(name, []).append(f"{k} {tuple(src.shape(k))} vs {tuple(ref.shape(k))}")
