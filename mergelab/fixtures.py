@@ -613,6 +613,7 @@ _SMALL_CLIP_OPTIONS: Dict[str, Dict[str, Any]] = {
     "Flux": {"clip_l_model_config": _CLIP_L_SMALL, "t5xxl_model_config": _T5_SMALL},
 }
 _SMALL_CLIP_OPTIONS["FluxSchnell"] = _SMALL_CLIP_OPTIONS["Flux"]
+_SMALL_CLIP_OPTIONS["SD15_inpaint"] = _SMALL_CLIP_OPTIONS["SD15"]
 
 
 def small_unet_config(arch: str) -> Dict[str, Any]:
@@ -791,7 +792,7 @@ class SmallModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "arch": (list(SMALL_ARCHS), {"default": "SD15"}),
+            "arch": (list(SMALL_ARCHS) + ["SD15_inpaint"], {"default": "SD15"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
             "delta_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
             "delta_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.0001}),

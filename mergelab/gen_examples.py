@@ -299,6 +299,32 @@ EXAMPLES: List[Example] = [
             _report("report", "extract.report", title="Extraction report", col=2),
         ],
     ),
+    Example(
+        "08_inpainting_model_from_a_finetune",
+        "Inpainting version of a fine-tune (add difference)",
+        "## An inpainting version of a fine-tune: inpainting model + (fine-tune − its base)\n\n"
+        "**Add Difference** computes A + alpha·(B − C): A = the **Inpainting model** (SD 1.5 inpainting), B = the "
+        "**Fine-tune**, C = the **Base model** B was trained from (SD 1.5). The result is a copy of A with B's "
+        "training added: an inpainting model (its first layer takes 9 channels; the 4 latent channels are merged, "
+        "the 5 mask / masked-image channels stay A's). The text encoders get the same recipe; the VAE is A's.\n\n"
+        "The same works for an instruct-pix2pix A, and for FLUX.1 Fill + (a FLUX.1 dev fine-tune − FLUX.1 dev).",
+        [
+            _ckpt("a", "sd15_inpainting.safetensors", "Inpainting model"),
+            _ckpt("b", "finetune.safetensors", "Fine-tune"),
+            _ckpt("c", "base_model.safetensors", "Base model"),
+            N("in_a", "MergeLab_MergeInput", {}, {"model": "a.MODEL", "clip": "a.CLIP"}, title="Merge Input A", col=1),
+            N("in_b", "MergeLab_MergeInput", {}, {"model": "b.MODEL", "clip": "b.CLIP", "models": "in_a.models"},
+              title="Merge Input B", col=1),
+            N("method", "MergeLab_Method_add_difference", {"alpha": 1.0}, color=METHOD, col=1),
+            N("merge", "MergeLab_ModelMerger", {}, {"base": "c.MODEL", "method": "method.method",
+                                                    "models": "in_b.models"}, col=2),
+            N("clip_merge", "MergeLab_CLIPMerger", {}, {"base": "c.CLIP", "method": "method.method",
+                                                        "models": "in_b.models"}, col=2),
+            _save_ckpt("checkpoints/MergeLab_inpainting",
+                       {"model": "merge.MODEL", "clip": "clip_merge.CLIP", "vae": "a.VAE"}, col=3),
+            _report("report", "merge.report", col=3),
+        ],
+    ),
 ]
 
 #: what each example loads, by models folder: {example: {folder: [file names]}}

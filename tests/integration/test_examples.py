@@ -330,7 +330,7 @@ def test_01_dare_ties_full_size_sd15(harness, full_sd15, tuned_sd15, monkeypatch
 
 
 @pytest.mark.parametrize("name", ["02_ties_sdxl_block_weights", "03_masked_merge", "04_normalize_then_merge",
-                                  "05_slerp_and_model_stock"])
+                                  "05_slerp_and_model_stock", "08_inpainting_model_from_a_finetune"])
 def test_small_model_examples(harness, tiny_vae, name):
     """The checkpoint-merging examples on small fixture models: a checkpoint of the model's keys and the
     TAESD VAE, holding on checked keys what the example's recipe computes."""
@@ -341,7 +341,8 @@ def test_small_model_examples(harness, tiny_vae, name):
     seeds = {}
     for t in titles:      # base: the fixture; A, B, C: base + DELTA·noise with their own seeds
         seeds[t] = None if "base" in t.lower() else 1 + sum(ord(c) for c in t) % 97
-    models = {t: ({"arch": arch} if s is None else {"arch": arch, "delta_seed": s, "delta_scale": DELTA})
+    archs = {t: "SD15_inpaint" if "inpainting" in t.lower() else arch for t in seeds}
+    models = {t: ({"arch": archs[t]} if s is None else {"arch": archs[t], "delta_seed": s, "delta_scale": DELTA})
               for t, s in seeds.items()}
     prompt = small_swap(to_api(wf, harness.nodes.NODE_CLASS_MAPPINGS), models, tiny_vae)
     run, printed = run_example(harness, prompt, ["MergeLab_SaveCheckpoint.hash_input_files=false"])
@@ -352,7 +353,7 @@ def test_small_model_examples(harness, tiny_vae, name):
     base_sd = small_tensors(arch)
     unet = {"model." + k: v for k, v in base_sd.items() if k.startswith("diffusion_model.")}
     assert {k for k in saved if k.startswith("model.diffusion_model.")} == set(unet)
-    t = {title: small_tensors(arch, s) for title, s in seeds.items()}
+    t = {title: small_tensors(archs[title], s) for title, s in seeds.items()}
     with one_thread():
         if name.startswith("02"):
             base, a, b, c = (t[x] for x in ("SDXL base", "SDXL model A", "SDXL model B", "SDXL model C"))
@@ -378,6 +379,16 @@ def test_small_model_examples(harness, tiny_vae, name):
                 assert 0 < int(sel.sum()) < k
                 want = torch.where(sel, b[key], a[key])
                 assert torch.equal(saved["model." + key], want.half()), key
+        elif name.startswith("08"):
+            a, b, c = t["Inpainting model"], t["Fine-tune"], t["Base model"]
+            first = "diffusion_model.input_blocks.0.0.weight"
+            got = saved["model." + first]
+            assert a[first].shape[1] == 9 and got.shape == a[first].shape      # still an inpainting model
+            assert_fp16_of(got[:, :4], a[first][:, :4] + (b[first] - c[first]), first)
+            assert torch.equal(got[:, 4:], a[first][:, 4:].half())
+            for key in unet_key(c, r"input_blocks\.4\.", r"output_blocks\.2\."):
+                assert_fp16_of(saved["model." + key], a[key] + (b[key] - c[key]), key)
+            assert "more input channels" in report_text(run, "Merge report")
         elif name.startswith("04"):
             a, b = t["Model A"], t["Model B"]
             attn = r"input_blocks\.1\.1\.transformer_blocks\.0\.attn1\."
