@@ -180,6 +180,24 @@ def test_della_keep_prob_by_hand():
     close(ta.della_keep_prob(torch.ones(3), 0.5, 0.2), torch.tensor([0.3, 0.5, 0.7]))
 
 
+@pytest.mark.parametrize("shape", [(64, 300), (16, 40, 3, 3), (7, 1000, 2)])
+def test_della_keep_prob_is_the_stable_rank_with_many_ties(shape):
+    """The fp32 path sorts int64 keys (|x|'s bits above the index); it must give the stable argsort's ranks
+    along dim 1, ties by index, as the fp64 path does: fp16-rounded values tie often, zeros and -0.0 too."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=g) * 0.01).half().float()
+    x.view(-1)[::11] = 0.0
+    x.view(-1)[::13] = -0.0
+    order = torch.argsort(x.abs(), dim=1, stable=True)
+    m = shape[1]
+    view = [1] * len(shape)
+    view[1] = m
+    for dtype in (torch.float32, torch.float64):
+        rank = torch.arange(m, dtype=dtype).view(view).expand(shape)
+        want = torch.empty(shape, dtype=dtype).scatter_(1, order, rank).mul_(2 * 0.1 / (m - 1)).add_(0.5 - 0.1)
+        assert torch.equal(ta.della_keep_prob(x.to(dtype), 0.5, 0.1), want), dtype
+
+
 # -- against the independent reference ---------------------------------------------------------------
 
 @pytest.mark.parametrize("trial", range(12))
