@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .ops import magnitude_cut
+from .ops import magnitude_cut, magnitude_order
 from .spec import BASE_NONE, BOOL, CHOICE, FLOAT, INT, Param, merge_method, slices
 
 # -- geometric median (Weiszfeld on the Gram matrix) ---------------------------------------------------
@@ -316,17 +316,10 @@ def della_offsets(flat: torch.Tensor, della_eps: float) -> torch.Tensor:
     """(rᵢ/n − (n+1)/(2n))·della_eps per entry, rᵢ = ordinal rank (1..n, ties by index) of |δ| in its
     model's whole tensor: from −eps/2 (smallest) to +eps/2 (largest), centred on 0.
 
-    The order sorts unique int64 keys (the bits of |δ|, monotonic for non-negative floats, above the
-    entry's index): the stable order, with an ordinary (faster) sort, identical on every device.
+    The order: :func:`~merge_methods.ops.magnitude_order`.
     """
     n_pts, n = flat.shape
-    if flat.dtype == torch.float32:
-        keys = flat.abs().view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
-        keys.add_(torch.arange(n, dtype=torch.int64, device=flat.device))
-        order = torch.sort(keys, dim=1).indices
-        del keys
-    else:           # fp64 (compute_dtype fp64): no room for the index beside the bits; the same order
-        order = torch.argsort(flat.abs(), dim=1, stable=True)
+    order = magnitude_order(flat)
     ranks = torch.arange(1, n + 1, dtype=torch.float64, device=flat.device)
     vals = ((ranks / n - (n + 1) / (2.0 * n)) * della_eps).to(flat.dtype)
     out = torch.empty_like(flat)
