@@ -10,11 +10,6 @@ from .spec import BASE_NONE, BASE_REQUIRED, BOOL, FLOAT, Param, merge_method
 
 _FUSION_EPS = 1e-8      # mergekit arcee_fusion: added to both softmaxes before the KL divergence
 
-# the help of the methods that change model 1 (result_is_model1)
-_RESULT_IS_A = (" The Model / CLIP Merger returns a copy of A with its settings; an inpainting or instruct-pix2pix A "
-                "(more input channels than B and C) stays one: its first input layer is merged on the channels all "
-                "three share and keeps its extra ones.")
-
 
 @merge_method(
     "nearswap", base=BASE_REQUIRED, min_models=1, max_models=1, source="mergekit", elementwise=True,
@@ -99,7 +94,7 @@ def weighted_sum(base, models, ctx, *, ratio):
     result_is_model1=True,
     help="A + alpha·(B − C), with the models as A (first) and B (second) and the base as C, the model B "
          "was trained from (e.g. A = an inpainting model, B = a fine-tune, C = SD1.5). clamp_to_ab "
-         "limits each element to the range spanned by A and B, as sd-mecha's option does." + _RESULT_IS_A,
+         "limits each element to the range spanned by A and B, as sd-mecha's option does.",
     params=(Param("alpha", FLOAT, 1.0, "Strength of the added difference (B − C).",
                   min=-10.0, max=10.0, step=0.01),
             Param("clamp_to_ab", BOOL, False, "Clamp each result element between A's and B's values.")),
@@ -120,7 +115,7 @@ def add_difference(base, models, ctx, *, alpha, clamp_to_ab):
          "(B − C)·|B − A|/(|B − A| + |B − C|), with the models as A (first) and B (second) and the base as C, the "
          "model B was trained from. Per element, the more B differs from A compared with what its training "
          "changed, the more of B's training difference is added (none where B equals A, up to 1.8·alpha of it); "
-         "elements where A, B and C are equal add nothing." + _RESULT_IS_A,
+         "elements where A, B and C are equal add nothing.",
     params=(Param("alpha", FLOAT, 1.0, "Strength of the added difference (B − C), before the per-element "
                   "factor 1.8·|B − A|/(|B − A| + |B − C|).", min=-10.0, max=10.0, step=0.01),),
 )
@@ -138,7 +133,7 @@ def train_difference(base, models, ctx, *, alpha):
          "perpendicular to A's (A − C), over the whole tensor: P = (B − C) − (A − C)·⟨A − C, B − C⟩/‖A − C‖². "
          "Adds what B learned that A has not, without pushing further along A's own change. Models: A (first), "
          "B (second); base: C, their common ancestor. Where A − C is 0 all of B − C is perpendicular to it and "
-         "is added (sd-mecha adds nothing there); the dot product and norm are accumulated in fp64." + _RESULT_IS_A,
+         "is added (sd-mecha adds nothing there); the dot product and norm are accumulated in fp64.",
     params=(Param("alpha", FLOAT, 1.0, "Strength of the added perpendicular difference.",
                   min=-10.0, max=10.0, step=0.01),),
 )

@@ -148,6 +148,11 @@ class MethodSpec:
 
 _REGISTRY: Dict[str, MethodSpec] = {}
 
+#: appended to the help of every ``result_is_model1`` method
+RESULT_IS_MODEL1_HELP = (" The Model / CLIP Merger returns a copy of model 1 (A) with its settings; an inpainting or "
+                         "instruct-pix2pix A (more input channels than the others) stays one: its first input layer "
+                         "is merged on the channels all share and keeps its extra ones.")
+
 
 def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_REQUIRED, min_models: int = 1,
                  max_models: Optional[int] = None, help: str, source: str, randomized: bool = False,
@@ -188,7 +193,8 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: str = BASE_RE
         if len(set(names)) != len(names):
             raise ValueError(f"merge method {name!r} declares a parameter twice")
         _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=tuple(params), base=base, min_models=min_models,
-                                     max_models=max_models, help=help, source=source, randomized=randomized,
+                                     max_models=max_models,
+                                     help=help + (RESULT_IS_MODEL1_HELP if result_is_model1 else ""), source=source, randomized=randomized,
                                      elementwise=elementwise, streamed=streamed, check=check,
                                      result_is_model1=result_is_model1)
         return fn

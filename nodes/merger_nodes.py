@@ -64,6 +64,12 @@ class MergeInputNode(io.ComfyNode):
         return io.NodeOutput(MergeModelList(prev + ((model, clip, dict(params), name),)))
 
 
+def _changes_model1() -> str:
+    """The methods whose result is model 1 changed (their spec's ``result_is_model1``), for the descriptions."""
+    names = [s.name for s in merge_methods.all_specs() if s.result_is_model1]
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+
+
 def _common_inputs(kind: str) -> List[Any]:
     return [
         MergeMethodType.Input("method", tooltip="A merge method from a MergeLab method node."),
@@ -75,7 +81,7 @@ def _common_inputs(kind: str) -> List[Any]:
         io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="fp32",
                        tooltip="Precision of the math: fp32, or fp64 (slower; every method then computes in "
                                "fp64). Results are rounded once to the dtype of the model the result copies (the "
-                               "base's; model 1's for add_difference and its kin; bf16 for an fp8 model)."),
+                               f"base's; model 1's for {_changes_model1()}; bf16 for an fp8 model)."),
         io.Combo.Input("on_mismatch", options=list(ON_MISMATCH), default="error",
                        tooltip="Keys missing from a model or with another shape: stop with a list of them, or "
                                "skip them (they keep the values of the model the result copies: the base, or "
@@ -124,8 +130,8 @@ class ModelMergerNode(io.ComfyNode):
             display_name="Model Merger",
             category=CATEGORY,
             description="Merge any number of models with a merge method, key by key. The result is a copy of "
-                        "the base with the merged weights (a copy of model 1, A, for add_difference, "
-                        "train_difference and add_perpendicular, which change A); the inputs are never modified. "
+                        f"the base with the merged weights (a copy of model 1, A, for {_changes_model1()}, which "
+                        "change A); the inputs are never modified. "
                         "It keeps that model's settings (prediction type, ModelSampling and other sampling "
                         "patches such as FreeU) and layers (an inpainting A stays an inpainting model); other "
                         "inputs' settings are not merged, and a warning names those that differ.",
@@ -152,8 +158,8 @@ class CLIPMergerNode(io.ComfyNode):
             display_name="CLIP Merger",
             category=CATEGORY,
             description="Merge the text encoders (CLIP) of the Merge Inputs with a merge method, key by key. "
-                        "The result keeps the base's (or model 1's, without a base or for add_difference and its "
-                        "kin) settings: CLIP last layer, tokenizer options "
+                        "The result keeps the base's (or model 1's, without a base or for "
+                        f"{_changes_model1()}) settings: CLIP last layer, tokenizer options "
                         "and hooks (SetClipHooks, which are applied when encoding and are not weights); a "
                         "warning names other inputs whose settings differ.",
             inputs=[io.Clip.Input("base", optional=True, tooltip="The base text encoder (its settings are kept; "
