@@ -359,7 +359,7 @@ def plan_from_conversion(parts: Dict[str, Part], convert: Callable[[Dict[str, Di
     return FilePlan(plans, dropped)
 
 
-FP8_MAX = 448.0       # the largest float8_e4m3fn
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max       # 448
 
 
 def _scaled_fp8_plans(name: str, item: _Item) -> List[stw.TensorPlan]:

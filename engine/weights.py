@@ -224,13 +224,10 @@ def _mergeable(key: str, t: torch.Tensor) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or is_quantized(t))
 
 
-_FP16_OVERFLOW = 65520.0         # the smallest magnitude fp16 rounds to inf
-
-
 def fp16_overflow(t: torch.Tensor) -> Optional[float]:
     """The largest |value| of ``t`` when some value rounds to ±inf in fp16 (inf itself included), else
     None: the check before a result is kept or saved in fp16."""
-    return overflow(t, _FP16_OVERFLOW)
+    return overflow(t, overflow_limit(torch.float16))
 
 
 def overflow_limit(dtype: torch.dtype) -> float:

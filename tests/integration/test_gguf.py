@@ -21,27 +21,37 @@ def gguf_models(harness):
     return base, ins
 
 
-def test_a_merge_of_gguf_models_merges_every_weight_including_the_quantized_ones(harness, gguf_models):
+def _check_ties_merge(harness, base, ins, keys, quantized, seed, density=None):
+    """TIES of ``ins`` onto ``base`` through the engine, loaded as for sampling: every weight of ``keys`` (what
+    the model computes with) is the method on the inputs' weights, those of ``quantized`` kept as bf16 (as fp8
+    results are; ComfyUI-GGUF applies them).  Returns the inputs' weights ({key: (base, [models])})."""
     import comfy.model_management as mm
     eng, mmeth = pack(harness, "engine.merge"), pack(harness, "merge_methods")
-    base, ins = gguf_models
-    keys = fg.param_keys(base)
-    quantized = [k for k in keys if fg.is_q8(fg.stored(base, k))]
-    assert len(quantized) > 100
     refs = {k: (fg.weights(base, [k])[k], [fg.weights(m, [k])[k] for m in ins]) for k in keys}
+    params = {} if density is None else {"density": density}
     method = mmeth.create("ties")
-    out = eng.merge_models(base, [eng.MergeInput(m, {}, f"m{i}") for i, m in enumerate(ins)], method,
-                           eng.MergeOptions(seed=7, device="cpu"))
+    out = eng.merge_models(base, [eng.MergeInput(m, dict(params), f"m{i}") for i, m in enumerate(ins)], method,
+                           eng.MergeOptions(seed=seed, device="cpu"))
     mm.load_models_gpu([out], force_full_load=True)
     try:
         got = fg.weights(out, keys)
     finally:
         mm.unload_all_models()
+    per_model = {k: [v] * len(ins) for k, v in params.items()}
     for k in keys:
-        exp = method.merge(refs[k][0], refs[k][1], key=k, seed=7)
+        exp = method.merge(refs[k][0], refs[k][1], key=k, seed=seed, **per_model)
         if k in quantized:
-            exp = exp.bfloat16().float()        # kept as bf16, as fp8 results are (ComfyUI-GGUF applies it)
+            exp = exp.bfloat16().float()
         assert torch.equal(got[k], exp), k
+    return refs
+
+
+def test_a_merge_of_gguf_models_merges_every_weight_including_the_quantized_ones(harness, gguf_models):
+    base, ins = gguf_models
+    keys = fg.param_keys(base)
+    quantized = [k for k in keys if fg.is_q8(fg.stored(base, k))]
+    assert len(quantized) > 100
+    refs = _check_ties_merge(harness, base, ins, keys, quantized, seed=7)
     # the inputs are untouched: nothing attached to their shared quantized tensors
     assert torch.equal(fg.weights(base, quantized[:1])[quantized[0]], refs[quantized[0]][0])
 
@@ -83,26 +93,11 @@ def test_gguf_and_plain_models_merge_together(harness, gguf_models, gguf_is_base
     """A GGUF fine-tune merged with plain checkpoints of the same architecture (and the other way round): every
     weight is the method applied to what each model computes with, kept in the base's storage (a GGUF base's
     quantized weights as bf16)."""
-    import comfy.model_management as mm
     from mergelab import fixtures
-    eng, mmeth = pack(harness, "engine.merge"), pack(harness, "merge_methods")
     gguf_base, gguf_ins = gguf_models
     plain_base = fixtures.small_model("Flux")
     plain = fixtures.small_model("Flux", delta_seed=7, delta_scale=0.02)
     base, ins = (gguf_base, [plain, gguf_ins[0]]) if gguf_is_base else (plain_base, [gguf_ins[0], plain])
     keys = fg.param_keys(gguf_base)
     quantized = [k for k in keys if fg.is_q8(fg.stored(gguf_base, k))]
-    refs = {k: (fg.weights(base, [k])[k], [fg.weights(m, [k])[k] for m in ins]) for k in keys}
-    method = mmeth.create("ties")
-    out = eng.merge_models(base, [eng.MergeInput(m, {"density": 0.5}, f"m{i}") for i, m in enumerate(ins)], method,
-                           eng.MergeOptions(seed=3, device="cpu"))
-    mm.load_models_gpu([out], force_full_load=True)
-    try:
-        got = fg.weights(out, keys)
-    finally:
-        mm.unload_all_models()
-    for k in keys:
-        exp = method.merge(refs[k][0], refs[k][1], key=k, seed=3, density=[0.5, 0.5])
-        if gguf_is_base and k in quantized:
-            exp = exp.bfloat16().float()
-        assert torch.equal(got[k], exp), k
+    _check_ties_merge(harness, base, ins, keys, quantized if gguf_is_base else [], seed=3, density=0.5)
