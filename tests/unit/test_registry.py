@@ -18,6 +18,8 @@ EXPECTED = {
     "weighted_sum", "add_difference",
     # supermerger / sd-mecha
     "train_difference", "add_perpendicular",
+    # sd-mecha
+    "rotate",
 }
 
 

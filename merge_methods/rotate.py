@@ -1,0 +1,176 @@
+"""sd-mecha's ``rotate``: align model A with model B by an orthogonal transform (orthogonal Procrustes).
+
+A weight is viewed as a matrix whose rows are points (a linear layer: (out, in); a spatial conv: (out·in,
+kh·kw), so its kernels are rotated); the orthogonal R minimizing ‖A·R − B‖ is U·Vᵀ from the SVD of AᵀB.
+Fractional alignments take the matrix power R^t (eigendecomposition, float64).
+
+Where AᵀB is rank-deficient, R is not unique: always for wide matrices (fewer rows than columns) and for
+centred square ones. sd-mecha then applies a low-rank map x ↦ x − x·v·vᵀ + x·u·vᵀ, which is not orthogonal:
+it does not return B even when B is exactly A rotated, its t = −1 is not the inverse of t = 1, and it
+keeps the arbitrary null-space vectors LAPACK returns. Here R is a true rotation: it maps A's row space
+onto B's as the Procrustes SVD pairs them, leaves what is orthogonal to both in place, and in between is
+the completion closest to the identity. Where AᵀB has full rank (tall matrices, square ones without
+centring) it is sd-mecha's R exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+from .spec import BASE_OPTIONAL, FLOAT, Param, merge_method
+
+
+def _svd_driver(x: torch.Tensor):
+    # cuSOLVER's default (gesvdj) can be inaccurate on ill-conditioned matrices; sd-mecha uses gesvd too
+    return "gesvd" if x.is_cuda else None
+
+
+def _orthogonal_power(q: torch.Tensor, t: float) -> torch.Tensor:
+    """Q^t for an orthogonal Q by its eigendecomposition (principal branch), in float64."""
+    w, v = torch.linalg.eig(q.double())
+    return torch.linalg.solve(v, v * w.pow(t), left=False).real
+
+
+def _rank(s: torch.Tensor, shape) -> int:
+    """Numerical rank from descending singular values (torch.linalg.matrix_rank's tolerance)."""
+    if s.numel() == 0 or not bool(s[0] > 0):
+        return 0
+    return int((s > s[0] * max(shape) * torch.finfo(s.dtype).eps).sum())
+
+
+def _complement(x: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the orthogonal complement of x's (orthonormal) columns."""
+    q, _ = torch.linalg.qr(x, mode="complete")
+    return q[:, x.shape[1]:]
+
+
+def _polar(x: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+class _Rotation:
+    """x ↦ x·R^t for an orthogonal R = I + W·(Rw − I)·Wᵀ: Rw acts on the span of W's orthonormal columns,
+    the rest is left in place (W None: R = Rw on the whole space)."""
+
+    def __init__(self, w, rw: torch.Tensor):
+        self.w, self.rw = w, rw
+
+    def _power(self, t: float) -> torch.Tensor:
+        if t == 1:
+            return self.rw
+        if t == -1:
+            return self.rw.T
+        if float(t).is_integer():
+            return torch.linalg.matrix_power(self.rw, int(t))
+        return _orthogonal_power(self.rw, t).to(self.rw.dtype)
+
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        if t == 0 or (self.w is not None and self.w.shape[1] == 0):
+            return x
+        p = self._power(t)
+        if self.w is None:
+            return x @ p
+        p = p.clone()
+        p.diagonal().sub_(1.0)
+        return x + (x @ self.w) @ p @ self.w.T
+
+
+def _rotation(a: torch.Tensor, b: torch.Tensor, proper: bool) -> _Rotation:
+    """The orthogonal R minimizing ‖a·R − b‖ (rows are points). Where that leaves R free (fewer independent
+    rows than columns), R maps a's row space onto b's as the Procrustes SVD pairs them, leaves what is
+    orthogonal to both row spaces in place and, in between, is the completion closest to the identity.
+    ``proper``: det R = +1 (a rotation, so that its fractional powers are real)."""
+    rows, cols = a.shape
+    driver = _svd_driver(a)
+    if rows >= cols:
+        u, s, vh = torch.linalg.svd(a.T @ b, full_matrices=False, driver=driver)
+        v = vh.T
+    else:   # the same SVD through b's QR, without forming the cols × cols matrix
+        qb, rb = torch.linalg.qr(b.T)
+        u, s, vh = torch.linalg.svd(a.T @ rb.T, full_matrices=False, driver=driver)
+        v = qb @ vh.T
+    r = _rank(s, (rows, cols))
+    if r == cols:   # the unique minimizer
+        if proper:
+            u[:, -1] *= torch.linalg.det(u @ vh).sign()
+        return _Rotation(None, u @ vh)
+    if r == 0:
+        return _Rotation(a.new_zeros(cols, 0), a.new_zeros(0, 0))
+    u, v = u[:, :r], v[:, :r]
+    # the smallest subspace holding both row spaces: u and the part of v outside it
+    ru, rs, _ = torch.linalg.svd(v - u @ (u.T @ v), full_matrices=False)
+    extra = int((rs > max(rows, cols) * torch.finfo(rs.dtype).eps).sum())
+    w = torch.cat((u, ru[:, :extra]), 1)
+    uw = w.T @ u
+    vw = _polar(w.T @ v)
+    rw = uw @ vw.T
+    if extra:
+        uc, vc = _complement(uw), _complement(vw)
+        # the complement's map M maximizing tr(R): the polar factor of (vcᵀuc)ᵀ
+        px, _, qxh = torch.linalg.svd(vc.T @ uc)
+        if proper and torch.linalg.det(rw + uc @ (qxh.T @ px.T) @ vc.T) < 0:
+            px = px.clone()
+            px[:, -1] = -px[:, -1]
+        rw = rw + uc @ (qxh.T @ px.T) @ vc.T
+    elif proper and torch.linalg.det(rw) < 0:
+        uw = uw.clone()
+        uw[:, -1] = -uw[:, -1]
+        rw = uw @ vw.T
+    return _Rotation(w, rw)
+
+
+def _matrix_view(x: torch.Tensor):
+    if x.dim() == 4 and x.shape[2] * x.shape[3] != 1:   # spatial conv: rotate the kernels
+        return x.reshape(x.shape[0] * x.shape[1], -1)
+    return x.reshape(x.shape[0], -1)
+
+
+def rotate_tensor(a: torch.Tensor, b: torch.Tensor, alignment: float, alpha: float,
+                  centralization: float) -> torch.Tensor:
+    """A rotated toward B (see the module docstring); a new tensor, the inputs are not modified."""
+    if alignment == 0 and alpha == 0:
+        return a.clone()
+    if alignment == 1 and alpha == 1:
+        return b.clone()
+    if a.dim() <= 1 or torch.allclose(a.half(), b.half()):
+        return torch.lerp(a, b, alpha)
+    a2, b2 = _matrix_view(a), _matrix_view(b)
+    a_mean = a2.mean(0) * centralization
+    b_mean = b2.mean(0) * centralization
+    a2, b2 = a2 - a_mean, b2 - b_mean
+    transform = _rotation(a2, b2, proper=not float(alignment).is_integer())
+    if alpha != 0:
+        a2 = torch.lerp(a2, transform(b2, -1), alpha)
+    out = transform(a2, alignment) + torch.lerp(a_mean, b_mean, alignment)
+    return out.reshape(a.shape)
+
+
+@merge_method(
+    "rotate", base=BASE_OPTIONAL, min_models=2, max_models=2, source="sd-mecha",
+    help="Aligns model A with model B by an orthogonal transform (sd-mecha's rotate, orthogonal Procrustes): "
+         "each weight is a matrix of rows (linear: (out, in); spatial conv: (out·in, kh·kw), its kernels), rows "
+         "centred by centralization × their mean; R = U·Vᵀ from the SVD of AᵀB is the rotation that brings A "
+         "closest to B; out = (A + alpha·(B·Rᵀ − A))·R^alignment + the means interpolated by alignment. "
+         "alignment = alpha = 0 returns A, alignment = alpha = 1 returns B; alignment 1 alone turns A as close "
+         "to B as a rotation can (row norms and angles kept). 1-D weights are lerped by alpha. With a base C, "
+         "A − C is rotated toward B − C and C added back. Fractional alignments take R's matrix power by "
+         "eigendecomposition (float64; slow for large layers on a CPU). Where AᵀB is rank-deficient (wide "
+         "matrices, centred square ones) R is a true rotation too, which maps A's row space onto B's and "
+         "leaves the rest in place; sd-mecha's low-rank map there is not orthogonal (it misses B even when B "
+         "is exactly A rotated) and keeps arbitrary null-space vectors. Elsewhere both agree.",
+    params=(Param("alignment", FLOAT, 1.0, "How far A is turned toward B: 0 = not at all, 1 = the full "
+                  "Procrustes rotation; fractional values rotate part of the way, others extrapolate.",
+                  min=-1.0, max=2.0, step=0.01),
+            Param("alpha", FLOAT, 0.0, "Interpolates A toward B as seen in A's frame (B·Rᵀ) before the "
+                  "rotation: what a rotation alone cannot match (scaling, shape). 0 = A's own.",
+                  min=-1.0, max=2.0, step=0.01),
+            Param("centralization", FLOAT, 1.0, "How much of the rows' mean is removed before aligning "
+                  "(added back afterwards, interpolated by alignment). 1 aligns the centred rows, 0 the raw "
+                  "ones.", min=0.0, max=1.0, step=0.01)),
+)
+def rotate(base, models, ctx, *, alignment, alpha, centralization):
+    a, b = models[0], models[1]
+    if base is None:
+        return rotate_tensor(a, b, alignment, alpha, centralization)
+    out = rotate_tensor(a - base, b - base, alignment, alpha, centralization)
+    return out.add_(base)
