@@ -1,0 +1,236 @@
+"""Two-model methods of sd-mecha: ``crossover`` (a blend in the frequency domain), ``add_cosine_a`` /
+``add_cosine_b`` (a lerp weighted by cosine similarity), ``tensor_sum`` (a region of B copied into A) and
+``geometric_sum`` (a weighted geometric mean).
+
+Model 1 is sd-mecha's ``a`` and model 2 its ``b``.  Only ``tensor_sum`` takes an optional base: sd-mecha's
+``copy_region`` wrapper then works on the differences from it (c + tensor_sum(a − c, b − c)); sd-mecha has
+no such wrapper for the others.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .ops import dot64, sumsq
+from .spec import BASE_NONE, BASE_OPTIONAL, FLOAT, Param, merge_method
+
+
+# ============================================================================== crossover
+def _axis_radius(n: int, halved: bool, device) -> torch.Tensor:
+    """|frequency| along one axis of an rfftn spectrum, scaled to [0, 1] (fp32).
+
+    The last axis (``halved``) holds only the frequencies 0..n−1 of the half spectrum: k/(n − 1).  The other
+    axes hold 0, 1, ..., then the negative frequencies from −⌊n/2⌋ up to −1: |k|/⌊n/2⌋."""
+    if halved:
+        return torch.linspace(0.0, 1.0, n, dtype=torch.float32, device=device)
+    if n == 1:
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    k = torch.arange(n, device=device)
+    return torch.minimum(k, n - k).to(torch.float32) / (n // 2)
+
+
+def _crossover_filter(spectrum_shape: Tuple[int, ...], alpha: float, tilt: float, device) -> torch.Tensor:
+    """The share of model 2 (B) at each frequency of the rfftn spectrum, in [0, 1] (fp32 whatever the
+    compute dtype, as sd-mecha builds it; the cut then falls on the same frequencies in fp32 and fp64).
+
+    ``radius`` is the normalized distance of a frequency from 0 (0: the mean, 1: the highest frequency on
+    every axis): the root mean square of the per-axis radii (the radius itself for a 1-D tensor).  The cut
+    runs through the point (radius 1 − alpha, share alpha); tilt 0 makes it a step (B above the point), a
+    tilt in (0, 1) a ramp of slope cot(π·tilt/2), tilt 1 a flat share alpha everywhere; tilts in (1, 4)
+    continue the rotation (tilt 2: a step with B below 1 − alpha; above 2 with alpha taken as 1 − alpha and
+    the share inverted), and the tilt is periodic with period 4."""
+    ndim = len(spectrum_shape)
+    radius = None
+    for axis, n in enumerate(spectrum_shape):
+        r = _axis_radius(n, axis == ndim - 1, device)
+        if ndim == 1:
+            radius = r
+            break
+        r = r.square().reshape([n if i == axis else 1 for i in range(ndim)])
+        radius = r if radius is None else radius + r
+    if ndim > 1:
+        radius = radius.div_(ndim).sqrt_()
+    radius = radius.expand(spectrum_shape)
+
+    tilt = tilt % 4.0
+    inverted = tilt > 2.0
+    if inverted:
+        alpha = 1.0 - alpha
+    if tilt < 1e-10 or abs(tilt - 4.0) < 1e-10:
+        share = (radius > 1.0 - alpha).to(torch.float32)
+    elif abs(tilt - 2.0) < 1e-10:
+        share = (radius < 1.0 - alpha).to(torch.float32)
+    else:
+        slope = 1.0 / math.tan(math.pi * tilt / 2.0)
+        # a line of that slope through (1 − alpha, alpha) for tilts in (0, 1] and (2, 3], through
+        # (alpha, alpha) for (1, 2) and (3, 4)
+        pivot = 1.0 - alpha if (tilt <= 1.0 or 2.0 < tilt <= 3.0) else alpha
+        share = (radius - pivot).mul_(slope).add_(alpha).clamp_(0.0, 1.0)
+    if inverted:
+        share = 1.0 - share
+    return share
+
+
+@merge_method(
+    "crossover", base=BASE_NONE, min_models=2, max_models=2, source="sd-mecha",
+    help="sd-mecha's crossover: a blend in the frequency domain. Both tensors are transformed with a real "
+         "n-dimensional FFT over all their dims; each frequency takes the share f of B and 1 − f of A, and the "
+         "result is transformed back: out = irfftn((1 − f)·rfftn(A) + f·rfftn(B)). f depends on the frequency's "
+         "normalized radius ρ (0: the mean, 1: the highest frequency on every axis; the root mean square of the "
+         "per-axis radii): with tilt 0 a hard cut, B's frequencies above ρ = 1 − alpha and A's below (A's coarse "
+         "structure, B's fine detail); a tilt in (0, 1) turns the cut into a ramp through (ρ = 1 − alpha, f = "
+         "alpha), steeper near 0; tilt 1 is the plain lerp A + alpha·(B − A). Tilts in (1, 4) rotate the cut "
+         "further (tilt 2: B's frequencies below ρ = 1 − alpha, A's above) and 4 is 0 again. alpha 0 returns A "
+         "and alpha 1 B; a 0-dim tensor, or A and B allclose (rtol 1e-5, atol 1e-8), get the lerp. Models: A "
+         "(first), B (second).",
+    params=(Param("alpha", FLOAT, 0.5, "Share of B: with tilt 0, B gives the top alpha of the frequency radius "
+                  "(0: all A, 1: all B).", min=0.0, max=1.0, step=0.01),
+            Param("tilt", FLOAT, 0.0, "Tilt of the cut: 0 a hard cut (A's low, B's high frequencies), 0-1 a "
+                  "ramp, 1 a plain lerp, 2 a hard cut with B's low frequencies; periodic with period 4.",
+                  min=0.0, max=4.0, step=0.01)),
+)
+def crossover(base, models, ctx, *, alpha, tilt):
+    a, b = models[0], models[1]
+    alpha, tilt = float(alpha), float(tilt)
+    if alpha == 0.0:
+        return a.clone()
+    if alpha == 1.0:
+        return b.clone()
+    if tilt == 1.0 or a.dim() == 0 or torch.allclose(a, b):
+        return torch.lerp(a, b, alpha)
+    shape = tuple(a.shape)
+    a_f = torch.fft.rfftn(a, s=shape)
+    b_f = torch.fft.rfftn(b, s=shape)
+    share = _crossover_filter(tuple(a_f.shape), alpha, tilt, a.device)
+    mixed = a_f.mul_(1.0 - share).add_(b_f.mul_(share))
+    del a_f, b_f
+    return torch.fft.irfftn(mixed, s=shape).contiguous()
+
+
+# ============================================================================== add_cosine_a / add_cosine_b
+def _cosine_lerp(a: torch.Tensor, b: torch.Tensor, similarity: torch.Tensor, alpha: float) -> torch.Tensor:
+    """lerp(A, B, k) with k = 1 − clamp(similarity − alpha, 0, 1), k broadcast along dim 0."""
+    k = (similarity - alpha).clamp_(0.0, 1.0).neg_().add_(1.0)
+    return torch.lerp(a, b, k)
+
+
+def _column_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(A, B) along dim 0: one value per position of the other dims (a scalar for a 1-D tensor, ±1 or 0
+    for a 0-dim one); 0 where A's or B's vector is 0."""
+    return F.cosine_similarity(a, b, dim=0)
+
+
+_COSINE_ALPHA_HELP = ("Subtracted from the similarity before it is clamped to [0, 1]: 1 returns B, −2 returns A; "
+                      "higher values take more of B. (sd-mecha's default, 1, returns B; the default here is 0.5.)")
+_COSINE_NOTE = (" This is sd-mecha's per-key variant: each tensor is weighted by its own similarities, not by "
+                "supermerger's cosine methods' two passes that normalize the similarities over the whole model. "
+                "Models: A (first), B (second).")
+
+
+@merge_method(
+    "add_cosine_a", base=BASE_NONE, min_models=2, max_models=2, source="sd-mecha",
+    help="sd-mecha's add_cosine_a: a lerp from A to B that takes more of B where the two point in different "
+         "directions. For each position of the other dims, s is the cosine similarity of A's and B's vectors "
+         "along dim 0 (one per column of a 2-D weight; one value for a 1-D tensor; 0 where a vector is 0); then "
+         "k = 1 − clamp(s − alpha, 0, 1) and out = A + k·(B − A). alpha 1 (and above) returns B, alpha −2 (and "
+         "below) A; at alpha 0 a column takes 1 − s of B where s > 0 and all of B where s ≤ 0."
+         + _COSINE_NOTE,
+    params=(Param("alpha", FLOAT, 0.5, _COSINE_ALPHA_HELP, min=-2.0, max=1.0, step=0.01),),
+)
+def add_cosine_a(base, models, ctx, *, alpha):
+    a, b = models[0], models[1]
+    return _cosine_lerp(a, b, _column_cosine(a, b), float(alpha))
+
+
+@merge_method(
+    "add_cosine_b", base=BASE_NONE, min_models=2, max_models=2, source="sd-mecha",
+    help="sd-mecha's add_cosine_b: add_cosine_a with the similarity s averaged with the cosine of the whole "
+         "tensors: s = (cos(A, B) along dim 0 + ⟨A, B⟩/(‖A‖·‖B‖)) / 2, k = 1 − clamp(s − alpha, 0, 1), "
+         "out = A + k·(B − A). alpha 1 (and above) returns B, alpha −2 (and below) A. The whole-tensor cosine is "
+         "accumulated in fp64 and is 0 where A or B is all zeros (sd-mecha divides 0 by 0 there and returns NaN)."
+         + _COSINE_NOTE,
+    params=(Param("alpha", FLOAT, 0.5, _COSINE_ALPHA_HELP, min=-2.0, max=1.0, step=0.01),),
+)
+def add_cosine_b(base, models, ctx, *, alpha):
+    a, b = models[0], models[1]
+    norms = (sumsq(a) * sumsq(b)).sqrt_()
+    whole = torch.where(norms > 0, dot64(a, b) / norms.clamp(min=torch.finfo(norms.dtype).tiny),
+                        torch.zeros_like(norms))
+    similarity = _column_cosine(a, b).add_(whole.to(a.dtype)).div_(2.0)
+    return _cosine_lerp(a, b, similarity, float(alpha))
+
+
+# ============================================================================== tensor_sum
+def _region(width: float, offset: float, n: int) -> Tuple[int, int, bool]:
+    """sd-mecha's ratio_to_region: the rows ``[start, end)`` of ``n`` and whether they are the complement.
+
+    A negative width extends to the left of the offset; the width is at most 1; the offset wraps around
+    (modulo 1).  A region that runs past the end wraps to the start: the rows outside it, ``[start, end)``,
+    are returned with ``inverted`` set.  The ends are rounded as Python's round does (half to even)."""
+    if width < 0:
+        offset, width = offset + width, -width
+    width = min(width, 1.0)
+    if offset < 0:
+        offset = 1.0 + offset - int(offset)
+    offset = math.fmod(offset, 1.0)
+    stop = offset + width
+    if stop <= 1.0:
+        return round(offset * n), round(stop * n), False
+    return round((stop - 1.0) * n), round(offset * n), True
+
+
+@merge_method(
+    "tensor_sum", base=BASE_OPTIONAL, min_models=2, max_models=2, source="sd-mecha",
+    help="sd-mecha's tensor_sum (its copy_region): A with a band of rows along dim 0 replaced by B's. The band "
+         "starts at offset·n and is width·n rows long (n = size of dim 0, the ends rounded half to even); a band "
+         "that runs past the end wraps around to the start. A negative width reaches to the left of the offset. "
+         "width 0 returns A, width 1 returns B; a 0-dim tensor is B's when width > 0.5, else A's. With a base C the "
+         "band is copied between the differences and the base added back: C + tensor_sum(A − C, B − C). "
+         "Models: A (first), B (second).",
+    params=(Param("width", FLOAT, 0.5, "Length of B's band as a share of dim 0 (negative: it ends at the offset).",
+                  min=-1.0, max=1.0, step=0.01),
+            Param("offset", FLOAT, 0.0, "Where B's band starts, as a share of dim 0 (wraps around).",
+                  min=0.0, max=1.0, step=0.01)),
+)
+def tensor_sum(base, models, ctx, *, width, offset):
+    a, b = models[0], models[1]
+    if base is not None:
+        a, b = a - base, b - base
+    width, offset = float(width), float(offset)
+    if a.dim() == 0:
+        out = (b if width > 0.5 else a).clone()
+    else:
+        start, end, inverted = _region(width, offset, a.shape[0])
+        inside, outside = (a, b) if inverted else (b, a)
+        out = outside.clone()
+        out[start:end] = inside[start:end]
+    if base is not None:
+        out = out.add_(base)
+    return out
+
+
+# ============================================================================== geometric_sum
+@merge_method(
+    "geometric_sum", base=BASE_NONE, min_models=2, max_models=2, source="sd-mecha", elementwise=True,
+    help="sd-mecha's geometric_sum: the weighted geometric mean out = Re(A^(1 − alpha)·B^alpha), element by "
+         "element, with the principal complex powers of negative values. That is |A|^(1 − alpha)·|B|^alpha times "
+         "+1 where A and B are ≥ 0, −1 where both are negative, cos(π·alpha) where only B is negative and "
+         "−cos(π·alpha) where only A is (alpha 0.5: 0 where the signs differ). alpha 0 returns A and alpha 1 B "
+         "exactly; a zero element is 0 for 0 < alpha < 1 (sd-mecha's complex pow gives NaN for 0^0, so for zeros "
+         "at its alpha 0 and 1). Evaluated in that real form, so no complex tensors are made. Models: A (first), "
+         "B (second).",
+    params=(Param("alpha", FLOAT, 0.5, "Exponent of B (A gets 1 − alpha): 0 returns A, 1 returns B.",
+                  min=0.0, max=1.0, step=0.01),),
+)
+def geometric_sum(base, models, ctx, *, alpha):
+    a, b = models[0], models[1]
+    alpha = float(alpha)
+    out = a.abs().pow_(1.0 - alpha).mul_(b.abs().pow_(alpha))
+    # Re(e^{iπ((1 − α)·[A < 0] + α·[B < 0])}): one of four constants, from the signs
+    turn = math.cos(math.pi * alpha)
+    factors = torch.tensor([1.0, turn, -turn, -1.0], dtype=out.dtype, device=out.device)
+    which = (a < 0).to(torch.int64).mul_(2).add_(b < 0)       # 0: A, B ≥ 0; 1: B < 0; 2: A < 0; 3: both
+    return out.mul_(factors[which])

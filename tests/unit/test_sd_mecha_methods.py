@@ -1,0 +1,366 @@
+"""crossover, add_cosine_a, add_cosine_b, tensor_sum, geometric_sum (sd-mecha's methods): hand-checked
+examples, invariants, and agreement with sd-mecha on random tensors."""
+import importlib
+import math
+
+import pytest
+import torch
+
+import merge_methods as mm
+from merge_methods import MergeError
+from merge_methods import spec as spec_mod
+
+from references import needs_mecha, sd_mecha
+
+NAMES = ("crossover", "add_cosine_a", "add_cosine_b", "tensor_sum", "geometric_sum")
+SHAPES = [(17,), (16,), (12, 9), (6, 4, 3, 3)]
+
+
+def run(name, models, base=None, **params):
+    return mm.create(name, **params).merge(base, models)
+
+
+def gen(seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return lambda *shape: torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _mecha_module(name):
+    return importlib.import_module(f"sd_mecha.extensions.builtin.merge_methods.{name}")
+
+
+# ============================================================================== declarations
+def test_declarations():
+    for name in NAMES:
+        spec = mm.get_spec(name)
+        assert (spec.min_models, spec.max_models, spec.source) == (2, 2, "sd-mecha"), name
+        assert spec.base == ("optional" if name == "tensor_sum" else "none"), name
+        assert spec.elementwise == (name == "geometric_sum"), name
+        assert not spec.randomized and not spec.result_is_model1
+    assert "supermerger" in mm.get_spec("add_cosine_a").help and "per-key" in mm.get_spec("add_cosine_b").help
+    for bad in ({"alpha": 1.1}, {"alpha": -0.1}, {"tilt": -0.5}):
+        with pytest.raises(MergeError):
+            mm.create("crossover", **bad)
+    with pytest.raises(MergeError, match="alpha"):
+        mm.create("geometric_sum", alpha=1.5)
+    with pytest.raises(MergeError, match="width"):
+        mm.create("tensor_sum", width=1.5)
+    with pytest.raises(MergeError, match="base"):
+        run("crossover", [t(1, 2), t(3, 4)], base=t(0, 0))
+    with pytest.raises(MergeError, match="model"):
+        run("geometric_sum", [t(1, 2)])
+
+
+# ============================================================================== crossover
+def test_crossover_by_hand_1d():
+    # length 4: the half spectrum has the frequencies 0, 1, 2 at radius 0, 0.5, 1.
+    # A = 2 + 1·(+1, −1, +1, −1): the mean and the highest frequency; B = 5 + (1, 0, −1, 0): the mean and frequency 1
+    a, b = t(3, 1, 3, 1), t(6, 5, 4, 5)
+    # tilt 0, alpha 0.5: B above radius 0.5 -> only frequency 2, where B has nothing: A's mean alone
+    torch.testing.assert_close(run("crossover", [a, b], alpha=0.5), t(2, 2, 2, 2))
+    # alpha 0.6: B above radius 0.4 -> frequencies 1 and 2: A's mean + B's frequency 1
+    torch.testing.assert_close(run("crossover", [a, b], alpha=0.6), t(3, 2, 1, 2))
+    # tilt 0.5 (slope cot 45° = 1) through (0.5, 0.5): shares of B 0, 0.5, 1 -> 2 + 0.5·(1, 0, −1, 0)
+    torch.testing.assert_close(run("crossover", [a, b], alpha=0.5, tilt=0.5), t(2.5, 2, 1.5, 2))
+    # tilt 2: B below radius 0.5 -> only the mean from B, the rest from A
+    torch.testing.assert_close(run("crossover", [a, b], alpha=0.5, tilt=2.0), t(6, 4, 6, 4))
+    # tilt 4 is tilt 0
+    torch.testing.assert_close(run("crossover", [a, b], alpha=0.6, tilt=4.0), t(3, 2, 1, 2))
+
+
+def test_crossover_by_hand_2d():
+    # a 2×2 spectrum: radius sqrt((r0² + r1²)/2) = [[0, √½], [√½, 1]]
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    b = torch.tensor([[0.0, 4.0], [8.0, 0.0]])
+    # alpha 0.5: everything above radius 0.5 from B, i.e. all but the mean: mean(A) + B − mean(B)
+    torch.testing.assert_close(run("crossover", [a, b], alpha=0.5), b + 2.5 - 3.0)
+    # alpha 0.2: only radius 1, the checkerboard (+1, −1; −1, +1): A's coefficient (1 − 2 − 3 + 4)/4 = 0,
+    # B's (0 − 4 − 8 + 0)/4 = −3
+    checker = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    torch.testing.assert_close(run("crossover", [a, b], alpha=0.2), a - 3.0 * checker)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_crossover_invariants(shape):
+    r = gen(1)
+    a, b = r(*shape), r(*shape)
+    snapshot = (a.clone(), b.clone())
+    assert torch.equal(run("crossover", [a, b], alpha=0.0, tilt=0.3), a)
+    assert torch.equal(run("crossover", [a, b], alpha=1.0, tilt=0.3), b)
+    torch.testing.assert_close(run("crossover", [a, b], alpha=0.3, tilt=1.0), torch.lerp(a, b, 0.3))
+    # tilt 3 leaves a flat share too (cot 3π/2 = 0): the lerp, through the FFT
+    torch.testing.assert_close(run("crossover", [a, b], alpha=0.3, tilt=3.0), torch.lerp(a, b, 0.3),
+                               atol=1e-5, rtol=1e-5)
+    out = run("crossover", [a, b], alpha=0.4)
+    assert out.shape == a.shape and torch.isfinite(out).all()
+    # tilt 0 with alpha < 1 keeps A's mean (the zero frequency is never B's)
+    torch.testing.assert_close(out.mean(), a.mean(), atol=1e-5, rtol=1e-5)
+    # the share of each frequency is 0 or 1, so the result splits into A's and B's frequency bands: the
+    # complementary cut (the models swapped) adds up to A + B; tilt 2 takes B below the cut, the same cut
+    other = run("crossover", [b, a], alpha=0.4)
+    torch.testing.assert_close(out + other, a + b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run("crossover", [a, b], alpha=0.4, tilt=2.0), other, atol=1e-6, rtol=1e-6)
+    assert torch.equal(a, snapshot[0]) and torch.equal(b, snapshot[1])
+
+
+def test_crossover_degenerate_inputs_lerp():
+    assert torch.equal(run("crossover", [torch.tensor(1.0), torch.tensor(3.0)], alpha=0.25), torch.tensor(1.5))
+    a = gen(2)(6, 5)
+    b = a + 1e-9            # allclose
+    assert torch.equal(run("crossover", [a, b], alpha=0.5), torch.lerp(a, b, 0.5))
+
+
+@needs_mecha
+@pytest.mark.parametrize("shape", SHAPES + [(1,), (5, 1), (1, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_crossover_agrees_with_sdmecha(shape, dtype):
+    r = gen(3, dtype)
+    a, b = r(*shape), r(*shape)
+    for alpha, tilt in [(0.3, 0.0), (0.5, 0.4), (0.7, 1.5), (0.2, 2.0), (0.6, 2.7), (0.45, 3.6), (0.5, 1.0)]:
+        out = run("crossover", [a, b], alpha=alpha, tilt=tilt)
+        ref = sd_mecha.crossover.__wrapped__(a.clone(), b.clone(), alpha=alpha, tilt=tilt)
+        assert out.dtype == dtype
+        # the filter is fp32 in both (sd-mecha builds it so): its ramp rounds differently by ~1e-7
+        torch.testing.assert_close(out, ref.to(dtype), atol=1e-6, rtol=1e-5)
+
+
+@needs_mecha
+def test_crossover_filter_is_sdmecha_s():
+    """The share of B per frequency: sd-mecha's create_filter's, the hard cuts bit for bit."""
+    from merge_methods.sd_mecha_methods import _crossover_filter
+    create_filter = _mecha_module("crossover").create_filter
+    for shape in [(7,), (8,), (1,), (2,), (5, 4), (6, 9), (1, 5), (4, 3, 3, 3), (3, 1, 1, 1)]:
+        spectrum = torch.fft.rfftn(torch.zeros(shape)).shape
+        for alpha in (0.1, 0.3, 0.5, 0.77):
+            for tilt in (0.0, 0.25, 0.5, 0.999, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0):
+                mine = _crossover_filter(tuple(spectrum), alpha, tilt, None)
+                ref = create_filter(spectrum, alpha, tilt)
+                if tilt in (0.0, 2.0, 4.0):
+                    assert torch.equal(mine, ref), (shape, alpha, tilt)
+                else:
+                    torch.testing.assert_close(mine, ref, atol=1e-6, rtol=0)
+
+
+# ============================================================================== add_cosine_a / add_cosine_b
+def _cosine_example():
+    # columns: A (1, 0) and B (1, 1) at cos 1/√2; A (1, 1) and B (−1, 1) at cos 0
+    a = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, -1.0], [1.0, 1.0]])
+    return a, b
+
+
+def test_add_cosine_a_by_hand():
+    a, b = _cosine_example()
+    s0 = 1 / math.sqrt(2)
+    # alpha 0: k = 1 − s: column 0 takes 1 − 1/√2 of B, column 1 (s = 0) all of B
+    k0 = 1 - s0
+    torch.testing.assert_close(run("add_cosine_a", [a, b], alpha=0.0), torch.tensor([[1.0, -1.0], [k0, 1.0]]))
+    # alpha 0.5: k = 1 − (1/√2 − 0.5) in column 0; column 1 still B
+    k0 = 1 - (s0 - 0.5)
+    torch.testing.assert_close(run("add_cosine_a", [a, b], alpha=0.5), torch.tensor([[1.0, -1.0], [k0, 1.0]]))
+    # alpha −1: column 0 clamps to k = 0 (A), column 1 k = 1 − 1 = 0 (A)
+    torch.testing.assert_close(run("add_cosine_a", [a, b], alpha=-1.0), a)
+
+
+def test_add_cosine_b_by_hand():
+    a, b = _cosine_example()
+    # whole tensors: ⟨A, B⟩ = 1 − 1 + 0 + 1 = 1, ‖A‖ = √3, ‖B‖ = 2
+    whole = 1 / (2 * math.sqrt(3))
+    s0, s1 = (1 / math.sqrt(2) + whole) / 2, (0 + whole) / 2
+    k0, k1 = 1 - s0, 1 - s1
+    expected = torch.tensor([[1.0, 1 + k1 * (-1 - 1)], [k0, 1.0]])
+    torch.testing.assert_close(run("add_cosine_b", [a, b], alpha=0.0), expected)
+
+
+@pytest.mark.parametrize("name", ["add_cosine_a", "add_cosine_b"])
+@pytest.mark.parametrize("shape", [()] + SHAPES)
+def test_add_cosine_invariants(name, shape):
+    r = gen(4)
+    a, b = r(*shape), r(*shape)
+    snapshot = (a.clone(), b.clone())
+    assert torch.equal(run(name, [a, b], alpha=1.0), b)
+    assert torch.equal(run(name, [a, b], alpha=-2.0), a)
+    out = run(name, [a, b], alpha=0.2)
+    assert out.shape == a.shape
+    # out = A + k·(B − A) with one k in [0, 1] per position along dims 1..: the same k down every column
+    k = (out - a) / (b - a)
+    assert bool(((k >= -1e-5) & (k <= 1 + 1e-5)).all())
+    if a.dim() >= 1:
+        torch.testing.assert_close(k, k[:1].expand_as(k), atol=1e-4, rtol=1e-4)
+    # identical models: B (= A)
+    assert torch.equal(run(name, [a, a.clone()], alpha=0.2), a)
+    assert torch.equal(a, snapshot[0]) and torch.equal(b, snapshot[1])
+
+
+def test_add_cosine_zero_tensors():
+    """A zero column has similarity 0 (take all of B at alpha 0); add_cosine_b's whole-tensor cosine is 0, not
+    NaN, when a model is all zeros."""
+    b = gen(5)(4, 3)
+    zero = torch.zeros(4, 3)
+    for name in ("add_cosine_a", "add_cosine_b"):
+        assert torch.equal(run(name, [zero, b], alpha=0.0), b), name
+        assert torch.equal(run(name, [b, zero], alpha=0.0), zero), name
+
+
+@needs_mecha
+@pytest.mark.parametrize("name", ["add_cosine_a", "add_cosine_b"])
+@pytest.mark.parametrize("shape", [()] + SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_add_cosine_agrees_with_sdmecha(name, shape, dtype):
+    r = gen(6, dtype)
+    a = r(*shape)
+    b = a + 0.7 * r(*shape)     # similar enough that the clamp is not always saturated
+    ref_fn = getattr(sd_mecha, name).__wrapped__
+    for alpha in (-1.5, -0.3, 0.0, 0.4, 0.9):
+        out = run(name, [a, b], alpha=alpha)
+        ref = ref_fn(a.clone(), b.clone(), alpha=torch.tensor(alpha, dtype=dtype))
+        assert out.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+# ============================================================================== tensor_sum
+def _rows(n):
+    """A: rows of 0, B: rows of 1, 2 columns, so the result's first column says where B was copied."""
+    return torch.zeros(n, 2), torch.ones(n, 2)
+
+
+@pytest.mark.parametrize("width, offset, b_rows", [
+    (0.4, 0.2, [1, 2]),             # rows [1, 3)
+    (0.5, 0.8, [0, 1, 4]),          # from row 4 past the end, wrapping to rows 0, 1 (1.5 rounds to 2)
+    (-0.4, 0.6, [1, 2]),            # ends at row 3
+    (0.5, 0.0, [0, 1]),             # 2.5 rounds half to even: rows [0, 2)
+    (0.7, 0.0, [0, 1, 2, 3]),       # 3.5 rounds half to even: rows [0, 4)
+    (0.0, 0.3, []),
+    (1.0, 0.0, [0, 1, 2, 3, 4]),
+    (1.0, 0.6, [0, 1, 2, 3, 4]),    # wraps all the way round
+])
+def test_tensor_sum_by_hand(width, offset, b_rows):
+    a, b = _rows(5)
+    out = run("tensor_sum", [a, b], width=width, offset=offset)
+    assert out[:, 0].nonzero().flatten().tolist() == b_rows
+    assert torch.equal(out[:, 0], out[:, 1])
+
+
+def test_tensor_sum_zero_dim_and_base():
+    a, b = torch.tensor(2.0), torch.tensor(7.0)
+    assert torch.equal(run("tensor_sum", [a, b], width=0.6), b)
+    assert torch.equal(run("tensor_sum", [a, b], width=0.5), a)
+    # with a base C: C + tensor_sum(A − C, B − C); rows 1, 2 of B − C = (10, 20) on top of C = 1
+    a = torch.tensor([[4.0], [5.0], [6.0], [7.0], [8.0]])
+    b = torch.tensor([[0.0], [11.0], [21.0], [0.0], [0.0]])
+    c = torch.ones(5, 1)
+    out = run("tensor_sum", [a, b], base=c, width=0.4, offset=0.2)
+    torch.testing.assert_close(out, torch.tensor([[4.0], [11.0], [21.0], [7.0], [8.0]]))
+
+
+@pytest.mark.parametrize("shape", [()] + SHAPES)
+def test_tensor_sum_invariants(shape):
+    r = gen(7)
+    a, b, c = r(*shape), r(*shape), r(*shape)
+    snapshot = (a.clone(), b.clone(), c.clone())
+    assert torch.equal(run("tensor_sum", [a, b], width=0.0, offset=0.3), a)
+    assert torch.equal(run("tensor_sum", [a, b], width=1.0, offset=0.3), b)
+    out = run("tensor_sum", [a, b], width=0.35, offset=0.8)
+    assert out.shape == a.shape
+    assert bool(((out == a) | (out == b)).all())
+    # the base variant is C + tensor_sum(A − C, B − C)
+    for width, offset in [(0.35, 0.8), (0.5, 0.1), (-0.3, 0.2), (0.7, 0.0)]:
+        with_base = run("tensor_sum", [a, b], base=c, width=width, offset=offset)
+        plain = run("tensor_sum", [a - c, b - c], width=width, offset=offset)
+        assert torch.equal(with_base, c + plain), (width, offset)
+    for x, y in zip((a, b, c), snapshot):
+        assert torch.equal(x, y)
+
+
+@needs_mecha
+@pytest.mark.parametrize("shape", [()] + SHAPES + [(1, 4), (320,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_tensor_sum_agrees_with_sdmecha(shape, dtype, with_base):
+    """Bit for bit, with sd-mecha's copy_region: C + tensor_sum(A − C, B − C) with a base."""
+    ref_fn = _mecha_module("slicing").tensor_sum.__wrapped__     # sd_mecha.tensor_sum is the copy_region wrapper
+    r = gen(8, dtype)
+    a, b, c = r(*shape), r(*shape), r(*shape)
+    for width in (-1.0, -0.55, -0.2, 0.0, 0.13, 0.5, 0.51, 0.75, 1.0):
+        for offset in (0.0, 0.05, 0.3, 0.5, 0.9, 1.0):
+            if with_base:
+                out = run("tensor_sum", [a, b], base=c, width=width, offset=offset)
+                ref = c + ref_fn((a - c).clone(), (b - c).clone(), width=width, offset=offset)
+            else:
+                out = run("tensor_sum", [a, b], width=width, offset=offset)
+                ref = ref_fn(a.clone(), b.clone(), width=width, offset=offset)
+            assert torch.equal(out, ref), (width, offset)
+
+
+@needs_mecha
+def test_tensor_sum_region_is_sdmecha_s():
+    from merge_methods.sd_mecha_methods import _region
+    ratio_to_region = _mecha_module("slicing").ratio_to_region
+    for n in (1, 2, 5, 7, 10, 320, 1280):
+        for w in [x / 40 for x in range(-40, 41)]:
+            for o in [x / 40 for x in range(0, 41)]:
+                assert _region(w, o, n) == ratio_to_region(w, o, n), (n, w, o)
+
+
+# ============================================================================== geometric_sum
+def test_geometric_sum_by_hand():
+    a = t(4, -4, 4, -4, 0, 2, 0)
+    b = t(9, 9, -9, -9, 5, 0, 0)
+    # alpha 0.5: √(|A|·|B|) = 6, rotated by half of each negative value's half-turn: 6, 6·cos(90°) = 0, 0, −6
+    torch.testing.assert_close(run("geometric_sum", [a, b], alpha=0.5), t(6, 0, 0, -6, 0, 0, 0), atol=1e-6, rtol=0)
+    # alpha 0.25: |A|^¾·|B|^¼ = 2^1.5·3^0.5 = √24; A < 0 turns it by 135° (cos −1/√2), B < 0 by 45° (cos 1/√2)
+    m = math.sqrt(24)
+    expected = t(m, -m / math.sqrt(2), m / math.sqrt(2), -m, 0, 0, 0)
+    torch.testing.assert_close(run("geometric_sum", [a, b], alpha=0.25), expected)
+    # positive values: the weighted geometric mean
+    torch.testing.assert_close(run("geometric_sum", [t(1, 8), t(8, 1)], alpha=1 / 3), t(2, 4))
+
+
+@pytest.mark.parametrize("shape", [()] + SHAPES)
+def test_geometric_sum_invariants(shape):
+    r = gen(9)
+    a, b = r(*shape), r(*shape)
+    a.reshape(-1)[:2] = 0.0                     # zeros: 0^0 is 1 here, so the ends stay exact
+    snapshot = (a.clone(), b.clone())
+    assert torch.equal(run("geometric_sum", [a, b], alpha=0.0), a)
+    assert torch.equal(run("geometric_sum", [a, b], alpha=1.0), b)
+    out = run("geometric_sum", [a, b], alpha=0.3)
+    assert out.shape == a.shape and torch.isfinite(out).all()
+    # |out| = |A|^0.7·|B|^0.3 where A and B have the same sign
+    same = (a * b) > 0
+    torch.testing.assert_close(out.abs()[same], (a.abs() ** 0.7 * b.abs() ** 0.3)[same])
+    assert bool((out.sign()[same] == a.sign()[same]).all())
+    assert torch.equal(a, snapshot[0]) and torch.equal(b, snapshot[1])
+
+
+def test_geometric_sum_is_sliced_bit_identically(monkeypatch):
+    r = gen(10)
+    a, b = r(5000), r(5000)
+    m = mm.create("geometric_sum", alpha=0.37)
+    monkeypatch.setattr(spec_mod, "SLICE", 1 << 40)
+    whole = m.merge(None, [a, b])
+    monkeypatch.setattr(spec_mod, "SLICE", 512)
+    assert torch.equal(m.merge(None, [a, b]), whole)
+
+
+@needs_mecha
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_geometric_sum_agrees_with_sdmecha(shape, dtype):
+    """On tensors without zeros (where sd-mecha's complex pow gives NaN at alpha 0 and 1)."""
+    r = gen(11, dtype)
+    a, b = r(*shape), r(*shape)
+    scale = float(torch.maximum(a.abs().max(), b.abs().max()))
+    for alpha in (0.0, 0.2, 0.5, 0.8, 1.0):
+        out = run("geometric_sum", [a, b], alpha=alpha)
+        ref = sd_mecha.geometric_sum.__wrapped__(a.clone(), b.clone(), alpha=torch.tensor(alpha, dtype=dtype))
+        assert out.dtype == dtype
+        # sd-mecha's complex product leaves a rounding error of the magnitudes' size where the signs differ
+        # at alpha 0.5 (cos 90° in fp32: ~4e-8); elsewhere both are the same to rounding
+        tol = 1e-6 if dtype == torch.float32 else 1e-14
+        torch.testing.assert_close(out, ref, atol=tol * scale, rtol=tol)
