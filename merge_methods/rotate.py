@@ -75,48 +75,54 @@ class _Rotation:
         return x + (x @ self.w) @ p @ self.w.T
 
 
+def _completed(u: torch.Tensor, v: torch.Tensor, uc: torch.Tensor, vc: torch.Tensor, proper: bool) -> torch.Tensor:
+    """u·vᵀ + uc·M·vcᵀ for orthonormal bases u, v and their complements uc, vc: the orthogonal matrix that
+    maps u's columns onto v's, with the M that maximizes the trace (the completion closest to the identity).
+    ``proper``: det +1, by flipping the least-weighted direction (Kabsch)."""
+    if uc.shape[1]:
+        px, _, qxh = torch.linalg.svd(vc.T @ uc)
+        out = u @ v.T + uc @ (qxh.T @ px.T) @ vc.T
+        if proper and torch.linalg.det(out) < 0:
+            px = px.clone()
+            px[:, -1] = -px[:, -1]
+            out = u @ v.T + uc @ (qxh.T @ px.T) @ vc.T
+        return out
+    out = u @ v.T
+    if proper and torch.linalg.det(out) < 0:
+        u = u.clone()
+        u[:, -1] = -u[:, -1]
+        out = u @ v.T
+    return out
+
+
 def _rotation(a: torch.Tensor, b: torch.Tensor, proper: bool) -> _Rotation:
-    """The orthogonal R minimizing ‖a·R − b‖ (rows are points). Where that leaves R free (fewer independent
-    rows than columns), R maps a's row space onto b's as the Procrustes SVD pairs them, leaves what is
-    orthogonal to both row spaces in place and, in between, is the completion closest to the identity.
+    """The orthogonal R minimizing ‖a·R − b‖ (rows are points). Where that leaves R free (AᵀB rank-deficient),
+    R maps a's row space onto b's as the Procrustes SVD pairs them and is the completion closest to the
+    identity elsewhere (the identity on what is orthogonal to both row spaces).
     ``proper``: det R = +1 (a rotation, so that its fractional powers are real)."""
     rows, cols = a.shape
     driver = _svd_driver(a)
-    if rows >= cols:
-        u, s, vh = torch.linalg.svd(a.T @ b, full_matrices=False, driver=driver)
+    if rows >= cols:   # cols × cols: the SVD's bases are complete
+        u, s, vh = torch.linalg.svd(a.T @ b, driver=driver)
+        r = _rank(s, (rows, cols))
+        if r == 0:
+            return _Rotation(a.new_zeros(cols, 0), a.new_zeros(0, 0))
         v = vh.T
-    else:   # the same SVD through b's QR, without forming the cols × cols matrix
-        qb, rb = torch.linalg.qr(b.T)
-        u, s, vh = torch.linalg.svd(a.T @ rb.T, full_matrices=False, driver=driver)
-        v = qb @ vh.T
+        return _Rotation(None, _completed(u[:, :r], v[:, :r], u[:, r:], v[:, r:], proper))
+    # wide: the same SVD through b's QR, without forming the cols × cols matrix; R is built on the
+    # smallest subspace holding both row spaces (u and the part of v outside it)
+    qb, rb = torch.linalg.qr(b.T)
+    u, s, vh = torch.linalg.svd(a.T @ rb.T, full_matrices=False, driver=driver)
     r = _rank(s, (rows, cols))
-    if r == cols:   # the unique minimizer
-        if proper:
-            u[:, -1] *= torch.linalg.det(u @ vh).sign()
-        return _Rotation(None, u @ vh)
     if r == 0:
         return _Rotation(a.new_zeros(cols, 0), a.new_zeros(0, 0))
-    u, v = u[:, :r], v[:, :r]
-    # the smallest subspace holding both row spaces: u and the part of v outside it
+    u, v = u[:, :r], qb @ vh[:r].T
     ru, rs, _ = torch.linalg.svd(v - u @ (u.T @ v), full_matrices=False)
     extra = int((rs > max(rows, cols) * torch.finfo(rs.dtype).eps).sum())
     w = torch.cat((u, ru[:, :extra]), 1)
     uw = w.T @ u
     vw = _polar(w.T @ v)
-    rw = uw @ vw.T
-    if extra:
-        uc, vc = _complement(uw), _complement(vw)
-        # the complement's map M maximizing tr(R): the polar factor of (vcᵀuc)ᵀ
-        px, _, qxh = torch.linalg.svd(vc.T @ uc)
-        if proper and torch.linalg.det(rw + uc @ (qxh.T @ px.T) @ vc.T) < 0:
-            px = px.clone()
-            px[:, -1] = -px[:, -1]
-        rw = rw + uc @ (qxh.T @ px.T) @ vc.T
-    elif proper and torch.linalg.det(rw) < 0:
-        uw = uw.clone()
-        uw[:, -1] = -uw[:, -1]
-        rw = uw @ vw.T
-    return _Rotation(w, rw)
+    return _Rotation(w, _completed(uw, vw, _complement(uw), _complement(vw), proper))
 
 
 def _matrix_view(x: torch.Tensor):

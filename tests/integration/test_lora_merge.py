@@ -318,7 +318,8 @@ def test_resize_above_the_lora_layers_rank_still_factorizes_a_loha(harness, tmp_
     assert not res.success and "its largest rank is 8" in res.error_text()
 
 
-WEIGHT_SPACE = {"slerp", "karcher", "arcee_fusion", "multi_domain_alignment"}
+WEIGHT_SPACE = {"slerp", "karcher", "arcee_fusion", "multi_domain_alignment", "add_cosine_a", "add_cosine_b",
+                "geometric_sum"}
 
 
 def test_methods_that_look_at_the_weights_are_flagged_on_loras(harness):
