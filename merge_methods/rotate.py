@@ -117,9 +117,13 @@ def _rotation(a: torch.Tensor, b: torch.Tensor, proper: bool) -> _Rotation:
     if r == 0:
         return _Rotation(a.new_zeros(cols, 0), a.new_zeros(0, 0))
     u, v = u[:, :r], qb @ vh[:r].T
-    ru, rs, _ = torch.linalg.svd(v - u @ (u.T @ v), full_matrices=False)
-    extra = int((rs > max(rows, cols) * torch.finfo(rs.dtype).eps).sum())
-    w = torch.cat((u, ru[:, :extra]), 1)
+    # the principal angles between the row spaces (uᵀv = P·cos θ·Qᵀ): the columns of v·Q − u·P·cos θ are
+    # orthogonal to u and to each other, of norm sin θ; those of a non-zero angle span v's part outside u
+    p, cos, qh = torch.linalg.svd(u.T @ v)
+    outside = v @ qh.T - u @ (p * cos)
+    outside = outside[:, torch.linalg.vector_norm(outside, dim=0) > max(rows, cols) * torch.finfo(a.dtype).eps]
+    outside = outside - u @ (u.T @ outside)     # once more: small angles leave rounding along u
+    w = torch.cat((u, torch.linalg.qr(outside)[0]), 1)
     uw = w.T @ u
     vw = _polar(w.T @ v)
     return _Rotation(w, _completed(uw, vw, _complement(uw), _complement(vw), proper))
