@@ -1,8 +1,8 @@
 """Two-model methods of sd-mecha: ``crossover`` (a blend in the frequency domain), ``add_cosine_a`` /
 ``add_cosine_b`` (a lerp weighted by cosine similarity), ``tensor_sum`` (a region of B copied into A) and
-``geometric_sum`` (a weighted geometric mean).
+``geometric_sum`` (a weighted geometric mean); ``clamp`` (model 1 limited to the range of the others).
 
-Model 1 is sd-mecha's ``a`` and model 2 its ``b``.  Only ``tensor_sum`` takes an optional base: sd-mecha's
+Model 1 is sd-mecha's ``a`` and model 2 its ``b`` (for ``clamp``, models 2… are its bounds).  Only ``tensor_sum`` takes an optional base: sd-mecha's
 ``copy_region`` wrapper then works on the differences from it (c + tensor_sum(a − c, b − c)); sd-mecha has
 no such wrapper for the others.
 """
@@ -234,3 +234,33 @@ def geometric_sum(base, models, ctx, *, alpha):
     factors = torch.tensor([1.0, turn, -turn, -1.0], dtype=out.dtype, device=out.device)
     which = (a < 0).to(torch.int64).mul_(2).add_(b < 0)       # 0: A, B ≥ 0; 1: B < 0; 2: A < 0; 3: both
     return out.mul_(factors[which])
+
+
+# ============================================================================== clamp
+@merge_method(
+    "clamp", base=BASE_NONE, min_models=2, source="sd-mecha", elementwise=True,
+    help="sd-mecha's clamp: model 1 limited, element by element, to the range the other models span: "
+         "out = min(max(A, lo), hi) with lo, hi the smallest and largest of models 2…N there. Use it to keep a "
+         "merge (TIES, DARE, an add difference, an extrapolation) within the values of the models it came "
+         "from: connect the merge result as model 1 and those models after it. stiffness pulls each bound "
+         "toward the bounds' mean: hi moves toward the smallest bound value at or above the mean, lo toward "
+         "the largest at or below it (with two bounds those are hi and lo themselves, so stiffness matters "
+         "from three bounds on).",
+    params=(Param("stiffness", FLOAT, 0.0, "0: the full range of the bounds; 1: from the bound value nearest "
+                  "below the bounds' mean to the one nearest above it (the same range with two bounds).", min=0.0, max=1.0, step=0.01),),
+)
+def clamp(base, models, ctx, *, stiffness):
+    value, bounds = models[0], models[1:]
+    hi = bounds.amax(0)
+    lo = bounds.amin(0)
+    if stiffness:
+        mean = bounds.mean(0)
+        inf = torch.tensor(float("inf"), dtype=bounds.dtype, device=bounds.device)
+        nearest_above = torch.where(bounds >= mean, bounds, inf).amin(0)
+        nearest_below = torch.where(bounds <= mean, bounds, -inf).amax(0)
+        # no bound on a side (rounding of the mean): that side's bound stays
+        nearest_above = torch.where(torch.isinf(nearest_above), hi, nearest_above)
+        nearest_below = torch.where(torch.isinf(nearest_below), lo, nearest_below)
+        hi = torch.lerp(hi, nearest_above, stiffness)
+        lo = torch.lerp(lo, nearest_below, stiffness)
+    return torch.minimum(torch.maximum(value, lo), hi)

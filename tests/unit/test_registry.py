@@ -19,7 +19,7 @@ EXPECTED = {
     # supermerger / sd-mecha
     "train_difference", "add_perpendicular",
     # sd-mecha
-    "rotate", "crossover", "add_cosine_a", "add_cosine_b", "tensor_sum", "geometric_sum",
+    "rotate", "crossover", "add_cosine_a", "add_cosine_b", "tensor_sum", "geometric_sum", "clamp",
 }
 
 

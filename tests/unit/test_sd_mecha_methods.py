@@ -1,4 +1,4 @@
-"""crossover, add_cosine_a, add_cosine_b, tensor_sum, geometric_sum (sd-mecha's methods): hand-checked
+"""crossover, add_cosine_a, add_cosine_b, tensor_sum, geometric_sum, clamp (sd-mecha's methods): hand-checked
 examples, invariants, and agreement with sd-mecha on random tensors."""
 import importlib
 import math
@@ -12,7 +12,7 @@ from merge_methods import spec as spec_mod
 
 from references import needs_mecha, sd_mecha
 
-NAMES = ("crossover", "add_cosine_a", "add_cosine_b", "tensor_sum", "geometric_sum")
+NAMES = ("crossover", "add_cosine_a", "add_cosine_b", "tensor_sum", "geometric_sum")  # and clamp (its own tests)
 SHAPES = [(17,), (16,), (12, 9), (6, 4, 3, 3)]
 
 
@@ -364,3 +364,49 @@ def test_geometric_sum_agrees_with_sdmecha(shape, dtype):
         # at alpha 0.5 (cos 90° in fp32: ~4e-8); elsewhere both are the same to rounding
         tol = 1e-6 if dtype == torch.float32 else 1e-14
         torch.testing.assert_close(out, ref, atol=tol * scale, rtol=tol)
+
+
+# ============================================================================== clamp
+def test_clamp_by_hand():
+    value = t(5.0, -3.0, 0.5, 2.0)
+    b1, b2 = t(1.0, 1.0, 0.0, 2.0), t(2.0, -1.0, 1.0, 2.0)
+    # ranges [1, 2], [-1, 1], [0, 1], [2, 2]
+    assert torch.equal(run("clamp", [value, b1, b2]), t(2.0, -1.0, 0.5, 2.0))
+    # two bounds: the values nearest the mean on either side are the bounds themselves
+    assert torch.equal(run("clamp", [value, b1, b2], stiffness=1.0), t(2.0, -1.0, 0.5, 2.0))
+    # three bounds 0, 1, 10 (mean 11/3): nearest below 1, nearest above 10; stiffness 0.5: lo 0.5, hi 10
+    v = t(-5.0, 0.2, 20.0)
+    b = [t(0.0, 0.0, 0.0), t(1.0, 1.0, 1.0), t(10.0, 10.0, 10.0)]
+    assert torch.equal(run("clamp", [v, *b]), t(0.0, 0.2, 10.0))
+    assert torch.equal(run("clamp", [v, *b], stiffness=0.5), t(0.5, 0.5, 10.0))
+    assert torch.equal(run("clamp", [v, *b], stiffness=1.0), t(1.0, 1.0, 10.0))
+
+
+def test_clamp_invariants():
+    r = gen(71)
+    value, bounds = r(40, 30) * 3, [r(40, 30) for _ in range(3)]
+    keep = [x.clone() for x in (value, *bounds)]
+    for stiffness in (0.0, 0.3, 1.0):
+        out = run("clamp", [value, *bounds], stiffness=stiffness)
+        stack = torch.stack(bounds)
+        assert (out >= stack.amin(0)).all() and (out <= stack.amax(0)).all()
+        inside = (value >= stack.amin(0)) & (value <= stack.amax(0))
+        if stiffness == 0.0:
+            assert torch.equal(out[inside], value[inside])
+    assert all(torch.equal(x, y) for x, y in zip(keep, (value, *bounds)))
+    spec = mm.get_spec("clamp")
+    assert spec.elementwise and spec.min_models == 2 and spec.max_models is None and spec.base == "none"
+
+
+@needs_mecha
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_bounds", [1, 2, 4])
+def test_clamp_agrees_with_sdmecha(dtype, n_bounds):
+    r = gen(72 + n_bounds, dtype)
+    value = r(33, 7) * 2
+    bounds = [r(33, 7) for _ in range(n_bounds)]
+    bounds[0][0, :3] = bounds[-1][0, :3]   # ties
+    for stiffness in (0.0, 0.4, 1.0):
+        want = sd_mecha.clamp.__wrapped__(value, *bounds, stiffness=stiffness)
+        got = run("clamp", [value, *bounds], stiffness=stiffness)
+        torch.testing.assert_close(got, want, rtol=0, atol=0 if stiffness in (0.0, 1.0) else 1e-6)
