@@ -2,21 +2,29 @@
 
 A weight is viewed as a matrix whose rows are points (a linear layer: (out, in); a spatial conv: (out·in,
 kh·kw), so its kernels are rotated); the orthogonal R minimizing ‖A·R − B‖ is U·Vᵀ from the SVD of AᵀB.
-Fractional alignments take the matrix power R^t (eigendecomposition, float64).
+Fractional alignments take the matrix power R^t. R and its powers are computed in float64 (AᵀB squares
+the conditioning of the weights: in fp32 ill-conditioned directions are lost in rounding), then applied
+in the compute dtype.
 
 Where AᵀB is rank-deficient, R is not unique: always for wide matrices (fewer rows than columns) and for
-centred square ones. sd-mecha then applies a low-rank map x ↦ x − x·v·vᵀ + x·u·vᵀ, which is not orthogonal:
-it does not return B even when B is exactly A rotated, its t = −1 is not the inverse of t = 1, and it
-keeps the arbitrary null-space vectors LAPACK returns. Here R is a true rotation: it maps A's row space
-onto B's as the Procrustes SVD pairs them, leaves what is orthogonal to both in place, and in between is
-the completion closest to the identity. Where AᵀB has full rank (tall matrices, square ones without
-centring) it is sd-mecha's R exactly.
+centred square ones, and for low-rank weights or differences. sd-mecha's wide-matrix map x ↦ x − x·v·vᵀ +
+x·u·vᵀ is not orthogonal: it does not return B even when B is exactly A rotated, its t = −1 is not the
+inverse of t = 1, and it keeps the arbitrary null-space vectors LAPACK returns. Here R is a true
+rotation: it maps A's row space onto B's as the Procrustes SVD pairs them, leaves what is orthogonal to
+both in place, and in between is the completion closest to the identity. Where AᵀB has full rank it is
+sd-mecha's R exactly. Fractional powers handle half turns (eigenvalue −1, e.g. B = −A), where the
+principal branch alone (sd-mecha's) does not give a rotation.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .spec import BASE_OPTIONAL, FLOAT, Param, merge_method
+
+# eigenvalues of a rotation this close to −1 are taken as exact half turns (see _orthogonal_power)
+_HALF_TURN_TOL = 1e-6
 
 
 def _svd_driver(x: torch.Tensor):
@@ -25,13 +33,32 @@ def _svd_driver(x: torch.Tensor):
 
 
 def _orthogonal_power(q: torch.Tensor, t: float) -> torch.Tensor:
-    """Q^t for an orthogonal Q by its eigendecomposition (principal branch), in float64."""
-    w, v = torch.linalg.eig(q.double())
-    return torch.linalg.solve(v, v * w.pow(t), left=False).real
+    """Q^t for a rotation Q (orthogonal, det +1), float64: the principal branch of its eigendecomposition.
+    An eigenvalue −1 (a half turn) is a branch point: numerically its pairs come out as −1 + 0j alike, and
+    both would turn by +π·t (no longer a rotation). Its eigenspace, the null space of Q + I, is taken as
+    planes turned by ±π·t instead."""
+    q = q.double()
+    w, v = torch.linalg.eig(q)
+    half_turn = (w + 1).abs() < _HALF_TURN_TOL
+    wt = torch.where(half_turn, torch.zeros_like(w), w.pow(t))
+    out = torch.linalg.solve(v, v * wt, left=False).real
+    k = int(half_turn.sum())
+    if k:
+        # the k smallest right singular vectors of Q + I: a real orthonormal basis of the −1 eigenspace
+        _, _, vh = torch.linalg.svd(q + torch.eye(q.shape[0], dtype=q.dtype, device=q.device))
+        e = vh[-k:].T
+        e1, e2 = e[:, 0:k - 1:2], e[:, 1:k:2]      # planes (e1ᵢ, e2ᵢ); an odd one out (det −1) stays −1
+        c, s = math.cos(math.pi * t), math.sin(math.pi * t)
+        out = out + c * (e1 @ e1.T + e2 @ e2.T) + s * (e1 @ e2.T - e2 @ e1.T)
+        if k % 2:
+            out = out - e[:, -1:] @ e[:, -1:].T
+    return out
 
 
 def _rank(s: torch.Tensor, shape) -> int:
-    """Numerical rank from descending singular values (torch.linalg.matrix_rank's tolerance)."""
+    """Numerical rank from descending singular values (torch.linalg.matrix_rank's tolerance; the callers
+    compute in float64, where a direction of AᵀB that is null only up to rounding falls far below it while
+    those of ill-conditioned weights, whose conditioning AᵀB squares, stay above)."""
     if s.numel() == 0 or not bool(s[0] > 0):
         return 0
     return int((s > s[0] * max(shape) * torch.finfo(s.dtype).eps).sum())
@@ -44,7 +71,7 @@ def _complement(x: torch.Tensor) -> torch.Tensor:
 
 
 def _polar(x: torch.Tensor) -> torch.Tensor:
-    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    u, _, vh = torch.linalg.svd(x, full_matrices=False, driver=_svd_driver(x))
     return u @ vh
 
 
@@ -62,17 +89,18 @@ class _Rotation:
             return self.rw.T
         if float(t).is_integer():
             return torch.linalg.matrix_power(self.rw, int(t))
-        return _orthogonal_power(self.rw, t).to(self.rw.dtype)
+        return _orthogonal_power(self.rw, t)
 
     def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
         if t == 0 or (self.w is not None and self.w.shape[1] == 0):
             return x
         p = self._power(t)
         if self.w is None:
-            return x @ p
+            return x @ p.to(x.dtype)
         p = p.clone()
         p.diagonal().sub_(1.0)
-        return x + (x @ self.w) @ p @ self.w.T
+        w = self.w.to(x.dtype)
+        return x + (x @ w) @ p.to(x.dtype) @ w.T
 
 
 def _completed(u: torch.Tensor, v: torch.Tensor, uc: torch.Tensor, vc: torch.Tensor, proper: bool) -> torch.Tensor:
@@ -80,7 +108,7 @@ def _completed(u: torch.Tensor, v: torch.Tensor, uc: torch.Tensor, vc: torch.Ten
     maps u's columns onto v's, with the M that maximizes the trace (the completion closest to the identity).
     ``proper``: det +1, by flipping the least-weighted direction (Kabsch)."""
     if uc.shape[1]:
-        px, _, qxh = torch.linalg.svd(vc.T @ uc)
+        px, _, qxh = torch.linalg.svd(vc.T @ uc, driver=_svd_driver(uc))
         out = u @ v.T + uc @ (qxh.T @ px.T) @ vc.T
         if proper and torch.linalg.det(out) < 0:
             px = px.clone()
@@ -145,10 +173,14 @@ def rotate_tensor(a: torch.Tensor, b: torch.Tensor, alignment: float, alpha: flo
     if a.dim() <= 1 or torch.allclose(a.half(), b.half()):
         return torch.lerp(a, b, alpha)
     a2, b2 = _matrix_view(a), _matrix_view(b)
-    a_mean = a2.mean(0) * centralization
-    b_mean = b2.mean(0) * centralization
+    # the rotation from float64 copies: centred rows leave AᵀB a null direction that must come out null,
+    # not at fp32 rounding level (see _rank); the transform is then applied in the compute dtype
+    a64, b64 = a2.double(), b2.double()      # (the inputs themselves when they are float64: no in-place)
+    a_mean, b_mean = a64.mean(0) * centralization, b64.mean(0) * centralization
+    transform = _rotation(a64 - a_mean, b64 - b_mean, proper=not float(alignment).is_integer())
+    del a64, b64
+    a_mean, b_mean = a_mean.to(a.dtype), b_mean.to(a.dtype)
     a2, b2 = a2 - a_mean, b2 - b_mean
-    transform = _rotation(a2, b2, proper=not float(alignment).is_integer())
     if alpha != 0:
         a2 = torch.lerp(a2, transform(b2, -1), alpha)
     out = transform(a2, alignment) + torch.lerp(a_mean, b_mean, alignment)

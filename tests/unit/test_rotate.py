@@ -150,3 +150,63 @@ def test_deterministic():
     a, b = randn(48, 96, seed=51, dtype=torch.float32), randn(48, 96, seed=52, dtype=torch.float32)
     first = run(None, [a, b], alignment=0.6, alpha=0.2)
     assert torch.equal(first, run(None, [a, b], alignment=0.6, alpha=0.2))
+
+
+# ============================================================================== numerics
+def _exact_rotation_case(rows, cols, scales, seed):
+    a = randn(rows, cols, seed=seed) * scales
+    return a, a @ random_rotation(cols, seed + 1)
+
+
+def test_fp32_ill_conditioned_weights_keep_every_direction():
+    """AᵀB squares the conditioning of the weights: a kernel spectrum falling to 2 % (a conv viewed as
+    (out·in, 9)) or singular values falling to 3e-3 (a square weight) must not be taken for rank
+    deficiency, or the rotation misses B (a rank tolerance on fp32 AᵀB dropped them: 20 % off)."""
+    conv_scales = torch.tensor([1.0, 0.5, 0.4, 0.3, 0.2, 0.1, 0.08, 0.05, 0.02], dtype=torch.float64)
+    a, b = _exact_rotation_case(128 * 64, 9, conv_scales, 61)
+    a4, b4 = a.reshape(128, 64, 3, 3).float(), b.reshape(128, 64, 3, 3).float()
+    out = run(None, [a4, b4], alignment=1.0, centralization=0.0)
+    assert rel(out, b4) < 1e-5
+    u, _, vh = torch.linalg.svd(randn(512, 512, seed=62))
+    a = (u * torch.logspace(0, -2.5, 512, dtype=torch.float64)) @ vh
+    b = a @ random_rotation(512, 63)
+    assert rel(run(None, [a.float(), b.float()], alignment=1.0, centralization=0.0), b) < 1e-4
+
+
+def rel(x, y):
+    return float((x.double() - y.double()).norm() / y.double().norm())
+
+
+@pytest.mark.parametrize("shape,centralization", [((10, 2), 0.0), ((8, 6), 0.0), ((12, 12), 1.0),
+                                                  ((6, 5, 3, 3), 1.0)])
+def test_half_turns_are_turned_halfway(shape, centralization):
+    """B = −A makes R = −I (every eigenvalue −1, the branch point of the matrix power): alignment 0.5 must
+    still be a rotation (it used to give zeros or blow up), and twice it is the half turn."""
+    a = randn(*shape, seed=64)
+    half = run(None, [a, -a], alignment=0.5, centralization=centralization)
+    rows = a.reshape(shape[0] * shape[1], -1) if len(shape) == 4 else a
+    h = half.reshape(rows.shape)
+    ra, rh = rows - rows.mean(0) * centralization, h - h.mean(0) * centralization
+    torch.testing.assert_close(rh @ rh.T, ra @ ra.T)
+    assert rel(rh, ra) > 0.5     # it did turn
+    # the power of the half turn squares back to it
+    from merge_methods.rotate import _orthogonal_power
+    minus = -torch.eye(4, dtype=torch.float64)
+    p = _orthogonal_power(minus, 0.5)
+    torch.testing.assert_close(p @ p.T, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(p @ p, minus)
+    # a rotation with two half-turn planes and one ordinary plane
+    q = torch.block_diag(-torch.eye(4, dtype=torch.float64), rot2(40))
+    p = _orthogonal_power(q, 0.25)
+    torch.testing.assert_close(torch.linalg.matrix_power(p, 4), q)
+    torch.testing.assert_close(p[4:, 4:], rot2(10))
+
+
+def test_huge_magnitudes_scale_through():
+    """Rotation commutes with scaling: 1e19-sized fp32 weights (whose AᵀB overflows fp32) give the scaled
+    result of the unit-sized ones."""
+    a, b = randn(12, 8, seed=65, dtype=torch.float32), randn(12, 8, seed=66, dtype=torch.float32)
+    small = run(None, [a, b], alignment=0.7, alpha=0.2)
+    big = run(None, [a * 1e19, b * 1e19], alignment=0.7, alpha=0.2)
+    assert torch.isfinite(big).all()
+    torch.testing.assert_close(big / 1e19, small, rtol=1e-5, atol=1e-6)
