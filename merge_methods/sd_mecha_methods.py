@@ -130,6 +130,12 @@ _COSINE_NOTE = (" This is sd-mecha's per-key variant: each tensor is weighted by
                 "Models: A (first), B (second).")
 
 
+def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
+    """The power of two at or below max|x| (1 for an all-zero tensor), as a 0-d tensor of x's dtype."""
+    peak = x.abs().amax() if x.numel() else x.new_zeros(())
+    return torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))
+
+
 @merge_method(
     "add_cosine_a", base=BASE_NONE, min_models=2, max_models=2, source="sd-mecha",
     help="sd-mecha's add_cosine_a: a lerp from A to B that takes more of B where the two point in different "
@@ -142,7 +148,10 @@ _COSINE_NOTE = (" This is sd-mecha's per-key variant: each tensor is weighted by
 )
 def add_cosine_a(base, models, ctx, *, alpha):
     a, b = models[0], models[1]
-    return _cosine_lerp(a, b, _column_cosine(a, b), float(alpha))
+    # unit columns first, as sd-mecha: cosine_similarity's 1e-8 norm floor would shrink the similarity of
+    # columns smaller than that toward 0 (scaled by a power of two first, so that huge norms cannot overflow)
+    similarity = _column_cosine(F.normalize(a / _pow2_scale(a), dim=0), F.normalize(b / _pow2_scale(b), dim=0))
+    return _cosine_lerp(a, b, similarity, float(alpha))
 
 
 @merge_method(
@@ -156,10 +165,14 @@ def add_cosine_a(base, models, ctx, *, alpha):
 )
 def add_cosine_b(base, models, ctx, *, alpha):
     a, b = models[0], models[1]
-    norms = (sumsq(a) * sumsq(b)).sqrt_()
-    whole = torch.where(norms > 0, dot64(a, b) / norms.clamp(min=torch.finfo(norms.dtype).tiny),
+    # scaled by powers of two (exact; cosines do not depend on it) so that squares cannot overflow
+    sa, sb = _pow2_scale(a), _pow2_scale(b)
+    a_s, b_s = a / sa, b / sb
+    norms = (sumsq(a_s) * sumsq(b_s)).sqrt_()
+    whole = torch.where(norms > 0, dot64(a_s, b_s) / norms.clamp(min=torch.finfo(norms.dtype).tiny),
                         torch.zeros_like(norms))
-    similarity = _column_cosine(a, b).add_(whole.to(a.dtype)).div_(2.0)
+    similarity = _column_cosine(a_s, b_s).add_(whole.to(a.dtype)).div_(2.0)
+    del a_s, b_s
     return _cosine_lerp(a, b, similarity, float(alpha))
 
 
@@ -231,9 +244,10 @@ def geometric_sum(base, models, ctx, *, alpha):
     out = a.abs().pow_(1.0 - alpha).mul_(b.abs().pow_(alpha))
     # Re(e^{iπ((1 − α)·[A < 0] + α·[B < 0])}): one of four constants, from the signs
     turn = math.cos(math.pi * alpha)
-    factors = torch.tensor([1.0, turn, -turn, -1.0], dtype=out.dtype, device=out.device)
-    which = (a < 0).to(torch.int64).mul_(2).add_(b < 0)       # 0: A, B ≥ 0; 1: B < 0; 2: A < 0; 3: both
-    return out.mul_(factors[which])
+    neg_a, neg_b = a < 0, b < 0
+    factor = torch.ones_like(out).masked_fill_(neg_b, turn).masked_fill_(neg_a, -turn)
+    factor.masked_fill_(neg_a.logical_and_(neg_b), -1.0)
+    return out.mul_(factor)
 
 
 # ============================================================================== clamp

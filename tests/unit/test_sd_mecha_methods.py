@@ -99,10 +99,15 @@ def test_crossover_invariants(shape):
     assert out.shape == a.shape and torch.isfinite(out).all()
     # tilt 0 with alpha < 1 keeps A's mean (the zero frequency is never B's)
     torch.testing.assert_close(out.mean(), a.mean(), atol=1e-5, rtol=1e-5)
-    # the share of each frequency is 0 or 1, so the result splits into A's and B's frequency bands: the
-    # complementary cut (the models swapped) adds up to A + B; tilt 2 takes B below the cut, the same cut
+    # tilt 0: the share of each frequency is 0 or 1, so every bin of the result's spectrum is A's or B's,
+    # and both occur (the cut splits the spectrum)
+    fa, fb, fo = (torch.fft.rfftn(x.double()) for x in (a, b, out))
+    from_a, from_b = (fo - fa).abs() < 1e-4, (fo - fb).abs() < 1e-4
+    assert (from_a | from_b).all()
+    if a.dim() and a.numel() > 2:
+        assert (from_a & ~from_b).any() and (from_b & ~from_a).any()
+    # tilt 2 takes B below the cut: the same as the models swapped at tilt 0
     other = run("crossover", [b, a], alpha=0.4)
-    torch.testing.assert_close(out + other, a + b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(run("crossover", [a, b], alpha=0.4, tilt=2.0), other, atol=1e-6, rtol=1e-6)
     assert torch.equal(a, snapshot[0]) and torch.equal(b, snapshot[1])
 
@@ -221,6 +226,29 @@ def test_add_cosine_agrees_with_sdmecha(name, shape, dtype):
         assert out.dtype == dtype
         tol = 1e-6 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@needs_mecha
+def test_add_cosine_a_of_tiny_columns_agrees_with_sdmecha():
+    """Columns of norm ~1e-9 (below cosine_similarity's 1e-8 norm floor): sd-mecha normalizes them first, so
+    their similarity is their true cosine, not a value shrunk toward 0."""
+    r = gen(7)
+    a = r(6, 3) * 1e-9
+    b = a + 0.3 * r(6, 3) * 1e-9
+    for alpha in (0.0, 0.5):
+        ref = sd_mecha.add_cosine_a.__wrapped__(a.clone(), b.clone(), alpha=torch.tensor(alpha))
+        torch.testing.assert_close(run("add_cosine_a", [a, b], alpha=alpha), ref, rtol=1e-5, atol=1e-15)
+
+
+def test_add_cosine_of_huge_weights_is_scale_free():
+    """The similarities do not depend on the scale: 1e19-sized fp32 weights (whose squares overflow) give
+    the scaled result of unit-sized ones."""
+    r = gen(8)
+    a, b = r(8, 6), r(8, 6)
+    for name in ("add_cosine_a", "add_cosine_b"):
+        big = run(name, [a * 1e19, b * 1e19], alpha=0.2)
+        assert torch.isfinite(big).all(), name
+        torch.testing.assert_close(big / 1e19, run(name, [a, b], alpha=0.2), rtol=1e-5, atol=1e-6)
 
 
 # ============================================================================== tensor_sum
