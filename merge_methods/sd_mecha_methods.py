@@ -1,10 +1,10 @@
-"""Two-model methods of sd-mecha: ``crossover`` (a blend in the frequency domain), ``add_cosine_a`` /
-``add_cosine_b`` (a lerp weighted by cosine similarity), ``tensor_sum`` (a region of B copied into A) and
-``geometric_sum`` (a weighted geometric mean); ``clamp`` (model 1 limited to the range of the others).
+"""Methods of sd-mecha: ``crossover`` (a blend in the frequency domain), ``add_cosine_a`` / ``add_cosine_b``
+(a lerp weighted by cosine similarity), ``tensor_sum`` (a region of B copied into A), ``geometric_sum`` (a
+weighted geometric mean) and ``clamp`` (model 1 limited to the range of the others).
 
-Model 1 is sd-mecha's ``a`` and model 2 its ``b`` (for ``clamp``, models 2… are its bounds).  Only ``tensor_sum`` takes an optional base: sd-mecha's
-``copy_region`` wrapper then works on the differences from it (c + tensor_sum(a − c, b − c)); sd-mecha has
-no such wrapper for the others.
+Model 1 is sd-mecha's ``a`` and model 2 its ``b`` (for ``clamp``, models 2… are its bounds). Only
+``tensor_sum`` takes an optional base: sd-mecha's ``copy_region`` wrapper then works on the differences from
+it (c + tensor_sum(a − c, b − c)); sd-mecha has no such wrapper for the others.
 """
 from __future__ import annotations
 
@@ -261,7 +261,8 @@ def geometric_sum(base, models, ctx, *, alpha):
          "the largest at or below it (with two bounds those are hi and lo themselves, so stiffness matters "
          "from three bounds on).",
     params=(Param("stiffness", FLOAT, 0.0, "0: the full range of the bounds; 1: from the bound value nearest "
-                  "below the bounds' mean to the one nearest above it (the same range with two bounds).", min=0.0, max=1.0, step=0.01),),
+                  "below the bounds' mean to the one nearest above it (the same range with two bounds).",
+                  min=0.0, max=1.0, step=0.01),),
 )
 def clamp(base, models, ctx, *, stiffness):
     value, bounds = models[0], models[1:]
