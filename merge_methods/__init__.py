@@ -20,6 +20,7 @@ from . import spherical, simple  # noqa: E402,F401  (slerp family, nearswap, fus
 from . import sd_optim  # noqa: E402,F401  (sd-optim / sd-mecha methods, geometric median)
 from . import rotate  # noqa: E402,F401  (sd-mecha's orthogonal Procrustes alignment)
 from . import sd_mecha_methods  # noqa: E402,F401  (sd-mecha: crossover, add_cosine_a/b, tensor_sum, geometric_sum)
+from . import meh  # noqa: E402,F401  (supermerger's triple / twice sums, meh's add-difference family)
 
 __all__ = ["MergeError", "MergeContext", "MergeMethod", "MethodSpec", "Param", "create", "from_dict", "names",
            "get_spec", "all_specs", "merge_method", "key_seed", "reuse_buffers", "slices", "SpanInputs",

@@ -11,3 +11,10 @@ except Exception:  # pragma: no cover - depends on the environment
     sd_mecha = None
 
 needs_mecha = pytest.mark.skipif(sd_mecha is None, reason="sd-mecha not installed")
+
+try:  # meh (sd-meh): its merge methods module imports only torch
+    import sd_meh.merge_methods as sd_meh
+except Exception:  # pragma: no cover - depends on the environment
+    sd_meh = None
+
+needs_meh = pytest.mark.skipif(sd_meh is None, reason="sd-meh not installed")
