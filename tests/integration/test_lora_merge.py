@@ -319,7 +319,7 @@ def test_resize_above_the_lora_layers_rank_still_factorizes_a_loha(harness, tmp_
 
 
 WEIGHT_SPACE = {"slerp", "karcher", "arcee_fusion", "multi_domain_alignment", "add_cosine_a", "add_cosine_b",
-                "geometric_sum"}
+                "geometric_sum", "distribution_crossover", "similarity_add_difference"}
 
 
 def test_methods_that_look_at_the_weights_are_flagged_on_loras(harness):
@@ -330,7 +330,7 @@ def test_methods_that_look_at_the_weights_are_flagged_on_loras(harness):
     mm = pack(harness, "merge_methods")
     for name in mm.names():
         m = mm.create(name)
-        n = 1 if m.spec.max_models == 1 else 2
+        n = 1 if m.spec.max_models == 1 else max(2, m.spec.min_models)
         gap = ops.base_dependence(m, m.per_model_values(n, {}), n)
         assert gap is not None, name
         if name in WEIGHT_SPACE:
