@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import sumsq
+from .ops import pow2_scale, sumsq
 from .spec import BASE_NONE, BASE_REQUIRED, FLOAT, Param, merge_method
 
 _FILTER_SHARPNESS_EPS = 1e-10      # meh: a beta at or below it makes distribution_crossover's cut a step
@@ -51,9 +51,10 @@ def sum_twice(base, models, ctx, *, alpha, beta):
 
 # ============================================================================== meh
 def _check_subtraction(glob, per_model):
-    if abs(1.0 - glob["alpha"] * glob["beta"]) < 1e-6:
-        return (f"weighted_subtraction divides by 1 − alpha·beta, which is 0 for alpha = {glob['alpha']}, "
-                f"beta = {glob['beta']} (meh nudges beta by 1e-10 there, giving weights of about 1e10)")
+    gap = 1.0 - glob["alpha"] * glob["beta"]
+    if abs(gap) < 1e-6:
+        return (f"weighted_subtraction divides by 1 − alpha·beta, which is {gap:.3g} for alpha = {glob['alpha']}, "
+                f"beta = {glob['beta']}: within 1e-6 of 0 (weights of 1e6 and more); keep alpha·beta away from 1")
     return None
 
 
@@ -61,7 +62,8 @@ def _check_subtraction(glob, per_model):
     "weighted_subtraction", base=BASE_NONE, min_models=2, max_models=2, source="meh", elementwise=True,
     help="meh's weighted_subtraction: (A − alpha·beta·B) / (1 − alpha·beta): A with alpha·beta of B taken out and "
          "the rest rescaled, the inverse of a weighted sum (if A = (1 − w)·X + w·B with w = alpha·beta, the result "
-         "is X). alpha·beta = 1 is an error (a division by 0). Models: A (first), B (second).",
+         "is X). alpha·beta within 1e-6 of 1 is an error (a division by about 0; meh nudges beta at alpha = beta = 1, "
+         "giving weights of 1e10). Models: A (first), B (second).",
     params=(_alpha(0.5, "With beta, the share of B to take out of A (alpha·beta).", lo=-2.0, hi=2.0),
             _beta(0.5, "With alpha, the share of B to take out of A (alpha·beta).", lo=-2.0, hi=2.0)),
     check=_check_subtraction,
@@ -73,17 +75,25 @@ def weighted_subtraction(base, models, ctx, *, alpha, beta):
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    """x / ‖x‖ over the whole tensor (norm accumulated in fp64); zeros for a zero tensor."""
+    """x / ‖x‖ over the whole tensor, in place (x is a temporary); zeros for a zero tensor. The norm is taken
+    of x scaled by a power of two (exact), so that huge or tiny differences neither overflow nor vanish."""
+    x.div_(pow2_scale(x))
     norm = sumsq(x).sqrt()
-    return torch.where(norm > 0, x / norm.clamp(min=torch.finfo(norm.dtype).tiny).to(x.dtype), torch.zeros_like(x))
+    return x.div_(norm.to(x.dtype)) if bool(norm > 0) else x
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖ as a 0-d tensor of x's dtype, without overflow or underflow (see _unit)."""
+    scale = pow2_scale(x)
+    return (sumsq(x / scale).sqrt() * scale.double()).to(x.dtype)
 
 
 @merge_method(
     "euclidean_add_difference", base=BASE_REQUIRED, min_models=2, max_models=2, source="meh",
     help="meh's euclidean_add_difference: the differences A − C and B − C are normalized (each to norm 1), "
          "combined per element as √((1 − alpha)·a² + alpha·b²) with the sign of the weighted-sum difference "
-         "S = (1 − alpha)·A + alpha·B − C, and the result rescaled to S's norm: out = C + ‖S‖·d/‖d‖. It adds "
-         "the weighted sum's difference with its per-element magnitudes redistributed toward the larger of "
+         "S = (1 − alpha)·A + alpha·B − C (+ where S is 0), and the result rescaled to S's norm: "
+         "out = C + ‖S‖·d/‖d‖. It adds the weighted sum's difference with its per-element magnitudes redistributed toward the larger of "
          "the two changes. Models: A (first), B (second); base: C. Where both differences are 0 the result is "
          "C (meh: NaN).",
     params=(_alpha(0.5, "Weight of B's (normalized) difference; 0: A's alone, 1: B's alone.", lo=0.0, hi=1.0),),
@@ -95,16 +105,16 @@ def euclidean_add_difference(base, models, ctx, *, alpha):
     del a_unit, b_unit
     target = torch.lerp(a, b, alpha).sub_(c)
     distance = distance.copysign_(target)
-    scale = sumsq(target).sqrt()
+    scale = _norm(target)
     del target
-    return _unit(distance).mul_(scale.to(c.dtype)).add_(c)
+    return _unit(distance).mul_(scale).add_(c)
 
 
 @merge_method(
     "multiply_difference", base=BASE_REQUIRED, min_models=2, max_models=2, source="meh", elementwise=True,
     help="meh's multiply_difference: per element the geometric mean of the two differences' magnitudes, "
-         "|A − C|^(1 − alpha)·|B − C|^alpha, with the sign of (1 − beta)·A + beta·B − C, added to C. "
-         "alpha 0 takes A's magnitudes, 1 B's; an element that only one model changed gets no change for "
+         "|A − C|^(1 − alpha)·|B − C|^alpha, with the sign of (1 − beta)·A + beta·B − C (+ where that is 0), "
+         "added to C. alpha 0 takes A's magnitudes, 1 B's; an element that only one model changed gets no change for "
          "0 < alpha < 1. Models: A (first), B (second); base: C.",
     params=(_alpha(0.5, "Exponent of B's difference magnitude (A's gets 1 − alpha).", lo=0.0, hi=1.0),
             _beta(0.5, "Weight of B in the weighted sum whose difference from C gives the sign.", lo=0.0, hi=1.0)),
@@ -121,8 +131,9 @@ def multiply_difference(base, models, ctx, *, alpha, beta):
     help="meh's similarity_add_difference: per element, a blend of the add difference A + alpha·(B − C) and the "
          "weighted sum (1 − alpha/2)·A + (alpha/2)·B, by how alike A and B are there: s = beta·(A·B/m² + 1)/2 "
          "with m = max(|A|, |B|) (s = beta for equal values and where both are 0, beta/2 for a zero against "
-         "a non-zero, 0 for opposite values); out = (1 − s)·(add difference) + s·(weighted sum). Where A and B agree "
-         "the weighted sum dominates, where they disagree B's trained difference is added. Models: A (first), "
+         "a non-zero, 0 for opposite values); out = (1 − s)·(add difference) + s·(weighted sum): the more alike A "
+         "and B are, the more of the weighted sum (up to beta); where they disagree, B's trained difference is "
+         "added. Models: A (first), "
          "B (second); base: C.",
     params=(_alpha(1.0, "Strength of B's difference (B − C) in the add difference, and twice B's weight in the "
                    "weighted sum."),
@@ -132,7 +143,8 @@ def multiply_difference(base, models, ctx, *, alpha, beta):
 def similarity_add_difference(base, models, ctx, *, alpha, beta):
     a, b, c = models[0], models[1], base
     peak = torch.maximum(a.abs(), b.abs())
-    similarity = (a * b).div_(peak.square_()).add_(1.0).mul_(0.5 * beta).nan_to_num_(nan=float(beta))
+    # (A/m)·(B/m) rather than meh's A·B/m²: the same value, without overflow or underflow at any magnitude
+    similarity = (a / peak).mul_(b / peak).add_(1.0).mul_(0.5 * beta).nan_to_num_(nan=float(beta))
     del peak
     added = torch.sub(b, c).mul_(alpha).add_(a)
     summed = torch.lerp(a, b, 0.5 * alpha)
@@ -145,16 +157,18 @@ def similarity_add_difference(base, models, ctx, *, alpha, beta):
          "(ascending; ties in flat order), both sequences go through a real FFT, the low frequencies (the "
          "smooth trend over C's value order) are taken from A and the high ones from B, and the result is put "
          "back in place. The cut is at the fraction alpha of the spectrum: a step for beta = 0, else a ramp "
-         "of width beta centred on alpha. alpha 1 returns A, alpha 0 (beta 0) B. A 0-dim tensor gives "
-         "alpha·A + (1 − alpha)·B. Models: A (first), B (second); base: C. C's order is a stable sort (meh's "
-         "is not, so meh's result for tied values of C depends on the sort).",
+         "of width beta centred on alpha (so with beta > 0 even alpha 1 or 0 mixes in beta/2 of the spectrum's "
+         "end). With beta 0, alpha 1 returns A and alpha 0 B. A single value (0-dim or one element) gives "
+         "alpha·A + (1 − alpha)·B (meh: that for 0-dim, A for one element). Models: A (first), B (second); "
+         "base: C. C's order is a stable sort (meh's is not, so meh's result for tied values of C depends on "
+         "the sort).",
     params=(_alpha(0.5, "Where the cut lies, as a fraction of the spectrum: frequencies below it come from A, "
                    "above from B.", lo=0.0, hi=1.0),
             _beta(0.1, "Width of the ramp between A's and B's frequencies (0: a hard cut).", lo=0.0, hi=1.0)),
 )
 def distribution_crossover(base, models, ctx, *, alpha, beta):
     a, b, c = models[0], models[1], base
-    if a.dim() == 0:
+    if a.numel() <= 1:
         return a * alpha + b * (1.0 - alpha)
     order = torch.argsort(c.reshape(-1), stable=True)
     a_spec = torch.fft.rfft(a.reshape(-1)[order])

@@ -402,3 +402,11 @@ def dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             part = (xm[0] * ym[0]).sum(dim=1)
         out = out + part.double().sum()
     return out
+
+
+def pow2_scale(x: torch.Tensor) -> torch.Tensor:
+    """The power of two at or below max|x| (1 for an all-zero or empty tensor), as a 0-d tensor of x's dtype:
+    dividing by it is exact and brings the largest magnitude into [1, 2), so that a sum of squares can neither
+    overflow (huge weights) nor vanish (a tensor of tiny values)."""
+    peak = x.abs().amax() if x.numel() else x.new_zeros(())
+    return torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))

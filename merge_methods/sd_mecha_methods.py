@@ -14,7 +14,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .ops import dot64, sumsq
+from .ops import dot64, pow2_scale, sumsq
 from .spec import BASE_NONE, BASE_OPTIONAL, FLOAT, Param, merge_method
 
 
@@ -130,12 +130,6 @@ _COSINE_NOTE = (" This is sd-mecha's per-key variant: each tensor is weighted by
                 "Models: A (first), B (second).")
 
 
-def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
-    """The power of two at or below max|x| (1 for an all-zero tensor), as a 0-d tensor of x's dtype."""
-    peak = x.abs().amax() if x.numel() else x.new_zeros(())
-    return torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))
-
-
 @merge_method(
     "add_cosine_a", base=BASE_NONE, min_models=2, max_models=2, source="sd-mecha",
     help="sd-mecha's add_cosine_a: a lerp from A to B that takes more of B where the two point in different "
@@ -150,7 +144,7 @@ def add_cosine_a(base, models, ctx, *, alpha):
     a, b = models[0], models[1]
     # unit columns first, as sd-mecha: cosine_similarity's 1e-8 norm floor would shrink the similarity of
     # columns smaller than that toward 0 (scaled by a power of two first, so that huge norms cannot overflow)
-    similarity = _column_cosine(F.normalize(a / _pow2_scale(a), dim=0), F.normalize(b / _pow2_scale(b), dim=0))
+    similarity = _column_cosine(F.normalize(a / pow2_scale(a), dim=0), F.normalize(b / pow2_scale(b), dim=0))
     return _cosine_lerp(a, b, similarity, float(alpha))
 
 
@@ -166,7 +160,7 @@ def add_cosine_a(base, models, ctx, *, alpha):
 def add_cosine_b(base, models, ctx, *, alpha):
     a, b = models[0], models[1]
     # scaled by powers of two (exact; cosines do not depend on it) so that squares cannot overflow
-    sa, sb = _pow2_scale(a), _pow2_scale(b)
+    sa, sb = pow2_scale(a), pow2_scale(b)
     a_s, b_s = a / sa, b / sb
     norms = (sumsq(a_s) * sumsq(b_s)).sqrt_()
     whole = torch.where(norms > 0, dot64(a_s, b_s) / norms.clamp(min=torch.finfo(norms.dtype).tiny),

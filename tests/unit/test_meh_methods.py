@@ -159,3 +159,67 @@ def test_agrees_with_meh(dtype, shape):
         fp32_in_meh = name in ("distribution_crossover", "euclidean_add_difference", "multiply_difference")
         case_tol = dict(rtol=2e-5, atol=2e-5) if fp32_in_meh else tol
         torch.testing.assert_close(got, ref.to(dtype), **case_tol, msg=name)
+
+
+# ============================================================================== edge cases (review)
+def test_similarity_values_at_the_ends_and_at_any_scale():
+    c = t(0.5, 0.5, 0.5)
+    alpha, beta = 1.0, 0.8
+    for scale in (1.0, 1e-23, 1e20):
+        a = t(0.0, 0.0, 2.0, dtype=torch.float32) * scale
+        b = t(0.0, 3.0, -2.0, dtype=torch.float32) * scale
+        cc = c.float() * scale
+        # s = beta where both are 0, beta/2 for a zero against a non-zero, 0 for opposite values
+        s = torch.tensor([beta, beta / 2, 0.0])
+        added, summed = a + alpha * (b - cc), (1 - alpha / 2) * a + (alpha / 2) * b
+        got = run("similarity_add_difference", [a, b], cc, alpha=alpha, beta=beta)
+        torch.testing.assert_close(got, (1 - s) * added + s * summed, rtol=1e-6, atol=0)
+
+
+def test_euclidean_at_huge_and_tiny_scales():
+    a, b, c = t(1.0, 2.0, 3.0), t(2.0, 1.0, 0.0), t(0.0, 0.0, 1.0)
+    unit = run("euclidean_add_difference", [a.float(), b.float()], c.float(), alpha=0.5)
+    for scale in (1e19, 1e-25):
+        got = run("euclidean_add_difference", [a.float() * scale, b.float() * scale], c.float() * scale, alpha=0.5)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got / scale, unit, rtol=1e-5, atol=0)
+
+
+def test_weighted_subtraction_rejects_products_near_one():
+    for alpha, beta in ((1.0, 1.0), (2.0, 0.5), (-1.0, -1.0), (1.0, 1.0 - 1e-7)):
+        with pytest.raises(MergeError, match="1 − alpha·beta"):
+            mm.create("weighted_subtraction", alpha=alpha, beta=beta)
+    mm.create("weighted_subtraction", alpha=1.0, beta=0.999)
+
+
+def test_distribution_crossover_ramp_ties_and_single_values():
+    a, b = randn(64, seed=51), randn(64, seed=52)
+    c = randn(64, seed=53)
+    # with a ramp (beta > 0) alpha 1 still gives B the top beta/2 of the spectrum: not A
+    assert not torch.allclose(run("distribution_crossover", [a, b], c, alpha=1.0, beta=0.1), a)
+    # a base full of ties: the stable order is the flat order
+    flat = torch.zeros(64, dtype=torch.float64)
+    sa, sb = torch.fft.rfft(a), torch.fft.rfft(b)
+    share = (torch.arange(sa.numel(), dtype=torch.float32) / sa.numel() >= 0.4).to(torch.float64)
+    want = torch.fft.irfft(sa * (1 - share) + sb * share, 64)
+    torch.testing.assert_close(run("distribution_crossover", [a, b], flat, alpha=0.4, beta=0.0), want)
+    # one value, 0-dim or one element: the weighted blend
+    for shape in ((), (1,), (1, 1)):
+        x, y = torch.full(shape, 2.0, dtype=torch.float64), torch.full(shape, 6.0, dtype=torch.float64)
+        torch.testing.assert_close(run("distribution_crossover", [x, y], x, alpha=0.25, beta=0.0),
+                                   torch.full(shape, 5.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_method_functions_leave_their_inputs_alone(name):
+    """Called directly (the engine hands a method a stacked copy of the models, so only a direct call can
+    show an in-place change), in fp32 and fp64."""
+    spec = mm.get_spec(name)
+    for dtype in (torch.float32, torch.float64):
+        models = torch.stack([randn(6, 5, seed=60 + i, dtype=dtype) for i in range(spec.min_models)])
+        base = randn(6, 5, seed=70, dtype=dtype) if name in BASED else None
+        keep_m, keep_b = models.clone(), None if base is None else base.clone()
+        method = mm.create(name)
+        spec.fn(base, models, mm.MergeContext(key="k"), **{p.name: method.get(p.name) for p in spec.global_params})
+        assert torch.equal(models, keep_m), name
+        assert base is None or torch.equal(base, keep_b), name
