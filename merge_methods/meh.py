@@ -93,9 +93,9 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     help="meh's euclidean_add_difference: the differences A − C and B − C are normalized (each to norm 1), "
          "combined per element as √((1 − alpha)·a² + alpha·b²) with the sign of the weighted-sum difference "
          "S = (1 − alpha)·A + alpha·B − C (+ where S is 0), and the result rescaled to S's norm: "
-         "out = C + ‖S‖·d/‖d‖. It adds the weighted sum's difference with its per-element magnitudes redistributed toward the larger of "
-         "the two changes. Models: A (first), B (second); base: C. Where both differences are 0 the result is "
-         "C (meh: NaN).",
+         "out = C + ‖S‖·d/‖d‖. It adds the weighted sum's difference with its per-element magnitudes "
+         "redistributed toward the larger of the two changes. Models: A (first), B (second); base: C. Where both "
+         "differences are 0 the result is C (meh: NaN).",
     params=(_alpha(0.5, "Weight of B's (normalized) difference; 0: A's alone, 1: B's alone.", lo=0.0, hi=1.0),),
 )
 def euclidean_add_difference(base, models, ctx, *, alpha):
