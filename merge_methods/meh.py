@@ -64,8 +64,8 @@ def _check_subtraction(glob, per_model):
          "the rest rescaled, the inverse of a weighted sum (if A = (1 − w)·X + w·B with w = alpha·beta, the result "
          "is X). alpha·beta within 1e-6 of 1 is an error (a division by about 0; meh nudges beta at alpha = beta = 1, "
          "giving weights of 1e10). Models: A (first), B (second).",
-    params=(_alpha(0.5, "With beta, the share of B to take out of A (alpha·beta).", lo=-2.0, hi=2.0),
-            _beta(0.5, "With alpha, the share of B to take out of A (alpha·beta).", lo=-2.0, hi=2.0)),
+    params=(_alpha(0.5, "With beta, the share of B to take out of A (alpha·beta).", lo=-1.0, hi=1.0),
+            _beta(0.5, "With alpha, the share of B to take out of A (alpha·beta).", lo=-1.0, hi=1.0)),
     check=_check_subtraction,
 )
 def weighted_subtraction(base, models, ctx, *, alpha, beta):

@@ -186,7 +186,7 @@ def test_euclidean_at_huge_and_tiny_scales():
 
 
 def test_weighted_subtraction_rejects_products_near_one():
-    for alpha, beta in ((1.0, 1.0), (2.0, 0.5), (-1.0, -1.0), (1.0, 1.0 - 1e-7)):
+    for alpha, beta in ((1.0, 1.0), (-1.0, -1.0), (1.0, 1.0 - 1e-7), (-1.0, -1.0 + 1e-7)):
         with pytest.raises(MergeError, match="1 − alpha·beta"):
             mm.create("weighted_subtraction", alpha=alpha, beta=beta)
     mm.create("weighted_subtraction", alpha=1.0, beta=0.999)
