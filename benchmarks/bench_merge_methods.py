@@ -246,7 +246,8 @@ def _sync(device: torch.device) -> None:
 
 def _call(plan: Plan, key: str, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     base = inputs[0] if plan.has_base else None
-    models = list(inputs[1:1 + plan.n_models])
+    first = 1 if plan.has_base else 0
+    models = list(inputs[first:first + plan.n_models])
     return plan.method.merge(base, models, key=key, seed=0)
 
 

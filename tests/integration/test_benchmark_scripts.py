@@ -40,6 +40,20 @@ def test_method_benchmark_runs_every_registered_method(tmp_path):
         assert spec.min_models <= r["models"] <= (spec.max_models or r["models"]), name
 
 
+def test_method_benchmark_gives_base_free_methods_their_models(tmp_path):
+    """Without a method that takes a base in the run, three-model base-free methods still get three models
+    (the inputs were taken from the second on, whatever the method: they got two)."""
+    out, shapes = tmp_path / "bench.json", tmp_path / "shapes.json"
+    shapes.write_text(json.dumps({"w.weight": [64, 32]}))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_merge_methods.py"), "--shapes", str(shapes),
+                           "--methods", "triple_sum,sum_twice,linear", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["methods"]}
+    for name in ("triple_sum", "sum_twice", "linear"):
+        assert rows[name]["error"] is None and rows[name]["models"] == 3, rows[name]
+
+
 def test_builtin_sd15_layout_is_comfyuis(harness):
     """Without ComfyUI the method benchmark generates the SD1.5 UNet's keys itself: the same keys, shapes
     and order as ComfyUI's own model."""
