@@ -1,6 +1,7 @@
 """Methods of sd-mecha: ``crossover`` (a blend in the frequency domain), ``add_cosine_a`` / ``add_cosine_b``
 (a lerp weighted by cosine similarity), ``tensor_sum`` (a region of B copied into A), ``geometric_sum`` (a
-weighted geometric mean) and ``clamp`` (model 1 limited to the range of the others).
+weighted geometric mean), ``clamp`` (model 1 limited to the range of the others) and ``truncate_rank`` (a
+model's difference from the base cut to a low rank).
 
 Model 1 is sd-mecha's ``a`` and model 2 its ``b`` (for ``clamp``, models 2… are its bounds). Only
 ``tensor_sum`` takes an optional base: sd-mecha's ``copy_region`` wrapper then works on the differences from
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import dot64, pow2_scale, sumsq
-from .spec import BASE_NONE, BASE_OPTIONAL, FLOAT, Param, merge_method
+from .spec import BASE_NONE, BASE_OPTIONAL, BASE_REQUIRED, FLOAT, Param, merge_method
 
 
 # ============================================================================== crossover
@@ -273,3 +274,30 @@ def clamp(base, models, ctx, *, stiffness):
         hi = torch.lerp(hi, nearest_above, stiffness)
         lo = torch.lerp(lo, nearest_below, stiffness)
     return torch.minimum(torch.maximum(value, lo), hi)
+
+
+# ============================================================================== truncate_rank
+@merge_method(
+    "truncate_rank", base=BASE_REQUIRED, min_models=1, max_models=1, source="sd-mecha",
+    help="sd-mecha's truncate_rank on the model's difference from the base: out = C + the best rank-r "
+         "approximation of A − C (its top r singular directions; the weight viewed as (out, in·kh·kw)), with "
+         "r = round(rank_ratio·min(out, in·kh·kw)), as sd-mecha's get_rank_from_ratio. Keeps the main "
+         "directions of a fine-tune and drops the rest (noise, small details), like extracting it as a LoRA "
+         "of that rank and applying it. rank_ratio 1 returns A, 0 returns C; 1-D weights keep their whole "
+         "difference. An exact SVD (sd-mecha's default is a randomized approximation). Model: A; base: C.",
+    params=(Param("rank_ratio", FLOAT, 0.25, "The rank kept, as a fraction of the largest possible rank of each "
+                  "weight (0: none of the difference, 1: all of it).", min=0.0, max=1.0, step=0.01),),
+)
+def truncate_rank(base, models, ctx, *, rank_ratio):
+    a = models[0]
+    if a.dim() < 2:
+        return a.clone()
+    delta = (a - base).reshape(a.shape[0], -1)
+    full = min(delta.shape)
+    rank = min(max(round(full * float(rank_ratio)), 0), full)
+    if rank == full:
+        return a.clone()
+    if rank == 0:
+        return base.clone()
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False, driver="gesvd" if delta.is_cuda else None)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(a.shape).add_(base)

@@ -40,13 +40,15 @@ def _check_fp64(spec, shape):
     assert out64.dtype == torch.float64 and out64.shape == out32.shape
     assert torch.isfinite(out64).all()
     close = torch.isclose(out64, out32.double(), rtol=1e-5, atol=1e-8)
-    # arcee_fusion's importance threshold may flip a few entries that sit on it
-    assert close.float().mean() >= (0.9 if spec.name == "arcee_fusion" else 1.0), spec.name
+    # arcee_fusion's importance threshold may flip a few entries that sit on it; truncate_rank's cut falls
+    # between nearly equal singular values of this random data, where the kept subspace moves with rounding
+    least = {"arcee_fusion": 0.9, "truncate_rank": 0.99}.get(spec.name, 1.0)
+    assert close.float().mean() >= least, spec.name
     # computed in fp64, not widened from fp32: bits beyond fp32's (but for methods that pick input entries;
     # tensor_sum's C + (B − C) is B exactly in fp64, clamp picks them too; rotate lerps 1-D weights by alpha,
-    # 0 by default)
+    # 0 by default; truncate_rank keeps a 1-D weight's whole difference: model 1)
     picks = spec.name in ("passthrough", "arcee_fusion", "tensor_sum", "clamp")
-    if not picks and not (spec.name == "rotate" and len(shape) == 1):
+    if not picks and not (spec.name in ("rotate", "truncate_rank") and len(shape) == 1):
         assert not torch.equal(out64, out64.float().double()), spec.name
 
 

@@ -19,7 +19,7 @@ EXPECTED = {
     # supermerger / sd-mecha
     "train_difference", "add_perpendicular",
     # sd-mecha
-    "rotate", "crossover", "add_cosine_a", "add_cosine_b", "tensor_sum", "geometric_sum", "clamp",
+    "rotate", "crossover", "add_cosine_a", "add_cosine_b", "tensor_sum", "geometric_sum", "clamp", "truncate_rank",
     # supermerger / meh
     "triple_sum", "sum_twice", "weighted_subtraction", "euclidean_add_difference", "multiply_difference",
     "similarity_add_difference", "distribution_crossover",

@@ -438,3 +438,40 @@ def test_clamp_agrees_with_sdmecha(dtype, n_bounds):
         want = sd_mecha.clamp.__wrapped__(value, *bounds, stiffness=stiffness)
         got = run("clamp", [value, *bounds], stiffness=stiffness)
         torch.testing.assert_close(got, want, rtol=0, atol=0 if stiffness in (0.0, 1.0) else 1e-6)
+
+
+# ============================================================================== truncate_rank
+def test_truncate_rank_keeps_the_best_low_rank_difference():
+    r = gen(81, torch.float64)
+    c = r(24, 40)
+    u, _ = torch.linalg.qr(r(24, 24))
+    v, _ = torch.linalg.qr(r(40, 24))
+    s = torch.linspace(10.0, 0.5, 24, dtype=torch.float64)
+    a = c + (u * s) @ v.T                      # a difference with known singular values
+    out = run("truncate_rank", [a], base=c, rank_ratio=0.25)            # round(0.25·24) = 6
+    kept = out - c
+    assert torch.linalg.matrix_rank(kept) == 6
+    torch.testing.assert_close(kept, (u[:, :6] * s[:6]) @ v[:, :6].T)
+    # Eckart–Young: the error is the dropped singular values
+    torch.testing.assert_close((a - out).norm(), s[6:].square().sum().sqrt())
+    assert torch.equal(run("truncate_rank", [a], base=c, rank_ratio=1.0), a)
+    assert torch.equal(run("truncate_rank", [a], base=c, rank_ratio=0.0), c)
+    vec = r(40)
+    assert torch.equal(run("truncate_rank", [vec], base=torch.zeros(40, dtype=torch.float64), rank_ratio=0.1), vec)
+    spec = mm.get_spec("truncate_rank")
+    assert (spec.base, spec.min_models, spec.max_models, spec.elementwise) == ("required", 1, 1, False)
+
+
+@needs_mecha
+@pytest.mark.parametrize("shape", [(30, 20), (16, 8, 3, 3), (12, 5, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_truncate_rank_agrees_with_sdmecha(shape, dtype):
+    r = gen(82, dtype)
+    a, c = r(*shape), r(*shape)
+    full = min(shape[0], math.prod(shape[1:]))
+    for ratio in (0.1, 0.5, 0.9):
+        rank = sd_mecha.get_rank_from_ratio.__wrapped__(a - c, ratio=ratio)
+        assert rank == min(max(round(full * ratio), 0), full)
+        ref = c + _mecha_module("svd").truncate_rank.__wrapped__(a - c, rank=rank, use_approximate_basis=False)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(run("truncate_rank", [a], base=c, rank_ratio=ratio), ref, rtol=tol, atol=tol)
