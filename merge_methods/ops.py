@@ -410,3 +410,9 @@ def pow2_scale(x: torch.Tensor) -> torch.Tensor:
     overflow (huge weights) nor vanish (a tensor of tiny values)."""
     peak = x.abs().amax() if x.numel() else x.new_zeros(())
     return torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))
+
+
+def svd_driver(x: torch.Tensor):
+    """The torch.linalg.svd driver for ``x``'s device: gesvd on CUDA, whose default (gesvdj) can be
+    inaccurate on ill-conditioned matrices (sd-mecha uses gesvd too); the default elsewhere."""
+    return "gesvd" if x.is_cuda else None

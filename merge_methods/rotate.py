@@ -21,15 +21,11 @@ import math
 
 import torch
 
+from .ops import svd_driver
 from .spec import BASE_OPTIONAL, FLOAT, Param, merge_method
 
 # eigenvalues of a rotation this close to −1 are taken as exact half turns (see _orthogonal_power)
 _HALF_TURN_TOL = 1e-6
-
-
-def _svd_driver(x: torch.Tensor):
-    # cuSOLVER's default (gesvdj) can be inaccurate on ill-conditioned matrices; sd-mecha uses gesvd too
-    return "gesvd" if x.is_cuda else None
 
 
 def _orthogonal_power(q: torch.Tensor, t: float) -> torch.Tensor:
@@ -45,7 +41,7 @@ def _orthogonal_power(q: torch.Tensor, t: float) -> torch.Tensor:
     k = int(half_turn.sum())
     if k:
         # the k smallest right singular vectors of Q + I: a real orthonormal basis of the −1 eigenspace
-        _, _, vh = torch.linalg.svd(q + torch.eye(q.shape[0], dtype=q.dtype, device=q.device))
+        _, _, vh = torch.linalg.svd(q + torch.eye(q.shape[0], dtype=q.dtype, device=q.device), driver=svd_driver(q))
         e = vh[-k:].T
         e1, e2 = e[:, 0:k - 1:2], e[:, 1:k:2]      # planes (e1ᵢ, e2ᵢ); an odd one out (det −1) stays −1
         c, s = math.cos(math.pi * t), math.sin(math.pi * t)
@@ -71,7 +67,7 @@ def _complement(x: torch.Tensor) -> torch.Tensor:
 
 
 def _polar(x: torch.Tensor) -> torch.Tensor:
-    u, _, vh = torch.linalg.svd(x, full_matrices=False, driver=_svd_driver(x))
+    u, _, vh = torch.linalg.svd(x, full_matrices=False, driver=svd_driver(x))
     return u @ vh
 
 
@@ -108,7 +104,7 @@ def _completed(u: torch.Tensor, v: torch.Tensor, uc: torch.Tensor, vc: torch.Ten
     maps u's columns onto v's, with the M that maximizes the trace (the completion closest to the identity).
     ``proper``: det +1, by flipping the least-weighted direction (Kabsch)."""
     if uc.shape[1]:
-        px, _, qxh = torch.linalg.svd(vc.T @ uc, driver=_svd_driver(uc))
+        px, _, qxh = torch.linalg.svd(vc.T @ uc, driver=svd_driver(uc))
         out = u @ v.T + uc @ (qxh.T @ px.T) @ vc.T
         if proper and torch.linalg.det(out) < 0:
             px = px.clone()
@@ -129,7 +125,7 @@ def _rotation(a: torch.Tensor, b: torch.Tensor, proper: bool) -> _Rotation:
     identity elsewhere (the identity on what is orthogonal to both row spaces).
     ``proper``: det R = +1 (a rotation, so that its fractional powers are real)."""
     rows, cols = a.shape
-    driver = _svd_driver(a)
+    driver = svd_driver(a)
     if rows >= cols:   # cols × cols: the SVD's bases are complete
         u, s, vh = torch.linalg.svd(a.T @ b, driver=driver)
         r = _rank(s, (rows, cols))

@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .ops import dot64, pow2_scale, sumsq
+from .ops import dot64, pow2_scale, sumsq, svd_driver
 from .spec import BASE_NONE, BASE_OPTIONAL, BASE_REQUIRED, FLOAT, Param, merge_method
 
 
@@ -299,5 +299,5 @@ def truncate_rank(base, models, ctx, *, rank_ratio):
         return a.clone()
     if rank == 0:
         return base.clone()
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False, driver="gesvd" if delta.is_cuda else None)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False, driver=svd_driver(delta))
     return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(a.shape).add_(base)
