@@ -16,6 +16,7 @@ from .spec import (BASE_NONE, BASE_OPTIONAL, BASE_REQUIRED, MergeMethod, MethodS
 
 # importing the method modules registers them
 from . import linear, task_arithmetic, sce, model_stock  # noqa: E402,F401  (mergekit's linear family)
+from . import ram  # noqa: E402,F401  (mergekit's RAM and RAM+ for sparse fine-tunes)
 from . import spherical, simple  # noqa: E402,F401  (slerp family, nearswap, fusion, ComfyUI's own)
 from . import sd_optim  # noqa: E402,F401  (sd-optim / sd-mecha methods, geometric median)
 from . import rotate  # noqa: E402,F401  (sd-mecha's orthogonal Procrustes alignment)

@@ -263,3 +263,11 @@ def test_della_statistics():
             assert abs(kept[hi].double().mean().item() - 0.5806) < 0.02
             assert abs(float(out.abs().sum() / delta.abs().sum()) - 1) < 1e-5  # L1 rescale (default)
         assert abs(float(a.norm() / b.norm()) - 1) < 0.02
+
+
+def test_every_mergekit_method_is_here_under_its_name():
+    """mergekit's registry, read from the installed mergekit: each of its methods exists here by the same name
+    (a recipe naming a mergekit method needs no translation)."""
+    theirs = {m.spec.name for m in registry.registered_methods()}
+    assert len(theirs) >= 20
+    assert theirs <= set(mm.names()), sorted(theirs - set(mm.names()))

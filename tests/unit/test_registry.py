@@ -10,7 +10,7 @@ EXPECTED = {
     # mergekit
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs",
     "breadcrumbs_ties", "sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "nearswap",
-    "arcee_fusion", "passthrough",
+    "arcee_fusion", "passthrough", "ram", "ramplus_tl",
     # sd-optim / sd-mecha
     "ties_sum_with_dropout", "ties_sum_extended", "multi_domain_alignment", "lowrank_orthogonal_projection",
     "geometric_median",

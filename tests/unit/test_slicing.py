@@ -134,7 +134,7 @@ def test_magnitude_cut_threshold_is_exact_at_float_spacing():
 def test_elementwise_methods_are_declared_and_not_randomized():
     """The flag that lets the CPU path slice a method: set on exactly the per-element methods."""
     flagged = {s.name for s in mm.all_specs() if s.elementwise}
-    assert flagged == {"linear", "task_arithmetic", "nearswap", "passthrough", "weighted_sum", "add_difference",
+    assert flagged == {"linear", "task_arithmetic", "ram", "nearswap", "passthrough", "weighted_sum", "add_difference",
                        "train_difference", "geometric_sum", "clamp", "triple_sum", "sum_twice",
                        "weighted_subtraction", "multiply_difference", "similarity_add_difference"}
     assert not any(s.randomized for s in mm.all_specs() if s.elementwise)
@@ -157,7 +157,8 @@ def test_sliced_merge_reports_the_model_with_nan(monkeypatch):
 
 # -- the streamed path (methods with a ``streamed`` implementation: TIES and breadcrumbs) --------------
 
-STREAMED = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+STREAMED = {"ties", "breadcrumbs", "breadcrumbs_ties", "ramplus_tl"}
+GTA_STREAMED = STREAMED - {"ramplus_tl"}      # RAM+'s streamed path: tests/unit/test_ram.py
 
 
 def test_streamed_methods_are_declared():
@@ -181,7 +182,7 @@ def _spy_streamed(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", sorted(STREAMED))
+@pytest.mark.parametrize("name", sorted(GTA_STREAMED))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rescale", ["none", "inverse_density"])
 def test_streamed_merge_is_bit_identical(name, dtype, rescale, monkeypatch, one_thread):
@@ -228,7 +229,7 @@ def test_streamed_merge_leaves_l1_rescale_to_the_stacked_path(monkeypatch):
     assert calls == [False]
 
 
-@pytest.mark.parametrize("name", sorted(STREAMED))
+@pytest.mark.parametrize("name", sorted(GTA_STREAMED))
 def test_streamed_merge_accepts_differences_that_overflow(name, monkeypatch, one_thread):
     """Finite weights whose difference overflows to ±Inf are no input error: the streamed path (which
     checks the differences, and the inputs only where those are not finite) merges them as the
@@ -249,7 +250,7 @@ def test_streamed_merge_accepts_differences_that_overflow(name, monkeypatch, one
     torch.testing.assert_close(streamed, whole, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("name", sorted(STREAMED))
+@pytest.mark.parametrize("name", sorted(GTA_STREAMED))
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["base", "pruned", "dense", "dropped"])
 def test_streamed_merge_reports_non_finite_inputs(name, bad, where, monkeypatch, one_thread):
