@@ -414,5 +414,6 @@ def pow2_scale(x: torch.Tensor) -> torch.Tensor:
 
 def svd_driver(x: torch.Tensor):
     """The torch.linalg.svd driver for ``x``'s device: gesvd on CUDA, whose default (gesvdj) can be
-    inaccurate on ill-conditioned matrices (sd-mecha uses gesvd too); the default elsewhere."""
+    inaccurate on ill-conditioned matrices (sd-mecha's orthogonal_procrustes uses gesvd too); the default
+    elsewhere."""
     return "gesvd" if x.is_cuda else None

@@ -26,10 +26,14 @@ def _counted(deltas: torch.Tensor, epsilon: float):
 
 def _mixed(base: torch.Tensor, deltas: torch.Tensor, count: torch.Tensor, unique_scale=None) -> torch.Tensor:
     """base + Σᵢ δᵢ / max(count, 1), with row i of the deltas times ``unique_scale[i]`` where only one model
-    counts; the same operations on every element, so spans give the whole tensor's bits."""
+    counts, in place on the deltas.  Each δᵢ is divided before the sum (as mergekit does), so a mean of huge
+    finite values stays finite; the same operations on every element, so spans give the whole tensor's bits."""
+    deltas.div_(count.clamp(min=1))
     if unique_scale is not None:
-        deltas = torch.where(count == 1, deltas * unique_scale[:, None], deltas)
-    return deltas.sum(0).div_(count.clamp(min=1)).add_(base)
+        alone = count == 1
+        for i in range(deltas.shape[0]):
+            deltas[i].mul_(torch.where(alone, unique_scale[i], 1.0))
+    return deltas.sum(0).add_(base)
 
 
 @merge_method(
@@ -50,7 +54,7 @@ def ram(base, models, ctx, *, epsilon):
 def _unique_scale(shared: torch.Tensor, unique: torch.Tensor, r: float, alpha: float) -> torch.Tensor:
     # ρᵢ = shared/unique; a model with no unique entry has nothing to scale (mergekit divides by epsilon there)
     rho = shared.double() / unique.clamp(min=1).double()
-    return (1.0 + r * rho.clamp(0.0, alpha)).float()
+    return 1.0 + r * rho.clamp(0.0, alpha)
 
 
 def _shared_unique(keep: torch.Tensor, count: torch.Tensor):
@@ -65,16 +69,15 @@ def _ramplus_streamed(inputs: SpanInputs, ctx, *, epsilon, r, alpha):
     if inputs.base is None:
         return None
     n = inputs.n_models
-    shared = torch.zeros(n, dtype=torch.int64)
-    unique = torch.zeros(n, dtype=torch.int64)
+    shared = torch.zeros(n, dtype=torch.int64, device=inputs.ref.device)
+    unique = torch.zeros_like(shared)
     for j in range(len(inputs.spans)):
-        _, deltas = inputs.read_deltas(j)
-        if not inputs.deltas_finite(j, deltas, range(n)):
-            inputs.check_span(j)        # raises for NaN/Inf in an input (not for differences that overflow)
+        # check: raises for NaN/Inf in an input (not for differences that overflow), then reads the differences
+        _, deltas = inputs.read_deltas(j, check=True)
         s, u = _shared_unique(*_counted(deltas, epsilon))
         shared += s
         unique += u
-    scale = _unique_scale(shared, unique, r, alpha)
+    scale = _unique_scale(shared, unique, r, alpha).float()
     out = inputs.new_output()
     for j in range(len(inputs.spans)):
         b32, deltas = inputs.read_deltas(j)
@@ -99,6 +102,6 @@ def _ramplus_streamed(inputs: SpanInputs, ctx, *, epsilon, r, alpha):
 def ramplus_tl(base, models, ctx, *, r, alpha, epsilon):
     deltas = models.sub_(base).reshape(models.shape[0], -1)
     keep, count = _counted(deltas, epsilon)
-    scale = _unique_scale(*_shared_unique(keep, count), r, alpha).to(deltas.device)
+    scale = _unique_scale(*_shared_unique(keep, count), r, alpha).to(deltas.dtype)
     del keep
     return _mixed(base.reshape(-1), deltas, count, scale).reshape(base.shape)

@@ -299,5 +299,8 @@ def truncate_rank(base, models, ctx, *, rank_ratio):
         return a.clone()
     if rank == 0:
         return base.clone()
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False, driver=svd_driver(delta))
-    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(a.shape).add_(base)
+    # by a power of two (exact): the top singular value of finite differences can exceed fp32's range, and
+    # subnormal ones would lose digits
+    scale = pow2_scale(delta)
+    u, s, vh = torch.linalg.svd(delta / scale, full_matrices=False, driver=svd_driver(delta))
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).mul_(scale).reshape(a.shape).add_(base)

@@ -462,6 +462,20 @@ def test_truncate_rank_keeps_the_best_low_rank_difference():
     assert (spec.base, spec.min_models, spec.max_models, spec.elementwise) == ("required", 1, 1, False)
 
 
+@pytest.mark.parametrize("magnitude", [3e37, 1e-41])
+def test_truncate_rank_of_huge_and_tiny_differences(magnitude):
+    """fp32 differences of 3e37 per entry have a top singular value above fp32's range, subnormal ones lose
+    digits: the SVD sees them scaled by a power of two (exact), so the result is the fp64 one to fp32 rounding."""
+    r = gen(83)
+    a = r(64, 48) * magnitude
+    c = torch.zeros(64, 48)
+    out = run("truncate_rank", [a], base=c, rank_ratio=0.25)
+    assert out.isfinite().all()
+    want = run("truncate_rank", [a.double()], base=c.double(), rank_ratio=0.25)
+    # fp32 SVD rounding on entries of about `magnitude` (subnormal outputs are 2^-149 ≈ 1.4e-45 apart)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-4 * magnitude)
+
+
 @needs_mecha
 @pytest.mark.parametrize("shape", [(30, 20), (16, 8, 3, 3), (12, 5, 1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
