@@ -465,7 +465,7 @@ def test_truncate_rank_keeps_the_best_low_rank_difference():
 @pytest.mark.parametrize("magnitude", [3e37, 1e-41])
 def test_truncate_rank_of_huge_and_tiny_differences(magnitude):
     """fp32 differences of 3e37 per entry have a top singular value above fp32's range, subnormal ones lose
-    digits: the SVD sees them scaled by a power of two (exact), so the result is the fp64 one to fp32 rounding."""
+    digits: they are scaled by a power of two (exact) first, so the result is the fp64 one to fp32 rounding."""
     r = gen(83)
     a = r(64, 48) * magnitude
     c = torch.zeros(64, 48)
