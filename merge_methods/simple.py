@@ -1,6 +1,6 @@
 """Two-model methods: mergekit's ``nearswap``, ``arcee_fusion`` and ``passthrough``; ComfyUI's
 ``weighted_sum`` (ModelMergeSimple), the classic ``add_difference`` and its supermerger / sd-mecha
-variants ``train_difference`` and ``add_perpendicular``."""
+variants ``train_difference``, ``add_opposite``, ``add_strict_opposite`` and ``add_perpendicular``."""
 from __future__ import annotations
 
 import torch
@@ -125,6 +125,48 @@ def train_difference(base, models, ctx, *, alpha):
     far = (b - a).abs_()
     share = far.div_(trained.abs().add_(far)).nan_to_num_(nan=0.0)      # 0/0 where A = B = C
     return torch.addcmul(a, share, trained, value=1.8 * float(alpha))
+
+
+def _a_b_diffs(base, models):
+    """A, B − C and A − C for the two-model add-difference variants (models A, B; base C)."""
+    a = models[0]
+    return a, models[1] - base, a - base
+
+
+@merge_method(
+    "add_opposite", base=BASE_REQUIRED, min_models=2, max_models=2, source="sd-mecha", result_is_model1=True,
+    elementwise=True,
+    help="sd-mecha's add_opposite_mask with add_difference: A + alpha·2·|A − B|/(|A − B| + |A + B − 2C|)·(B − C), "
+         "with the models as A (first) and B (second) and the base as C. Per element, B's difference from C is "
+         "added where A and B moved away from C in opposite directions (up to 2·alpha of it where A − C = "
+         "−(B − C); alpha of it where A = C), less where they moved alike, nothing where A = B. A + B − 2C is "
+         "computed as (A − C) + (B − C); 0/0 (A = B = C) adds nothing.",
+    params=(Param("alpha", FLOAT, 1.0, "Strength of the added difference (B − C), before the per-element factor "
+                  "2·|A − B|/(|A − B| + |A + B − 2C|).", min=-10.0, max=10.0, step=0.01),),
+)
+def add_opposite(base, models, ctx, *, alpha):
+    a, b_diff, a_diff = _a_b_diffs(base, models)
+    apart = (a - models[1]).abs_()
+    share = apart.div_(a_diff.add_(b_diff).abs_().add_(apart)).nan_to_num_(nan=0.0)
+    return torch.addcmul(a, share, b_diff, value=2.0 * float(alpha))
+
+
+@merge_method(
+    "add_strict_opposite", base=BASE_REQUIRED, min_models=2, max_models=2, source="sd-mecha", result_is_model1=True,
+    elementwise=True,
+    help="sd-mecha's add_strict_opposite_mask with add_difference: A + alpha·2·max(0, (C − A)(B − C)/m²)·(B − C), "
+         "m = max(|A − C|, |B − C|), with the models as A (first) and B (second) and the base as C. Per element, "
+         "B's difference from C is added only where it has the opposite sign of A's, in proportion to how "
+         "nearly the two cancel (2·alpha of it where A − C = −(B − C)); nothing where they agree in sign or "
+         "either is 0. The ratio is taken as ((C − A)/m)·((B − C)/m), which cannot overflow.",
+    params=(Param("alpha", FLOAT, 1.0, "Strength of the added difference (B − C), before the per-element factor "
+                  "2·max(0, (C − A)(B − C)/m²), which is at most 2.", min=-10.0, max=10.0, step=0.01),),
+)
+def add_strict_opposite(base, models, ctx, *, alpha):
+    a, b_diff, a_diff = _a_b_diffs(base, models)
+    m = torch.maximum(a_diff.abs(), b_diff.abs())
+    share = a_diff.div_(m).neg_().mul_(b_diff / m).nan_to_num_(nan=0.0).clamp_(min=0.0)
+    return torch.addcmul(a, share, b_diff, value=2.0 * float(alpha))
 
 
 @merge_method(

@@ -17,7 +17,7 @@ EXPECTED = {
     # ComfyUI
     "weighted_sum", "add_difference",
     # supermerger / sd-mecha
-    "train_difference", "add_perpendicular",
+    "train_difference", "add_perpendicular", "add_opposite", "add_strict_opposite",
     # sd-mecha
     "rotate", "crossover", "add_cosine_a", "add_cosine_b", "tensor_sum", "geometric_sum", "clamp", "truncate_rank",
     # supermerger / meh

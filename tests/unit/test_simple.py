@@ -251,6 +251,74 @@ def test_train_difference_agrees_with_sdmecha():
         torch.testing.assert_close(run("train_difference", c, [a, b], {"alpha": alpha}), ref, atol=1e-6, rtol=1e-6)
 
 
+# ============================================================================== add_opposite, add_strict_opposite
+def test_add_opposite_by_hand():
+    c = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    a = torch.tensor([1.0, 1.0, 2.0, 1.0])
+    b = torch.tensor([-1.0, 1.0, 0.0, 3.0])
+    # share = |A − B|/(|A − B| + |A + B − 2C|): 1 (opposite), 0 (A = B), 0.5 (B = C: adds 0), 0.5 (A = C)
+    assert torch.equal(run("add_opposite", c, [a, b], {"alpha": 0.5}), torch.tensor([0.0, 1.0, 2.0, 2.0]))
+    assert torch.equal(run("add_opposite", c, [a, b], {"alpha": 1.0}), torch.tensor([-1.0, 1.0, 2.0, 3.0]))
+    same = torch.ones(3)
+    assert torch.equal(run("add_opposite", same, [same, same]), same)     # 0/0 adds nothing
+
+
+def test_add_strict_opposite_by_hand():
+    c = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0])
+    a = torch.tensor([1.0, 1.0, 2.0, 1.0, 2.0])
+    b = torch.tensor([-1.0, 1.0, 0.0, 3.0, -1.0])
+    # share = max(0, (C − A)(B − C)/max(|A − C|, |B − C|)²): 1, 0 (same sign), 0 (B = C), 0 (A = C), 0.5
+    assert torch.equal(run("add_strict_opposite", c, [a, b], {"alpha": 0.5}),
+                       torch.tensor([0.0, 1.0, 2.0, 1.0, 1.5]))
+    same = torch.ones(3)
+    assert torch.equal(run("add_strict_opposite", same, [same, same]), same)
+
+
+@pytest.mark.parametrize("name", ["add_opposite", "add_strict_opposite"])
+def test_opposite_variants_add_only_where_the_differences_disagree(name):
+    r = gen(23)
+    a, b, c = r(40, 30), r(40, 30), r(40, 30)
+    a_d, b_d = a - c, b - c
+    out = run(name, c, [a, b], {"alpha": 0.8})
+    share = (out - a) / (2 * 0.8 * b_d)          # the factor of B − C added
+    top = 1.0 + 1e-5
+    assert bool((share >= -1e-6).all() and (share <= top).all())
+    opposite = a_d * b_d < 0
+    if name == "add_strict_opposite":
+        assert torch.equal(out[~opposite], a[~opposite])
+    # where the differences nearly cancel, (nearly) all 2·alpha of B − C is added
+    b2 = c - a_d * 0.999
+    share2 = (run(name, c, [a, b2], {"alpha": 0.8}) - a) / (2 * 0.8 * (b2 - c))
+    assert bool((share2 > 0.99).all())
+    # B's difference of the same sign and size as A's (B = A) adds nothing
+    assert torch.equal(run(name, c, [a, a.clone()]), a)
+
+
+def test_add_strict_opposite_of_huge_differences_does_not_overflow():
+    c = torch.zeros(2)
+    a = torch.tensor([2e30, 1e-30])
+    b = torch.tensor([-1e30, -1e-30])
+    # (C − A)(B − C) = 2e60 would overflow fp32; the ratio is 0.5 and 1
+    out = run("add_strict_opposite", c, [a, b], {"alpha": 1.0})
+    torch.testing.assert_close(out, torch.tensor([2e30 - 1e30, 1e-30 - 2e-30]))
+
+
+@needs_mecha
+@pytest.mark.parametrize("name", ["add_opposite", "add_strict_opposite"])
+def test_opposite_variants_agree_with_sdmecha(name):
+    r = gen(24)
+    a, b, c = r(30, 40), r(30, 40), r(30, 40)
+    b[0] = a[0]                  # B = A
+    a[1], b[1] = c[1], c[1]      # A = B = C: 0/0
+    a[2] = c[2]                  # A = C
+    b[3] = c[3]                  # B = C
+    b[4] = 2 * c[4] - a[4]       # exact opposites
+    mask_fn = getattr(sd_mecha, name + "_mask").__wrapped__
+    for alpha in (1.0, 0.35, -0.5):
+        ref = a.addcmul(b - c, mask_fn(a, b, c, alpha=torch.tensor(alpha)))
+        torch.testing.assert_close(run(name, c, [a, b], {"alpha": alpha}), ref, atol=1e-6, rtol=1e-6)
+
+
 # ============================================================================== add_perpendicular
 def test_add_perpendicular_by_hand():
     a = torch.tensor([1.0, 2.0, 3.0])

@@ -135,8 +135,9 @@ def test_elementwise_methods_are_declared_and_not_randomized():
     """The flag that lets the CPU path slice a method: set on exactly the per-element methods."""
     flagged = {s.name for s in mm.all_specs() if s.elementwise}
     assert flagged == {"linear", "task_arithmetic", "ram", "nearswap", "passthrough", "weighted_sum", "add_difference",
-                       "train_difference", "geometric_sum", "clamp", "triple_sum", "sum_twice",
-                       "weighted_subtraction", "multiply_difference", "similarity_add_difference"}
+                       "train_difference", "add_opposite", "add_strict_opposite", "geometric_sum", "clamp",
+                       "triple_sum", "sum_twice", "weighted_subtraction", "multiply_difference",
+                       "similarity_add_difference"}
     assert not any(s.randomized for s in mm.all_specs() if s.elementwise)
     with pytest.raises(ValueError, match="cannot be elementwise"):
         spec_mod.merge_method("never_registered", help="", source="", randomized=True, elementwise=True)
