@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .ops import dot64, pow2_scale, sumsq, svd_driver
+from .ops import dot64, pow2_scale, ratio_to_region, sumsq, svd_driver
 from .spec import BASE_NONE, BASE_OPTIONAL, BASE_REQUIRED, FLOAT, Param, merge_method
 
 
@@ -172,24 +172,6 @@ def add_cosine_b(base, models, ctx, *, alpha):
 
 
 # ============================================================================== tensor_sum
-def _region(width: float, offset: float, n: int) -> Tuple[int, int, bool]:
-    """sd-mecha's ratio_to_region: the rows ``[start, end)`` of ``n`` and whether they are the complement.
-
-    A negative width extends to the left of the offset; the width is at most 1; the offset wraps around
-    (modulo 1).  A region that runs past the end wraps to the start: the rows outside it, ``[start, end)``,
-    are returned with ``inverted`` set.  The ends are rounded as Python's round does (half to even)."""
-    if width < 0:
-        offset, width = offset + width, -width
-    width = min(width, 1.0)
-    if offset < 0:
-        offset = 1.0 + offset - int(offset)
-    offset = math.fmod(offset, 1.0)
-    stop = offset + width
-    if stop <= 1.0:
-        return round(offset * n), round(stop * n), False
-    return round((stop - 1.0) * n), round(offset * n), True
-
-
 @merge_method(
     "tensor_sum", base=BASE_OPTIONAL, min_models=2, max_models=2, source="sd-mecha",
     help="sd-mecha's tensor_sum (its copy_region): A with a band of rows along dim 0 replaced by B's. The band "
@@ -211,7 +193,7 @@ def tensor_sum(base, models, ctx, *, width, offset):
     if a.dim() == 0:
         out = (b if width > 0.5 else a).clone()
     else:
-        start, end, inverted = _region(width, offset, a.shape[0])
+        start, end, inverted = ratio_to_region(width, offset, a.shape[0])
         inside, outside = (a, b) if inverted else (b, a)
         out = outside.clone()
         out[start:end] = inside[start:end]

@@ -327,12 +327,12 @@ def test_tensor_sum_agrees_with_sdmecha(shape, dtype, with_base):
 
 @needs_mecha
 def test_tensor_sum_region_is_sdmecha_s():
-    from merge_methods.sd_mecha_methods import _region
-    ratio_to_region = _mecha_module("slicing").ratio_to_region
+    from merge_methods.ops import ratio_to_region
+    reference = _mecha_module("slicing").ratio_to_region
     for n in (1, 2, 5, 7, 10, 320, 1280):
         for w in [x / 40 for x in range(-40, 41)]:
             for o in [x / 40 for x in range(0, 41)]:
-                assert _region(w, o, n) == ratio_to_region(w, o, n), (n, w, o)
+                assert ratio_to_region(w, o, n) == reference(w, o, n), (n, w, o)
 
 
 # ============================================================================== geometric_sum
