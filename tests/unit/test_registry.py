@@ -22,7 +22,7 @@ EXPECTED = {
     "rotate", "crossover", "add_cosine_a", "add_cosine_b", "tensor_sum", "geometric_sum", "clamp", "truncate_rank",
     # supermerger / meh
     "triple_sum", "sum_twice", "weighted_subtraction", "euclidean_add_difference", "multiply_difference",
-    "similarity_add_difference", "distribution_crossover",
+    "similarity_add_difference", "distribution_crossover", "ties_add_difference", "top_k_tensor_sum",
 }
 
 
