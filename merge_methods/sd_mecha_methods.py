@@ -1,11 +1,12 @@
 """Methods of sd-mecha: ``crossover`` (a blend in the frequency domain), ``add_cosine_a`` / ``add_cosine_b``
 (a lerp weighted by cosine similarity), ``tensor_sum`` (a region of B copied into A), ``geometric_sum`` (a
-weighted geometric mean), ``clamp`` (model 1 limited to the range of the others) and ``truncate_rank`` (a
-model's difference from the base cut to a low rank).
+weighted geometric mean), ``clamp`` (model 1 limited to the range of the others), ``truncate_rank`` (a
+model's difference from the base cut to a low rank) and ``multiply_quotient`` (A scaled by a power of B/C).
 
 Model 1 is sd-mecha's ``a`` and model 2 its ``b`` (for ``clamp``, models 2… are its bounds). Only
 ``tensor_sum`` takes an optional base: sd-mecha's ``copy_region`` wrapper then works on the differences from
-it (c + tensor_sum(a − c, b − c)); sd-mecha has no such wrapper for the others.
+it (c + tensor_sum(a − c, b − c)); sd-mecha has no such wrapper for the others. ``multiply_quotient``'s base
+is sd-mecha's ``c``.
 """
 from __future__ import annotations
 
@@ -283,3 +284,37 @@ def truncate_rank(base, models, ctx, *, rank_ratio):
         return base.clone()
     u, s, vh = torch.linalg.svd(delta, full_matrices=False, driver=svd_driver(delta))
     return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(a.shape).add_(base)
+
+
+# ============================================================================== multiply_quotient
+@merge_method(
+    "multiply_quotient", base=BASE_REQUIRED, min_models=2, max_models=2, source="sd-mecha", elementwise=True,
+    result_is_model1=True,
+    help="sd-mecha's multiply_quotient: A times a power of B/C where A and B moved away from C in opposite "
+         "directions of magnitude. With the log ratios a = ln|A| − ln|C| and b = ln|B| − ln|C|, per element, "
+         "the exponent is x = alpha·max(0, −a·b / max(|a|, |b|)²): 0 where A and B both grew or both shrank "
+         "against C, alpha·min(|a|, |b|)/max(|a|, |b|) where one grew and the other shrank; "
+         "out = A·|B/C|^x, times cos(π·x) where B and C have opposite signs: the real part of A·(B/C)^x with the "
+         "principal complex power, as sd-mecha computes it. In magnitude, ln|out| = ln|A| + x·b: A is moved "
+         "back toward C's magnitude by at most alpha·|a|; where |b| ≥ |a|, |out| = |C|^alpha·|A|^(1 − alpha). "
+         "Where A, B or C is 0, or both ratios are 0, x = 0 and the result is A (sd-mecha: the "
+         "same, by replacing NaN with A). Evaluated in real arithmetic, |B/C|^x as e^(x·b): no complex "
+         "tensors, and no B/C to overflow (sd-mecha returns A where its fp32 B/C overflows, e.g. B = 1e30 "
+         "against C = 1e-10). Models: A (first), B (second); base: C.",
+    params=(Param("alpha", FLOAT, 1.0, "Scale of the exponent x (0 returns A).", min=-1.0, max=2.0, step=0.01),),
+)
+def multiply_quotient(base, models, ctx, *, alpha):
+    a, b = models[0], models[1]
+    log_c = base.abs().log()
+    ac = a.abs().log_().sub_(log_c)
+    bc = b.abs().log_().sub_(log_c)
+    del log_c
+    peak = torch.maximum(ac.abs(), bc.abs()).square_()
+    # NaN from the zeros' infinite logs (inf·0, inf/inf) and from 0/0 where both ratios are 0: exponent 0
+    exponent = ac.mul_(bc).div_(peak).neg_().nan_to_num_(nan=0.0).clamp_(min=0.0).mul_(float(alpha))
+    del peak
+    # |B/C|^x = e^(x·b); where x = 0 that is 1 (b may be ±inf there: a 0 in B or C)
+    out = bc.mul_(exponent).nan_to_num_(nan=0.0).exp_().mul_(a)
+    # Re(e^{iπx}) where B/C < 0; cos(0) = 1 exactly elsewhere
+    turn = exponent.mul_((b < 0) != (base < 0)).mul_(math.pi).cos_()
+    return out.mul_(turn)

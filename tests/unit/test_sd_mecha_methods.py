@@ -1,5 +1,5 @@
-"""crossover, add_cosine_a, add_cosine_b, tensor_sum, geometric_sum, clamp (sd-mecha's methods): hand-checked
-examples, invariants, and agreement with sd-mecha on random tensors."""
+"""crossover, add_cosine_a, add_cosine_b, tensor_sum, geometric_sum, clamp, truncate_rank, multiply_quotient
+(sd-mecha's methods): hand-checked examples, invariants, and agreement with sd-mecha on random tensors."""
 import importlib
 import math
 
@@ -475,3 +475,103 @@ def test_truncate_rank_agrees_with_sdmecha(shape, dtype):
         ref = c + _mecha_module("svd").truncate_rank.__wrapped__(a - c, rank=rank, use_approximate_basis=False)
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(run("truncate_rank", [a], base=c, rank_ratio=ratio), ref, rtol=tol, atol=tol)
+
+
+# ============================================================================== multiply_quotient
+def test_multiply_quotient_by_hand():
+    e = math.e
+    c = t(1.0, 1.0, 1.0, 1.0, -1.0, 2.0)
+    # log ratios (a, b): (1, −2), (2, −1), (1, 2) (same direction), (1, −2) with B < 0 < C, (1, −2) with B and C
+    # negative (B/C > 0), (0, 1)
+    a = t(e, e ** 2, e, e, -e, 2.0)
+    b = t(e ** -2, e ** -1, e ** 2, -e ** -2, -e ** -2, 2 * e)
+    # x = alpha·|a|·|b|/max²: 0.5, 0.5, 0, 0.5, 0.5, 0 at alpha 1; out = A·|B/C|^x (·cos πx where B/C < 0)
+    want = t(1.0, e ** 1.5, e, 0.0, -1.0, 2.0)
+    torch.testing.assert_close(run("multiply_quotient", [a, b], base=c, alpha=1.0), want, atol=1e-6, rtol=1e-6)
+    # alpha 0.5: x = 0.25 and cos(π/4) where B/C < 0; |b| ≥ |a| gives |C|^½·|A|^½
+    h = math.cos(math.pi / 4)
+    want = t(e ** 0.5, e ** 1.75, e, e ** 0.5 * h, -(e ** 0.5), 2.0)
+    torch.testing.assert_close(run("multiply_quotient", [a, b], base=c, alpha=0.5), want)
+
+
+def test_multiply_quotient_zeros_and_equal_magnitudes_return_a():
+    a = t(0.0, 2.0, 2.0, 2.0, 0.0, 3.0, -3.0, 2.0, 0.0)
+    b = t(2.0, 0.0, 2.0, 2.0, 0.0, 3.0, 3.0, -2.0, 5.0)
+    c = t(1.0, 1.0, 0.0, 2.0, 0.0, 3.0, 3.0, 2.0, 0.0)
+    for alpha in (0.5, 1.0, 2.0, -1.0):
+        assert torch.equal(run("multiply_quotient", [a, b], base=c, alpha=alpha), a), alpha
+
+
+@pytest.mark.parametrize("shape", [()] + SHAPES)
+def test_multiply_quotient_invariants(shape):
+    r = gen(91)
+    c = r(*shape)
+    a, b = c * (0.4 * r(*shape)).exp(), c * (0.4 * r(*shape)).exp()
+    keep = (a.clone(), b.clone(), c.clone())
+    assert torch.equal(run("multiply_quotient", [a, b], base=c, alpha=0.0), a)
+    out = run("multiply_quotient", [a, b], base=c, alpha=1.0)
+    assert out.shape == a.shape and torch.isfinite(out).all()
+    # same signs everywhere (B/C > 0): |out| lies between |A| and |C| in log space, pulled from A toward C
+    la, lc, lo = a.abs().log(), c.abs().log(), out.abs().log()
+    assert bool(((lo - la) * (la - lc) <= 1e-6).all()) and bool(((lo - lc).abs() <= (la - lc).abs() + 1e-6).all())
+    assert bool((out.sign() == a.sign()).all())
+    # where A and B moved the same way, A unchanged
+    same = (la - lc) * (b.abs().log() - lc) >= 0
+    assert torch.equal(out[same], a[same])
+    assert all(torch.equal(x, y) for x, y in zip(keep, (a, b, c)))
+
+
+def test_multiply_quotient_has_no_quotient_to_overflow():
+    """Deliberate difference: sd-mecha's fp32 B/C = 1e40 overflows, its NaN is replaced by A; here
+    |B/C|^x = e^(x·(ln|B| − ln|C|)) stays finite: the log ratios a = ln 1e-10, b = ln 1e40 give x = |a|/|b| = 1/4,
+    |out| = 1e-20·(1e40)^(1/4) = 1e-10 = |C| (B > 0), and cos(π/4) of it (B < 0)."""
+    a, b, c = torch.tensor([1e-20, 1e-20]), torch.tensor([1e30, -1e30]), torch.tensor([1e-10, 1e-10])
+    got = run("multiply_quotient", [a, b], base=c, alpha=1.0)
+    x = math.log(1e10) * math.log(1e40) / math.log(1e40) ** 2
+    want = 1e-20 * (1e40 ** x) * torch.tensor([1.0, math.cos(math.pi * x)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    ref = _mecha_module("linear").multiply_quotient.__wrapped__(a, b, c, alpha=torch.tensor(1.0))
+    assert torch.equal(ref, a)
+
+
+@needs_mecha
+@pytest.mark.parametrize("shape", [()] + SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_multiply_quotient_agrees_with_sdmecha(shape, dtype):
+    """Random magnitudes around C's, a fifth of B's signs flipped (the complex power's cos factor), and zeros,
+    equal magnitudes and sign flips planted: within a few ulp (sd-mecha's complex pow rounds differently)."""
+    r = gen(92, dtype)
+    c = r(*shape)
+    a, b = c * (0.5 * r(*shape)).exp(), c * (0.5 * r(*shape)).exp()
+    b = torch.where(r(*shape) > 0.85, -b, b)
+    a = torch.where(r(*shape) > 0.9, -a, a)
+    if a.numel() > 8:
+        flat_a, flat_b, flat_c = a.view(-1), b.view(-1), c.view(-1)
+        flat_a[0], flat_b[1], flat_c[2] = 0.0, 0.0, 0.0
+        flat_a[3] = flat_c[3]
+        flat_b[4] = -flat_c[4]
+        flat_a[5], flat_b[5] = flat_c[5], flat_c[5]
+    ref_fn = _mecha_module("linear").multiply_quotient.__wrapped__
+    scale = float(torch.stack([a.abs().max(), b.abs().max(), c.abs().max()]).max())
+    for alpha in (0.0, 0.3, 1.0, 2.0, -1.0):
+        out = run("multiply_quotient", [a, b], base=c, alpha=alpha)
+        ref = ref_fn(a.clone(), b.clone(), c.clone(), alpha=torch.tensor(alpha, dtype=dtype))
+        assert out.dtype == dtype
+        tol = 2e-6 if dtype == torch.float32 else 5e-15
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol * scale)
+
+
+
+@pytest.mark.parametrize("name", ["multiply_quotient"])
+def test_the_method_functions_leave_their_inputs_alone(name):
+    """Called directly (merge() hands a method a stacked copy of the models, so only a direct call can show an
+    in-place change), in fp32 and fp64."""
+    spec = mm.get_spec(name)
+    for dtype in (torch.float32, torch.float64):
+        r = gen(99, dtype)
+        models = torch.stack([r(6, 5) for _ in range(2)])
+        base = r(6, 5)
+        keep_m, keep_b = models.clone(), base.clone()
+        method = mm.create(name)
+        spec.fn(base, models, mm.MergeContext(key="k"), **{p.name: method.get(p.name) for p in spec.global_params})
+        assert torch.equal(models, keep_m) and torch.equal(base, keep_b), name

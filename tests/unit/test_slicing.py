@@ -136,7 +136,8 @@ def test_elementwise_methods_are_declared_and_not_randomized():
     flagged = {s.name for s in mm.all_specs() if s.elementwise}
     assert flagged == {"linear", "task_arithmetic", "nearswap", "passthrough", "weighted_sum", "add_difference",
                        "train_difference", "geometric_sum", "clamp", "triple_sum", "sum_twice",
-                       "weighted_subtraction", "multiply_difference", "similarity_add_difference"}
+                       "weighted_subtraction", "multiply_difference", "similarity_add_difference",
+                       "multiply_quotient"}
     assert not any(s.randomized for s in mm.all_specs() if s.elementwise)
     with pytest.raises(ValueError, match="cannot be elementwise"):
         spec_mod.merge_method("never_registered", help="", source="", randomized=True, elementwise=True)
