@@ -1,17 +1,20 @@
 """Methods of sd-mecha: ``crossover`` (a blend in the frequency domain), ``add_cosine_a`` / ``add_cosine_b``
 (a lerp weighted by cosine similarity), ``tensor_sum`` (a region of B copied into A), ``geometric_sum`` (a
 weighted geometric mean), ``clamp`` (model 1 limited to the range of the others), ``truncate_rank`` (a
-model's difference from the base cut to a low rank) and ``multiply_quotient`` (A scaled by a power of B/C).
+model's difference from the base cut to a low rank), ``multiply_quotient`` (A scaled by a power of B/C) and
+``dropout`` (sd-mecha's n-supermario: randomly kept differences, averaged).
 
 Model 1 is sd-mecha's ``a`` and model 2 its ``b`` (for ``clamp``, models 2… are its bounds). Only
 ``tensor_sum`` takes an optional base: sd-mecha's ``copy_region`` wrapper then works on the differences from
 it (c + tensor_sum(a − c, b − c)); sd-mecha has no such wrapper for the others. ``multiply_quotient``'s base
-is sd-mecha's ``c``.
+is sd-mecha's ``c``; ``dropout``'s base is the ``a`` of sd-mecha's wrapper, the model the others are taken as
+differences from.
 """
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from itertools import accumulate
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -318,3 +321,108 @@ def multiply_quotient(base, models, ctx, *, alpha):
     # Re(e^{iπx}) where B/C < 0; cos(0) = 1 exactly elsewhere
     turn = exponent.mul_((b < 0) != (base < 0)).mul_(math.pi).cos_()
     return out.mul_(turn)
+
+
+# ============================================================================== dropout (n-supermario)
+def _np_isclose(x: float, y: float) -> bool:
+    """numpy's isclose at its defaults (rtol 1e-5, atol 1e-8), as sd-mecha tests overlap with it."""
+    return abs(x - y) <= 1e-8 + 1e-5 * abs(y)
+
+
+def dropout_set_probabilities(n: int, probability: float, overlap: float, emphasis: float) -> List[float]:
+    """The probability of each of the 2ⁿ keep-sets, indexed by bitmask (bit i set: model i kept), for an overlap
+    other than 1: sd-mecha's overlapping_sets_pmf.  Index 0, no model, has ``probability``; the non-empty sets
+    share 1 − probability by weights that depend only on their size s:
+
+    * overlap within numpy's isclose of 0: the single models, 1/n each (of 1: the set of all models);
+    * else a softmax of tan(π·(overlap − 0.5))·(s − n/2) (taken stably: it cannot overflow);
+    * blended toward the binomial weights ∝ probability^s·(1 − probability)^(n − s) by
+      emphasis·(1 − |2·overlap − 1|); at probability 0 those are their limit, the single models (sd-mecha
+      divides 0 by 0 there)."""
+    sizes = [bin(i).count("1") for i in range(1, 2 ** n)]
+    nearest = round(overlap)
+    if _np_isclose(overlap, nearest):
+        if nearest % 2 == 0:
+            weights = [1.0 / n if s == 1 else 0.0 for s in sizes]
+        else:
+            weights = [1.0 if s == n else 0.0 for s in sizes]
+    else:
+        tilt = math.tan(math.pi * (overlap - 0.5))
+        logits = [tilt * (s - n / 2) for s in sizes]
+        top = max(logits)
+        weights = [math.exp(v - top) for v in logits]
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    share = emphasis * (1.0 - abs(2.0 * overlap - 1.0))
+    if share:
+        if probability > 0.0:
+            binomial = [probability ** s * (1.0 - probability) ** (n - s) for s in sizes]
+        else:
+            binomial = [1.0 if s == 1 else 0.0 for s in sizes]
+        total = sum(binomial)
+        weights = [w + share * (v / total - w) for w, v in zip(weights, binomial)]
+    return [probability] + [(1.0 - probability) * w for w in weights]
+
+
+def dropout_keep_masks(ctx, n: int, shape, probability: float, overlap: float, emphasis: float) -> torch.Tensor:
+    """The keep masks, bool (n, *shape), from the per-key generator: overlap 1 draws one uniform number per
+    entry of each model (kept below 1 − probability); other overlaps draw one per entry and pick the keep-set
+    it falls on in the cumulative distribution of :func:`dropout_set_probabilities`."""
+    if overlap == 1.0:
+        return ctx.uniform((n,) + tuple(shape)) < (1.0 - probability)
+    cdf = torch.tensor(list(accumulate(dropout_set_probabilities(n, probability, overlap, emphasis))),
+                       dtype=torch.float64, device=ctx.device)
+    cdf /= cdf[-1].clone()                  # the last is 1 exactly: every draw (< 1) finds a set
+    u = ctx.uniform(shape).reshape(-1).to(torch.float64)
+    chosen = torch.searchsorted(cdf, u, right=True)         # the set whose interval [cdf[k − 1], cdf[k]) holds u
+    del u
+    bits = torch.tensor([1 << i for i in range(n)], dtype=chosen.dtype, device=chosen.device).view(n, 1)
+    return (chosen.unsqueeze(0) & bits).ne(0).view((n,) + tuple(shape))
+
+
+@merge_method(
+    "dropout", base=BASE_REQUIRED, min_models=1, source="sd-mecha", randomized=True,
+    help="sd-mecha's dropout (n-supermario): the differences δᵢ = Mᵢ − C of the models from the base are kept or "
+         "dropped entry by entry, and the kept ones averaged and rescaled: final = Σ mᵢ·δᵢ / max(Σ mᵢ, 1) / "
+         "(1 − probability)^rescale (no rescale at probability 1), out = C + alpha·final. The keep masks mᵢ: "
+         "with overlap 1 (the default) each entry of each model is kept with probability 1 − probability, "
+         "independently; with any other overlap one keep-set is drawn per entry: no model with probability "
+         "`probability`, else a non-empty set S of the n models by weights that depend on its size: overlap 0 "
+         "one model (uniformly: the masks are disjoint), overlap in (0, 1) weights ∝ e^(tan(π·(overlap − 0.5))·"
+         "(|S| − n/2)) (toward 0 single models, at 0.5 every set alike, toward 1 and within 1e-5 of it all "
+         "models together); overlap_emphasis blends these toward weights ∝ probability^|S|·(1 − probability)^"
+         "(n − |S|) (sd-mecha's binomial term), by emphasis·(1 − |2·overlap − 1|). E.g. one model, overlap 1: "
+         "C + alpha·δ·m/(1 − probability) (DARE). Randomized: the masks come from the seeded per-key generator, "
+         "not sd-mecha's numpy draws, so they differ draw by draw, not in distribution. Differences: overlap "
+         "is offered in [0, 1] (sd-mecha's overlaps o in (1, 2) mirror 2 − o, except that its emphasis "
+         "extrapolates there to negative probabilities); sd-mecha 1.1.8 fails with a TypeError for overlaps "
+         "other than 1 (torch.lerp of numpy arrays), here they follow the distribution its code describes; "
+         "at probability 0 the binomial weights are their limit, single models (sd-mecha's are 0/0, NaN at any "
+         "emphasis). Base: C "
+         "(sd-mecha's a); models: 1 or more.",
+    params=(Param("probability", FLOAT, 0.9, "Probability that an entry is dropped: of each model's entry "
+                  "(overlap 1), or of every model's at once (other overlaps).", min=0.0, max=1.0, step=0.01),
+            Param("rescale", FLOAT, 1.0, "Exponent of the rescale: final is divided by (1 − probability)^rescale "
+                  "(0: no rescale, 1: the kept entries' expected share).", min=0.0, max=2.0, step=0.01),
+            Param("alpha", FLOAT, 0.5, "Scale of the merged difference added to the base.", min=-1.0, max=2.0,
+                  step=0.01),
+            Param("overlap", FLOAT, 1.0, "1: independent masks per model; 0: each kept entry from one model; in "
+                  "between, from mostly single models (near 0) to mostly all models together (near 1).",
+                  min=0.0, max=1.0, step=0.01),
+            Param("overlap_emphasis", FLOAT, 0.0, "Blend of the keep-set weights toward sd-mecha's binomial "
+                  "weights (no effect at overlap 0 and 1).", min=0.0, max=1.0, step=0.01)),
+)
+def dropout(base, models, ctx, *, probability, rescale, alpha, overlap, overlap_emphasis):
+    probability, overlap = float(probability), float(overlap)
+    n = models.shape[0]
+    keep = dropout_keep_masks(ctx, n, models.shape[1:], probability, overlap, float(overlap_emphasis))
+    deltas = (models - base).mul_(keep)
+    total = deltas[0]
+    for i in range(1, n):                   # in model order, as sd-mecha adds them
+        total.add_(deltas[i])
+    count = keep.sum(0).clamp_(min=1)
+    del keep
+    scale = 1.0 if probability == 1.0 else (1.0 - probability) ** float(rescale)
+    if not math.isfinite(scale):
+        scale = 1.0
+    return total.div_(count).div_(scale).mul_(float(alpha)).add_(base)
