@@ -1,16 +1,17 @@
 """supermerger's calc modes and the methods meh (sd-meh, sd-webui-bayesian-merger) adds to them.
 
 supermerger's ``Triple sum`` and ``sum Twice`` take three models (A, B, C). meh's ``weighted_subtraction``
-takes two; its add-difference family (``euclidean_add_difference``, ``multiply_difference``,
-``similarity_add_difference``, ``distribution_crossover``) takes A and B and C as the base, the model both
-were made from. alpha and beta are meh's: alpha is B's weight where a weight is meant (alpha 1 = B),
-the opposite of ComfyUI's ratio (``weighted_sum``).
+and ``top_k_tensor_sum`` take two; its add-difference family (``euclidean_add_difference``,
+``multiply_difference``, ``similarity_add_difference``, ``distribution_crossover``, ``ties_add_difference``)
+takes A and B and C as the base, the model both were made from. alpha and beta are meh's: alpha is B's weight
+where a weight is meant (alpha 1 = B), the opposite of ComfyUI's ratio (``weighted_sum``).
+``top_k_tensor_sum`` names them width and offset, as sd-mecha (which has it too) and ``tensor_sum`` do.
 """
 from __future__ import annotations
 
 import torch
 
-from .ops import pow2_scale, sumsq
+from .ops import kth_largest, pow2_scale, ratio_to_region, sumsq
 from .spec import BASE_NONE, BASE_REQUIRED, FLOAT, Param, merge_method
 
 _FILTER_SHARPNESS_EPS = 1e-10      # meh: a beta at or below it makes distribution_crossover's cut a step
@@ -186,3 +187,94 @@ def distribution_crossover(base, models, ctx, *, alpha, beta):
     out = torch.empty_like(values)
     out[order] = values
     return out.reshape(a.shape)
+
+
+# ============================================================================== meh's top-k methods
+def _kth_smallest_magnitude(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest of a flat tensor of magnitudes (1 <= k <= n), as a 0-d tensor of its dtype: exact
+    (kth_largest, which also avoids kthvalue's quadratic case on ordered data). The ends are a min / max:
+    kth_largest's sampled bracket misses there and it sorts (0.9 s for a 14.7M-entry key: top_k_tensor_sum's
+    default width 1 asks for the largest)."""
+    n = magnitudes.numel()
+    if k == n:
+        return magnitudes.amax()
+    if k == 1:
+        return magnitudes.amin()
+    return kth_largest(magnitudes, n - k + 1)
+
+
+@merge_method(
+    "ties_add_difference", base=BASE_REQUIRED, min_models=2, max_models=2, source="meh",
+    help="meh's ties_add_difference: TIES on the differences A − C and B − C. Each difference keeps the entries "
+         "whose magnitude is at least its k-th smallest, k = max(⌊(1 − beta)·n⌋, 1) of its n entries (so n − k + 1 "
+         "entries, more where magnitudes tie: all for beta 1, the largest for beta 0, about beta·n + 1 between), "
+         "the rest are set to 0; a sign is elected per entry by counting the two kept entries' signs (+1, −1, 0 "
+         "for a cut or zero entry; the sign of their sum), and the entries with the elected sign are averaged: "
+         "out = C + alpha·Σ(agreeing entries)/(their count). So where both kept entries agree their mean is "
+         "added, where one was cut the other is added whole, and where they have opposite signs (or both were "
+         "cut) the result is C. Models: A (first), B (second); base: C. The cut is found in the compute dtype "
+         "(meh rounds it to fp32, so with fp64 inputs meh can keep or drop an entry at the cut).",
+    params=(_alpha(1.0, "Scale of the merged difference added to C (0: C, 1: the full TIES difference)."),
+            _beta(0.2, "Density: the share of each difference's largest entries kept (meh's ⌊(1 − beta)·n⌋ rule, "
+                  "see above).", lo=0.0, hi=1.0)),
+)
+def ties_add_difference(base, models, ctx, *, alpha, beta):
+    deltas = models - base
+    flat = deltas.view(deltas.shape[0], -1)
+    n = flat.shape[1]
+    k = max(int((1.0 - beta) * n), 1)               # meh's filter_top_k, in the same float arithmetic
+    if k > 1:
+        for row in flat:
+            magnitude = row.abs()
+            row.masked_fill_(magnitude < _kth_smallest_magnitude(magnitude, k), 0.0)
+            del magnitude
+    signs = deltas.sign()
+    agree = signs == signs.sum(0).sign_()
+    del signs
+    total = deltas[0].mul_(agree[0]).add_(deltas[1].mul_(agree[1]))
+    count = agree.sum(0, dtype=deltas.dtype)
+    del agree
+    mean = torch.where(count > 0, total / count, torch.zeros((), dtype=total.dtype, device=total.device))
+    return mean.mul_(alpha).add_(base)
+
+
+@merge_method(
+    "top_k_tensor_sum", base=BASE_NONE, min_models=2, max_models=2, source="meh / sd-mecha",
+    help="meh's top_k_tensor_sum (sd-mecha's copy_region with top_k): A's values put in B's rank order, within "
+         "a band of magnitudes. A's values sorted ascending are v₁ ≤ … ≤ vₙ (n = all entries); the entry where B "
+         "has rank r (ascending; equal values of B in flat order) is offered vᵣ, and takes it if |vᵣ| lies in the "
+         "band, else keeps A's own value. The band: the magnitudes above the s-th smallest magnitude of A and up "
+         "to the e-th, s = round(offset·n), e = round((offset + width)·n) (as tensor_sum's rows: half to even; a "
+         "negative width ends at the offset; a band past the end wraps around, and is then every magnitude "
+         "outside (s-th, e-th]); without ties it holds e − s of A's values. width 1 (the default) moves all of "
+         "A's values into B's order: B's pattern with A's distribution of values; width 0 returns A. width and "
+         "offset are meh's alpha and beta and sd-mecha's width and offset; the band's low end follows meh (above "
+         "the s-th magnitude; sd-mecha's includes it, one value more when s > 0). The band's ends are found in the "
+         "compute dtype (meh and sd-mecha round them to fp32, which with fp64 inputs can move a value at an end "
+         "in or out). Models: A (first), B (second).",
+    params=(Param("width", FLOAT, 1.0, "Size of the magnitude band as a share of all entries (negative: it ends "
+                  "at the offset; 1: every value).", min=-1.0, max=1.0, step=0.01),
+            Param("offset", FLOAT, 0.0, "Where the band starts, as a share of A's magnitudes from the smallest "
+                  "(wraps around).", min=0.0, max=1.0, step=0.01)),
+)
+def top_k_tensor_sum(base, models, ctx, *, width, offset):
+    a, b = models[0].reshape(-1), models[1].reshape(-1)
+    n = a.numel()
+    values = torch.sort(a).values
+    by_b = torch.argsort(b, stable=True)
+    rank = torch.empty_like(by_b)
+    rank[by_b] = torch.arange(n, device=a.device)
+    del by_b
+    start, end, inverted = ratio_to_region(float(width), float(offset), n)
+    # the band, over the sorted values: magnitudes in (s-th smallest, e-th smallest]; the 0-th is below all
+    magnitude, a_magnitude = values.abs(), a.abs()
+    if end > 0:
+        band = magnitude <= _kth_smallest_magnitude(a_magnitude, end)
+    else:
+        band = torch.zeros(n, dtype=torch.bool, device=a.device)
+    if start > 0:
+        band &= magnitude > _kth_smallest_magnitude(a_magnitude, start)
+    if inverted:
+        band = band.logical_not_()
+    del magnitude, a_magnitude
+    return torch.where(band[rank], values[rank], a).reshape(models.shape[1:])

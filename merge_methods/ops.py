@@ -417,3 +417,22 @@ def svd_driver(x: torch.Tensor):
     inaccurate on ill-conditioned matrices (sd-mecha's orthogonal_procrustes uses gesvd too); the default
     elsewhere."""
     return "gesvd" if x.is_cuda else None
+
+
+def ratio_to_region(width: float, offset: float, n: int) -> Tuple[int, int, bool]:
+    """sd-mecha's and meh's ratio_to_region: the positions ``[start, end)`` of ``n`` (rows for tensor_sum, ranks
+    for top_k_tensor_sum) and whether they are the complement.
+
+    A negative width extends to the left of the offset; the width is at most 1; the offset wraps around
+    (modulo 1).  A region that runs past the end wraps to the start: the positions outside it, ``[start, end)``,
+    are returned with ``inverted`` set.  The ends are rounded as Python's round does (half to even)."""
+    if width < 0:
+        offset, width = offset + width, -width
+    width = min(width, 1.0)
+    if offset < 0:
+        offset = 1.0 + offset - int(offset)
+    offset = math.fmod(offset, 1.0)
+    stop = offset + width
+    if stop <= 1.0:
+        return round(offset * n), round(stop * n), False
+    return round((stop - 1.0) * n), round(offset * n), True

@@ -1,21 +1,25 @@
 """Methods of sd-mecha: ``crossover`` (a blend in the frequency domain), ``add_cosine_a`` / ``add_cosine_b``
 (a lerp weighted by cosine similarity), ``tensor_sum`` (a region of B copied into A), ``geometric_sum`` (a
-weighted geometric mean), ``clamp`` (model 1 limited to the range of the others) and ``truncate_rank`` (a
-model's difference from the base cut to a low rank).
+weighted geometric mean), ``clamp`` (model 1 limited to the range of the others), ``truncate_rank`` (a
+model's difference from the base cut to a low rank), ``multiply_quotient`` (A scaled by a power of B/C) and
+``dropout`` (sd-mecha's n-supermario: randomly kept differences, averaged).
 
 Model 1 is sd-mecha's ``a`` and model 2 its ``b`` (for ``clamp``, models 2… are its bounds). Only
 ``tensor_sum`` takes an optional base: sd-mecha's ``copy_region`` wrapper then works on the differences from
-it (c + tensor_sum(a − c, b − c)); sd-mecha has no such wrapper for the others.
+it (c + tensor_sum(a − c, b − c)); sd-mecha has no such wrapper for the others. ``multiply_quotient``'s base
+is sd-mecha's ``c``; ``dropout``'s base is the ``a`` of sd-mecha's wrapper, the model the others are taken as
+differences from.
 """
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from itertools import accumulate
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .ops import dot64, pow2_scale, sumsq
+from .ops import dot64, pow2_scale, ratio_to_region, sumsq
 from .spec import BASE_NONE, BASE_OPTIONAL, BASE_REQUIRED, FLOAT, Param, merge_method
 
 
@@ -172,24 +176,6 @@ def add_cosine_b(base, models, ctx, *, alpha):
 
 
 # ============================================================================== tensor_sum
-def _region(width: float, offset: float, n: int) -> Tuple[int, int, bool]:
-    """sd-mecha's ratio_to_region: the rows ``[start, end)`` of ``n`` and whether they are the complement.
-
-    A negative width extends to the left of the offset; the width is at most 1; the offset wraps around
-    (modulo 1).  A region that runs past the end wraps to the start: the rows outside it, ``[start, end)``,
-    are returned with ``inverted`` set.  The ends are rounded as Python's round does (half to even)."""
-    if width < 0:
-        offset, width = offset + width, -width
-    width = min(width, 1.0)
-    if offset < 0:
-        offset = 1.0 + offset - int(offset)
-    offset = math.fmod(offset, 1.0)
-    stop = offset + width
-    if stop <= 1.0:
-        return round(offset * n), round(stop * n), False
-    return round((stop - 1.0) * n), round(offset * n), True
-
-
 @merge_method(
     "tensor_sum", base=BASE_OPTIONAL, min_models=2, max_models=2, source="sd-mecha",
     help="sd-mecha's tensor_sum (its copy_region): A with a band of rows along dim 0 replaced by B's. The band "
@@ -211,7 +197,7 @@ def tensor_sum(base, models, ctx, *, width, offset):
     if a.dim() == 0:
         out = (b if width > 0.5 else a).clone()
     else:
-        start, end, inverted = _region(width, offset, a.shape[0])
+        start, end, inverted = ratio_to_region(width, offset, a.shape[0])
         inside, outside = (a, b) if inverted else (b, a)
         out = outside.clone()
         out[start:end] = inside[start:end]
@@ -311,3 +297,142 @@ def truncate_rank(base, models, ctx, *, rank_ratio):
     top = torch.linalg.eigh(gram)[1][:, -rank:]         # eigenvalues ascending: the last r vectors
     kept = top @ (top.T @ d) if wide else (d @ top) @ top.T
     return kept.to(delta.dtype).mul_(scale).reshape(a.shape).add_(base)
+
+
+# ============================================================================== multiply_quotient
+@merge_method(
+    "multiply_quotient", base=BASE_REQUIRED, min_models=2, max_models=2, source="sd-mecha", elementwise=True,
+    result_is_model1=True,
+    help="sd-mecha's multiply_quotient: A times a power of B/C where A and B moved away from C in opposite "
+         "directions of magnitude. With the log ratios a = ln|A| − ln|C| and b = ln|B| − ln|C|, per element, "
+         "the exponent is x = alpha·max(0, −a·b / max(|a|, |b|)²): 0 where A and B both grew or both shrank "
+         "against C, alpha·min(|a|, |b|)/max(|a|, |b|) where one grew and the other shrank; "
+         "out = A·|B/C|^x, times cos(π·x) where B and C have opposite signs: the real part of A·(B/C)^x with the "
+         "principal complex power, as sd-mecha computes it. In magnitude, ln|out| = ln|A| + x·b: A is moved "
+         "back toward C's magnitude by at most alpha·|a|; where |b| ≥ |a|, |out| = |C|^alpha·|A|^(1 − alpha). "
+         "Where A, B or C is 0, or both ratios are 0, x = 0 and the result is A (sd-mecha: the "
+         "same, by replacing NaN with A). Evaluated in real arithmetic, |B/C|^x as e^(x·b): no complex "
+         "tensors, and no B/C to overflow (sd-mecha returns A where its fp32 B/C overflows, e.g. B = 1e30 "
+         "against C = 1e-10). Models: A (first), B (second); base: C.",
+    params=(Param("alpha", FLOAT, 1.0, "Scale of the exponent x (0 returns A).", min=-1.0, max=2.0, step=0.01),),
+)
+def multiply_quotient(base, models, ctx, *, alpha):
+    a, b = models[0], models[1]
+    log_c = base.abs().log()
+    ac = a.abs().log_().sub_(log_c)
+    bc = b.abs().log_().sub_(log_c)
+    del log_c
+    peak = torch.maximum(ac.abs(), bc.abs()).square_()
+    # NaN from the zeros' infinite logs (inf·0, inf/inf) and from 0/0 where both ratios are 0: exponent 0
+    exponent = ac.mul_(bc).div_(peak).neg_().nan_to_num_(nan=0.0).clamp_(min=0.0).mul_(float(alpha))
+    del peak
+    # |B/C|^x = e^(x·b); where x = 0 that is 1 (b may be ±inf there: a 0 in B or C)
+    out = bc.mul_(exponent).nan_to_num_(nan=0.0).exp_().mul_(a)
+    # Re(e^{iπx}) where B/C < 0; cos(0) = 1 exactly elsewhere
+    turn = exponent.mul_((b < 0) != (base < 0)).mul_(math.pi).cos_()
+    return out.mul_(turn)
+
+
+# ============================================================================== dropout (n-supermario)
+def _np_isclose(x: float, y: float) -> bool:
+    """numpy's isclose at its defaults (rtol 1e-5, atol 1e-8), as sd-mecha tests overlap with it."""
+    return abs(x - y) <= 1e-8 + 1e-5 * abs(y)
+
+
+def dropout_set_probabilities(n: int, probability: float, overlap: float, emphasis: float) -> List[float]:
+    """The probability of each of the 2ⁿ keep-sets, indexed by bitmask (bit i set: model i kept), for an overlap
+    other than 1: sd-mecha's overlapping_sets_pmf.  Index 0, no model, has ``probability``; the non-empty sets
+    share 1 − probability by weights that depend only on their size s:
+
+    * overlap within numpy's isclose of 0: the single models, 1/n each (of 1: the set of all models);
+    * else a softmax of tan(π·(overlap − 0.5))·(s − n/2) (taken stably: it cannot overflow);
+    * blended toward the binomial weights ∝ probability^s·(1 − probability)^(n − s) by
+      emphasis·(1 − |2·overlap − 1|); at probability 0 those are their limit, the single models (sd-mecha
+      divides 0 by 0 there)."""
+    sizes = [bin(i).count("1") for i in range(1, 2 ** n)]
+    nearest = round(overlap)
+    if _np_isclose(overlap, nearest):
+        if nearest % 2 == 0:
+            weights = [1.0 / n if s == 1 else 0.0 for s in sizes]
+        else:
+            weights = [1.0 if s == n else 0.0 for s in sizes]
+    else:
+        tilt = math.tan(math.pi * (overlap - 0.5))
+        logits = [tilt * (s - n / 2) for s in sizes]
+        top = max(logits)
+        weights = [math.exp(v - top) for v in logits]
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    share = emphasis * (1.0 - abs(2.0 * overlap - 1.0))
+    if share:
+        if probability > 0.0:
+            binomial = [probability ** s * (1.0 - probability) ** (n - s) for s in sizes]
+        else:
+            binomial = [1.0 if s == 1 else 0.0 for s in sizes]
+        total = sum(binomial)
+        weights = [w + share * (v / total - w) for w, v in zip(weights, binomial)]
+    return [probability] + [(1.0 - probability) * w for w in weights]
+
+
+def dropout_keep_masks(ctx, n: int, shape, probability: float, overlap: float, emphasis: float) -> torch.Tensor:
+    """The keep masks, bool (n, *shape), from the per-key generator: overlap 1 draws one uniform number per
+    entry of each model (kept below 1 − probability); other overlaps draw one per entry and pick the keep-set
+    it falls on in the cumulative distribution of :func:`dropout_set_probabilities`."""
+    if overlap == 1.0:
+        return ctx.uniform((n,) + tuple(shape)) < (1.0 - probability)
+    cdf = torch.tensor(list(accumulate(dropout_set_probabilities(n, probability, overlap, emphasis))),
+                       dtype=torch.float64, device=ctx.device)
+    cdf /= cdf[-1].clone()                  # the last is 1 exactly: every draw (< 1) finds a set
+    u = ctx.uniform(shape).reshape(-1).to(torch.float64)
+    chosen = torch.searchsorted(cdf, u, right=True)         # the set whose interval [cdf[k − 1], cdf[k]) holds u
+    del u
+    bits = torch.tensor([1 << i for i in range(n)], dtype=chosen.dtype, device=chosen.device).view(n, 1)
+    return (chosen.unsqueeze(0) & bits).ne(0).view((n,) + tuple(shape))
+
+
+@merge_method(
+    "dropout", base=BASE_REQUIRED, min_models=1, source="sd-mecha", randomized=True,
+    help="sd-mecha's dropout (n-supermario): the differences δᵢ = Mᵢ − C of the models from the base are kept or "
+         "dropped entry by entry, and the kept ones averaged and rescaled: final = Σ mᵢ·δᵢ / max(Σ mᵢ, 1) / "
+         "(1 − probability)^rescale (no rescale at probability 1), out = C + alpha·final. The keep masks mᵢ: "
+         "with overlap 1 (the default) each entry of each model is kept with probability 1 − probability, "
+         "independently; with any other overlap one keep-set is drawn per entry: no model with probability "
+         "`probability`, else a non-empty set S of the n models by weights that depend on its size: overlap 0 "
+         "one model (uniformly: the masks are disjoint), overlap in (0, 1) weights ∝ e^(tan(π·(overlap − 0.5))·"
+         "(|S| − n/2)) (toward 0 single models, at 0.5 every set alike, toward 1 and within 1e-5 of it all "
+         "models together); overlap_emphasis blends these toward weights ∝ probability^|S|·(1 − probability)^"
+         "(n − |S|) (sd-mecha's binomial term), by emphasis·(1 − |2·overlap − 1|). E.g. one model, overlap 1: "
+         "C + alpha·δ·m/(1 − probability) (DARE). Randomized: the masks come from the seeded per-key generator, "
+         "not sd-mecha's numpy draws, so they differ draw by draw, not in distribution. Differences: overlap "
+         "is offered in [0, 1] (sd-mecha's overlaps o in (1, 2) mirror 2 − o, except that its emphasis "
+         "extrapolates there to negative probabilities); sd-mecha 1.1.8 fails with a TypeError for overlaps "
+         "other than 1 (torch.lerp of numpy arrays), here they follow the distribution its code describes; "
+         "at probability 0 the binomial weights are their limit, single models (sd-mecha's are 0/0, NaN at any "
+         "emphasis). Base: C "
+         "(sd-mecha's a); models: 1 or more.",
+    params=(Param("probability", FLOAT, 0.9, "Probability that an entry is dropped: of each model's entry "
+                  "(overlap 1), or of every model's at once (other overlaps).", min=0.0, max=1.0, step=0.01),
+            Param("rescale", FLOAT, 1.0, "Exponent of the rescale: final is divided by (1 − probability)^rescale "
+                  "(0: no rescale, 1: the kept entries' expected share).", min=0.0, max=2.0, step=0.01),
+            Param("alpha", FLOAT, 0.5, "Scale of the merged difference added to the base.", min=-1.0, max=2.0,
+                  step=0.01),
+            Param("overlap", FLOAT, 1.0, "1: independent masks per model; 0: each kept entry from one model; in "
+                  "between, from mostly single models (near 0) to mostly all models together (near 1).",
+                  min=0.0, max=1.0, step=0.01),
+            Param("overlap_emphasis", FLOAT, 0.0, "Blend of the keep-set weights toward sd-mecha's binomial "
+                  "weights (no effect at overlap 0 and 1).", min=0.0, max=1.0, step=0.01)),
+)
+def dropout(base, models, ctx, *, probability, rescale, alpha, overlap, overlap_emphasis):
+    probability, overlap = float(probability), float(overlap)
+    n = models.shape[0]
+    keep = dropout_keep_masks(ctx, n, models.shape[1:], probability, overlap, float(overlap_emphasis))
+    deltas = (models - base).mul_(keep)
+    total = deltas[0]
+    for i in range(1, n):                   # in model order, as sd-mecha adds them
+        total.add_(deltas[i])
+    count = keep.sum(0).clamp_(min=1)
+    del keep
+    scale = 1.0 if probability == 1.0 else (1.0 - probability) ** float(rescale)
+    if not math.isfinite(scale):
+        scale = 1.0
+    return total.div_(count).div_(scale).mul_(float(alpha)).add_(base)

@@ -319,7 +319,8 @@ def test_resize_above_the_lora_layers_rank_still_factorizes_a_loha(harness, tmp_
 
 
 WEIGHT_SPACE = {"slerp", "karcher", "arcee_fusion", "multi_domain_alignment", "add_cosine_a", "add_cosine_b",
-                "geometric_sum", "distribution_crossover", "similarity_add_difference"}
+                "geometric_sum", "distribution_crossover", "similarity_add_difference", "top_k_tensor_sum",
+                "multiply_quotient"}
 
 
 def test_methods_that_look_at_the_weights_are_flagged_on_loras(harness):

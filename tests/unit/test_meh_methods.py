@@ -1,17 +1,19 @@
 """supermerger's triple_sum / sum_twice and meh's weighted_subtraction, euclidean_add_difference,
-multiply_difference, similarity_add_difference, distribution_crossover: hand-checked examples, invariants
-and agreement with meh (sd-meh's merge_methods)."""
+multiply_difference, similarity_add_difference, distribution_crossover, ties_add_difference, top_k_tensor_sum:
+hand-checked examples, invariants and agreement with meh (sd-meh's merge_methods) and, for top_k_tensor_sum,
+sd-mecha."""
 import pytest
 import torch
 
 import merge_methods as mm
 from merge_methods import MergeError
 
-from references import needs_meh, sd_meh
+from references import needs_mecha, needs_meh, sd_meh
 
 NAMES = ("triple_sum", "sum_twice", "weighted_subtraction", "euclidean_add_difference", "multiply_difference",
-         "similarity_add_difference", "distribution_crossover")
-BASED = {"euclidean_add_difference", "multiply_difference", "similarity_add_difference", "distribution_crossover"}
+         "similarity_add_difference", "distribution_crossover", "ties_add_difference", "top_k_tensor_sum")
+BASED = {"euclidean_add_difference", "multiply_difference", "similarity_add_difference", "distribution_crossover",
+         "ties_add_difference"}
 
 
 def run(name, models, base=None, **params):
@@ -223,3 +225,203 @@ def test_the_method_functions_leave_their_inputs_alone(name):
         spec.fn(base, models, mm.MergeContext(key="k"), **{p.name: method.get(p.name) for p in spec.global_params})
         assert torch.equal(models, keep_m), name
         assert base is None or torch.equal(base, keep_b), name
+
+
+# ============================================================================== ties_add_difference
+def test_ties_add_difference_by_hand():
+    c = t(1.0, 1.0, 1.0, 1.0, 1.0)
+    a = c + t(4.0, -1.0, 2.0, 0.5, -3.0)
+    b = c + t(2.0, 1.0, -2.0, 0.0, -1.0)
+    # beta 1 keeps everything. Signs (+ − + + −) and (+ + − 0 −) elect + 0 0 + −: both agree in entries 0 and 4
+    # (means 3 and −2), opposite signs in 1 and 2 (C), in 3 only A's 0.5 has the elected sign
+    torch.testing.assert_close(run("ties_add_difference", [a, b], c, alpha=1.0, beta=1.0),
+                               c + t(3.0, 0.0, 0.0, 0.5, -2.0))
+    # beta 0.4 of 5 entries: k = int(0.6·5) = 3, each difference keeps |δ| ≥ its 3rd smallest magnitude:
+    # A's (4, 0, 2, 0, −3) (cut at 2), B's (2, 1, −2, 0, −1) (cut at 1). Entry 1: only B's kept → B's 1 whole;
+    # entry 3: both 0, the vote 0 and the count 2 → 0
+    torch.testing.assert_close(run("ties_add_difference", [a, b], c, alpha=0.5, beta=0.4),
+                               c + 0.5 * t(3.0, 1.0, 0.0, 0.0, -2.0))
+    # beta 0: each keeps only its largest magnitude, A's 4, B's 2 and −2 (a tie: both stay)
+    torch.testing.assert_close(run("ties_add_difference", [a, b], c, alpha=1.0, beta=0.0), c + t(3, 0, -2, 0, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_add_difference_keeps_n_minus_k_plus_one_entries(dtype):
+    """meh's count: the entries at or above the k-th smallest magnitude, k = max(int((1 − beta)·n), 1); the
+    cut is exact in fp64 too (meh rounds it to fp32)."""
+    c = randn(40, 30, seed=81, dtype=dtype)
+    a = c + randn(40, 30, seed=82, dtype=dtype)
+    n = a.numel()
+    for beta in (0.0, 0.05, 0.2, 0.5, 0.999, 1.0):
+        k = max(int((1 - beta) * n), 1)
+        # B = C: B's difference is 0 everywhere, so A's kept entries are added whole and the rest is C
+        out = run("ties_add_difference", [a, c.clone()], c, alpha=1.0, beta=beta)
+        assert int((out != c).sum()) == n - k + 1, beta
+        kept = (a - c).abs() >= (a - c).abs().flatten().kthvalue(k).values
+        torch.testing.assert_close(out, torch.where(kept, a, c), rtol=0, atol=4 * torch.finfo(dtype).eps)
+
+
+def test_ties_add_difference_invariants():
+    c = randn(30, 20, seed=83)
+    a, b = c + randn(30, 20, seed=84), c + randn(30, 20, seed=85)
+    keep = (a.clone(), b.clone(), c.clone())
+    assert torch.equal(run("ties_add_difference", [a, b], c, alpha=0.0, beta=0.3), c)
+    # the same model twice: every kept entry agrees with itself; alpha 1, beta 1 gives it back
+    torch.testing.assert_close(run("ties_add_difference", [a, a.clone()], c, alpha=1.0, beta=1.0), a)
+    # symmetric in A and B, linear in alpha
+    out = run("ties_add_difference", [a, b], c, alpha=1.0, beta=0.3)
+    assert torch.equal(out, run("ties_add_difference", [b, a], c, alpha=1.0, beta=0.3))
+    torch.testing.assert_close(run("ties_add_difference", [a, b], c, alpha=0.4, beta=0.3) - c, 0.4 * (out - c))
+    # every change is one of the differences or their mean
+    d = out - c
+    da, db = a - c, b - c
+    assert bool((torch.isclose(d, da) | torch.isclose(d, db) | torch.isclose(d, (da + db) / 2) | (d == 0)).all())
+    assert all(torch.equal(x, y) for x, y in zip(keep, (a, b, c)))
+
+
+@needs_meh
+@pytest.mark.parametrize("shape", [(), (1,), (17,), (12, 9), (6, 4, 3, 3), (300, 400)])
+def test_ties_add_difference_agrees_with_meh_bit_for_bit(shape):
+    """fp32, and fp64 differences that fp32 holds exactly (meh's fp32 cut is then exact); (300, 400) takes
+    kth_largest's sampled path; the rounded copies have many equal magnitudes."""
+    for dtype in (torch.float32, torch.float64):
+        c = randn(*shape, seed=86, dtype=torch.float32)
+        a, b = c + randn(*shape, seed=87, dtype=torch.float32), c + randn(*shape, seed=88, dtype=torch.float32)
+        for rounded in (False, True):
+            x, y, z = ((v * 8).round() / 8 if rounded else v for v in (a, b, c))
+            x, y, z = x.to(dtype), y.to(dtype), z.to(dtype)
+            if dtype == torch.float64:     # differences fp32 holds exactly
+                x, y = z + (x - z).float().double(), z + (y - z).float().double()
+            for alpha in (0.5, 1.0, 1.7):
+                for beta in (0.0, 0.1, 0.2, 0.5, 0.9, 1.0):
+                    ref = sd_meh.ties_add_difference(x.clone(), y.clone(), z.clone(), alpha=alpha, beta=beta)
+                    got = run("ties_add_difference", [x, y], z, alpha=alpha, beta=beta)
+                    assert got.dtype == dtype
+                    assert torch.equal(got, ref), (dtype, rounded, alpha, beta)
+
+
+@needs_meh
+def test_ties_add_difference_cut_is_not_rounded_to_fp32():
+    """Deliberate difference: meh rounds the k-th magnitude to fp32 (kthvalue of .float()), so in fp64 the entry
+    at the cut, 1 − 2⁻³⁰, is compared with 1.0 and dropped; here it is kept."""
+    c = torch.zeros(4, dtype=torch.float64)
+    a = t(0.5, 1 - 2.0 ** -30, 2.0, 3.0)
+    b = c.clone()
+    # beta 0.5: k = int(0.5·4) = 2, the cut is the 2nd smallest magnitude
+    got = run("ties_add_difference", [a, b], c, alpha=1.0, beta=0.5)
+    assert torch.equal(got, t(0.0, 1 - 2.0 ** -30, 2.0, 3.0))
+    ref = sd_meh.ties_add_difference(a, b, c, alpha=1.0, beta=0.5)
+    assert torch.equal(ref, t(0.0, 0.0, 2.0, 3.0))
+
+
+# ============================================================================== top_k_tensor_sum
+def test_top_k_tensor_sum_by_hand():
+    a = t(3.0, -1.0, 2.0, -5.0)             # sorted: −5, −1, 2, 3; magnitudes 1 < 2 < 3 < 5
+    b = t(0.1, 0.4, 0.2, 0.3)               # ranks 0, 3, 1, 2: offered −5, 3, −1, 2
+    assert torch.equal(run("top_k_tensor_sum", [a, b], width=1.0, offset=0.0), t(-5.0, 3.0, -1.0, 2.0))
+    assert torch.equal(run("top_k_tensor_sum", [a, b], width=0.0, offset=0.4), a)
+    # s = 1, e = 3: magnitudes above the 1st smallest (1) up to the 3rd (3): 2 and 3 are taken
+    assert torch.equal(run("top_k_tensor_sum", [a, b], width=0.5, offset=0.25), t(3.0, 3.0, 2.0, 2.0))
+    # the same band from the other side: width −0.5 ending at offset 0.75
+    assert torch.equal(run("top_k_tensor_sum", [a, b], width=-0.5, offset=0.75), t(3.0, 3.0, 2.0, 2.0))
+    # offset 0.75 + width 0.5 wraps: s = 1, e = 3, inverted: the magnitudes ≤ 1 or > 3 (1 and 5) are taken
+    assert torch.equal(run("top_k_tensor_sum", [a, b], width=0.5, offset=0.75), t(-5.0, -1.0, -1.0, -5.0))
+    # ties in B go in flat order: B all equal ranks the entries 0, 1, 2, 3: A sorted
+    assert torch.equal(run("top_k_tensor_sum", [a, torch.zeros(4, dtype=torch.float64)]), t(-5.0, -1.0, 2.0, 3.0))
+    # 0-dim: one value, A's
+    x = torch.tensor(2.5, dtype=torch.float64)
+    assert torch.equal(run("top_k_tensor_sum", [x, torch.tensor(-1.0, dtype=torch.float64)]), x)
+
+
+@pytest.mark.parametrize("shape", [(17,), (12, 9), (6, 4, 3, 3)])
+def test_top_k_tensor_sum_invariants(shape):
+    a, b = randn(*shape, seed=91), randn(*shape, seed=92)
+    keep = (a.clone(), b.clone())
+    n = a.numel()
+    full = run("top_k_tensor_sum", [a, b])
+    # width 1: A's values, in B's order
+    assert torch.equal(full.flatten().sort().values, a.flatten().sort().values)
+    assert torch.equal(full.flatten().argsort(), b.flatten().argsort())
+    # B = A: every value is offered its own place
+    assert torch.equal(run("top_k_tensor_sum", [a, a.clone()], width=0.6, offset=0.3), a)
+    # a band of e − s magnitudes (no ties in random data): the entries offered a value whose magnitude ranks
+    # s + 1 … e among A's take it (the others, if the band wraps), the rest keep A's
+    from merge_methods.ops import ratio_to_region
+    magnitude_rank = torch.searchsorted(a.abs().flatten().sort().values, full.abs().flatten(), right=True)
+    for width, offset in [(0.3, 0.2), (0.5, 0.8), (-0.25, 0.1), (0.7, 0.0)]:
+        s, e, inverted = ratio_to_region(width, offset, n)
+        band = (magnitude_rank > s) & (magnitude_rank <= e)
+        if inverted:
+            band = ~band
+        assert int(band.sum()) == (n - (e - s) if inverted else e - s)
+        out = run("top_k_tensor_sum", [a, b], width=width, offset=offset)
+        assert torch.equal(out, torch.where(band.view(a.shape), full, a)), (width, offset)
+    assert torch.equal(a, keep[0]) and torch.equal(b, keep[1])
+
+
+_TOP_K_SETTINGS = [(w, o) for w in (-1.0, -0.55, -0.2, 0.0, 0.13, 0.5, 0.51, 0.75, 1.0)
+                   for o in (0.0, 0.05, 0.3, 0.5, 0.9, 1.0)]
+
+
+@needs_meh
+@pytest.mark.parametrize("shape", [(), (1,), (17,), (16,), (12, 9), (6, 4, 3, 3), (300, 400)])
+def test_top_k_tensor_sum_agrees_with_meh_bit_for_bit(shape):
+    """meh's alpha and beta are width and offset. fp32, and fp64 values that fp32 holds exactly (meh's fp32
+    magnitudes are then exact); rounded copies have many ties; (300, 400) takes kth_largest's sampled path."""
+    for dtype in (torch.float32, torch.float64):
+        a = randn(*shape, seed=93, dtype=torch.float32).to(dtype)
+        b = randn(*shape, seed=94, dtype=torch.float32).to(dtype)
+        for rounded in (False, True):
+            x, y = ((v * 4).round() / 4 for v in (a, b)) if rounded else (a, b)
+            settings = _TOP_K_SETTINGS if a.numel() < 1000 else _TOP_K_SETTINGS[::5]
+            for width, offset in settings:
+                ref = sd_meh.top_k_tensor_sum(x.clone(), y.clone(), alpha=width, beta=offset)
+                got = run("top_k_tensor_sum", [x, y], width=width, offset=offset)
+                assert got.dtype == dtype
+                assert torch.equal(got, ref), (dtype, rounded, width, offset)
+
+
+@needs_meh
+def test_top_k_tensor_sum_band_ends_are_not_rounded_to_fp32():
+    """Deliberate difference: meh rounds the band's ends to fp32, so in fp64 the e-th magnitude 1 + 2⁻³⁰ is
+    compared with 1.0 and falls out of its own band; here it is in."""
+    a = t(0.5, 1 + 2.0 ** -30, 2.0, 3.0)
+    b = t(3.0, 2.0, 1.0, 0.0)               # offered 3, 2, 1 + 2⁻³⁰, 0.5
+    # width 0.5 from 0: the two smallest magnitudes, 0.5 and 1 + 2⁻³⁰
+    got = run("top_k_tensor_sum", [a, b], width=0.5, offset=0.0)
+    assert torch.equal(got, t(0.5, 1 + 2.0 ** -30, 1 + 2.0 ** -30, 0.5))
+    ref = sd_meh.top_k_tensor_sum(a, b, alpha=0.5, beta=0.0)
+    assert torch.equal(ref, t(0.5, 1 + 2.0 ** -30, 2.0, 0.5))
+
+
+@needs_mecha
+@pytest.mark.parametrize("shape", [(17,), (12, 9), (6, 4, 3, 3)])
+def test_top_k_tensor_sum_against_sdmecha(shape):
+    """sd-mecha's band also takes the s-th smallest magnitude (<= where meh has <): the same result when the band
+    starts at the smallest magnitude (s = 0); otherwise the two differ exactly at the entries offered a value of
+    that magnitude (one entry without ties)."""
+    import importlib
+    from merge_methods.ops import ratio_to_region
+    slicing = importlib.import_module("sd_mecha.extensions.builtin.merge_methods.slicing")
+    a, b = randn(*shape, seed=95, dtype=torch.float32), randn(*shape, seed=96, dtype=torch.float32)
+    n = a.numel()
+    offered = torch.sort(a.flatten()).values[b.flatten().argsort(stable=True).argsort()]
+    for width, offset in _TOP_K_SETTINGS:
+        s, _, _ = ratio_to_region(width, offset, n)
+        ref = slicing.top_k_tensor_sum.__wrapped__(a.clone(), b.clone(), width=width, offset=offset)
+        got = run("top_k_tensor_sum", [a, b], width=width, offset=offset)
+        if s == 0:
+            assert torch.equal(got, ref), (width, offset)
+        else:
+            at_s = offered.abs() == a.abs().flatten().kthvalue(s).values
+            differ = (got != ref).flatten()
+            assert int(at_s.sum()) == 1 and torch.equal(differ, at_s & (offered != a.flatten())), (width, offset)
+
+
+@needs_meh
+def test_meh_ratio_to_region_is_ours():
+    from merge_methods.ops import ratio_to_region
+    for n in (1, 2, 5, 7, 10, 320):
+        for w in [x / 20 for x in range(-20, 21)]:
+            for o in [x / 20 for x in range(0, 21)]:
+                assert ratio_to_region(w, o, n) == sd_meh.ratio_to_region(w, o, n), (n, w, o)

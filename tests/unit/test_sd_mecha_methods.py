@@ -1,14 +1,18 @@
-"""crossover, add_cosine_a, add_cosine_b, tensor_sum, geometric_sum, clamp (sd-mecha's methods): hand-checked
-examples, invariants, and agreement with sd-mecha on random tensors."""
+"""crossover, add_cosine_a, add_cosine_b, tensor_sum, geometric_sum, clamp, truncate_rank, multiply_quotient,
+dropout (sd-mecha's methods): hand-checked examples, invariants, and agreement with sd-mecha on random tensors
+(dropout, randomized: exactly at the settings that draw nothing at random and with its masks handed to
+sd-mecha, statistically otherwise)."""
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import merge_methods as mm
 from merge_methods import MergeError
 from merge_methods import spec as spec_mod
+from merge_methods.sd_mecha_methods import dropout_keep_masks, dropout_set_probabilities
 
 from references import needs_mecha, sd_mecha
 
@@ -327,12 +331,12 @@ def test_tensor_sum_agrees_with_sdmecha(shape, dtype, with_base):
 
 @needs_mecha
 def test_tensor_sum_region_is_sdmecha_s():
-    from merge_methods.sd_mecha_methods import _region
-    ratio_to_region = _mecha_module("slicing").ratio_to_region
+    from merge_methods.ops import ratio_to_region
+    reference = _mecha_module("slicing").ratio_to_region
     for n in (1, 2, 5, 7, 10, 320, 1280):
         for w in [x / 40 for x in range(-40, 41)]:
             for o in [x / 40 for x in range(0, 41)]:
-                assert _region(w, o, n) == ratio_to_region(w, o, n), (n, w, o)
+                assert ratio_to_region(w, o, n) == reference(w, o, n), (n, w, o)
 
 
 # ============================================================================== geometric_sum
@@ -489,3 +493,334 @@ def test_truncate_rank_agrees_with_sdmecha(shape, dtype):
         ref = c + _mecha_module("svd").truncate_rank.__wrapped__(a - c, rank=rank, use_approximate_basis=False)
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(run("truncate_rank", [a], base=c, rank_ratio=ratio), ref, rtol=tol, atol=tol)
+
+
+# ============================================================================== multiply_quotient
+def test_multiply_quotient_by_hand():
+    e = math.e
+    c = t(1.0, 1.0, 1.0, 1.0, -1.0, 2.0)
+    # log ratios (a, b): (1, −2), (2, −1), (1, 2) (same direction), (1, −2) with B < 0 < C, (1, −2) with B and C
+    # negative (B/C > 0), (0, 1)
+    a = t(e, e ** 2, e, e, -e, 2.0)
+    b = t(e ** -2, e ** -1, e ** 2, -e ** -2, -e ** -2, 2 * e)
+    # x = alpha·|a|·|b|/max²: 0.5, 0.5, 0, 0.5, 0.5, 0 at alpha 1; out = A·|B/C|^x (·cos πx where B/C < 0)
+    want = t(1.0, e ** 1.5, e, 0.0, -1.0, 2.0)
+    torch.testing.assert_close(run("multiply_quotient", [a, b], base=c, alpha=1.0), want, atol=1e-6, rtol=1e-6)
+    # alpha 0.5: x = 0.25 and cos(π/4) where B/C < 0; |b| ≥ |a| gives |C|^½·|A|^½
+    h = math.cos(math.pi / 4)
+    want = t(e ** 0.5, e ** 1.75, e, e ** 0.5 * h, -(e ** 0.5), 2.0)
+    torch.testing.assert_close(run("multiply_quotient", [a, b], base=c, alpha=0.5), want)
+
+
+def test_multiply_quotient_zeros_and_equal_magnitudes_return_a():
+    a = t(0.0, 2.0, 2.0, 2.0, 0.0, 3.0, -3.0, 2.0, 0.0)
+    b = t(2.0, 0.0, 2.0, 2.0, 0.0, 3.0, 3.0, -2.0, 5.0)
+    c = t(1.0, 1.0, 0.0, 2.0, 0.0, 3.0, 3.0, 2.0, 0.0)
+    for alpha in (0.5, 1.0, 2.0, -1.0):
+        assert torch.equal(run("multiply_quotient", [a, b], base=c, alpha=alpha), a), alpha
+
+
+@pytest.mark.parametrize("shape", [()] + SHAPES)
+def test_multiply_quotient_invariants(shape):
+    r = gen(91)
+    c = r(*shape)
+    a, b = c * (0.4 * r(*shape)).exp(), c * (0.4 * r(*shape)).exp()
+    keep = (a.clone(), b.clone(), c.clone())
+    assert torch.equal(run("multiply_quotient", [a, b], base=c, alpha=0.0), a)
+    out = run("multiply_quotient", [a, b], base=c, alpha=1.0)
+    assert out.shape == a.shape and torch.isfinite(out).all()
+    # same signs everywhere (B/C > 0): |out| lies between |A| and |C| in log space, pulled from A toward C
+    la, lc, lo = a.abs().log(), c.abs().log(), out.abs().log()
+    assert bool(((lo - la) * (la - lc) <= 1e-6).all()) and bool(((lo - lc).abs() <= (la - lc).abs() + 1e-6).all())
+    assert bool((out.sign() == a.sign()).all())
+    # where A and B moved the same way, A unchanged
+    same = (la - lc) * (b.abs().log() - lc) >= 0
+    assert torch.equal(out[same], a[same])
+    assert all(torch.equal(x, y) for x, y in zip(keep, (a, b, c)))
+
+
+def test_multiply_quotient_has_no_quotient_to_overflow():
+    """Deliberate difference: sd-mecha's fp32 B/C = 1e40 overflows, its NaN is replaced by A; here
+    |B/C|^x = e^(x·(ln|B| − ln|C|)) stays finite: the log ratios a = ln 1e-10, b = ln 1e40 give x = |a|/|b| = 1/4,
+    |out| = 1e-20·(1e40)^(1/4) = 1e-10 = |C| (B > 0), and cos(π/4) of it (B < 0)."""
+    a, b, c = torch.tensor([1e-20, 1e-20]), torch.tensor([1e30, -1e30]), torch.tensor([1e-10, 1e-10])
+    got = run("multiply_quotient", [a, b], base=c, alpha=1.0)
+    x = math.log(1e10) * math.log(1e40) / math.log(1e40) ** 2
+    want = 1e-20 * (1e40 ** x) * torch.tensor([1.0, math.cos(math.pi * x)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    ref = _mecha_module("linear").multiply_quotient.__wrapped__(a, b, c, alpha=torch.tensor(1.0))
+    assert torch.equal(ref, a)
+
+
+@needs_mecha
+@pytest.mark.parametrize("shape", [()] + SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_multiply_quotient_agrees_with_sdmecha(shape, dtype):
+    """Random magnitudes around C's, a fifth of B's signs flipped (the complex power's cos factor), and zeros,
+    equal magnitudes and sign flips planted: within a few ulp (sd-mecha's complex pow rounds differently)."""
+    r = gen(92, dtype)
+    c = r(*shape)
+    a, b = c * (0.5 * r(*shape)).exp(), c * (0.5 * r(*shape)).exp()
+    b = torch.where(r(*shape) > 0.85, -b, b)
+    a = torch.where(r(*shape) > 0.9, -a, a)
+    if a.numel() > 8:
+        flat_a, flat_b, flat_c = a.view(-1), b.view(-1), c.view(-1)
+        flat_a[0], flat_b[1], flat_c[2] = 0.0, 0.0, 0.0
+        flat_a[3] = flat_c[3]
+        flat_b[4] = -flat_c[4]
+        flat_a[5], flat_b[5] = flat_c[5], flat_c[5]
+    ref_fn = _mecha_module("linear").multiply_quotient.__wrapped__
+    scale = float(torch.stack([a.abs().max(), b.abs().max(), c.abs().max()]).max())
+    for alpha in (0.0, 0.3, 1.0, 2.0, -1.0):
+        out = run("multiply_quotient", [a, b], base=c, alpha=alpha)
+        ref = ref_fn(a.clone(), b.clone(), c.clone(), alpha=torch.tensor(alpha, dtype=dtype))
+        assert out.dtype == dtype
+        tol = 2e-6 if dtype == torch.float32 else 5e-15
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol * scale)
+
+
+
+@pytest.mark.parametrize("name", ["multiply_quotient", "dropout"])
+def test_the_method_functions_leave_their_inputs_alone(name):
+    """Called directly (merge() hands a method a stacked copy of the models, so only a direct call can show an
+    in-place change), in fp32 and fp64."""
+    spec = mm.get_spec(name)
+    for dtype in (torch.float32, torch.float64):
+        r = gen(99, dtype)
+        models = torch.stack([r(6, 5) for _ in range(2)])
+        base = r(6, 5)
+        keep_m, keep_b = models.clone(), base.clone()
+        method = mm.create(name, **({"probability": 0.5} if name == "dropout" else {}))
+        spec.fn(base, models, mm.MergeContext(key="k"), **{p.name: method.get(p.name) for p in spec.global_params})
+        assert torch.equal(models, keep_m) and torch.equal(base, keep_b), name
+
+
+# ============================================================================== dropout
+def _ties():
+    return _mecha_module("ties")
+
+
+class _TorchWithNumpyLerp:
+    """sd-mecha 1.1.8's overlapping_sets_pmf calls torch.lerp on numpy arrays (a TypeError): this stands in for
+    its module's ``torch`` with a lerp that takes them, so that its distribution can be compared."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def lerp(start, end, weight):
+        if isinstance(start, np.ndarray):
+            return start + weight * (end - start)
+        return torch.lerp(start, end, weight)
+
+
+@pytest.fixture
+def mecha_ties(monkeypatch):
+    ties = _ties()
+    monkeypatch.setattr(ties, "torch", _TorchWithNumpyLerp())
+    return ties
+
+
+def _dropout_inputs(n, shape=(30, 20), dtype=torch.float32, seed=101):
+    r = gen(seed, dtype)
+    c = r(*shape)
+    return c, [c + r(*shape) for _ in range(n)]
+
+
+def _sets(n):
+    """Every keep-set of n models as (bitmask, members)."""
+    return [(k, [i for i in range(n) if k >> i & 1]) for k in range(2 ** n)]
+
+
+def _set_probabilities(n, p, overlap, emphasis):
+    if overlap == 1.0:
+        return [(1 - p) ** len(m) * p ** (n - len(m)) for _, m in _sets(n)]
+    return dropout_set_probabilities(n, p, overlap, emphasis)
+
+
+def test_dropout_declaration():
+    spec = mm.get_spec("dropout")
+    assert (spec.base, spec.min_models, spec.max_models, spec.source) == ("required", 1, None, "sd-mecha")
+    assert spec.randomized and not spec.elementwise and not spec.result_is_model1
+    for bad in ({"probability": 1.1}, {"overlap": 1.5}, {"overlap_emphasis": -0.1}, {"rescale": -1.0}):
+        with pytest.raises(MergeError):
+            mm.create("dropout", **bad)
+
+
+def test_dropout_by_hand():
+    c = t(1.0, 1.0, 1.0)
+    a, b = c + t(2.0, 4.0, -6.0), c + t(4.0, 0.0, 2.0)
+    # probability 0, overlap 1: every entry of both kept: their mean; alpha 0.5
+    assert torch.equal(run("dropout", [a, b], c, probability=0.0, alpha=0.5), c + 0.5 * t(3.0, 2.0, -2.0))
+    # probability 1: everything dropped, at any overlap
+    for overlap in (0.0, 0.4, 1.0):
+        assert torch.equal(run("dropout", [a, b], c, probability=1.0, overlap=overlap, alpha=2.0), c)
+    # one model, probability 0 and any overlap: the one non-empty set is the model itself
+    for overlap in (0.0, 0.3, 0.5, 0.999):
+        assert torch.equal(run("dropout", [a], c, probability=0.0, overlap=overlap, alpha=1.0), a)
+    # overlap 0, probability 0: each entry from exactly one model, divided by 1
+    out = mm.create("dropout", probability=0.0, overlap=0.0, alpha=1.0).merge(c, [a, b], key="k", seed=3)
+    assert bool(((out == a) | (out == b)).all())
+
+
+def test_dropout_masks_come_from_the_seeded_generator():
+    """The keep masks are the per-key generator's: reproducible, different for another key or seed, the same
+    in fp64; the result is exactly Σ mᵢ·δᵢ / max(Σ mᵢ, 1) / (1 − p)^rescale·alpha + C with those masks."""
+    c, models = _dropout_inputs(3)
+    for p, overlap, emphasis, rescale in [(0.7, 1.0, 0.0, 1.0), (0.4, 0.3, 0.6, 0.5), (0.5, 0.0, 0.0, 2.0)]:
+        method = mm.create("dropout", probability=p, overlap=overlap, overlap_emphasis=emphasis, rescale=rescale,
+                           alpha=0.8)
+        out = method.merge(c, models, key="x.weight", seed=7)
+        assert torch.equal(out, method.merge(c, models, key="x.weight", seed=7))
+        assert not torch.equal(out, method.merge(c, models, key="y.weight", seed=7))
+        assert not torch.equal(out, method.merge(c, models, key="x.weight", seed=8))
+        masks = dropout_keep_masks(mm.MergeContext(key="x.weight", seed=7), 3, c.shape, p, overlap, emphasis)
+        deltas = [m - c for m in models]
+        total = torch.where(masks[0], deltas[0], 0.0)
+        for i in (1, 2):
+            total = total + torch.where(masks[i], deltas[i], 0.0)
+        want = (total / masks.sum(0).clamp(min=1) / (1 - p) ** rescale) * 0.8 + c
+        assert torch.equal(out, want), (p, overlap)
+        out64 = method.merge(c.double(), [m.double() for m in models], key="x.weight", seed=7)
+        assert torch.equal(out64 != c.double(), out != c)
+
+
+@needs_mecha
+def test_dropout_set_probabilities_are_sdmecha_s(mecha_ties):
+    """overlapping_sets_pmf (with its torch.lerp of numpy arrays made to work): the same numbers; at probability
+    0 its binomial weights are 0/0 (NaN, at any emphasis), here their limit as the probability goes to 0."""
+    for n in (1, 2, 3, 4):
+        for p in (0.1, 0.5, 0.9, 1.0):
+            for overlap in (0.0, 1e-9, 0.2, 0.5, 0.77, 1 - 1e-9):
+                for emphasis in (0.0, 0.3, 1.0):
+                    ours = np.array(dropout_set_probabilities(n, p, overlap, emphasis))
+                    ref = mecha_ties.overlapping_sets_pmf(n, p, overlap, emphasis)
+                    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-15, err_msg=str((n, p, overlap)))
+        for overlap in (0.2, 0.5, 0.77):
+            with np.errstate(invalid="ignore"):
+                assert np.isnan(mecha_ties.overlapping_sets_pmf(n, 0.0, overlap, 0.0)[1:]).all()
+            np.testing.assert_allclose(dropout_set_probabilities(n, 0.0, overlap, 0.5),
+                                       dropout_set_probabilities(n, 1e-12, overlap, 0.5), rtol=0, atol=1e-9)
+    # within numpy's isclose of 1 (not 1 itself): all models together; 0: one model at a time
+    assert dropout_set_probabilities(3, 0.0, 1 - 1e-9, 0.0) == [0.0] * 7 + [1.0]
+    assert dropout_set_probabilities(3, 0.25, 0.0, 0.0) == [0.25, 0.25, 0.25, 0.0, 0.25, 0.0, 0.0, 0.0]
+
+
+@needs_mecha
+def test_sdmecha_dropout_fails_for_overlaps_other_than_1():
+    """Why the comparisons below patch sd-mecha's lerp: unpatched, any overlap but an odd integer raises."""
+    deltas = [torch.ones(3), torch.ones(3)]
+    with pytest.raises(TypeError):
+        _ties().dropout.__wrapped__(*deltas, probability=0.5, overlap=0.5, overlap_emphasis=0.0, seed=0)
+
+
+@needs_mecha
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_dropout_agrees_with_sdmecha_where_nothing_is_random(mecha_ties, dtype, n):
+    """Bit for bit with sd-mecha's dropout (the wrapper's add_difference as C + alpha·that; sd-mecha's addcmul
+    rounds the product into the sum: 1 ulp) at the settings whose masks are fixed: probability 0 with overlap 1
+    or within isclose of 1 (all kept), probability 1 (all dropped), and one model at probability 0. sd-mecha's
+    other overlaps at probability 0 give NaN probabilities (its binomial term is 0/0 even at emphasis 0): those
+    are compared with its overlap 1, the same all-kept masks."""
+    c, models = _dropout_inputs(n, dtype=dtype)
+    deltas = [m - c for m in models]
+    cases = [(0.0, 1.0), (1.0, 1.0), (0.0, 1 - 1e-9), (1.0, 0.3)] + ([(0.0, 0.0), (0.0, 0.4)] if n == 1 else [])
+    for p, overlap in cases:
+        for alpha, rescale in ((0.5, 1.0), (1.3, 2.0)):
+            got = run("dropout", models, c, probability=p, overlap=overlap, alpha=alpha, rescale=rescale)
+            ref = mecha_ties.dropout.__wrapped__(*[d.clone() for d in deltas], probability=p, rescale=rescale,
+                                                 overlap=1.0 if p == 0.0 else overlap, overlap_emphasis=0.0, seed=0)
+            assert torch.equal(got, ref * alpha + c), (p, overlap)
+            # the fused product and sum: one rounding of the terms' size apart
+            fused = c.addcmul(ref, torch.tensor(alpha, dtype=dtype))
+            assert bool(((got - fused).abs() <= torch.finfo(dtype).eps * (c.abs() + (alpha * ref).abs())).all())
+
+
+class _GivenDraws:
+    """Stands in for sd-mecha's numpy generator: hands it our masks (binomial, per model) or our keep-sets
+    (choice), after checking that it asks for the same distribution."""
+
+    def __init__(self, masks, probabilities):
+        self.masks, self.probabilities, self.calls = masks, probabilities, 0
+
+    def binomial(self, n, p, size):
+        assert n == 1 and np.isclose(p, self.probabilities)
+        mask = self.masks[self.calls]
+        self.calls += 1
+        assert tuple(size) == tuple(mask.shape)
+        return mask.numpy().astype(np.int64)
+
+    def choice(self, ks, size, p):
+        np.testing.assert_allclose(p, self.probabilities, rtol=1e-12, atol=1e-15)
+        bits = torch.tensor([1 << i for i in range(self.masks.shape[0])]).view(-1, *[1] * (self.masks.dim() - 1))
+        chosen = (self.masks.long() * bits).sum(0)
+        assert tuple(size) == tuple(chosen.shape)
+        return chosen.numpy()
+
+
+@needs_mecha
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_with_our_masks_is_sdmecha_s(mecha_ties, monkeypatch, n, dtype):
+    """sd-mecha's dropout handed our masks (its numpy draws replaced) gives our result bit for bit, at random
+    settings: the arithmetic (sum in model order, the count clamped at 1, the rescale) is the same."""
+    c, models = _dropout_inputs(n, dtype=dtype, seed=102)
+    deltas = [m - c for m in models]
+    for p, overlap, emphasis, rescale, alpha in [(0.9, 1.0, 0.0, 1.0, 0.5), (0.3, 1.0, 0.0, 0.5, 1.0),
+                                                 (0.5, 0.0, 0.0, 1.0, 0.7), (0.4, 0.35, 0.8, 2.0, 1.0),
+                                                 (0.2, 0.9, 0.3, 0.0, -1.0)]:
+        masks = dropout_keep_masks(mm.MergeContext(key="k", seed=0), n, c.shape, p, overlap, emphasis)
+        expected = (1 - p) if overlap == 1.0 else mecha_ties.overlapping_sets_pmf(n, p, overlap, emphasis)
+        monkeypatch.setattr(np.random, "default_rng", lambda seed=None: _GivenDraws(masks, expected))
+        ref = mecha_ties.dropout.__wrapped__(*[d.clone() for d in deltas], probability=p, rescale=rescale,
+                                             overlap=overlap, overlap_emphasis=emphasis, seed=0)
+        got = mm.create("dropout", probability=p, overlap=overlap, overlap_emphasis=emphasis, rescale=rescale,
+                        alpha=alpha).merge(c, models, key="k", seed=0)
+        assert torch.equal(got, ref * alpha + c), (p, overlap, emphasis)
+
+
+@pytest.mark.parametrize("n, p, overlap, emphasis", [(3, 0.3, 1.0, 0.0), (3, 0.5, 0.0, 0.0), (3, 0.2, 0.3, 0.7),
+                                                     (2, 0.6, 0.8, 0.0), (3, 0.0, 0.5, 0.0), (2, 0.1, 0.6, 1.0)])
+def test_dropout_keep_sets_follow_their_distribution(n, p, overlap, emphasis):
+    """Differences 1, 2, 4 from a zero base, no rescale: each entry's result names its keep-set (its members'
+    mean); the share of each set over 120,000 entries is its probability within 5 standard errors."""
+    size = 120_000
+    c = torch.zeros(size)
+    models = [torch.full((size,), float(1 << i)) for i in range(n)]
+    out = mm.create("dropout", probability=p, overlap=overlap, overlap_emphasis=emphasis, rescale=0.0,
+                    alpha=1.0).merge(c, models, key="k", seed=1)
+    probabilities = _set_probabilities(n, p, overlap, emphasis)
+    seen = 0
+    for (k, members), prob in zip(_sets(n), probabilities):
+        value = sum(1 << i for i in members) / max(len(members), 1)
+        share = float((out == torch.tensor(value, dtype=torch.float32)).float().mean())
+        seen += share
+        assert abs(share - prob) <= 5 * math.sqrt(prob * (1 - prob) / size) + 1e-9, (k, share, prob)
+    assert seen == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("p, overlap, emphasis, rescale", [(0.5, 1.0, 0.0, 1.0), (0.8, 1.0, 0.0, 0.5),
+                                                          (0.4, 0.3, 0.5, 1.0), (0.3, 0.0, 0.0, 2.0)])
+def test_dropout_mean_over_draws(p, overlap, emphasis, rescale):
+    """The mean of 300 draws (seeds) is the exact expectation Σ_S P(S)·Σ_{i∈S} δᵢ/max(|S|, 1)/(1 − p)^rescale,
+    per entry within 5.5 standard errors (the variance likewise exact); with overlap 1 that is
+    (1 − pⁿ)/n·Σ δᵢ/(1 − p)^rescale."""
+    n, draws = 3, 300
+    c, models = _dropout_inputs(n, shape=(20, 30), dtype=torch.float64, seed=103)
+    deltas = torch.stack([m - c for m in models])
+    method = mm.create("dropout", probability=p, overlap=overlap, overlap_emphasis=emphasis, rescale=rescale,
+                       alpha=1.0)
+    outs = torch.stack([method.merge(c, models, key="k", seed=s) - c for s in range(draws)])
+    scale = (1 - p) ** rescale
+    mean = torch.zeros_like(c)
+    square = torch.zeros_like(c)
+    for (_, members), prob in zip(_sets(n), _set_probabilities(n, p, overlap, emphasis)):
+        value = deltas[members].sum(0) / max(len(members), 1) / scale
+        mean += prob * value
+        square += prob * value ** 2
+    if overlap == 1.0:
+        torch.testing.assert_close(mean, (1 - p ** n) / n * deltas.sum(0) / scale)
+    z = (outs.mean(0) - mean) / ((square - mean ** 2) / draws).sqrt()
+    assert float(z.abs().max()) < 5.5
+    assert 0.75 < float(z.square().mean()) < 1.25

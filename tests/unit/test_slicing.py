@@ -137,7 +137,7 @@ def test_elementwise_methods_are_declared_and_not_randomized():
     assert flagged == {"linear", "task_arithmetic", "ram", "nearswap", "passthrough", "weighted_sum", "add_difference",
                        "train_difference", "add_opposite", "add_strict_opposite", "geometric_sum", "clamp",
                        "triple_sum", "sum_twice", "weighted_subtraction", "multiply_difference",
-                       "similarity_add_difference"}
+                       "similarity_add_difference", "multiply_quotient"}
     assert not any(s.randomized for s in mm.all_specs() if s.elementwise)
     with pytest.raises(ValueError, match="cannot be elementwise"):
         spec_mod.merge_method("never_registered", help="", source="", randomized=True, elementwise=True)

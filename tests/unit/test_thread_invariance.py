@@ -10,7 +10,8 @@ import torch
 import merge_methods as mm
 
 CASES = [("dare_ties", {}), ("dare_linear", {}), ("della", {}), ("della_linear", {}), ("ties", {"rescale": "l1"}),
-         ("ties", {}), ("model_stock", {}), ("sce", {}), ("task_arithmetic", {}), ("add_perpendicular", {})]
+         ("ties", {}), ("model_stock", {}), ("sce", {}), ("task_arithmetic", {}), ("add_perpendicular", {}),
+         ("ties_add_difference", {}), ("multiply_quotient", {}), ("dropout", {}), ("dropout", {"overlap": 0.4})]
 
 
 def _inputs(n=3, size=(600, 700)):
