@@ -37,7 +37,13 @@ def kth_largest(flat: torch.Tensor, k: int, least: int = _MIN_SAMPLE) -> torch.T
     stride = sample_stride(n, least)
     if stride is None:
         return torch.kthvalue(flat, n - k + 1).values
-    lo, hi = _sample_bracket(flat[::stride], k, n)
+    lo, hi, lo_open, hi_open = _sample_bracket(flat[::stride], k, n)
+    # near an end of the order the margin runs past the sample's own extreme, which need not bound the
+    # answer: the tensor's extreme does (a min / max pass, instead of the sort a missed bracket costs)
+    if lo_open:
+        lo = flat.amin()
+    if hi_open:
+        hi = flat.amax()
     n_above = int(torch.count_nonzero(flat > hi))
     n_inside_or_above = int(torch.count_nonzero(flat >= lo))
     if not (n_above < k <= n_inside_or_above):
@@ -50,9 +56,10 @@ def kth_largest(flat: torch.Tensor, k: int, least: int = _MIN_SAMPLE) -> torch.T
     return torch.kthvalue(inside, inside.numel() - r + 1).values
 
 
-def _sample_bracket(sample: torch.Tensor, k: int, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(lo, hi)``, 0-d: values of a sample of a length-``n`` tensor that bracket its k-th largest value
-    with a wide margin (6 standard deviations of a binomial rank, plus 64)."""
+def _sample_bracket(sample: torch.Tensor, k: int, n: int) -> Tuple[torch.Tensor, torch.Tensor, bool, bool]:
+    """``(lo, hi, lo_open, hi_open)``: values (0-d) of a sample of a length-``n`` tensor that bracket its k-th
+    largest value with a wide margin (6 standard deviations of a binomial rank, plus 64); ``lo_open`` /
+    ``hi_open`` where the margin reaches past the sample's smallest / largest value."""
     m = sample.numel()
     q = 1.0 - k / n                                  # fraction of entries below the answer
     j = q * (m - 1)
@@ -64,7 +71,7 @@ def _sample_bracket(sample: torch.Tensor, k: int, n: int) -> Tuple[torch.Tensor,
     upper = sample[sample > lo]
     n_at_most_lo = m - upper.numel()
     hi = lo if hi_rank <= n_at_most_lo else torch.kthvalue(upper, hi_rank - n_at_most_lo).values
-    return lo, hi
+    return lo, hi, j - margin < 0, j + margin + 1 > m - 1
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -197,8 +204,11 @@ class CutSearch:
         elif k >= n:
             self.found = MagnitudeCut(-1.0, None)
         elif sample is not None:
-            lo, hi = _sample_bracket(sample, k, n)
-            self.lo, self.hi = float(lo), float(hi)
+            lo, hi, lo_open, hi_open = _sample_bracket(sample, k, n)
+            # past the sample's extremes, the bounds of any magnitude: 0 and the largest finite float (an
+            # infinite entry must still land above the bracket, where scan() notices it)
+            self.lo = 0.0 if lo_open else float(lo)
+            self.hi = float(torch.finfo(torch.float32).max) if hi_open else float(hi)
             # the bracket's lower end; at 0 the zeros stay out of it (keeping or dropping them is the same)
             self._lo_below = _float_below(self.lo) if self.lo > 0 else 0.0
 

@@ -122,3 +122,43 @@ def test_kth_largest_exact_on_large_and_adversarial_inputs(kind, n):
         assert kth_largest(x, k) == ref, (kind, k)
         assert kth_largest(x, k, 1 << 12) == ref, (kind, k)         # a smaller sample (of a sample, say)
         assert int(ops.topk_mask(x, k).sum()) == k
+
+
+@pytest.mark.parametrize("k_of_n", [lambda n: 1, lambda n: 2, lambda n: 40, lambda n: n - 40, lambda n: n - 1,
+                                    lambda n: n])
+def test_kth_largest_near_the_ends_needs_no_sort(k_of_n, monkeypatch):
+    """Near an end of the order the sampled bracket reaches past the sample's extreme; the tensor's own
+    min / max bound the answer there, so random data never takes the sorting fallback."""
+    from merge_methods import ops as ops_mod
+    n = 600_000
+    x = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    ascending = torch.sort(x).values
+    k = k_of_n(n)
+
+    def no_sort(*a, **kw):
+        raise AssertionError("sorted")
+    monkeypatch.setattr(ops_mod.torch, "sort", no_sort)
+    assert ops_mod.kth_largest(x, k) == ascending[n - k]
+
+
+@pytest.mark.parametrize("k_of_n", [lambda n: 1, lambda n: 3, lambda n: n - 3, lambda n: n - 1])
+def test_cut_search_near_the_ends_finds_the_cut(k_of_n):
+    """CutSearch with a bracket reaching past the sample's extremes still finds the exact cut (no fallback),
+    and still reports an infinite entry."""
+    n = 600_000
+    x = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    k = k_of_n(n)
+    stride = ops.sample_stride(n)
+    spans = [(0, n // 3), (n // 3, n)]
+    search = ops.CutSearch(n, k, x[::stride].abs())
+    assert all([search.scan(x[s:e]) for s, e in spans])
+    cut = search.result()
+    assert cut is not None
+    out = x.clone()
+    for i, (s, e) in enumerate(spans):
+        cut.prune_(out[s:e], i)
+    assert torch.equal(out, x * ops.topk_mask(x.abs(), k))
+    bad = x.clone()
+    bad[n // 2] = float("inf")
+    search = ops.CutSearch(n, k, x[::stride].abs())
+    assert not all([search.scan(bad[s:e]) for s, e in spans])
