@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import merge_methods as mm
+from spying import spy_results
 from merge_methods import ram as ram_mod
 from merge_methods import spec as spec_mod
 
@@ -116,24 +117,9 @@ def test_agrees_with_mergekit(shape, n_models):
 SMALL = 512
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_streamed_ramplus_is_bit_identical(dtype, monkeypatch, one_thread):
-    calls = []
-    real = ram_mod._ramplus_streamed
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
-    monkeypatch.setattr(ram_mod, "_ramplus_streamed", spy)
+    calls = spy_results(monkeypatch, ram_mod, "_ramplus_streamed")
     base, models = _sparse_inputs(7, 3, (40 * SMALL + 37,), keep=0.4)
     base, models = base.to(dtype), [m.to(dtype) for m in models]
     method = mm.create("ramplus_tl", r=0.9, alpha=3.0)

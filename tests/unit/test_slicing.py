@@ -7,6 +7,7 @@ import torch
 import merge_methods as mm
 from merge_methods import ops, spec as spec_mod
 
+from spying import spy_results
 from test_registry import EXPECTED, n_models
 
 # a slice length that is a multiple of every vector width, so sliced and whole runs take the same
@@ -27,15 +28,6 @@ def _merge(name, base, models, monkeypatch, slice_len, **params):
     monkeypatch.setattr(spec_mod, "SLICE", slice_len)
     spec = mm.get_spec(name)
     return mm.create(name).merge(None if spec.base == "none" else base, models, key="k.weight", seed=7, **params)
-
-
-@pytest.fixture
-def one_thread():
-    """One thread: the split of a span between threads must not move the vectorized/scalar boundary."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -172,15 +164,7 @@ def test_streamed_methods_are_declared():
 def _spy_streamed(monkeypatch):
     """Counts the streamed merges that produced a result (and not None, handing over to the stack path)."""
     from merge_methods import task_arithmetic as ta
-    calls = []
-    real = ta._gta_streamed
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
-    monkeypatch.setattr(ta, "_gta_streamed", spy)
-    return calls
+    return spy_results(monkeypatch, ta, "_gta_streamed")
 
 
 @pytest.mark.parametrize("name", sorted(GTA_STREAMED))
