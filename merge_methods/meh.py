@@ -230,10 +230,13 @@ def ties_add_difference(base, models, ctx, *, alpha, beta):
     signs = deltas.sign()
     agree = signs == signs.sum(0).sign_()
     del signs
-    total = deltas[0].mul_(agree[0]).add_(deltas[1].mul_(agree[1]))
+    d0, d1 = deltas[0].mul_(agree[0]), deltas[1].mul_(agree[1])
+    total = d0 + d1
     count = agree.sum(0, dtype=deltas.dtype)
     del agree
     mean = torch.where(count > 0, total / count, torch.zeros((), dtype=total.dtype, device=total.device))
+    # the sum of two agreeing finite differences can overflow where their mean does not
+    mean = torch.where(total.isinf(), torch.add(d0 * 0.5, d1, alpha=0.5), mean)
     return mean.mul_(alpha).add_(base)
 
 

@@ -205,10 +205,12 @@ class CutSearch:
             self.found = MagnitudeCut(-1.0, None)
         elif sample is not None:
             lo, hi, lo_open, hi_open = _sample_bracket(sample, k, n)
-            # past the sample's extremes, the bounds of any magnitude: 0 and the largest finite float (an
-            # infinite entry must still land above the bracket, where scan() notices it)
-            self.lo = 0.0 if lo_open else float(lo)
-            self.hi = float(torch.finfo(torch.float32).max) if hi_open else float(hi)
+            # past the sample's extremes, the bounds of any magnitude: 0 and the largest finite float; and never
+            # above that float (a sample with many infinite entries brackets at inf): an infinite entry must land
+            # above the bracket, where scan() notices it
+            top = float(torch.finfo(torch.float32).max)
+            self.lo = 0.0 if lo_open else min(float(lo), top)
+            self.hi = top if hi_open else min(float(hi), top)
             # the bracket's lower end; at 0 the zeros stay out of it (keeping or dropping them is the same)
             self._lo_below = _float_below(self.lo) if self.lo > 0 else 0.0
 

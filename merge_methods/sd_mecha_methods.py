@@ -327,7 +327,13 @@ def multiply_quotient(base, models, ctx, *, alpha):
     exponent = ac.mul_(bc).div_(peak).neg_().nan_to_num_(nan=0.0).clamp_(min=0.0).mul_(float(alpha))
     del peak
     # |B/C|^x = e^(x·b); where x = 0 that is 1 (b may be ±inf there: a 0 in B or C)
-    out = bc.mul_(exponent).nan_to_num_(nan=0.0).exp_().mul_(a)
+    power = bc.mul_(exponent).nan_to_num_(nan=0.0)
+    factor = power.exp()
+    out = factor * a
+    # where the factor alone overflows or is subnormal (the product may be a normal number): e^(ln|A| + x·b)
+    exact = a.abs().log_().add_(power).exp_().mul_(a.sign())
+    out = torch.where(factor.isfinite() & (factor >= torch.finfo(factor.dtype).tiny), out, exact)
+    del factor, power, exact
     # Re(e^{iπx}) where B/C < 0; cos(0) = 1 exactly elsewhere
     turn = exponent.mul_((b < 0) != (base < 0)).mul_(math.pi).cos_()
     return out.mul_(turn)

@@ -139,15 +139,19 @@ def _a_b_diffs(base, models):
     help="sd-mecha's add_opposite_mask with add_difference: A + alpha·2·|A − B|/(|A − B| + |A + B − 2C|)·(B − C), "
          "with the models as A (first) and B (second) and the base as C. Per element, B's difference from C is "
          "added where A and B moved away from C in opposite directions (up to 2·alpha of it where A − C = "
-         "−(B − C); alpha of it where A = C), less where they moved alike, nothing where A = B. A + B − 2C is "
-         "computed as (A − C) + (B − C); 0/0 (A = B = C) adds nothing.",
+         "−(B − C); alpha of it where A = C), less where they moved alike, nothing where A = B. The share is "
+         "computed from halves of A, B and C (exact) as |A/2 − B/2|/(|A/2 − B/2| + |(A/2 − C/2) + (B/2 − C/2)|), "
+         "which cannot overflow; 0/0 (A = B = C) adds nothing.",
     params=(Param("alpha", FLOAT, 1.0, "Strength of the added difference (B − C), before the per-element factor "
                   "2·|A − B|/(|A − B| + |A + B − 2C|).", min=-10.0, max=10.0, step=0.01),),
 )
 def add_opposite(base, models, ctx, *, alpha):
-    a, b_diff, a_diff = _a_b_diffs(base, models)
-    apart = (a - models[1]).abs_()
-    share = apart.div_(a_diff.add_(b_diff).abs_().add_(apart)).nan_to_num_(nan=0.0)
+    a, b_diff, _ = _a_b_diffs(base, models)
+    # the ratio from halves (exact above 2^-125): |A − B| of finite weights can overflow, |A/2 − B/2| cannot
+    half_a, half_b, half_c = a * 0.5, models[1] * 0.5, base * 0.5
+    apart = (half_a - half_b).abs_()
+    together = half_a.sub_(half_c).add_(half_b.sub_(half_c)).abs_()
+    share = apart.div_(together.add_(apart)).nan_to_num_(nan=0.0)
     return torch.addcmul(a, share, b_diff, value=2.0 * float(alpha))
 
 

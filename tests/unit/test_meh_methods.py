@@ -425,3 +425,12 @@ def test_meh_ratio_to_region_is_ours():
         for w in [x / 20 for x in range(-20, 21)]:
             for o in [x / 20 for x in range(0, 21)]:
                 assert ratio_to_region(w, o, n) == sd_meh.ratio_to_region(w, o, n), (n, w, o)
+
+
+def test_ties_add_difference_mean_of_huge_differences_is_finite():
+    """Two agreeing differences of 2e38 and 3e38: their sum overflows, their mean (2.5e38) does not."""
+    c = torch.zeros(2)
+    a = torch.tensor([2e38, 1.0])
+    b = torch.tensor([3e38, 2.0])
+    out = run("ties_add_difference", [a, b], base=c, alpha=1.0, beta=1.0)
+    assert torch.equal(out, torch.tensor([2e38 * 0.5 + 3e38 * 0.5, 1.5]))

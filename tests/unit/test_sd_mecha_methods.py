@@ -824,3 +824,15 @@ def test_dropout_mean_over_draws(p, overlap, emphasis, rescale):
     z = (outs.mean(0) - mean) / ((square - mean ** 2) / draws).sqrt()
     assert float(z.abs().max()) < 5.5
     assert 0.75 < float(z.square().mean()) < 1.25
+
+
+@pytest.mark.parametrize("a_val, b_val, c_val, alpha", [(1e-10, 1e31, 1e10, 2.0), (1e-43, 1e38, 1e-3, 1.0),
+                                                         (1e30, 1e-30, 1e10, 2.0)])
+def test_multiply_quotient_factor_out_of_range(a_val, b_val, c_val, alpha):
+    """|B/C|^x alone overflows or is subnormal while A·|B/C|^x is a normal number: the result is that number
+    (computed as e^(ln|A| + x·b)), as in fp64."""
+    a, b, c = (torch.tensor([v, 2.0]) for v in (a_val, b_val, c_val))
+    out = run("multiply_quotient", [a, b], base=c, alpha=alpha)
+    want = run("multiply_quotient", [a.double(), b.double()], base=c.double(), alpha=alpha)
+    assert out.isfinite().all() and want[0] != 0
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)

@@ -389,3 +389,11 @@ def test_common_errors(name):
     if has_base:
         with pytest.raises(MergeError, match="NaN"):
             run(name, torch.full((3, 3), float("inf")), ms)
+
+
+def test_add_opposite_of_huge_opposite_weights():
+    """A = 2e38, B = −2e38 around C = 0: |A − B| overflows fp32, the share is still 1 (from halves)."""
+    c = torch.zeros(2)
+    a = torch.tensor([2e38, 1.0])
+    b = torch.tensor([-2e38, -1.0])
+    assert torch.equal(run("add_opposite", c, [a, b], {"alpha": 0.5}), torch.tensor([0.0, 0.0]))

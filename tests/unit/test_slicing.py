@@ -272,3 +272,14 @@ def test_merge_takes_weights_that_require_grad(name, slice_len, monkeypatch, one
     got = _merge(name, params[0], params[1:], monkeypatch, slice_len)
     assert not got.requires_grad and got.grad_fn is None
     assert torch.equal(got, plain), f"{name}: {(got != plain).sum()} elements differ"
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2])
+def test_streamed_merge_reports_many_infinite_entries(density, monkeypatch, one_thread):
+    """A tenth of a model infinite: its sample brackets the cut at inf, which must not let the infinite entries
+    pass the scan as candidates (the bracket stays below inf)."""
+    monkeypatch.setattr(spec_mod, "SLICE", 64 * SMALL)
+    base, models = _inputs("ties", 400_000, torch.float32, seed=18)
+    models[0][::10] = float("inf")
+    with pytest.raises(mm.MergeError, match=r": model 1 contains NaN or Inf"):
+        mm.create("ties").merge(base, models, key="k", density=density)
