@@ -9,7 +9,7 @@ setup:
 	bash tests/browser/setup.sh
 
 test: setup
-	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 unit: setup
 	$(VENV_PY) -m pytest tests/unit $(PYTEST_ARGS)

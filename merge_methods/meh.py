@@ -192,7 +192,7 @@ def distribution_crossover(base, models, ctx, *, alpha, beta):
 # ============================================================================== meh's top-k methods
 def _kth_smallest_magnitude(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest of a flat tensor of magnitudes (1 <= k <= n), as a 0-d tensor of its dtype: exact
-    (kth_largest, which also avoids kthvalue's quadratic case on ordered data). The ends, which
+    (kth_largest: no whole-tensor kthvalue, whose quickselect turns quadratic on ordered data). The ends, which
     top_k_tensor_sum's default width 1 asks for, are a plain min / max."""
     n = magnitudes.numel()
     if k == n:
