@@ -49,11 +49,12 @@ def test_bad_widget_value_is_rejected_by_validation(harness):
 
 def test_method_widgets_offer_only_values_the_method_accepts(harness):
     """At both ends of every numeric widget of every method node, the method node runs (an excluded bound,
-    such as eps > 0, is not offered by the widget)."""
+    such as eps > 0, is not offered by the widget).  All the cases run as one graph (a prompt per case costs
+    about a second each); only when it fails are they run one by one, to name each failing case."""
     import nodes
     import importlib
     mm = importlib.import_module(f"{harness.pack_module_name}.merge_methods")
-    failures = []
+    cases = []
     for spec in mm.all_specs():
         node = f"MergeLab_Method_{spec.name}"
         required = nodes.NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["required"]
@@ -64,11 +65,27 @@ def test_method_widgets_offer_only_values_the_method_accepts(harness):
             for end in ("min", "max"):
                 if abs(opts[end]) >= 1e9 or abs(opts[end]) >= 2 ** 31 - 1:
                     continue
-                res = harness.run(harness.with_defaults({
-                    "1": {"class_type": node, "inputs": {p.name: opts[end]}},
-                    "2": {"class_type": "MergeLabTest_Capture", "inputs": {"value": ["1", 0], "name": "m"}}}))
-                if not res.success:
-                    failures.append(f"{spec.name}.{p.name} = {opts[end]} ({end}): {res.error_text()[:160]}")
+                cases.append((spec.name, node, p.name, opts[end], end))
+    assert len(cases) > 100
+
+    def graph(chosen):
+        g = {}
+        for i, (_, node, name, value, _) in enumerate(chosen):
+            g[f"m{i}"] = {"class_type": node, "inputs": {name: value}}
+            g[f"c{i}"] = {"class_type": "MergeLabTest_Capture", "inputs": {"value": [f"m{i}", 0], "name": f"m{i}"}}
+        return harness.with_defaults(g)
+
+    res = harness.run(graph(cases))
+    if res.success:
+        assert len(res.captured) == len(cases)
+        return
+    failures = []
+    for case in cases:
+        one = harness.run(graph([case]))
+        if not one.success:
+            method, _, name, value, end = case
+            failures.append(f"{method}.{name} = {value} ({end}): {one.error_text()[:160]}")
+    assert failures, f"the graph of all cases failed, no case alone does: {res.error_text()[:300]}"
     assert not failures, "\n".join(failures)
 
 
