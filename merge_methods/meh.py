@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import kth_largest, pow2_scale, ratio_to_region, sumsq
+from .ops import kth_smallest, pow2_scale, ratio_to_region, sumsq
 from .spec import BASE_NONE, BASE_REQUIRED, FLOAT, Param, merge_method
 
 _FILTER_SHARPNESS_EPS = 1e-10      # meh: a beta at or below it makes distribution_crossover's cut a step
@@ -190,18 +190,6 @@ def distribution_crossover(base, models, ctx, *, alpha, beta):
 
 
 # ============================================================================== meh's top-k methods
-def _kth_smallest_magnitude(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest of a flat tensor of magnitudes (1 <= k <= n), as a 0-d tensor of its dtype: exact
-    (kth_largest: no whole-tensor kthvalue, whose quickselect turns quadratic on ordered data). The ends, which
-    top_k_tensor_sum's default width 1 asks for, are a plain min / max."""
-    n = magnitudes.numel()
-    if k == n:
-        return magnitudes.amax()
-    if k == 1:
-        return magnitudes.amin()
-    return kth_largest(magnitudes, n - k + 1)
-
-
 @merge_method(
     "ties_add_difference", base=BASE_REQUIRED, min_models=2, max_models=2, source="meh",
     help="meh's ties_add_difference: TIES on the differences A − C and B − C. Each difference keeps the entries "
@@ -225,7 +213,7 @@ def ties_add_difference(base, models, ctx, *, alpha, beta):
     if k > 1:
         for row in flat:
             magnitude = row.abs()
-            row.masked_fill_(magnitude < _kth_smallest_magnitude(magnitude, k), 0.0)
+            row.masked_fill_(magnitude < kth_smallest(magnitude, k), 0.0)
             del magnitude
     signs = deltas.sign()
     agree = signs == signs.sum(0).sign_()
@@ -235,8 +223,10 @@ def ties_add_difference(base, models, ctx, *, alpha, beta):
     count = agree.sum(0, dtype=deltas.dtype)
     del agree
     mean = torch.where(count > 0, total / count, torch.zeros((), dtype=total.dtype, device=total.device))
-    # the sum of two agreeing finite differences can overflow where their mean does not
-    mean = torch.where(total.isinf(), torch.add(d0 * 0.5, d1, alpha=0.5), mean)
+    # the sum of two agreeing finite differences can overflow where their mean does not (rare: one check per call)
+    overflow = total.isinf()
+    if bool(overflow.any()):
+        mean = torch.where(overflow, torch.add(d0 * 0.5, d1, alpha=0.5), mean)
     return mean.mul_(alpha).add_(base)
 
 
@@ -271,11 +261,11 @@ def top_k_tensor_sum(base, models, ctx, *, width, offset):
     # the band, over the sorted values: magnitudes in (s-th smallest, e-th smallest]; the 0-th is below all
     magnitude, a_magnitude = values.abs(), a.abs()
     if end > 0:
-        band = magnitude <= _kth_smallest_magnitude(a_magnitude, end)
+        band = magnitude <= kth_smallest(a_magnitude, end)
     else:
         band = torch.zeros(n, dtype=torch.bool, device=a.device)
     if start > 0:
-        band &= magnitude > _kth_smallest_magnitude(a_magnitude, start)
+        band &= magnitude > kth_smallest(a_magnitude, start)
     if inverted:
         band = band.logical_not_()
     del magnitude, a_magnitude

@@ -34,6 +34,10 @@ def kth_largest(flat: torch.Tensor, k: int, least: int = _MIN_SAMPLE) -> torch.T
     ``least``: the smallest sample (see :func:`_sample_size`).
     """
     n = flat.numel()
+    if k == 1:
+        return flat.amax()
+    if k == n:
+        return flat.amin()
     stride = sample_stride(n, least)
     if stride is None:
         return torch.kthvalue(flat, n - k + 1).values
@@ -54,6 +58,11 @@ def kth_largest(flat: torch.Tensor, k: int, least: int = _MIN_SAMPLE) -> torch.T
     inside = flat[(flat >= lo) & (flat <= hi)]
     r = k - n_above                                   # rank of the answer among the inside entries
     return torch.kthvalue(inside, inside.numel() - r + 1).values
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th smallest value of a 1-D tensor (1 <= k <= n), as a 0-d tensor (:func:`kth_largest`)."""
+    return kth_largest(flat, flat.numel() - k + 1)
 
 
 def _sample_bracket(sample: torch.Tensor, k: int, n: int) -> Tuple[torch.Tensor, torch.Tensor, bool, bool]:

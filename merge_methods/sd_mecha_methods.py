@@ -330,10 +330,12 @@ def multiply_quotient(base, models, ctx, *, alpha):
     power = bc.mul_(exponent).nan_to_num_(nan=0.0)
     factor = power.exp()
     out = factor * a
-    # where the factor alone overflows or is subnormal (the product may be a normal number): e^(ln|A| + x·b)
-    exact = a.abs().log_().add_(power).exp_().mul_(a.sign())
-    out = torch.where(factor.isfinite() & (factor >= torch.finfo(factor.dtype).tiny), out, exact)
-    del factor, power, exact
+    # where the factor alone overflows or is subnormal (the product may be a normal number): e^(ln|A| + x·b);
+    # rare on weights, so computed only when some entry needs it (one check per call)
+    outside = ~(factor.isfinite() & (factor >= torch.finfo(factor.dtype).tiny))
+    if bool(outside.any()):
+        out = torch.where(outside, a.abs().log_().add_(power).exp_().mul_(a.sign()), out)
+    del factor, power, outside
     # Re(e^{iπx}) where B/C < 0; cos(0) = 1 exactly elsewhere
     turn = exponent.mul_((b < 0) != (base < 0)).mul_(math.pi).cos_()
     return out.mul_(turn)

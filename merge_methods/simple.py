@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import dot64, kth_largest, sumsq
+from .ops import dot64, kth_smallest, sumsq
 from .spec import BASE_NONE, BASE_REQUIRED, BOOL, FLOAT, Param, merge_method
 
 _FUSION_EPS = 1e-8      # mergekit arcee_fusion: added to both softmaxes before the KL divergence
@@ -23,12 +23,6 @@ def nearswap(base, models, ctx, *, t):
     model = models[0]
     w = (t / (model - base).abs_().clamp_(min=1e-6)).clamp_(0.0, 1.0)
     return torch.lerp(base, model, w)
-
-
-def _kth_smallest(flat: torch.Tensor, index: int) -> torch.Tensor:
-    """The value at 0-based position ``index`` of the ascending sort of ``flat`` (exact, any size; a
-    sampled bracket first, so big tensors cost a fraction of a whole-tensor ``kthvalue``)."""
-    return kth_largest(flat, flat.numel() - index)
 
 
 @merge_method(
@@ -55,7 +49,7 @@ def arcee_fusion(base, models, ctx):
     n = flat.numel()
     # mergekit's quantile convention: the element at sorted position floor(q·(n − 1))
     idx = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
-    q1, med, q3 = (_kth_smallest(flat, i) for i in idx)
+    q1, med, q3 = (kth_smallest(flat, i + 1) for i in idx)
     threshold = med + 1.5 * (q3 - q1)
     return torch.where(importance >= threshold, b, a).reshape(shape)
 
@@ -127,12 +121,6 @@ def train_difference(base, models, ctx, *, alpha):
     return torch.addcmul(a, share, trained, value=1.8 * float(alpha))
 
 
-def _a_b_diffs(base, models):
-    """A, B − C and A − C for the two-model add-difference variants (models A, B; base C)."""
-    a = models[0]
-    return a, models[1] - base, a - base
-
-
 @merge_method(
     "add_opposite", base=BASE_REQUIRED, min_models=2, max_models=2, source="sd-mecha", result_is_model1=True,
     elementwise=True,
@@ -146,7 +134,7 @@ def _a_b_diffs(base, models):
                   "2·|A − B|/(|A − B| + |A + B − 2C|).", min=-10.0, max=10.0, step=0.01),),
 )
 def add_opposite(base, models, ctx, *, alpha):
-    a, b_diff, _ = _a_b_diffs(base, models)
+    a, b_diff = models[0], models[1] - base
     # the ratio from halves (exact above 2^-125): |A − B| of finite weights can overflow, |A/2 − B/2| cannot
     half_a, half_b, half_c = a * 0.5, models[1] * 0.5, base * 0.5
     apart = (half_a - half_b).abs_()
@@ -167,7 +155,8 @@ def add_opposite(base, models, ctx, *, alpha):
                   "2·max(0, (C − A)(B − C)/m²), which is at most 2.", min=-10.0, max=10.0, step=0.01),),
 )
 def add_strict_opposite(base, models, ctx, *, alpha):
-    a, b_diff, a_diff = _a_b_diffs(base, models)
+    a, b_diff = models[0], models[1] - base
+    a_diff = a - base
     m = torch.maximum(a_diff.abs(), b_diff.abs())
     share = a_diff.div_(m).neg_().mul_(b_diff / m).nan_to_num_(nan=0.0).clamp_(min=0.0)
     return torch.addcmul(a, share, b_diff, value=2.0 * float(alpha))
