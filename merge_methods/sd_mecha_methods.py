@@ -387,11 +387,11 @@ def dropout_keep_masks(ctx, n: int, shape, probability: float, overlap: float, e
     entry of each model (kept below 1 − probability); other overlaps draw one per entry and pick the keep-set
     it falls on in the cumulative distribution of :func:`dropout_set_probabilities`."""
     if overlap == 1.0:
-        return ctx.uniform((n,) + tuple(shape)) < (1.0 - probability)
+        return ctx.uniform((n,) + tuple(shape), transient=True) < (1.0 - probability)
     cdf = torch.tensor(list(accumulate(dropout_set_probabilities(n, probability, overlap, emphasis))),
                        dtype=torch.float64, device=ctx.device)
     cdf /= cdf[-1].clone()                  # the last is 1 exactly: every draw (< 1) finds a set
-    u = ctx.uniform(shape).reshape(-1).to(torch.float64)
+    u = ctx.uniform(shape, transient=True).reshape(-1).to(torch.float64)
     chosen = torch.searchsorted(cdf, u, right=True)         # the set whose interval [cdf[k − 1], cdf[k]) holds u
     del u
     bits = torch.tensor([1 << i for i in range(n)], dtype=chosen.dtype, device=chosen.device).view(n, 1)

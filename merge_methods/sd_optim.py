@@ -356,7 +356,7 @@ def ties_sum_with_dropout(base, models, ctx, *, probability, della_eps, rescale,
     keep_p = (1.0 - probability).view(n_pts, 1)
     if della_eps != 0 and flat.shape[1] > 0:
         keep_p = (keep_p + della_offsets(flat, della_eps)).clamp_(0.0, 1.0)
-    keep = ctx.uniform(flat.shape) < keep_p
+    keep = ctx.uniform(flat.shape, transient=True) < keep_p
     zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
     if rescale:
         flat = torch.where(keep, flat / keep_p.clamp(min=torch.finfo(flat.dtype).tiny), zero)

@@ -323,7 +323,7 @@ class MergeMethod:
                 pm_args[p.name] = torch.tensor(pm[p.name], dtype=work_dtype, device=work_device)
             else:
                 pm_args[p.name] = tuple(pm[p.name])
-        ctx = MergeContext(key=key, seed=int(seed), device=work_device, host=pm)
+        ctx = MergeContext(key=key, seed=int(seed), device=work_device, host=pm, workspace=_uniform_buffer)
         if device.type == "cpu" and ref.numel() > SLICE and work_dtype == torch.float32:
             if spec.elementwise:
                 return self._merge_sliced(SpanInputs(where, base, models, check_finite), ctx, glob, pm_args)
@@ -451,7 +451,7 @@ class SpanInputs:
 
 
 class _Workspace(threading.local):
-    buffers: Optional[Dict[torch.device, torch.Tensor]] = None
+    buffers: Optional[Dict[object, torch.Tensor]] = None     # {device: stack buffer, "uniform": draws}
 
 
 _WS = _Workspace()
@@ -502,6 +502,19 @@ def _stack_buffer(shape: Tuple[int, ...], device: torch.device, dtype: torch.dty
         del buf
         buf = _WS.buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
     return buf[:numel].view(shape)
+
+
+def _uniform_buffer(numel: int) -> Optional[torch.Tensor]:
+    """Within :func:`reuse_buffers`, one CPU fp32 buffer (per thread) that transient random draws reuse
+    (:meth:`MergeContext.uniform`); None outside it or over 256 MiB."""
+    if _WS.buffers is None or numel > _BUFFER_MAX:
+        return None
+    buf = _WS.buffers.get("uniform")
+    if buf is None or buf.numel() < numel:
+        _WS.buffers["uniform"] = None
+        del buf
+        buf = _WS.buffers["uniform"] = torch.empty(numel, dtype=torch.float32)
+    return buf
 
 
 def _all_finite(t: torch.Tensor) -> bool:

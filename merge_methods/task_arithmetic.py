@@ -157,7 +157,7 @@ def sparsify_(deltas: torch.Tensor, ctx, method: str, density: Sequence[float], 
     spans = slices(n, deltas.device)
     for i in range(rows.shape[0]):
         x = rows[i]
-        u = ctx.uniform(deltas.shape[1:]).reshape(-1) if randomized else None
+        u = ctx.uniform(deltas.shape[1:], transient=True).reshape(-1) if randomized else None
         d = float(density[i])
         if d >= 1:
             continue

@@ -97,6 +97,45 @@ def test_reused_buffers_give_the_same_results_and_never_alias_a_result():
     assert len({r.untyped_storage().data_ptr() for r in reused}) == len(reused)
 
 
+def test_transient_random_draws_reuse_one_buffer_and_give_the_same_numbers():
+    """Inside reuse_buffers() a transient draw (one the caller is done with before it draws again) fills a
+    reused CPU buffer instead of new memory; the numbers are those of a plain draw.  Every randomized method
+    gives the same bits inside and outside the block, also on tensors large enough for the sliced and
+    streamed paths (over 2**20 entries)."""
+    from merge_methods.context import MergeContext
+    from merge_methods.spec import _uniform_buffer
+
+    plain = MergeContext(key="a.weight", seed=3).uniform((7, 5))
+    with mm.reuse_buffers():
+        ctx = MergeContext(key="a.weight", seed=3, workspace=_uniform_buffer)
+        first = ctx.uniform((7, 5), transient=True)
+        assert torch.equal(first, plain)
+        second = ctx.uniform((3, 4), transient=True)
+        assert second.data_ptr() == first.data_ptr()                # the same memory, drawn over
+        kept = ctx.uniform((3, 4))                                  # not transient: its own tensor
+        assert kept.data_ptr() != first.data_ptr()
+        again = MergeContext(key="a.weight", seed=3, workspace=_uniform_buffer)
+        assert torch.equal(again.uniform((7, 5), transient=True), plain)
+    outside = MergeContext(key="a.weight", seed=3, workspace=_uniform_buffer)
+    assert torch.equal(outside.uniform((7, 5), transient=True), plain)
+    assert outside.uniform((7, 5), transient=True).data_ptr() != first.data_ptr()
+
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(1100, 1000, generator=g)
+    models = [base + 0.1 * torch.randn(1100, 1000, generator=g) for _ in range(3)]
+    randomized = [s.name for s in mm.all_specs() if s.randomized]
+    assert {"dare_ties", "della", "dropout", "ties_sum_with_dropout"} <= set(randomized)
+    for name in randomized:
+        spec = mm.get_spec(name)
+        m, b, xs = mm.create(name), None if spec.base == "none" else base, models[:n_models(spec)]
+        kw = {"density": 0.5} if any(p.name == "density" for p in spec.per_model_params) else {}
+        ref = [m.merge(b, xs, key=k, seed=2, **kw) for k in ("x.weight", "y.weight")]
+        with mm.reuse_buffers():
+            got = [m.merge(b, xs, key=k, seed=2, **kw) for k in ("x.weight", "y.weight")]
+        assert all(torch.equal(r, o) for r, o in zip(ref, got)), name
+        assert not torch.equal(ref[0], ref[1]), name       # each key draws its own numbers
+
+
 def test_immutable_and_validated():
     m = mm.create("ties", **{"lambda": 0.5})
     with pytest.raises(Exception):
