@@ -1,7 +1,8 @@
 """Methods of sd-mecha: ``crossover`` (a blend in the frequency domain), ``add_cosine_a`` / ``add_cosine_b``
 (a lerp weighted by cosine similarity), ``tensor_sum`` (a region of B copied into A), ``geometric_sum`` (a
 weighted geometric mean), ``clamp`` (model 1 limited to the range of the others), ``truncate_rank`` (a
-model's difference from the base cut to a low rank), ``multiply_quotient`` (A scaled by a power of B/C) and
+model's difference from the base cut to a low rank), ``truncate_kronecker`` (that difference as the nearest
+Kronecker product), ``multiply_quotient`` (A scaled by a power of B/C) and
 ``dropout`` (sd-mecha's n-supermario: randomly kept differences, averaged).
 
 Model 1 is sd-mecha's ``a`` and model 2 its ``b`` (for ``clamp``, models 2… are its bounds). Only
@@ -286,17 +287,77 @@ def truncate_rank(base, models, ctx, *, rank_ratio):
         return a.clone()
     if rank == 0:
         return base.clone()
-    # The best rank-r approximation is the projection of the difference onto its top r singular directions
-    # on the short side: the top eigenvectors of its Gram matrix there.  In fp64 (and by a power of two, exact,
-    # so that huge or subnormal differences neither overflow nor lose digits) that subspace is more accurate
-    # than an fp32 SVD's, and for the wide weights of a UNet (320 x 2880 ... 1280 x 11520) 4-6x faster.
-    scale = pow2_scale(delta)
-    d = (delta / scale).double()
+    return best_low_rank(delta, rank).reshape(a.shape).add_(base)
+
+
+def best_low_rank(m: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation of the 2-D ``m`` (a new tensor of its dtype), for ``rank`` below
+    both sides: the projection of ``m`` onto its top singular directions on the short side, the top
+    eigenvectors of its Gram matrix there.  In fp64 (and by a power of two, exact, so that huge or subnormal
+    entries neither overflow nor lose digits) that subspace is more accurate than an fp32 SVD's, and for the
+    wide weights of a UNet (320 x 2880 ... 1280 x 11520) 4-6x faster."""
+    scale = pow2_scale(m)
+    d = (m / scale).double()
     wide = d.shape[0] <= d.shape[1]
     gram = d @ d.T if wide else d.T @ d
     top = torch.linalg.eigh(gram)[1][:, -rank:]         # eigenvalues ascending: the last r vectors
     kept = top @ (top.T @ d) if wide else (d @ top) @ top.T
-    return kept.to(delta.dtype).mul_(scale).reshape(a.shape).add_(base)
+    return kept.to(m.dtype).mul_(scale)
+
+
+# ============================================================================== truncate_kronecker
+def _divisors(n: int) -> List[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def kronecker_dims(shape: Tuple[int, ...], ratio: float) -> Tuple[int, int, int, int]:
+    """(m1, m2, n1, n2) with out = m1·m2 and in = n1·n2, the factor shapes of the Kronecker product
+    W1 (m1, n1) ⊗ W2 (m2, n2, *kernel) that truncate_kronecker fits to a weight of ``shape``: sd-mecha's rule.
+    Among all divisor pairs, s = ln(m1·n1) − ln(numel)/2 is how far W1's size is from the balanced one (in
+    log scale); the target is s = (2·ratio − 1)·max|s|, and the pair nearest to it wins, ties going to the
+    most even split (|ln(m1/m2)| + |ln(n1/n2)|), then to the smaller m1 and n1."""
+    out_dim, in_dim = int(shape[0]), int(shape[1])
+    half_log = 0.5 * math.log(math.prod(shape))
+    candidates = []
+    for m1 in _divisors(out_dim):
+        for n1 in _divisors(in_dim):
+            m2, n2 = out_dim // m1, in_dim // n1
+            candidates.append((math.log(m1 * n1) - half_log, abs(math.log(m1 / m2)) + abs(math.log(n1 / n2)),
+                               (m1, m2, n1, n2)))
+    reach = max(abs(c[0]) for c in candidates)
+    target = (2.0 * float(ratio) - 1.0) * reach
+    best = min(candidates, key=lambda c: (abs(c[0] - target) if reach > 0 else 0.0, c[1]))
+    return best[2]
+
+
+@merge_method(
+    "truncate_kronecker", base=BASE_REQUIRED, min_models=1, max_models=1, source="sd-mecha",
+    help="sd-mecha's truncate_kronecker on the model's difference from the base: out = C + the Kronecker "
+         "product W1 ⊗ W2 nearest to A − C (least squares), as a LoKr layer without its low-rank factors stores "
+         "a difference. W1 is (m1, n1) and W2 (m2, n2, kernel) with out = m1·m2 and in = n1·n2; kronecker_ratio "
+         "picks the split: 0.5 makes W1 and W2 about equal in size (the fewest numbers: the strongest "
+         "truncation), toward 0 or 1 one of them takes more of the weight, and at 0 or 1 the product can be the "
+         "whole difference (A). Ties between splits go to the most even one (sd-mecha's rule). 1-D weights keep "
+         "their whole difference. Exact: the top singular pair of the rearranged difference (Van Loan and "
+         "Pitsianis), from its Gram matrix in fp64 (sd-mecha's default is an approximate randomized basis). "
+         "Model: A; base: C.",
+    params=(Param("kronecker_ratio", FLOAT, 0.5, "How the weight is split between the two Kronecker factors: 0.5 "
+                  "balanced (strongest truncation), 0 or 1 one factor the whole weight (nothing truncated).",
+                  min=0.0, max=1.0, step=0.01),),
+)
+def truncate_kronecker(base, models, ctx, *, kronecker_ratio):
+    a = models[0]
+    if a.dim() < 2:
+        return a.clone()
+    m1, m2, n1, n2 = kronecker_dims(tuple(a.shape), float(kronecker_ratio))
+    rest = math.prod(a.shape[2:]) if a.dim() > 2 else 1
+    # W1 ⊗ W2 rearranged (rows: W1's entries, columns: W2's) is the rank-1 matrix vec(W1)·vec(W2)ᵀ
+    rows = (a - base).reshape(m1, m2, n1, n2 * rest).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2 * rest)
+    if min(rows.shape) <= 1:                # a rank-1 matrix already: the product is the whole difference
+        return a.clone()
+    kept = best_low_rank(rows, 1)
+    return kept.reshape(m1, n1, m2, n2 * rest).permute(0, 2, 1, 3).reshape(a.shape).add_(base)
 
 
 # ============================================================================== multiply_quotient

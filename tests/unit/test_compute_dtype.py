@@ -46,9 +46,10 @@ def _check_fp64(spec, shape):
     assert close.float().mean() >= least, spec.name
     # computed in fp64, not widened from fp32: bits beyond fp32's (but for methods that pick input entries;
     # tensor_sum's C + (B − C) is B exactly in fp64, clamp picks them too, top_k_tensor_sum moves A's values;
-    # rotate lerps 1-D weights by alpha, 0 by default; truncate_rank keeps a 1-D weight's whole difference: model 1)
+    # rotate lerps 1-D weights by alpha, 0 by default; truncate_rank and truncate_kronecker keep a 1-D weight's
+    # whole difference: model 1)
     picks = spec.name in ("passthrough", "arcee_fusion", "tensor_sum", "clamp", "top_k_tensor_sum")
-    if not picks and not (spec.name in ("rotate", "truncate_rank") and len(shape) == 1):
+    if not picks and not (spec.name in ("rotate", "truncate_rank", "truncate_kronecker") and len(shape) == 1):
         assert not torch.equal(out64, out64.float().double()), spec.name
 
 

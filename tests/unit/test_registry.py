@@ -20,7 +20,7 @@ EXPECTED = {
     "train_difference", "add_perpendicular", "add_opposite", "add_strict_opposite",
     # sd-mecha
     "rotate", "crossover", "add_cosine_a", "add_cosine_b", "tensor_sum", "geometric_sum", "clamp", "truncate_rank",
-    "multiply_quotient", "dropout",
+    "truncate_kronecker", "multiply_quotient", "dropout",
     # supermerger / meh
     "triple_sum", "sum_twice", "weighted_subtraction", "euclidean_add_difference", "multiply_difference",
     "similarity_add_difference", "distribution_crossover", "ties_add_difference", "top_k_tensor_sum",

@@ -1,5 +1,5 @@
-"""crossover, add_cosine_a, add_cosine_b, tensor_sum, geometric_sum, clamp, truncate_rank, multiply_quotient,
-dropout (sd-mecha's methods): hand-checked examples, invariants, and agreement with sd-mecha on random tensors
+"""crossover, add_cosine_a, add_cosine_b, tensor_sum, geometric_sum, clamp, truncate_rank, truncate_kronecker,
+multiply_quotient, dropout (sd-mecha's methods): hand-checked examples, invariants, and agreement with sd-mecha on random tensors
 (dropout, randomized: exactly at the settings that draw nothing at random and with its masks handed to
 sd-mecha, statistically otherwise)."""
 import importlib
@@ -12,7 +12,7 @@ import torch
 import merge_methods as mm
 from merge_methods import MergeError
 from merge_methods import spec as spec_mod
-from merge_methods.sd_mecha_methods import dropout_keep_masks, dropout_set_probabilities
+from merge_methods.sd_mecha_methods import dropout_keep_masks, dropout_set_probabilities, kronecker_dims
 
 from references import needs_mecha, sd_mecha
 
@@ -493,6 +493,90 @@ def test_truncate_rank_agrees_with_sdmecha(shape, dtype):
         ref = c + _mecha_module("svd").truncate_rank.__wrapped__(a - c, rank=rank, use_approximate_basis=False)
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(run("truncate_rank", [a], base=c, rank_ratio=ratio), ref, rtol=tol, atol=tol)
+
+
+# ============================================================================== truncate_kronecker
+def test_truncate_kronecker_by_hand():
+    """A 4×4 difference that is exactly [[1, 2], [3, 4]] ⊗ [[1, 0], [0, −1]] plus a part orthogonal to every
+    Kronecker product of that split: the product is kept, the rest dropped."""
+    w1 = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    w2 = torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    assert kronecker_dims((4, 4), 0.5) == (2, 2, 2, 2)
+    # X1 ⊗ X2 with X1·W1 = 0 and X2·W2 = 0 (entrywise sums): rearranged, orthogonal to W1 ⊗ W2 on both sides
+    noise = torch.kron(torch.tensor([[2.0, -1.0], [0.0, 0.0]], dtype=torch.float64),
+                       torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64))
+    c = gen(91, torch.float64)(4, 4)
+    out = run("truncate_kronecker", [c + torch.kron(w1, w2) + 0.5 * noise], base=c, kronecker_ratio=0.5)
+    torch.testing.assert_close(out, c + torch.kron(w1, w2), rtol=1e-12, atol=1e-12)
+
+
+def test_kronecker_dims_follow_the_ratio():
+    # 12 × 8: W1 sizes m1·n1 from 1 to 96, balanced at √96 ≈ 9.8
+    assert kronecker_dims((12, 8), 0.0) == (1, 12, 1, 8)         # W1 a scalar
+    assert kronecker_dims((12, 8), 1.0) == (12, 1, 8, 1)         # W2 a scalar
+    m1, m2, n1, n2 = kronecker_dims((12, 8), 0.5)
+    assert (m1 * m2, n1 * n2) == (12, 8) and m1 * n1 in (8, 12)  # the sizes nearest 9.8 (ln 8, ln 12 straddle)
+    assert kronecker_dims((7, 5, 3, 3), 0.5)[0] in (1, 7)        # primes: only trivial splits of each side
+    sizes = [kronecker_dims((320, 1280), r) for r in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    w1 = [m1 * n1 for m1, _, n1, _ in sizes]
+    assert w1 == sorted(w1) and len(set(w1)) == len(w1)          # W1 grows with the ratio
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (16, 6, 3, 3), (9, 10, 1, 1)])
+def test_truncate_kronecker_is_the_nearest_kronecker_product(shape):
+    """The result minus C is a Kronecker product W1 ⊗ W2 of the chosen split, and no other product is nearer
+    to A − C: a rank-1 matrix once rearranged, whose residual is orthogonal to it (least squares)."""
+    r = gen(92, torch.float64)
+    a, c = r(*shape), r(*shape)
+    for ratio in (0.0, 0.3, 0.5, 0.8, 1.0):
+        out = run("truncate_kronecker", [a], base=c, kronecker_ratio=ratio)
+        m1, m2, n1, n2 = kronecker_dims(shape, ratio)
+        p = math.prod(shape[2:])
+
+        def rearranged(x):
+            return x.reshape(m1, m2, n1, n2 * p).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2 * p)
+
+        kept, full = rearranged(out - c), rearranged(a - c)
+        if min(kept.shape) == 1:
+            torch.testing.assert_close(out, a, rtol=0, atol=1e-12)     # nothing to truncate
+            continue
+        assert torch.linalg.matrix_rank(kept) == 1
+        torch.testing.assert_close((full - kept).mul(kept).sum(), torch.zeros((), dtype=torch.float64),
+                                   rtol=0, atol=1e-10)
+        s = torch.linalg.svdvals(full)
+        torch.testing.assert_close((full - kept).norm(), s[1:].square().sum().sqrt())   # Eckart–Young
+    vec = r(10)
+    assert torch.equal(run("truncate_kronecker", [vec], base=torch.zeros(10, dtype=torch.float64)), vec)
+    spec = mm.get_spec("truncate_kronecker")
+    assert (spec.base, spec.min_models, spec.max_models, spec.elementwise) == ("required", 1, 1, False)
+
+
+@needs_mecha
+@pytest.mark.parametrize("shape", [(30, 20), (16, 8, 3, 3), (12, 5, 1, 1), (64, 48), (13, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_truncate_kronecker_agrees_with_sdmecha(shape, dtype):
+    kron = _mecha_module("kronecker")
+    r = gen(93, dtype)
+    a, c = r(*shape), r(*shape)
+    for ratio in (0.0, 0.2, 0.5, 0.65, 1.0):
+        assert kronecker_dims(shape, ratio) == kron.kron_dims_from_ratio(torch.Size(shape), ratio)
+        # sd-mecha's exact mode (a full SVD) in fp64: its fp32 SVD is the less accurate of the two
+        ref = c.double() + kron.truncate_kronecker.__wrapped__((a - c).double(), kronecker_ratio=ratio,
+                                                               use_approximate_basis=False)
+        tol = 2e-6 if dtype == torch.float32 else 1e-12
+        got = run("truncate_kronecker", [a], base=c, kronecker_ratio=ratio)
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("magnitude", [3e37, 1e-41])
+def test_truncate_kronecker_of_huge_and_tiny_differences(magnitude):
+    r = gen(94)
+    a = r(48, 32) * magnitude
+    c = torch.zeros(48, 32)
+    out = run("truncate_kronecker", [a], base=c)
+    assert out.isfinite().all()
+    want = run("truncate_kronecker", [a.double()], base=c.double())
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-4 * magnitude)
 
 
 # ============================================================================== multiply_quotient
