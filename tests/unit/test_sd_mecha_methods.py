@@ -920,3 +920,46 @@ def test_multiply_quotient_factor_out_of_range(a_val, b_val, c_val, alpha):
     want = run("multiply_quotient", [a.double(), b.double()], base=c.double(), alpha=alpha)
     assert out.isfinite().all() and want[0] != 0
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
+
+
+# ============================================================================== coverage
+#: sd-mecha 1.1.8's merge methods that are here under another name
+SD_MECHA_RENAMED = {
+    "add_opposite_mask": "add_opposite", "add_strict_opposite_mask": "add_strict_opposite",
+    "train_difference_mask": "train_difference", "perpendicular_component": "add_perpendicular",
+    "ties_sum": "ties", "n_average": "linear",
+}
+#: and those that are not merge methods of weights here, with the reason (convert_*, extract_*: below)
+SD_MECHA_NOT_METHODS = {
+    # recipe plumbing: dtypes, devices, key formats, picking or stacking values, arithmetic on recipe nodes
+    "cast": "dtype", "get_device": "plumbing", "get_dtype": "plumbing", "convert_singleton": "key format",
+    "convert_sd1_blocks_to_ldm": "block format", "convert_sdxl_blocks_to_sgm": "block format",
+    "fallback": "missing keys", "omit_non_finite": "plumbing", "omit_component": "plumbing",
+    "pick_component": "plumbing", "stack": "plumbing", "scale": "arithmetic", "subtract": "arithmetic",
+    "get_rank_from_ratio": "a helper of truncate_rank (its rank rule is truncate_rank's here)",
+    # need a whole model at once, not one key: weight permutations and a per-attention reparametrization
+    "rebasin": "whole model", "rebasin_sdxl_sgm": "whole model", "randperm": "whole model",
+    "randperm_sdxl_sgm": "whole model", "balance_attention": "whole attention",
+    "balance_attention_sdxl_sgm": "whole attention",
+    # the EMA copy of an SD1 checkpoint's weights: ComfyUI's loaders drop model_ema.* keys
+    "exchange_ema": "EMA keys", "exchange_ema_'sd1-ldm'": "EMA keys",
+}
+
+
+@needs_mecha
+def test_every_sd_mecha_merge_method_is_here():
+    """sd-mecha's registry, read from the installed sd-mecha: each of its merge methods of weights exists here,
+    by its name or under the name listed; its LoRA extraction (extract_*) is the Extract LoRA node, its key
+    format conversions (convert_*) are ComfyUI's loaders; the rest are listed with the reason."""
+    from sd_mecha.extensions import merge_methods as registry
+    theirs = {m.identifier for m in registry.get_all()}
+    assert len(theirs) >= 70
+    ours = set(mm.names())
+    missing = set()
+    for name in theirs:
+        if name.startswith(("convert_", "extract_")) or name in SD_MECHA_NOT_METHODS:
+            continue
+        if SD_MECHA_RENAMED.get(name, name) not in ours:
+            missing.add(name)
+    assert not missing, sorted(missing)
+    assert set(SD_MECHA_RENAMED) | set(SD_MECHA_NOT_METHODS) <= theirs      # the lists name real methods
