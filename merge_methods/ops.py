@@ -380,17 +380,42 @@ def _split(flat: torch.Tensor):
     return flat[:, :m].view(flat.shape[0], -1, _CHUNK), flat[:, m:]
 
 
+def _sumsq_rows_plain(flat: torch.Tensor) -> torch.Tensor:
+    main, tail = _split(flat)
+    out = torch.linalg.vector_norm(tail, dim=1).double().square()
+    if main.shape[1]:
+        out = out + torch.linalg.vector_norm(main, dim=2).double().square().sum(dim=1)
+    return out
+
+
+#: a fp64 sum of squares (or |dot product|) below this may have lost squares or products that underflowed
+#: in fp32 (entries under about 1e-19): it is computed again with the entries scaled
+_SMALL = 2.0 ** -100
+
+
+def _row_scales(flat: torch.Tensor) -> torch.Tensor:
+    """The power of two at or below each row's largest magnitude, (N, 1) of flat's dtype; 1 for a row that is
+    zero or holds an infinity or NaN (its sums stay infinite or NaN)."""
+    peak = flat.abs().amax(dim=1, keepdim=True) if flat.shape[1] else flat.new_zeros((flat.shape[0], 1))
+    usable = (peak > 0) & torch.isfinite(peak)
+    return torch.where(usable, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))
+
+
 def sumsq_rows(flat: torch.Tensor) -> torch.Tensor:
     """Σ x² of every row of a 2-D tensor, as fp64 (N,).
 
     Whole-tensor fp32 reductions are not accurate enough here: on CPU ``torch.linalg.vector_norm`` of
     a 3e7-element tensor is off by ~1e-3 relative and ``torch.dot`` by ~3e-4.  Chunked norms (fp32
     inside 4096-element chunks, fp64 across them) are accurate to ~1e-9 and as fast as a plain norm.
+    A row whose fp32 squares overflowed (entries over about 1e19) or may have underflowed is summed
+    again divided by a power of two (exact), so the result is right at any magnitude.
     """
-    main, tail = _split(flat)
-    out = torch.linalg.vector_norm(tail, dim=1).double().square()
-    if main.shape[1]:
-        out = out + torch.linalg.vector_norm(main, dim=2).double().square().sum(dim=1)
+    out = _sumsq_rows_plain(flat)
+    redo = (out == math.inf) | (out < _SMALL)
+    if bool(redo.any()):                     # (only those rows: a zero row, e.g. an unchanged model, is one)
+        rows = flat[redo]
+        scale = _row_scales(rows)
+        out[redo] = _sumsq_rows_plain(rows / scale) * scale.reshape(-1).double().square()
     return out
 
 
@@ -409,8 +434,7 @@ def abs_sum64(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x·y over whole (same-shape) tensors as an fp64 0-d tensor, accumulated chunk-wise."""
+def _dot64_plain(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     xm, xt = _split(x.reshape(1, -1))
     ym, yt = _split(y.reshape(1, -1))
     out = (xt * yt).sum(dtype=torch.float64)
@@ -422,6 +446,17 @@ def dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         else:
             part = (xm[0] * ym[0]).sum(dim=1)
         out = out + part.double().sum()
+    return out
+
+
+def dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x·y over whole (same-shape) tensors as an fp64 0-d tensor, accumulated chunk-wise.  When the fp32
+    products may have overflowed or underflowed (a result that is not finite, or tiny), the dot product is
+    computed again of x and y divided by powers of two (exact)."""
+    out = _dot64_plain(x, y)
+    if not bool(out.isfinite() & (out.abs() >= _SMALL)):
+        sx, sy = _row_scales(x.reshape(1, -1)), _row_scales(y.reshape(1, -1))
+        out = _dot64_plain(x / sx.reshape(()), y / sy.reshape(())) * (sx.double() * sy.double()).reshape(())
     return out
 
 

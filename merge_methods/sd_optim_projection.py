@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .ops import pow2_scale
 from .spec import BASE_OPTIONAL, BOOL, FLOAT, INT, Param, merge_method
 
 # -- multi-domain alignment ------------------------------------------------------------------------
@@ -185,14 +186,19 @@ def _odd_kernel(glob, pm) -> Optional[str]:
 )
 def multi_domain_alignment(base, models, ctx, *, alpha, beta, kernel_size, centroid_margin_factor,
                            frequency_weight, use_cross_attention):
-    a, b, c = models[0], models[1], base
+    # The method is homogeneous (scaling A, B and C scales the result), and its row norms, dot products and
+    # spectra are fp32: the inputs are divided by one power of two (exact) that brings their largest magnitude
+    # into [1, 2), so that weights of any magnitude neither overflow (squares of entries over about 1e19) nor
+    # underflow in them; the result is scaled back.
+    scale = pow2_scale(torch.stack([x.abs().amax() for x in (models[0], models[1], base)]))
+    a, b, c = models[0] / scale, models[1] / scale, base / scale
     kw = dict(alpha=alpha, beta=beta, kernel_size=kernel_size, margin_factor=centroid_margin_factor,
               frequency_weight=frequency_weight, use_cross_attention=use_cross_attention)
     if (ctx.key.endswith(("in_proj_weight", "in_proj_bias")) and a.dim() >= 1 and a.shape[0] >= 3
             and a.shape[0] % 3 == 0):
         parts = [_mda(x, y, z, **kw) for x, y, z in zip(a.chunk(3), b.chunk(3), c.chunk(3))]
-        return torch.cat(parts)
-    return _mda(a, b, c, **kw)
+        return torch.cat(parts).mul_(scale)
+    return _mda(a, b, c, **kw).mul_(scale)
 
 
 # -- low-rank orthogonal projection ("project A onto B", sd-optim's clyb_merge) ---------------------

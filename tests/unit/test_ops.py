@@ -162,3 +162,26 @@ def test_cut_search_near_the_ends_finds_the_cut(k_of_n):
     bad[n // 2] = float("inf")
     search = ops.CutSearch(n, k, x[::stride].abs())
     assert not all([search.scan(bad[s:e]) for s, e in spans])
+
+
+@pytest.mark.parametrize("magnitude", [2.0 ** 70, 2.0 ** -75, 1.0])
+def test_sums_of_squares_and_dot_products_at_any_magnitude(magnitude):
+    """fp32 squares and products overflow for entries over about 1e19 and underflow under about 1e-19: the
+    fp64 results are still those of the exact arithmetic to fp32 rounding (each chunk's norm is an fp32 value)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 10000, generator=g)
+    y = torch.randn(3, 10000, generator=g)
+    want_rows = x.double().square().sum(dim=1) * magnitude ** 2
+    torch.testing.assert_close(ops.sumsq_rows(x * magnitude), want_rows, rtol=5e-7, atol=0)
+    torch.testing.assert_close(ops.sumsq(x[0] * magnitude), want_rows[0], rtol=5e-7, atol=0)
+    want_dot = (x[0].double() * y[0].double()).sum() * magnitude ** 2
+    scale = x[0].double().norm() * y[0].double().norm() * magnitude ** 2     # (random vectors: the dot cancels)
+    assert abs(ops.dot64(x[0] * magnitude, y[0] * magnitude) - want_dot) <= 1e-7 * scale
+    # one row huge, one row tiny, one row zero: each is right
+    mixed = torch.stack([x[0] * 2.0 ** 70, x[1] * 2.0 ** -75, torch.zeros(10000)])
+    want = torch.stack([want_rows[0] / magnitude ** 2 * 2.0 ** 140, want_rows[1] / magnitude ** 2 * 2.0 ** -150,
+                        torch.zeros((), dtype=torch.float64)])
+    torch.testing.assert_close(ops.sumsq_rows(mixed), want, rtol=5e-7, atol=0)
+    assert ops.dot64(torch.zeros(5), torch.ones(5)) == 0
+    inf = torch.tensor([1.0, float("inf")])
+    assert ops.sumsq(inf) == float("inf") and ops.dot64(inf, -inf) == float("-inf")

@@ -136,6 +136,42 @@ def test_transient_random_draws_reuse_one_buffer_and_give_the_same_numbers():
         assert not torch.equal(ref[0], ref[1]), name       # each key draws its own numbers
 
 
+#: methods whose result is not k times their result for inputs scaled by k, by their definition
+NOT_HOMOGENEOUS = {
+    "arcee_fusion": "a softmax of the squared differences",
+    "nearswap": "t is an absolute distance",
+    "ram": "epsilon is an absolute magnitude", "ramplus_tl": "epsilon is an absolute magnitude",
+}
+#: and those that are, but for absolute thresholds that tiny inputs (about 1e-20) fall under
+TINY_THRESHOLDS = {
+    "slerp": "mergekit's eps on norms", "nuslerp": "mergekit's eps on norms", "multislerp": "mergekit's eps",
+    "karcher": "mergekit's tolerance", "geometric_median": "Weiszfeld's eps",
+    "crossover": "sd-mecha's allclose (atol 1e-8) lerp rule",
+    "rotate": "sd-mecha's fp16 allclose lerp rule",
+}
+
+
+@pytest.mark.parametrize("k", [2.0 ** 64, 2.0 ** -66], ids=["huge", "tiny"])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_methods_work_at_any_magnitude(name, k):
+    """Scaling every input by k scales the result by k (but for the methods listed with the reason): norms,
+    dot products and spectra neither overflow (entries of 2^64 ≈ 1.8e19: their fp32 squares do) nor underflow
+    (2^-66 ≈ 1.4e-20)."""
+    if name in NOT_HOMOGENEOUS or (k < 1 and name in TINY_THRESHOLDS):
+        pytest.skip(NOT_HOMOGENEOUS.get(name) or TINY_THRESHOLDS[name])
+    spec = mm.get_spec(name)
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(64, 80, generator=g)
+    models = [base + 0.3 * torch.randn(64, 80, generator=g) for _ in range(n_models(spec))]
+    b = None if spec.base == "none" else base
+    m = mm.create(name)
+    ref = m.merge(b, models, key="k.weight", seed=1)
+    out = m.merge(None if b is None else b * k, [x * k for x in models], key="k.weight", seed=1)
+    assert out.isfinite().all()
+    # multiply_quotient works in logarithms, whose rounding grows with ln k
+    torch.testing.assert_close(out / k, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
 def test_immutable_and_validated():
     m = mm.create("ties", **{"lambda": 0.5})
     with pytest.raises(Exception):
