@@ -75,10 +75,18 @@ def effective(obj, key, harness):
     return pack(harness, "engine.weights").KeySource.of(obj).read(key, torch.device("cpu"))
 
 
+def reader(obj, harness):
+    """``read(key)``: what ``obj`` computes with, its patches applied, from one KeySource (building one per key
+    is a pass over every key and patch of the model: minutes over an SDXL model's keys)."""
+    src = pack(harness, "engine.weights").KeySource.of(obj)
+    return lambda key: src.read(key, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_method_node_through_the_executor(harness, arch):
     mm = pack(harness, "merge_methods")
-    base = fixtures.small_model(arch)
+    base_sd = fixtures.small_model(arch).model.state_dict()
+    keys = [k for k in base_sd if k.startswith("diffusion_model.")]
     failures = []
     for spec in mm.all_specs():
         n = model_count(spec)
@@ -87,15 +95,13 @@ def test_every_method_node_through_the_executor(harness, arch):
         if not res.success:
             failures.append(f"{spec.name}: {res.error_text()}")
             continue
-        out = res.captured["out"]
-        models = [fixtures.small_model(arch, delta_seed=i + 1, delta_scale=DELTA) for i in range(n)]
-        keys = [k for k in base.model.state_dict() if k.startswith("diffusion_model.")]
+        read = reader(res.captured["out"], harness)
+        sds = [fixtures.small_model(arch, delta_seed=i + 1, delta_scale=DELTA).model.state_dict() for i in range(n)]
         method = mm.create(spec.name)
         for key in sample_keys(keys):
-            b = base.model.state_dict()[key].float() if with_base else None
-            xs = [m.model.state_dict()[key].float() for m in models]
-            want = method.merge(b, xs, key=key, seed=7)
-            got = effective(out, key, harness)
+            b = base_sd[key].float() if with_base else None
+            want = method.merge(b, [sd[key].float() for sd in sds], key=key, seed=7)
+            got = read(key)
             if not torch.equal(got, want):
                 failures.append(f"{spec.name} {key}: max diff {(got - want).abs().max().item():.3g}")
                 break
@@ -178,9 +184,10 @@ def test_weighted_sum_equals_modelmergesimple(harness, dtype):
     res = harness.run_ok(g)
     ours, core = res.captured["out"], res.captured["core"]
     keys = [k for k in ours.model.state_dict() if k.startswith("diffusion_model.")]
+    read_ours, read_core = reader(ours, harness), reader(core, harness)
     for key in keys:
-        a = effective(ours, key, harness)
-        b = effective(core, key, harness)
+        a = read_ours(key)
+        b = read_core(key)
         assert a.dtype == b.dtype == torch.float32
         # ours is kept in the models' dtype; ComfyUI's is computed in fp32 and rounded when it is patched in
         stored = torch.float16 if dtype == "fp16" else torch.bfloat16
@@ -386,9 +393,9 @@ def test_block_weights_equal_modelmergesd1(harness):
     res = harness.run_ok(g)
     ours, core = res.captured["out"], res.captured["core"]
     keys = [k for k in ours.model.state_dict() if k.startswith("diffusion_model.")]
+    read_ours, read_core = reader(ours, harness), reader(core, harness)
     for key in keys:
-        torch.testing.assert_close(effective(ours, key, harness), effective(core, key, harness), rtol=1e-6,
-                                   atol=1e-7, msg=key)
+        torch.testing.assert_close(read_ours(key), read_core(key), rtol=1e-6, atol=1e-7, msg=key)
 
 
 @pytest.mark.parametrize("method_name,method_inputs,param,models,n", [
