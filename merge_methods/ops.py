@@ -393,12 +393,24 @@ def _sumsq_rows_plain(flat: torch.Tensor) -> torch.Tensor:
 _SMALL = 2.0 ** -100
 
 
-def _row_scales(flat: torch.Tensor) -> torch.Tensor:
-    """The power of two at or below each row's largest magnitude, (N, 1) of flat's dtype; 1 for a row that is
-    zero or holds an infinity or NaN (its sums stay infinite or NaN)."""
-    peak = flat.abs().amax(dim=1, keepdim=True) if flat.shape[1] else flat.new_zeros((flat.shape[0], 1))
+def peak_abs(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a 0-d tensor (0 for an empty tensor; NaN if x holds one), from one min / max pass: no |x|
+    temporary."""
+    if not x.numel():
+        return x.new_zeros(())
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(hi, lo.neg())
+
+
+def _pow2_at_or_below(peak: torch.Tensor) -> torch.Tensor:
+    """The power of two at or below ``peak`` (0-d); 1 where that is 0, infinite or NaN."""
     usable = (peak > 0) & torch.isfinite(peak)
     return torch.where(usable, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))
+
+
+def _scalable(peak: torch.Tensor) -> bool:
+    """A tensor whose largest magnitude is ``peak`` can be rescaled: not all zero, nothing infinite or NaN."""
+    return bool((peak > 0) & torch.isfinite(peak))
 
 
 def sumsq_rows(flat: torch.Tensor) -> torch.Tensor:
@@ -406,16 +418,20 @@ def sumsq_rows(flat: torch.Tensor) -> torch.Tensor:
 
     Whole-tensor fp32 reductions are not accurate enough here: on CPU ``torch.linalg.vector_norm`` of
     a 3e7-element tensor is off by ~1e-3 relative and ``torch.dot`` by ~3e-4.  Chunked norms (fp32
-    inside 4096-element chunks, fp64 across them) are accurate to ~1e-9 and as fast as a plain norm.
+    inside 4096-element chunks, fp64 across them) are accurate to ~1e-7 and as fast as a plain norm.
     A row whose fp32 squares overflowed (entries over about 1e19) or may have underflowed is summed
-    again divided by a power of two (exact), so the result is right at any magnitude.
+    again divided by a power of two (exact), so the result is right at any magnitude.  (A zero row, e.g. an
+    unchanged model's difference, costs one min / max pass more; a row holding an infinity stays infinite.)
     """
     out = _sumsq_rows_plain(flat)
     redo = (out == math.inf) | (out < _SMALL)
-    if bool(redo.any()):                     # (only those rows: a zero row, e.g. an unchanged model, is one)
-        rows = flat[redo]
-        scale = _row_scales(rows)
-        out[redo] = _sumsq_rows_plain(rows / scale) * scale.reshape(-1).double().square()
+    if bool(redo.any()):
+        for i in torch.nonzero(redo).reshape(-1).tolist():      # a few rows at most: one per model
+            row = flat[i:i + 1]
+            peak = peak_abs(row)
+            if _scalable(peak):
+                scale = _pow2_at_or_below(peak)
+                out[i] = _sumsq_rows_plain(row / scale)[0] * scale.double().square()
     return out
 
 
@@ -451,21 +467,24 @@ def _dot64_plain(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x·y over whole (same-shape) tensors as an fp64 0-d tensor, accumulated chunk-wise.  When the fp32
-    products may have overflowed or underflowed (a result that is not finite, or tiny), the dot product is
-    computed again of x and y divided by powers of two (exact)."""
+    products may have overflowed or underflowed (a result that is not finite, or tiny), it is computed again
+    with x and y each divided by the power of two at or below its largest magnitude (exact): right for
+    tensors of any magnitude, though products of entries far below their tensor's largest can still
+    underflow (harmless for a cosine)."""
     out = _dot64_plain(x, y)
     if not bool(out.isfinite() & (out.abs() >= _SMALL)):
-        sx, sy = _row_scales(x.reshape(1, -1)), _row_scales(y.reshape(1, -1))
-        out = _dot64_plain(x / sx.reshape(()), y / sy.reshape(())) * (sx.double() * sy.double()).reshape(())
+        px, py = peak_abs(x), peak_abs(y)
+        if _scalable(px) and _scalable(py):     # (a zero vector's dot is 0; an infinite one's stays)
+            sx, sy = _pow2_at_or_below(px), _pow2_at_or_below(py)
+            out = _dot64_plain(x / sx, y / sy) * (sx.double() * sy.double())
     return out
 
 
 def pow2_scale(x: torch.Tensor) -> torch.Tensor:
-    """The power of two at or below max|x| (1 for an all-zero or empty tensor), as a 0-d tensor of x's dtype:
+    """The power of two at or below max|x| (1 for an all-zero, empty or non-finite tensor), 0-d of x's dtype:
     dividing by it is exact and brings the largest magnitude into [1, 2), so that a sum of squares can neither
     overflow (huge weights) nor vanish (a tensor of tiny values)."""
-    peak = x.abs().amax() if x.numel() else x.new_zeros(())
-    return torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))
+    return _pow2_at_or_below(peak_abs(x))
 
 
 def svd_driver(x: torch.Tensor):

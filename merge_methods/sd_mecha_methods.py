@@ -337,13 +337,14 @@ def kronecker_dims(shape: Tuple[int, ...], ratio: float) -> Tuple[int, int, int,
          "product W1 ⊗ W2 nearest to A − C (least squares), as a LoKr layer without its low-rank factors stores "
          "a difference. W1 is (m1, n1) and W2 (m2, n2, kernel) with out = m1·m2 and in = n1·n2; kronecker_ratio "
          "picks the split: 0.5 makes W1 and W2 about equal in size (the fewest numbers: the strongest "
-         "truncation), toward 0 or 1 one of them takes more of the weight, and at 0 or 1 the product can be the "
-         "whole difference (A). Ties between splits go to the most even one (sd-mecha's rule). 1-D weights keep "
+         "truncation), toward 0 or 1 one of them takes more of the weight; at 0 W1 is a number and the product "
+         "the whole difference (A), at 1 W2 is (for a 2-D weight; a convolution's W2 keeps its kernel). Ties between splits go to the most even one (sd-mecha's rule). 1-D weights keep "
          "their whole difference. Exact: the top singular pair of the rearranged difference (Van Loan and "
          "Pitsianis), from its Gram matrix in fp64 (sd-mecha's default is an approximate randomized basis). "
          "Model: A; base: C.",
     params=(Param("kronecker_ratio", FLOAT, 0.5, "How the weight is split between the two Kronecker factors: 0.5 "
-                  "balanced (strongest truncation), 0 or 1 one factor the whole weight (nothing truncated).",
+                  "balanced (strongest truncation); 0 W1 a number (nothing truncated), 1 W2 a number (for "
+                  "2-D weights; a convolution's W2 keeps its kernel).",
                   min=0.0, max=1.0, step=0.01),),
 )
 def truncate_kronecker(base, models, ctx, *, kronecker_ratio):

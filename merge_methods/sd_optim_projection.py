@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .ops import pow2_scale
+from .ops import peak_abs, pow2_scale
 from .spec import BASE_OPTIONAL, BOOL, FLOAT, INT, Param, merge_method
 
 # -- multi-domain alignment ------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def multi_domain_alignment(base, models, ctx, *, alpha, beta, kernel_size, centr
     # spectra are fp32: the inputs are divided by one power of two (exact) that brings their largest magnitude
     # into [1, 2), so that weights of any magnitude neither overflow (squares of entries over about 1e19) nor
     # underflow in them; the result is scaled back.
-    scale = pow2_scale(torch.stack([x.abs().amax() for x in (models[0], models[1], base)]))
+    scale = pow2_scale(torch.stack([peak_abs(x) for x in (models[0], models[1], base)]))
     a, b, c = models[0] / scale, models[1] / scale, base / scale
     kw = dict(alpha=alpha, beta=beta, kernel_size=kernel_size, margin_factor=centroid_margin_factor,
               frequency_weight=frequency_weight, use_cross_attention=use_cross_attention)

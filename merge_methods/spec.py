@@ -464,8 +464,8 @@ def reuse_buffers():
     key, a fresh buffer per key costs more than copying into it (the memory must be faulted in anew);
     stacks over 256 MiB get their own tensor as outside the block (elementwise methods
     stack only slices, so this is for the methods that need whole tensors, e.g. TIES on 2 models of the
-    largest SD1.5 and SDXL weights).  The buffer is freed when the outermost
-    block ends."""
+    largest SD1.5 and SDXL weights).  Transient random draws (:meth:`MergeContext.uniform`) get a second
+    reused CPU buffer, up to 256 MiB too.  Both are freed when the outermost block ends."""
     outer = _WS.buffers is None
     if outer:
         _WS.buffers = {}

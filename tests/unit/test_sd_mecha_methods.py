@@ -516,7 +516,15 @@ def test_kronecker_dims_follow_the_ratio():
     assert kronecker_dims((12, 8), 1.0) == (12, 1, 8, 1)         # W2 a scalar
     m1, m2, n1, n2 = kronecker_dims((12, 8), 0.5)
     assert (m1 * m2, n1 * n2) == (12, 8) and m1 * n1 in (8, 12)  # the sizes nearest 9.8 (ln 8, ln 12 straddle)
-    assert kronecker_dims((7, 5, 3, 3), 0.5)[0] in (1, 7)        # primes: only trivial splits of each side
+    # primes: only trivial splits of each side; s = ln(m1·n1) − ln(315)/2 is −2.88, −1.27, −0.93 or 0.68, and
+    # 0.68 (W1 the whole 7 × 5, W2 the kernel) is nearest the balanced 0
+    assert kronecker_dims((7, 5, 3, 3), 0.5) == (7, 1, 5, 1)
+    # a convolution at ratio 1 is still truncated: W2 keeps the 3 × 3 kernel
+    r = gen(95, torch.float64)
+    a, c = r(4, 4, 3, 3), r(4, 4, 3, 3)
+    assert kronecker_dims((4, 4, 3, 3), 1.0) == (4, 1, 4, 1)
+    assert not torch.allclose(run("truncate_kronecker", [a], base=c, kronecker_ratio=1.0), a)
+    assert torch.equal(run("truncate_kronecker", [a], base=c, kronecker_ratio=0.0), a)
     sizes = [kronecker_dims((320, 1280), r) for r in (0.1, 0.3, 0.5, 0.7, 0.9)]
     w1 = [m1 * n1 for m1, _, n1, _ in sizes]
     assert w1 == sorted(w1) and len(set(w1)) == len(w1)          # W1 grows with the ratio
