@@ -576,6 +576,35 @@ def test_truncate_kronecker_agrees_with_sdmecha(shape, dtype):
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
 
 
+def test_top_eigenvector_by_inverse_iteration():
+    """The rank-1 path's top eigenvector (inverse iteration on σI − G) is eigh's, up to sign; a start with no
+    component along it, or a zero matrix, leaves the decision to eigh (None)."""
+    from merge_methods.sd_mecha_methods import _top_eigenvector
+    r = gen(96, torch.float64)
+    for n, m in ((40, 60), (64, 64), (100, 30)):
+        d = r(n, m)
+        gram = d @ d.T
+        want = torch.linalg.eigh(gram)[1][:, -1:]
+        got = _top_eigenvector(gram)
+        assert got is not None
+        torch.testing.assert_close(got * torch.sign((got * want).sum()), want, rtol=0, atol=1e-10)
+    # near-equal top eigenvalues (1 and 1 − 1e-6): still the top one
+    q, _ = torch.linalg.qr(r(30, 30))
+    gram = (q * torch.cat([torch.tensor([1.0, 1.0 - 1e-6]), torch.linspace(0.5, 0.0, 28)])) @ q.T
+    got = _top_eigenvector(gram)
+    assert abs(float((got[:, 0] * q[:, 0]).sum())) > 1 - 1e-6
+    # the column of largest norm (e5, eigenvalue 0.9) has no component along the top vector (1, 1, 1, 1, 0)/2
+    u1 = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.0], dtype=torch.float64)
+    e5 = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    gram = torch.outer(u1, u1) + 0.9 * torch.outer(e5, e5)
+    assert _top_eigenvector(gram) is None
+    assert _top_eigenvector(torch.zeros(4, 4, dtype=torch.float64)) is None
+    # best_low_rank then takes eigh's vector: d·dᵀ is that Gram matrix, its best rank-1 part u1·u1ᵀ
+    from merge_methods.sd_mecha_methods import best_low_rank
+    d = torch.outer(u1, u1) + 0.9 ** 0.5 * torch.outer(e5, e5)
+    torch.testing.assert_close(best_low_rank(d, 1), torch.outer(u1, u1), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("magnitude", [3e37, 1e-41])
 def test_truncate_kronecker_of_huge_and_tiny_differences(magnitude):
     r = gen(94)
