@@ -312,28 +312,29 @@ def _top_eigenvector(gram: torch.Tensor):
     matrix G, or None (then eigh decides: G is 0, or the check below fails).
 
     Inverse iteration: with σ just above λ (eigenvalues alone cost a quarter of eigh at n = 4096), σI − G is
-    positive definite and its inverse scales G's top eigenvector by 1/(σ − λ) and every other by at most
-    1/(σ − λ₂): three solves with its Cholesky factor leave nothing but that vector, whatever the gap (a gap
-    below the shift leaves a vector of the near-equal eigenvalues' span, which approximates as well).  The
-    start is G's row of largest norm (it has a component along the top vector unless G does not).  The result
-    must satisfy ‖Gx − λx‖ ≤ 1e-10·λ, else None: its angle to the top eigenvector is then at most 1e-10·λ over
-    the gap to the next eigenvalue (Davis–Kahan)."""
+    positive definite and its inverse scales G's top eigenvector by 1/(σ − λ), every other by at most
+    1/(σ − λ₂): three solves with its Cholesky factor leave that vector (or, where λ₂ is within a few shifts
+    of λ, a vector of the near-equal eigenvalues' span, which approximates as well).  The start is G times a
+    fixed pseudo-random vector: deterministic, and with a component along the top eigenvector (a column of
+    G need not have one: block-diagonal G from sparse differences).  The result must satisfy
+    ‖Gx − λx‖ ≤ 1e-10·λ, else None; its loss against the best rank-1 approximation is then at most that."""
     n = gram.shape[0]
     lam = torch.linalg.eigvalsh(gram)[-1]
     if not bool(lam > 0):
         return None
-    sigma = lam * (1.0 + 64.0 * n * torch.finfo(gram.dtype).eps)
-    shifted = gram.neg()
-    shifted.diagonal().add_(sigma)
+    g = gram / lam                          # λ = 1: no overflow in the solves whatever G's magnitude
+    shifted = g.neg()
+    shifted.diagonal().add_(1.0 + 64.0 * n * torch.finfo(g.dtype).eps)
     factor, info = torch.linalg.cholesky_ex(shifted)
     if bool(info != 0):
         return None
-    x = gram[:, torch.argmax(torch.linalg.vector_norm(gram, dim=0))].reshape(n, 1)
+    start = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=g.dtype)
+    x = g @ start.to(g.device)
     for _ in range(3):
         x = torch.cholesky_solve(x, factor)
         x = x / torch.linalg.vector_norm(x)
-    residual = torch.linalg.vector_norm(gram @ x - lam * x)
-    return x if bool(residual <= 1e-10 * lam) else None
+    residual = torch.linalg.vector_norm(g @ x - x)
+    return x if bool(residual <= 1e-10) else None
 
 
 # ============================================================================== truncate_kronecker

@@ -593,16 +593,28 @@ def test_top_eigenvector_by_inverse_iteration():
     gram = (q * torch.cat([torch.tensor([1.0, 1.0 - 1e-6]), torch.linspace(0.5, 0.0, 28)])) @ q.T
     got = _top_eigenvector(gram)
     assert abs(float((got[:, 0] * q[:, 0]).sum())) > 1 - 1e-6
-    # the column of largest norm (e5, eigenvalue 0.9) has no component along the top vector (1, 1, 1, 1, 0)/2
+    # block-diagonal: the column of largest norm (e5, eigenvalue 0.9) has no component along the top vector
+    # (1, 1, 1, 1, 0)/2; the start is not a column
     u1 = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.0], dtype=torch.float64)
     e5 = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
-    gram = torch.outer(u1, u1) + 0.9 * torch.outer(e5, e5)
-    assert _top_eigenvector(gram) is None
-    assert _top_eigenvector(torch.zeros(4, 4, dtype=torch.float64)) is None
-    # best_low_rank then takes eigh's vector: d·dᵀ is that Gram matrix, its best rank-1 part u1·u1ᵀ
+    got = _top_eigenvector(torch.outer(u1, u1) + 0.9 * torch.outer(e5, e5))
+    torch.testing.assert_close(got[:, 0].abs(), u1, rtol=0, atol=1e-12)
     from merge_methods.sd_mecha_methods import best_low_rank
-    d = torch.outer(u1, u1) + 0.9 ** 0.5 * torch.outer(e5, e5)
+    d = torch.outer(u1, u1) + 0.9 ** 0.5 * torch.outer(e5, e5)      # d·dᵀ is that matrix
     torch.testing.assert_close(best_low_rank(d, 1), torch.outer(u1, u1), rtol=0, atol=1e-12)
+    # any magnitude (best_low_rank scales its input, this function does not need it to)
+    h = r(20, 30)
+    g0 = h @ h.T
+    for k in (1e-300, 1e300):
+        torch.testing.assert_close(_top_eigenvector(g0 * k), _top_eigenvector(g0), rtol=0, atol=1e-12)
+    assert _top_eigenvector(torch.zeros(4, 4, dtype=torch.float64)) is None
+    # the fallback: where the check fails, best_low_rank takes eigh's vector
+    import merge_methods.sd_mecha_methods as smm
+    try:
+        smm._top_eigenvector, saved = (lambda g: None), smm._top_eigenvector
+        torch.testing.assert_close(best_low_rank(d, 1), torch.outer(u1, u1), rtol=0, atol=1e-12)
+    finally:
+        smm._top_eigenvector = saved
 
 
 @pytest.mark.parametrize("magnitude", [3e37, 1e-41])
