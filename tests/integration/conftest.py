@@ -48,3 +48,16 @@ def tuned_sd15(harness):
     path = fixtures.tuned_sd15_checkpoint()
     harness.add_model_file("checkpoints", path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_models_left_loaded(harness):
+    """After each test, unload what ComfyUI loaded for it.  The small fixture models are cached and shared
+    between tests: a clone of one that a test loaded (to encode a prompt, to sample) and then dropped leaves
+    ComfyUI a loaded entry whose patcher is gone while its module lives on in the cache.  ComfyUI takes that
+    for a leak and runs a full gc.collect() before every later prompt (0.3 s each: the every-method executor
+    tests ran twice as long after such a test)."""
+    yield
+    import comfy.model_management as mm
+    if mm.current_loaded_models:
+        mm.unload_all_models()
