@@ -370,8 +370,9 @@ def kronecker_dims(shape: Tuple[int, ...], ratio: float) -> Tuple[int, int, int,
          "a difference. W1 is (m1, n1) and W2 (m2, n2, kernel) with out = m1·m2 and in = n1·n2; kronecker_ratio "
          "picks the split: 0.5 makes W1 and W2 about equal in size (the fewest numbers: the strongest "
          "truncation), toward 0 or 1 one of them takes more of the weight; at 0 W1 is a number and the product "
-         "the whole difference (A), at 1 W2 is (for a 2-D weight; a convolution's W2 keeps its kernel). Ties between splits go to the most even one (sd-mecha's rule). 1-D weights keep "
-         "their whole difference. Exact: the top singular pair of the rearranged difference (Van Loan and "
+         "the whole difference (A), at 1 W2 is (for a 2-D weight; a convolution's W2 keeps its kernel). Ties "
+         "between splits go to the most even one (sd-mecha's rule). 1-D weights keep their whole difference. "
+         "Exact: the top singular pair of the rearranged difference (Van Loan and "
          "Pitsianis), from its Gram matrix in fp64 (sd-mecha's default is an approximate randomized basis). "
          "Model: A; base: C.",
     params=(Param("kronecker_ratio", FLOAT, 0.5, "How the weight is split between the two Kronecker factors: 0.5 "

@@ -492,29 +492,28 @@ def slices(n: int, device: torch.device, length: Optional[int] = None) -> List[T
 _BUFFER_MAX = 64 << 20     # elements (256 MiB): larger stacks get their own tensor, freed at once
 
 
+def _reused(slot, numel: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Within :func:`reuse_buffers`, the fp32 buffer of ``slot`` (per thread), grown to at least ``numel``
+    elements; None outside the block or over 256 MiB."""
+    if _WS.buffers is None or numel > _BUFFER_MAX:
+        return None
+    buf = _WS.buffers.get(slot)
+    if buf is None or buf.numel() < numel:
+        _WS.buffers[slot] = None
+        del buf
+        buf = _WS.buffers[slot] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf
+
+
 def _stack_buffer(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     numel = math.prod(shape)
-    if _WS.buffers is None or numel > _BUFFER_MAX or dtype != torch.float32:
-        return torch.empty(shape, dtype=dtype, device=device)
-    buf = _WS.buffers.get(device)
-    if buf is None or buf.numel() < numel:
-        _WS.buffers[device] = None
-        del buf
-        buf = _WS.buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
-    return buf[:numel].view(shape)
+    buf = _reused(device, numel, device) if dtype == torch.float32 else None
+    return torch.empty(shape, dtype=dtype, device=device) if buf is None else buf[:numel].view(shape)
 
 
 def _uniform_buffer(numel: int) -> Optional[torch.Tensor]:
-    """Within :func:`reuse_buffers`, one CPU fp32 buffer (per thread) that transient random draws reuse
-    (:meth:`MergeContext.uniform`); None outside it or over 256 MiB."""
-    if _WS.buffers is None or numel > _BUFFER_MAX:
-        return None
-    buf = _WS.buffers.get("uniform")
-    if buf is None or buf.numel() < numel:
-        _WS.buffers["uniform"] = None
-        del buf
-        buf = _WS.buffers["uniform"] = torch.empty(numel, dtype=torch.float32)
-    return buf
+    """The CPU buffer that transient random draws reuse (:meth:`MergeContext.uniform`), or None."""
+    return _reused("uniform", numel, torch.device("cpu"))
 
 
 def _all_finite(t: torch.Tensor) -> bool:
